@@ -1,0 +1,90 @@
+"""The `curate` command line. Each command is a thin layer over a function in pipelines/."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from curate.manifest import Dataset, DatasetError
+from curate.options import DatasetArg, Engine, EngineOpt, QuietOpt, RayAddressOpt, WhereOpt
+from curate.progress import console, print_summary
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Turn a folder of images into a training-ready dataset, and train on it.")
+
+
+def open_dataset(path: str) -> Dataset:
+    try:
+        return Dataset(path)
+    except DatasetError as e:
+        fail(str(e))
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def ingest(
+    sources: Annotated[list[str], typer.Argument(help="Folders, image files or tar archives, then the dataset directory last.")],
+    quiet: QuietOpt = False,
+):
+    """Add images to a dataset: every image file gets one row, ok or with an error code."""
+    from pipelines.ingest import ingest as run_ingest
+
+    if len(sources) < 2:
+        fail("give at least one source and the dataset directory: curate ingest SRC... DS")
+    *srcs, ds_path = sources
+    try:
+        counts = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet)
+    except FileNotFoundError as e:
+        fail(str(e))
+    print_summary(f"ingest -> {ds_path}", counts)
+
+
+@app.command()
+def sql(
+    dataset: DatasetArg,
+    query: Annotated[str, typer.Argument(help="A SQL query over the tables and the `manifest` view.")],
+    format: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write to this file instead of printing.")] = None,
+):
+    """Run a read-only SQL query over the dataset (DuckDB)."""
+    from curate.sqlout import write_result
+
+    ds = open_dataset(dataset)
+    try:
+        result = ds.sql(query)
+    except DatasetError as e:
+        fail(str(e))
+    try:
+        write_result(result, format, output)
+    except ValueError as e:
+        fail(str(e))
+
+
+@app.command("hash")
+def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engine.local,
+          ray_address: RayAddressOpt = None, quiet: QuietOpt = False):
+    """Per-image statistics: perceptual hash, brightness, sharpness, colourfulness, entropy."""
+    from pipelines.runner import run_stage
+    from pipelines.stats import StatsStage
+
+    ds = open_dataset(dataset)
+    summary = run_stage(ds, StatsStage(), engine=engine.value, where=where, ray_address=ray_address,
+                        show_progress=not quiet)
+    print_summary("hash", summary.as_dict())
+
+
+@app.command()
+def demo(
+    directory: Annotated[str, typer.Argument(help="Where to write the demo images and dataset (replaced).")] = "demo-dataset",
+    engine: EngineOpt = Engine.local,
+):
+    """Run the whole path on built-in synthetic images with the tiny model zoo."""
+    from pathlib import Path
+
+    from curate.demo import run_demo
+
+    run_demo(Path(directory), engine.value)

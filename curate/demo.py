@@ -1,0 +1,132 @@
+"""`curate demo`: the whole path on built-in synthetic data, with the tiny model zoo.
+
+Each step is a function taking the demo context; later features add their steps to
+STEPS. The demo must stay under two minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from curate.manifest import Dataset
+from curate.progress import console, print_summary
+
+N_IMAGES = 240
+
+
+@dataclass
+class Demo:
+    root: Path
+    engine: str = "local"
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def ds(self) -> Dataset:
+        return Dataset(self.root / "dataset", create=True)
+
+
+def synthetic_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Gradients, blobs and noise: cheap images that still differ in brightness, colour and blur."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(0, 255, 3)
+    arr = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(0.2, 6, 2)
+        arr[..., c] = base[c] + 90 * np.sin(x / width * fx * np.pi + rng.uniform(0, 6)) * np.cos(y / height * fy * np.pi)
+    for _ in range(rng.integers(1, 6)):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(5, max(width, height) / 3)
+        arr[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    arr += rng.normal(0, rng.uniform(0, 25), arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_demo_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> None:
+    """Varied sizes, aspect ratios, formats and modes; exact duplicates; a few broken files."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ratios = [1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 3 / 2, 2 / 3, 2.5, 0.4]
+    for i in range(n):
+        ratio = ratios[i % len(ratios)]
+        short = int(rng.integers(160, 420))
+        w, h = (int(short * ratio), short) if ratio >= 1 else (short, int(short / ratio))
+        img = synthetic_image(rng, w, h)
+        kind = i % 10
+        sub = folder / f"batch{i % 4}"
+        sub.mkdir(exist_ok=True)
+        if kind == 7:
+            img.convert("RGBA").save(sub / f"img{i:04d}.png")
+        elif kind == 8:
+            img.convert("L").save(sub / f"img{i:04d}.png")
+        elif kind == 9:
+            img.convert("P").save(sub / f"img{i:04d}.gif")
+        else:
+            img.save(sub / f"img{i:04d}.jpg", quality=int(rng.integers(70, 95)))
+    # exact duplicates under other names, and a near duplicate (re-encoded)
+    for i in range(0, 30, 10):
+        shutil.copy(folder / f"batch{i % 4}" / f"img{i:04d}.jpg", folder / f"copy_of_{i:04d}.jpg")
+    Image.open(folder / "batch0" / "img0000.jpg").save(folder / "near_dup_0000.jpg", quality=60)
+    # broken files: every one must become a row with a reason
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_bytes(b"<html>not an image</html>")
+    good = (folder / "batch1" / "img0001.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+
+
+def step_images(demo: Demo) -> None:
+    write_demo_images(demo.images)
+
+
+def step_ingest(demo: Demo) -> None:
+    from pipelines.ingest import ingest
+
+    print_summary("ingest", ingest([str(demo.images)], demo.ds))
+
+
+def step_hash(demo: Demo) -> None:
+    from pipelines.runner import run_stage
+    from pipelines.stats import StatsStage
+
+    print_summary("hash", run_stage(demo.ds, StatsStage(), engine=demo.engine).as_dict())
+
+
+QUERIES = [
+    ("Errors by code", "SELECT error, count(*) AS files FROM images WHERE status = 'error' GROUP BY error ORDER BY files DESC"),
+    ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL ORDER BY images DESC"),
+    ("Sources that are exact duplicates", "SELECT image_id[:12] AS image, sources FROM manifest WHERE len(sources) > 1"),
+    ("Blurriest images", "SELECT source, round(sharpness, 1) AS sharpness FROM manifest ORDER BY sharpness LIMIT 3"),
+]
+
+
+def step_queries(demo: Demo) -> None:
+    from curate.sqlout import write_result
+
+    for title, sql in QUERIES:
+        console.print(f"\n[bold]{title}[/bold]\n[dim]$ curate sql {demo.root / 'dataset'} \"{sql}\"[/dim]")
+        write_result(demo.ds.sql(sql), "table", None)
+
+
+STEPS = [step_images, step_ingest, step_hash, step_queries]
+
+
+def run_demo(root: Path, engine: str = "local") -> Demo:
+    if root.exists():
+        shutil.rmtree(root)
+    demo = Demo(root, engine)
+    for step in STEPS:
+        name = step.__name__.removeprefix("step_")
+        console.rule(f"[bold]{name}")
+        started = time.perf_counter()
+        step(demo)
+        demo.timings[name] = round(time.perf_counter() - started, 1)
+    print_summary("demo: seconds per step", demo.timings | {"total": round(sum(demo.timings.values()), 1)})
+    return demo

@@ -1,0 +1,161 @@
+"""The one safe image decoder every stage uses.
+
+Files are read only if they are regular files under a size cap (a FIFO or a directory
+named x.jpg never blocks). Decoding turns every failure into an `ImageError` with a code
+from `curate.schema.ERROR_CODES`: decompression bombs are errors, not warnings;
+truncated data is an error, not a grey bottom half. Pixels come back as 8-bit RGB with
+EXIF orientation applied, transparency composited on white, and, for JPEG, draft
+decoding to the smallest scale that still satisfies the consumer's size request.
+"""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold (2x its warning level)
+
+# EXIF orientation tag value -> the transpose that shows the image upright.
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# Never decode partially: a truncated file is an error.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Decoded:
+    image: Image.Image  # RGB, oriented, possibly draft-reduced
+    width: int  # full size after EXIF orientation
+    height: int
+    format: str
+    mode: str  # the file's own pixel mode
+    animated: bool
+
+
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a file's bytes, refusing anything that is not a regular file of sane size."""
+    try:
+        st = os.stat(path)  # follows symlinks; loops and dangling links raise
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot stat: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not_regular_file", "not a regular file")
+    if st.st_size > max_bytes:
+        raise ImageError("too_large", f"{st.st_size} bytes is over the cap of {max_bytes}")
+    try:
+        # O_NONBLOCK: if the path was swapped for a FIFO after the stat, open must not hang.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ImageError("not_regular_file", "not a regular file")
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"over the cap of {max_bytes} bytes")
+    return data
+
+
+def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Decoded:
+    """Decode image bytes to RGB.
+
+    min_side: the consumer needs the shorter side to be at least this many pixels; JPEGs
+    are then draft-decoded at the largest reduction that keeps it (None: full size).
+    """
+    if not data:
+        raise ImageError("empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(data, min_side, max_pixels)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("decompression_bomb", str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageError("unidentified", "not an image format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, ZeroDivisionError, TypeError) as e:
+        raise ImageError("truncated", f"{type(e).__name__}: {e}") from None
+    except MemoryError:
+        raise ImageError("decompression_bomb", "ran out of memory decoding") from None
+
+
+def _decode(data: bytes, min_side: int | None, max_pixels: int) -> Decoded:
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format or "unknown"
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError("zero_size", f"declared size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError("decompression_bomb", f"{w}x{h} is over the cap of {max_pixels} pixels")
+    animated = bool(getattr(img, "is_animated", False)) and getattr(img, "n_frames", 1) > 1
+    mode = img.mode
+    orientation = img.getexif().get(0x0112, 1)
+    full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    if min_side and fmt == "JPEG" and mode in ("RGB", "L", "CMYK", "YCbCr"):
+        # draft() picks the largest 1/2, 1/4, 1/8 reduction that stays >= the requested
+        # size; ask for a box whose shorter side is min_side, keeping the aspect ratio.
+        scale = min_side / min(w, h)
+        if scale < 1:
+            img.draft(img.mode, (max(1, round(w * scale)), max(1, round(h * scale))))
+    img.load()  # raises on truncation
+    rgb = to_rgb(img)
+    if orientation in ORIENTATION_TRANSPOSE:
+        rgb = rgb.transpose(ORIENTATION_TRANSPOSE[orientation])
+    return Decoded(rgb, full_w, full_h, fmt, mode, animated)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            lo, hi = (0.0, 1.0) if arr.size and arr.min() >= 0 and arr.max() <= 1 else (arr.min(), arr.max())
+            arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        else:
+            arr = arr / 257.0 if mode.startswith("I;16") or arr.max() > 255 else arr
+        out = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    elif mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out = Image.alpha_composite(background, rgba).convert("RGB")
+    elif mode == "RGB":
+        out = img
+    elif mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        out = img.convert("RGB")
+    elif mode.startswith("I;16") or mode == "RGB;16":
+        out = img.convert("RGB")
+    else:
+        try:
+            out = img.convert("RGB")
+        except ValueError as e:
+            raise ImageError("unsupported_mode", f"mode {mode}: {e}") from None
+    return out

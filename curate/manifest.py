@@ -1,0 +1,227 @@
+"""The dataset directory: tables of append-only Parquet parts, and SQL over them.
+
+A part becomes visible atomically: it is written under a temporary name and renamed to
+`part-*.parquet` only when complete, so a reader never sees half a part, and a process
+killed anywhere leaves at most a temporary file that the next writer removes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from curate.schema import MANIFEST_COLUMNS, SCHEMAS
+
+PART_GLOB = "part-*.parquet"
+TMP_PREFIX = ".tmp-"
+ROW_GROUP_ROWS = 1024
+
+
+class DatasetError(Exception):
+    """A user-facing problem with a dataset directory or a query over it."""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Dataset:
+    def __init__(self, root: str | os.PathLike, create: bool = False):
+        self.root = Path(root).resolve()
+        self.tables_dir = self.root / "tables"
+        if create:
+            self.tables_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.tables_dir.is_dir():
+            raise DatasetError(f"{self.root} is not a curate dataset (no tables/ folder); run `curate ingest SRC {root}` first")
+
+    # ---- parts -------------------------------------------------------------------
+    def table_dir(self, name: str) -> Path:
+        return self.tables_dir / name
+
+    def parts(self, name: str) -> list[Path]:
+        """Readable parts of a table in write order; temporary and unreadable parts are skipped."""
+        folder = self.table_dir(name)
+        if not folder.is_dir():
+            return []
+        good = []
+        for path in sorted(folder.glob(PART_GLOB)):
+            try:
+                pq.read_metadata(path)
+            except Exception:  # a damaged part must not hide the rest of the table
+                continue
+            good.append(path)
+        return good
+
+    def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
+        """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
+        schema = SCHEMAS[name]
+        if isinstance(table, dict):
+            table = pa.Table.from_pydict(table, schema=schema)
+        else:
+            table = table.select(schema.names).cast(schema)
+        if table.num_rows == 0:
+            return None
+        folder = self.table_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_tmp(name)
+        tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
+    def remove_stale_tmp(self, name: str) -> None:
+        """Remove temporary parts left by processes that no longer run."""
+        for tmp in self.table_dir(name).glob(TMP_PREFIX + "*"):
+            match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
+            if match and not _pid_alive(int(match.group(1))):
+                tmp.unlink(missing_ok=True)
+
+    # ---- reading -----------------------------------------------------------------
+    def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        return pa.Table.from_batches(list(self.scan(name, columns, filter)), schema=self._schema(name, columns))
+
+    def scan(self, name: str, columns: list[str] | None = None, filter=None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Stream a table's rows in batches, reading only the columns asked for."""
+        parts = self.parts(name)
+        if not parts:
+            return
+        data = pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format="parquet")
+        yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size)
+
+    def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
+        schema = SCHEMAS[name]
+        return schema if columns is None else pa.schema([schema.field(c) for c in columns])
+
+    # ---- SQL ---------------------------------------------------------------------
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with a view per table and the `manifest` view."""
+        con = duckdb.connect()
+        for sql in self.view_sql():
+            con.execute(sql)
+        return con
+
+    def view_sql(self) -> list[str]:
+        statements = []
+        for name, schema in SCHEMAS.items():
+            parts = self.parts(name)
+            if parts:
+                files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{files}], union_by_name=true)')
+            else:
+                cols = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in schema)
+                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
+        statements.append(manifest_view_sql())
+        return statements
+
+    def refresh_manifest_db(self) -> Path:
+        """Write manifest.duckdb: the same views, for DuckDB clients outside curate."""
+        path = self.root / "manifest.duckdb"
+        con = duckdb.connect(str(path))
+        try:
+            for sql in self.view_sql():
+                con.execute(sql)
+        finally:
+            con.close()
+        return path
+
+    def sql(self, sql: str) -> pa.Table:
+        """Run a user's query on a read-only connection to a freshly refreshed manifest.duckdb."""
+        path = self.refresh_manifest_db()
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            return con.sql(sql).to_arrow_table()
+        except duckdb.Error as e:
+            raise DatasetError(f"query failed: {e}") from None
+        finally:
+            con.close()
+
+    def query(self, sql: str) -> pa.Table:
+        con = self.connect()
+        try:
+            return con.sql(sql).to_arrow_table()
+        except duckdb.Error as e:
+            raise DatasetError(f"query failed: {e}") from None
+        finally:
+            con.close()
+
+    def select_ids(self, where: str | None = None) -> list[str]:
+        """Ids of ok images, optionally filtered by a SQL predicate over `manifest`."""
+        sql = "SELECT image_id FROM manifest"
+        if where:
+            sql += f" WHERE ({where})"
+        try:
+            return self.query(sql + " ORDER BY image_id").column("image_id").to_pylist()
+        except DatasetError as e:
+            raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
+
+    def manifest_columns(self) -> list[str]:
+        con = self.connect()
+        try:
+            return [row[0] for row in con.execute("DESCRIBE manifest").fetchall()]
+        finally:
+            con.close()
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _duck_type(t.value_type) + "[]"
+    if pa.types.is_struct(t):
+        return "STRUCT(" + ", ".join(f'"{f.name}" {_duck_type(f.type)}' for f in t) + ")"
+    simple = {
+        pa.string(): "VARCHAR", pa.binary(): "BLOB", pa.bool_(): "BOOLEAN",
+        pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+        pa.uint64(): "UBIGINT", pa.float16(): "FLOAT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE",
+    }
+    if t in simple:
+        return simple[t]
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    raise TypeError(f"no DuckDB type for {t}")
+
+
+def manifest_view_sql() -> str:
+    """One row per ok image, joined with the latest ok row of every stage table."""
+    selects = ["img.*"]
+    joins = []
+    for table, exprs in MANIFEST_COLUMNS.items():
+        selects += exprs
+        joins.append(
+            f'LEFT JOIN (SELECT * FROM "{table}" WHERE status = \'ok\' '
+            f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC) = 1) AS {table} "
+            f"ON {table}.image_id = img.image_id"
+        )
+    return (
+        "CREATE OR REPLACE VIEW manifest AS WITH img AS ("
+        "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "
+        "any_value(width) AS width, any_value(height) AS height, any_value(format) AS format, "
+        "any_value(mode) AS mode, any_value(animated) AS animated, max(size_bytes) AS size_bytes "
+        "FROM images WHERE status = 'ok' GROUP BY image_id) "
+        f"SELECT {', '.join(selects)} FROM img {' '.join(joins)}"
+    )

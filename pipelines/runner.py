@@ -1,0 +1,288 @@
+"""Runs a stage over the rows still to do, in-process or on Ray Data, and writes parts.
+
+Both engines share `prepare_row` (CPU: decode once, prepare model inputs) and
+`process_rows` (model: one batch, failures isolated per image), so they write the same
+rows. Rows to do are the input rows with no output row for the stage's `model_key`:
+rerunning a killed command finishes the rest and nothing is done twice.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from curate.images import ImageError, decode
+from curate.manifest import Dataset, now
+from curate.progress import progress_bar
+from curate.schema import SCHEMAS
+from pipelines.stage import Stage
+
+PART_ROWS = 2048  # rows per part: bounds the work lost to a kill
+PART_SECONDS = 60.0  # and so does time, for slow stages
+PART_BYTES = 256 << 20
+
+
+@dataclass
+class Summary:
+    stage: str
+    model: str
+    todo: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    def as_dict(self) -> dict:
+        rate = self.done / self.seconds if self.seconds else 0.0
+        return {"stage": self.stage, "model": self.model, "todo": self.todo, "ok": self.ok,
+                "errors": dict(self.errors), "seconds": round(self.seconds, 2), "images_per_s": round(rate, 2)}
+
+
+# ---- shared by both engines ----------------------------------------------------------
+def prepare_row(stage: Stage, row: dict[str, Any]) -> dict[str, Any]:
+    """Decode (once) and prepare one input row; failures become `_error`/`_message`."""
+    try:
+        if stage.decode_min_side is not None:
+            row["image"] = decode(row["bytes"], min_side=stage.decode_min_side or None)
+        return stage.prepare(row)
+    except ImageError as e:
+        return {"_error": e.code, "_message": e.message}
+    except Exception as e:  # a bug or bad input in one image must not stop the run
+        return {"_error": "prepare_failed", "_message": f"{type(e).__name__}: {e}"}
+
+
+def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table:
+    """Run the model on one batch. A failing batch is retried image by image."""
+    model = stage.model_key()
+    out: dict[str, list] = {name: [] for name in SCHEMAS[stage.table].names}
+
+    def emit(image_id, status, error=None, message=None, values=None):
+        out["image_id"].append(image_id)
+        out["model"].append(model)
+        out["status"].append(status)
+        out["error"].append(error)
+        out["message"].append(message)
+        out["created_at"].append(now())
+        for name in out:
+            if name not in ("image_id", "model", "status", "error", "message", "created_at"):
+                out[name].append(None if values is None else values.get(name))
+
+    good = [(i, p) for i, p in zip(ids, prepared) if "_error" not in p]
+    for image_id, p in zip(ids, prepared):
+        if "_error" in p:
+            emit(image_id, "error", p["_error"], p["_message"])
+    for image_id, values in _process_isolating(stage, good):
+        if isinstance(values, Exception):
+            code = getattr(values, "code", "process_failed")
+            emit(image_id, "error", code, f"{type(values).__name__}: {values}")
+        else:
+            emit(image_id, "ok", values=values)
+    return pa.Table.from_pydict(out, schema=SCHEMAS[stage.table])
+
+
+def _process_isolating(stage: Stage, items: list[tuple[str, dict]]) -> Iterator[tuple[str, Any]]:
+    if not items:
+        return
+    try:
+        result = stage.process(_collate([i for i, _ in items], [p for _, p in items]))
+        lengths = {len(v) for v in result.values()}
+        if lengths != {len(items)}:
+            raise ValueError(f"process returned {lengths} rows for {len(items)} inputs")
+    except Exception as e:
+        if len(items) == 1:
+            yield items[0][0], e
+            return
+        for item in items:  # find the image that broke the batch; the rest still count
+            yield from _process_isolating(stage, [item])
+        return
+    for k, (image_id, _) in enumerate(items):
+        yield image_id, {name: values[k] for name, values in result.items()}
+
+
+def _collate(ids: list[str], prepared: list[dict]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"image_id": ids}
+    for key in prepared[0]:
+        values = [p[key] for p in prepared]
+        if all(isinstance(v, np.ndarray) for v in values) and len({v.shape for v in values}) == 1:
+            batch[key] = np.stack(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+# ---- choosing the input --------------------------------------------------------------
+def todo_ids(ds: Dataset, stage: Stage, where: str | None = None) -> list[str]:
+    """Ok images (matching `where`) that have no row for this stage's model yet."""
+    wanted = ds.select_ids(where)
+    done = ds.read(stage.table, ["image_id"], filter=pc.field("model") == stage.model_key())
+    done_ids = set(done.column("image_id").to_pylist())
+    return [i for i in wanted if i not in done_ids]
+
+
+def input_filter(stage: Stage, ids: list[str] | pa.Array) -> pads.Expression:
+    expr = pc.field("image_id").isin(pa.array(ids, pa.string()))
+    if stage.source == "images":  # one row per image: the first source, which holds the bytes
+        expr = expr & (pc.field("status") == "ok") & pc.field("bytes").is_valid()
+    return expr & stage_source_filter(stage)
+
+
+def stage_source_filter(stage: Stage) -> pads.Expression:
+    f = getattr(stage, "source_filter", None)
+    return f() if f else pc.scalar(True)
+
+
+# ---- engines -------------------------------------------------------------------------
+def run_stage(
+    ds: Dataset,
+    stage: Stage,
+    *,
+    engine: str = "local",
+    where: str | None = None,
+    ray_address: str | None = None,
+    show_progress: bool = True,
+    ids: list[str] | None = None,
+) -> Summary:
+    started = time.perf_counter()
+    todo = todo_ids(ds, stage, where) if ids is None else ids
+    summary = Summary(stage.table, stage.model_key(), todo=len(todo))
+    if todo:
+        batches = _local(ds, stage, todo) if engine == "local" else _ray(ds, stage, todo, ray_address)
+        with progress_bar(f"{stage.table} [{stage.model_key()}]", len(todo), enabled=show_progress) as advance:
+            with PartWriter(ds, stage.table) as writer:
+                for table in batches:
+                    writer.add(table)
+                    status = table.column("status").to_pylist()
+                    summary.ok += status.count("ok")
+                    summary.errors.update(e for s, e in zip(status, table.column("error").to_pylist()) if s != "ok")
+                    advance(table.num_rows)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _local(ds: Dataset, stage: Stage, todo: list[str]) -> Iterator[pa.Table]:
+    stage.setup()
+    columns = list(stage.columns)
+    source = ds.scan(stage.source, columns, filter=input_filter(stage, todo), batch_size=stage.batch_size)
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        # Keep two batches decoding ahead of the model so it never waits on decoding.
+        pending: list = []
+        for record_batch in _rebatch(source, stage.batch_size):
+            rows = record_batch.to_pylist()
+            pending.append(([r["image_id"] for r in rows], [pool.submit(prepare_row, stage, r) for r in rows]))
+            if len(pending) > 2:
+                ids, futures = pending.pop(0)
+                yield process_rows(stage, ids, [f.result() for f in futures])
+        for ids, futures in pending:
+            yield process_rows(stage, ids, [f.result() for f in futures])
+
+
+def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
+    buffer: list[pa.RecordBatch] = []
+    rows = 0
+    for b in batches:
+        buffer.append(b)
+        rows += b.num_rows
+        while rows >= size:
+            table = pa.Table.from_batches(buffer)
+            yield table.slice(0, size)
+            rest = table.slice(size)
+            buffer, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(buffer)
+
+
+def init_ray(ray_address: str | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def _prepare_batch(batch: pa.Table, stage: Stage, todo_ref: list) -> pa.Table:
+    """Ray task: keep the rows to do, decode and prepare them; results travel pickled (any shape)."""
+    import ray
+
+    rows = batch.filter(input_filter(stage, ray.get(todo_ref[0]))).to_pylist()
+    prepared = [pickle.dumps(prepare_row(stage, r), protocol=5) for r in rows]
+    return pa.table({"image_id": pa.array([r["image_id"] for r in rows], pa.string()),
+                     "_prepared": pa.array(prepared, pa.binary())})
+
+
+class _ProcessBatch:
+    """Ray actor: loads the model once, then processes batches."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prepared = [pickle.loads(b) for b in batch.column("_prepared").to_pylist()]
+        return process_rows(self.stage, batch.column("image_id").to_pylist(), prepared)
+
+
+def _ray(ds: Dataset, stage: Stage, todo: list[str], ray_address: str | None) -> Iterator[pa.Table]:
+    ray = init_ray(ray_address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actors = max(1, int(gpus // stage.num_gpus)) if stage.num_gpus and gpus else 1
+    parts = [str(p) for p in ds.parts(stage.source)]
+    columns = sorted(set(stage.columns) | {"image_id", "status", "bytes"} if stage.source == "images" else set(stage.columns))
+    data = ray.data.read_parquet(parts).select_columns(columns)
+    todo_ref = ray.put(pa.array(todo, pa.string()))
+    # Decoding runs as CPU tasks; the model as a pool of actors that load weights once.
+    data = data.map_batches(_prepare_batch, fn_kwargs={"stage": stage, "todo_ref": [todo_ref]},
+                            batch_format="pyarrow", batch_size=stage.batch_size, num_cpus=1)
+    data = data.map_batches(_ProcessBatch, fn_constructor_args=(stage,), batch_format="pyarrow",
+                            batch_size=stage.batch_size, concurrency=actors,
+                            num_gpus=stage.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
+    for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield batch
+
+
+class PartWriter:
+    """Buffers output rows and writes a part every PART_ROWS rows / PART_SECONDS seconds."""
+
+    def __init__(self, ds: Dataset, table: str):
+        self.ds, self.table = ds, table
+        self.buffer: list[pa.Table] = []
+        self.rows = 0
+        self.bytes = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.rows += table.num_rows
+        self.bytes += table.nbytes
+        if self.rows >= PART_ROWS or self.bytes >= PART_BYTES or time.monotonic() - self.last_flush > PART_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.ds.write_part(self.table, pa.concat_tables(self.buffer))
+        self.buffer, self.rows, self.bytes = [], 0, 0
+        self.last_flush = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None or exc_type is KeyboardInterrupt:
+            self.flush()  # finished rows are kept even on Ctrl-C

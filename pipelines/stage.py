@@ -1,0 +1,41 @@
+"""The stage contract.
+
+A stage maps images to rows of its own table:
+
+- `__init__` keeps settings only, so the object pickles to Ray workers.
+- `prepare(row)` runs on CPU workers, once per image: it gets the requested input columns
+  and, when `decode_min_side` is set, `row["image"]` (a curate.images.Decoded, decoded
+  once at the smallest size this stage needs). It returns model-ready values (numpy
+  arrays of a fixed shape, numbers, strings).
+- `setup()` loads weights, once per worker, before the first batch.
+- `process(batch)` maps a batch (dict of column -> numpy array or list, as `prepare`
+  returned them, plus `image_id`) to the stage's output columns, one row per input.
+
+Exceptions in `prepare` or `process` fail that image only: the runner isolates the
+image and writes an error row for it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Stage:
+    table: str = ""  # the output table (a key of curate.schema.SCHEMAS)
+    source: str = "images"  # the table whose rows are the input
+    columns: tuple[str, ...] = ("image_id", "bytes")  # input columns read from `source`
+    decode_min_side: int | None = None  # decode the image (shorter side >= this; 0 = full size)
+    batch_size: int = 32
+    num_gpus: float = 0  # per model actor on Ray
+
+    def model_key(self) -> str:
+        """The `model` column: which model and settings produced a row. Resume keys on it."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        pass
+
+    def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def process(self, batch: dict[str, Any]) -> dict[str, list]:
+        raise NotImplementedError

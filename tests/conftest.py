@@ -1,0 +1,83 @@
+"""Shared fixtures: datasets made of generated images, a real local Ray cluster, the CLI."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth random image (gradients plus blobs), so resizing and hashing behave like on photos."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
+        channels.append(127 + 120 * np.sin(x / width * fx * 3.14 + y / height * fy * 3.14 + phase))
+    arr = np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def encode_image(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """Twelve ordinary images of varied sizes and formats, one exact duplicate, one broken file."""
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    sizes = [(320, 240), (240, 320), (256, 256), (400, 200), (200, 400), (300, 300),
+             (512, 384), (384, 512), (640, 360), (360, 640), (280, 280), (333, 222)]
+    for i, (w, h) in enumerate(sizes):
+        fmt, ext = ("PNG", "png") if i % 3 == 0 else ("JPEG", "jpg")
+        folder = src / "nested" if i % 2 else src
+        (folder / f"img{i:02d}.{ext}").write_bytes(encode_image(make_image(w, h, seed=i), fmt))
+    (src / "copy_of_img01.jpg").write_bytes((src / "nested" / "img01.jpg").read_bytes())
+    (src / "broken.jpg").write_bytes(b"this is not an image")
+    return src
+
+
+@pytest.fixture
+def dataset(image_dir, tmp_path):
+    """An ingested dataset of `image_dir`."""
+    from curate.manifest import Dataset
+    from pipelines.ingest import ingest
+
+    ds = Dataset(tmp_path / "ds", create=True)
+    ingest([str(image_dir)], ds, show_progress=False)
+    return ds
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with two CPUs, shared by the whole test session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Run `curate ARGS` in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"curate {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
