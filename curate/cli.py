@@ -88,3 +88,22 @@ def demo(
     from curate.demo import run_demo
 
     run_demo(Path(directory), engine.value)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Model helpers: the tiny random-weight zoo.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("tiny")
+def models_tiny(
+    directory: Annotated[str, typer.Argument(help="Where to write the zoo (one folder per family).")],
+    family: Annotated[Optional[list[str]], typer.Option("--family", help="Only these families (repeatable).")] = None,
+):
+    """Write random-weight models in the exact on-disk layout of the real ones (for tests and the demo)."""
+    from models.tiny import write_zoo
+
+    try:
+        written = write_zoo(directory, family)
+    except ValueError as e:
+        fail(str(e))
+    print_summary("tiny zoo", {name: str(path) for name, path in written.items()})

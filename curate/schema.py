@@ -95,9 +95,22 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("boxes", pa.list_(BOX)),  # normalised to the original image, 0..1
     ),
     "buckets": stage_schema(pa.field("bucket_width", pa.int32()), pa.field("bucket_height", pa.int32())),
+    # model = the VAE id and encode settings. The latent is the VAE's output before
+    # scaling (the trainer multiplies by scaling_factor), float16, C*H*W row-major.
     "latents": stage_schema(
         pa.field("latent", pa.binary()),
-        pa.field("shape", pa.list_(pa.int32())),
+        pa.field("shape", pa.list_(pa.int32())),  # [C, H, W]
+        pa.field("scaling_factor", pa.float32()),
+        pa.field("original_height", pa.int32()),  # the image after EXIF orientation
+        pa.field("original_width", pa.int32()),
+        pa.field("resized_height", pa.int32()),  # after the Lanczos downscale, before the crop
+        pa.field("resized_width", pa.int32()),
+        pa.field("crop_top", pa.int32()),  # top-left of the crop in the resized image
+        pa.field("crop_left", pa.int32()),
+        pa.field("target_height", pa.int32()),  # the bucket
+        pa.field("target_width", pa.int32()),
+        pa.field("mean", pa.binary()),  # with --keep-distribution: float16 C*H*W
+        pa.field("logvar", pa.binary()),
     ),
     # Head-to-head judgements for the quality head.
     "ratings": pa.schema(

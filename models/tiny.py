@@ -1,0 +1,38 @@
+"""The tiny model zoo: random-weight models in the exact on-disk layout of the real ones.
+
+Tests and the demo load these through the same loaders that load published weights
+(a hub id resolves to a local directory of these same files), so the real loading code
+is what runs, offline. Each family registers a writer with `@family("name")`; a writer
+gets an empty directory and fills it with that family's files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+FAMILIES: dict[str, Callable[[Path], None]] = {}
+
+
+def family(name: str):
+    def register(writer: Callable[[Path], None]):
+        FAMILIES[name] = writer
+        return writer
+
+    return register
+
+
+def write_zoo(root: str | Path, names: list[str] | None = None) -> dict[str, Path]:
+    """Write the named families (all by default) under root/<name>; existing ones are kept."""
+    root = Path(root)
+    unknown = sorted(set(names or []) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown model families {unknown}; known: {', '.join(sorted(FAMILIES))}")
+    written = {}
+    for name in names or sorted(FAMILIES):
+        target = root / name
+        if not (target / ".complete").exists():
+            target.mkdir(parents=True, exist_ok=True)
+            FAMILIES[name](target)
+            (target / ".complete").touch()
+        written[name] = target
+    return written
