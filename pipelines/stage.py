@@ -10,6 +10,9 @@ A stage maps images to rows of its own table:
 - `setup()` loads weights, once per worker, before the first batch.
 - `process(batch)` maps a batch (dict of column -> numpy array or list, as `prepare`
   returned them, plus `image_id`) to the stage's output columns, one row per input.
+  It may add an `_error` column (an error code or None per row) and `_message`: a row
+  with an `_error` code is written as an error row, so one unusable output (an empty
+  caption, a NaN score) does not fail the rest of its batch.
 
 Exceptions in `prepare` or `process` fail that image only: the runner isolates the
 image and writes an error row for it.
