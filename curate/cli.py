@@ -107,3 +107,25 @@ def models_tiny(
     except ValueError as e:
         fail(str(e))
     print_summary("tiny zoo", {name: str(path) for name, path in written.items()})
+
+
+prompts_app = typer.Typer(no_args_is_help=True, help="Training prompt helpers.")
+app.add_typer(prompts_app, name="prompts")
+
+
+@prompts_app.command("fit")
+def prompts_fit(corpus: Annotated[str, typer.Argument(help="A text file of real user prompts, one per line.")]):
+    """Fit the tag-count distribution (mean, sd) from a corpus of prompts; prints the [prompts] TOML lines."""
+    from pathlib import Path
+
+    from trainer.prompts import fit_tag_count
+
+    path = Path(corpus)
+    if not path.is_file():
+        fail(f"no such file: {corpus}")
+    try:
+        fitted = fit_tag_count(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    except ValueError as e:
+        fail(str(e))
+    print_summary(f"tag counts in {corpus}", fitted)
+    print(f"[prompts]\ntag_count_mean = {fitted['tag_count_mean']}\ntag_count_sd = {fitted['tag_count_sd']}")
