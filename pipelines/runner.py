@@ -83,7 +83,7 @@ def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table
     for image_id, p in zip(ids, prepared):
         if "_error" in p:
             emit(image_id, "error", p["_error"], p["_message"])
-    for image_id, values in _process_isolating(stage, good):
+    for image_id, values in (r for group in _by_key(stage, good) for r in _process_isolating(stage, group)):
         if isinstance(values, Exception):
             code = getattr(values, "code", "process_failed")
             emit(image_id, "error", code, f"{type(values).__name__}: {values}")
@@ -92,6 +92,49 @@ def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table
         else:
             emit(image_id, "ok", values=values)
     return pa.Table.from_pydict(out, schema=SCHEMAS[stage.table])
+
+
+def _by_key(stage: Stage, items: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """Split a batch so rows of different `batch_key`s never share a process() call."""
+    groups: dict[Any, list] = {}
+    for item in items:
+        groups.setdefault(stage.batch_key(item[1]), []).append(item)
+    return list(groups.values())
+
+
+class OneKeyBatches:
+    """Regroups prepared rows into batches of one `batch_key`, filled across input batches.
+
+    At most MAX_HELD_BATCHES batches' worth of rows wait; past that the fullest group goes
+    out partly filled, so memory stays bounded however many keys there are.
+    """
+
+    MAX_HELD_BATCHES = 4
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.groups: dict[Any, list[tuple[str, dict]]] = {}
+        self.held = 0
+
+    def add(self, ids: list[str], prepared: list[dict]) -> Iterator[pa.Table]:
+        for item in zip(ids, prepared):
+            key = None if "_error" in item[1] else self.stage.batch_key(item[1])
+            group = self.groups.setdefault(key, [])
+            group.append(item)
+            self.held += 1
+            if len(group) >= self.stage.batch_size:
+                yield self._emit(key)
+            elif self.held > self.MAX_HELD_BATCHES * self.stage.batch_size:
+                yield self._emit(max(self.groups, key=lambda k: len(self.groups[k])))
+
+    def flush(self) -> Iterator[pa.Table]:
+        for key in list(self.groups):
+            yield self._emit(key)
+
+    def _emit(self, key) -> pa.Table:
+        group = self.groups.pop(key)
+        self.held -= len(group)
+        return process_rows(self.stage, [i for i, _ in group], [p for _, p in group])
 
 
 def _process_isolating(stage: Stage, items: list[tuple[str, dict]]) -> Iterator[tuple[str, Any]]:
@@ -181,14 +224,16 @@ def _local(ds: Dataset, stage: Stage, todo: list[str]) -> Iterator[pa.Table]:
     with ThreadPoolExecutor(workers) as pool:
         # Keep two batches decoding ahead of the model so it never waits on decoding.
         pending: list = []
+        batches = OneKeyBatches(stage)
         for record_batch in _rebatch(source, stage.batch_size):
             rows = record_batch.to_pylist()
             pending.append(([r["image_id"] for r in rows], [pool.submit(prepare_row, stage, r) for r in rows]))
             if len(pending) > 2:
                 ids, futures = pending.pop(0)
-                yield process_rows(stage, ids, [f.result() for f in futures])
+                yield from batches.add(ids, [f.result() for f in futures])
         for ids, futures in pending:
-            yield process_rows(stage, ids, [f.result() for f in futures])
+            yield from batches.add(ids, [f.result() for f in futures])
+        yield from batches.flush()
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:

@@ -14,12 +14,16 @@ A stage maps images to rows of its own table:
   with an `_error` code is written as an error row, so one unusable output (an empty
   caption, a NaN score) does not fail the rest of its batch.
 
+`batch_key(prepared)` says which rows may share a `process` call: rows of different keys
+never do (e.g. one aspect bucket per batch, so images of one size stack into one
+tensor). The local engine fills each batch with rows of one key.
+
 Exceptions in `prepare` or `process` fail that image only: the runner isolates the
 image and writes an error row for it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable
 
 
 class Stage:
@@ -39,6 +43,9 @@ class Stage:
 
     def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    def batch_key(self, prepared: dict[str, Any]) -> Hashable:
+        return None  # any rows may share a batch
 
     def process(self, batch: dict[str, Any]) -> dict[str, list]:
         raise NotImplementedError
