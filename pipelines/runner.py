@@ -4,6 +4,11 @@ Both engines share `prepare_row` (CPU: decode once, prepare model inputs) and
 `process_rows` (model: one batch, failures isolated per image), so they write the same
 rows. Rows to do are the input rows with no output row for the stage's `model_key`:
 rerunning a killed command finishes the rest and nothing is done twice.
+
+`run_stages` runs several stages as one pass (the scoring pass: CLIP, a tagger, OWLv2):
+each input row is read and decoded once, at the largest size any of them needs, and
+handed to every stage that still has to do that image; each stage writes its own table
+and resumes on its own `model_key`. `run_stage` is a pass of one stage.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import pickle
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -51,16 +57,46 @@ class Summary:
 
 
 # ---- shared by both engines ----------------------------------------------------------
-def prepare_row(stage: Stage, row: dict[str, Any]) -> dict[str, Any]:
-    """Decode (once) and prepare one input row; failures become `_error`/`_message`."""
+def prepare_row(stages: list[Stage], row: dict[str, Any], todo: list) -> list[dict | None]:
+    """Decode one input row once and prepare it for every stage that has it to do (None
+    for the others); failures become `_error`/`_message` for each stage concerned."""
+    wanted = [k for k, ids in enumerate(todo) if row["image_id"] in ids]
+    out: list[dict | None] = [None] * len(stages)
     try:
-        if stage.decode_min_side is not None:
-            row["image"] = decode(row["bytes"], min_side=stage.decode_min_side or None)
-        return stage.prepare(row)
+        side = decode_side([stages[k] for k in wanted])
+        if side is not None:
+            row["image"] = decode(row["bytes"], min_side=side or None)
     except ImageError as e:
-        return {"_error": e.code, "_message": e.message}
-    except Exception as e:  # a bug or bad input in one image must not stop the run
-        return {"_error": "prepare_failed", "_message": f"{type(e).__name__}: {e}"}
+        for k in wanted:
+            out[k] = {"_error": e.code, "_message": e.message}
+        return out
+    for k in wanted:
+        try:
+            out[k] = stages[k].prepare(row)
+        except ImageError as e:
+            out[k] = {"_error": e.code, "_message": e.message}
+        except Exception as e:  # a bug or bad input in one image must not stop the run
+            out[k] = {"_error": "prepare_failed", "_message": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def decode_side(stages: list[Stage]) -> int | None:
+    """The decode size that serves every stage: None (no decode), 0 (full size) or the
+    largest shorter side asked for."""
+    sides = [s.decode_min_side for s in stages if s.decode_min_side is not None]
+    if not sides:
+        return None
+    return 0 if 0 in sides else max(sides)
+
+
+def process_pass(stages: list[Stage], ids: list[str], prepared: list[list[dict | None]]) -> list[tuple[int, pa.Table]]:
+    """Run each stage's model on its share of one batch: (stage index, output rows)."""
+    out = []
+    for k, stage in enumerate(stages):
+        mine = [(i, p[k]) for i, p in zip(ids, prepared) if p[k] is not None]
+        if mine:
+            out.append((k, process_rows(stage, [i for i, _ in mine], [p for _, p in mine])))
+    return out
 
 
 def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table:
@@ -177,6 +213,7 @@ def todo_ids(ds: Dataset, stage: Stage, where: str | None = None) -> list[str]:
 
 
 def input_filter(stage: Stage, ids: list[str] | pa.Array) -> pads.Expression:
+    """Rows of `stage.source` to feed (all stages of one pass share the first one's source)."""
     expr = pc.field("image_id").isin(pa.array(ids, pa.string()))
     if stage.source == "images":  # one row per image: the first source, which holds the bytes
         expr = expr & (pc.field("status") == "ok") & pc.field("bytes").is_valid()
@@ -189,51 +226,79 @@ def stage_source_filter(stage: Stage) -> pads.Expression:
 
 
 # ---- engines -------------------------------------------------------------------------
-def run_stage(
+def run_stage(ds: Dataset, stage: Stage, **kw) -> Summary:
+    return run_stages(ds, [stage], **kw)[0]
+
+
+def run_stages(
     ds: Dataset,
-    stage: Stage,
+    stages: list[Stage],
     *,
     engine: str = "local",
     where: str | None = None,
     ray_address: str | None = None,
     show_progress: bool = True,
     ids: list[str] | None = None,
-) -> Summary:
+) -> list[Summary]:
+    """One pass over the input: every image to do is read and decoded once for all stages."""
+    if len({s.source for s in stages}) > 1:
+        raise ValueError("stages in one pass must read the same source table")
     started = time.perf_counter()
-    todo = todo_ids(ds, stage, where) if ids is None else ids
-    summary = Summary(stage.table, stage.model_key(), todo=len(todo))
-    if todo:
-        batches = _local(ds, stage, todo) if engine == "local" else _ray(ds, stage, todo, ray_address)
-        with progress_bar(f"{stage.table} [{stage.model_key()}]", len(todo), enabled=show_progress) as advance:
-            with PartWriter(ds, stage.table) as writer:
-                for table in batches:
-                    writer.add(table)
+    todo = [todo_ids(ds, s, where) if ids is None else list(ids) for s in stages]
+    summaries = [Summary(s.table, s.model_key(), todo=len(t)) for s, t in zip(stages, todo)]
+    everything = sorted(set().union(*todo))
+    if everything:
+        run = _local if engine == "local" else _ray
+        label = ", ".join(f"{s.table} [{s.model_key()}]" for s in stages)
+        writers = {s.table: PartWriter(ds, s.table) for s in stages}
+        with progress_bar(label, len(everything), enabled=show_progress) as advance, ExitStack() as stack:
+            for w in writers.values():
+                stack.enter_context(w)
+            seen: set[str] = set()
+            for results in run(ds, stages, todo, everything, ray_address):
+                for k, table in results:
+                    new = set(table.column("image_id").to_pylist()) - seen
+                    seen |= new
+                    advance(len(new))
+                    writers[stages[k].table].add(table)
                     status = table.column("status").to_pylist()
-                    summary.ok += status.count("ok")
-                    summary.errors.update(e for s, e in zip(status, table.column("error").to_pylist()) if s != "ok")
-                    advance(table.num_rows)
-    summary.seconds = time.perf_counter() - started
-    return summary
+                    summaries[k].ok += status.count("ok")
+                    summaries[k].errors.update(e for st, e in zip(status, table.column("error").to_pylist()) if st != "ok")
+    for summary in summaries:
+        summary.seconds = time.perf_counter() - started
+    return summaries
 
 
-def _local(ds: Dataset, stage: Stage, todo: list[str]) -> Iterator[pa.Table]:
-    stage.setup()
-    columns = list(stage.columns)
-    source = ds.scan(stage.source, columns, filter=input_filter(stage, todo), batch_size=stage.batch_size)
+def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address=None):
+    for stage in stages:
+        stage.setup()
+    todo_sets = [set(t) for t in todo]
+    batch_size = min(s.batch_size for s in stages)
+    columns = sorted(set().union(*(s.columns for s in stages)))
+    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], everything), batch_size=batch_size)
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        # Keep two batches decoding ahead of the model so it never waits on decoding.
+        # Keep two batches decoding ahead of the models so they never wait on decoding.
         pending: list = []
-        batches = OneKeyBatches(stage)
-        for record_batch in _rebatch(source, stage.batch_size):
+        regroup = [OneKeyBatches(stage) for stage in stages]
+        for record_batch in _rebatch(source, batch_size):
             rows = record_batch.to_pylist()
-            pending.append(([r["image_id"] for r in rows], [pool.submit(prepare_row, stage, r) for r in rows]))
+            pending.append(([r["image_id"] for r in rows], [pool.submit(prepare_row, stages, r, todo_sets) for r in rows]))
             if len(pending) > 2:
                 ids, futures = pending.pop(0)
-                yield from batches.add(ids, [f.result() for f in futures])
+                yield from _regrouped(regroup, ids, [f.result() for f in futures])
         for ids, futures in pending:
-            yield from batches.add(ids, [f.result() for f in futures])
-        yield from batches.flush()
+            yield from _regrouped(regroup, ids, [f.result() for f in futures])
+        for k, batches in enumerate(regroup):
+            yield from ([(k, table)] for table in batches.flush())
+
+
+def _regrouped(regroup: list[OneKeyBatches], ids: list[str], prepared: list[list[dict | None]]):
+    """Hand each stage its share of a pass batch; yield each output batch as [(stage index, rows)]."""
+    for k, batches in enumerate(regroup):
+        mine = [(i, p[k]) for i, p in zip(ids, prepared) if p[k] is not None]
+        if mine:
+            yield from ([(k, table)] for table in batches.add([i for i, _ in mine], [p for _, p in mine]))
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
@@ -264,44 +329,60 @@ def init_ray(ray_address: str | None = None):
     return ray
 
 
-def _prepare_batch(batch: pa.Table, stage: Stage, todo_ref: list) -> pa.Table:
+def _prepare_batch(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
     """Ray task: keep the rows to do, decode and prepare them; results travel pickled (any shape)."""
     import ray
 
-    rows = batch.filter(input_filter(stage, ray.get(todo_ref[0]))).to_pylist()
-    prepared = [pickle.dumps(prepare_row(stage, r), protocol=5) for r in rows]
+    todo = [set(ids.to_pylist()) for ids in ray.get(todo_ref[0])]
+    rows = batch.filter(input_filter(stages[0], list(set().union(*todo)))).to_pylist()
+    prepared = [pickle.dumps(prepare_row(stages, r, todo), protocol=5) for r in rows]
     return pa.table({"image_id": pa.array([r["image_id"] for r in rows], pa.string()),
                      "_prepared": pa.array(prepared, pa.binary())})
 
 
 class _ProcessBatch:
-    """Ray actor: loads the model once, then processes batches."""
+    """Ray actor: loads the models once, then processes batches. Several tables come back
+    in one Arrow batch as (stage index, IPC bytes) rows."""
 
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        stage.setup()
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+        for stage in stages:
+            stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prepared = [pickle.loads(b) for b in batch.column("_prepared").to_pylist()]
-        return process_rows(self.stage, batch.column("image_id").to_pylist(), prepared)
+        results = process_pass(self.stages, batch.column("image_id").to_pylist(), prepared)
+        return pa.table({"_stage": pa.array([k for k, _ in results], pa.int32()),
+                         "_rows": pa.array([_to_ipc(t) for _, t in results], pa.binary())})
 
 
-def _ray(ds: Dataset, stage: Stage, todo: list[str], ray_address: str | None) -> Iterator[pa.Table]:
+def _to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address: str | None):
     ray = init_ray(ray_address)
     gpus = ray.cluster_resources().get("GPU", 0)
-    actors = max(1, int(gpus // stage.num_gpus)) if stage.num_gpus and gpus else 1
-    parts = [str(p) for p in ds.parts(stage.source)]
-    columns = sorted(set(stage.columns) | {"image_id", "status", "bytes"} if stage.source == "images" else set(stage.columns))
+    num_gpus = max(s.num_gpus for s in stages)
+    actors = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
+    batch_size = min(s.batch_size for s in stages)
+    source = stages[0].source
+    parts = [str(p) for p in ds.parts(source)]
+    columns = set().union(*(s.columns for s in stages))
+    columns = sorted(columns | {"image_id", "status", "bytes"} if source == "images" else columns)
     data = ray.data.read_parquet(parts).select_columns(columns)
-    todo_ref = ray.put(pa.array(todo, pa.string()))
-    # Decoding runs as CPU tasks; the model as a pool of actors that load weights once.
-    data = data.map_batches(_prepare_batch, fn_kwargs={"stage": stage, "todo_ref": [todo_ref]},
-                            batch_format="pyarrow", batch_size=stage.batch_size, num_cpus=1)
-    data = data.map_batches(_ProcessBatch, fn_constructor_args=(stage,), batch_format="pyarrow",
-                            batch_size=stage.batch_size, concurrency=actors,
-                            num_gpus=stage.num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
+    todo_ref = ray.put([pa.array(t, pa.string()) for t in todo])
+    # Decoding runs as CPU tasks; the models as a pool of actors that load weights once.
+    data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
+                            batch_format="pyarrow", batch_size=batch_size, num_cpus=1)
+    data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
+                            batch_size=batch_size, concurrency=actors,
+                            num_gpus=num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
     for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield batch
+        yield [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
 
 
 class PartWriter:

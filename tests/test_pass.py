@@ -1,0 +1,71 @@
+"""A pass of several stages: one read and one decode per image, one table per stage, resume per stage."""
+import sys
+
+import numpy as np
+import pytest
+
+import pipelines.runner as runner
+from pipelines.runner import run_stage, run_stages
+from pipelines.stage import Stage
+from pipelines.stats import StatsStage
+
+
+class MeanColour(Stage):
+    """A stand-in embedder: the image's mean colour at 96 px, as a 3-d 'embedding'."""
+
+    table = "embeddings"
+    decode_min_side = 96
+    batch_size = 4
+
+    def model_key(self):
+        return "mean-colour"
+
+    def prepare(self, row):
+        assert min(row["image"].image.size) >= 96
+        return {"pixels": np.asarray(row["image"].image.resize((96, 96)), dtype=np.float32)}
+
+    def process(self, batch):
+        return {"embedding": list((batch["pixels"].mean(axis=(1, 2)) / 255).astype(np.float16))}
+
+
+@pytest.fixture
+def count_decodes(monkeypatch):
+    calls = []
+
+    def counting(data, min_side=None, **kw):
+        calls.append(min_side)
+        return real(data, min_side, **kw)
+
+    real = runner.decode
+    monkeypatch.setattr(runner, "decode", counting)
+    return calls
+
+
+def test_pass_decodes_once_for_all_stages(dataset, count_decodes):
+    summaries = run_stages(dataset, [StatsStage(), MeanColour()], show_progress=False)
+    assert [s.ok for s in summaries] == [12, 12]
+    assert len(count_decodes) == 12  # not 24
+    assert set(count_decodes) == {96}  # the larger of the two stages' needs
+    assert dataset.read("embeddings").num_rows == dataset.read("stats").num_rows == 12
+
+
+def test_pass_resumes_each_stage_on_its_own(dataset, count_decodes):
+    run_stage(dataset, StatsStage(), show_progress=False)
+    count_decodes.clear()
+    stats, colour = run_stages(dataset, [StatsStage(), MeanColour()], show_progress=False)
+    assert stats.todo == 0 and colour.ok == 12
+    assert len(count_decodes) == 12 and dataset.read("stats").num_rows == 12
+
+
+def test_pass_on_ray_writes_the_same_rows(dataset, ray_cluster):
+    # this test module is not importable on Ray workers: ship MeanColour by value
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    columns = ["image_id", "model", "status", "embedding"]
+    run_stages(dataset, [StatsStage(), MeanColour()], show_progress=False)
+    local = dataset.read("embeddings").select(columns).sort_by("image_id")
+    for part in dataset.parts("embeddings") + dataset.parts("stats"):
+        part.unlink()
+    summaries = run_stages(dataset, [StatsStage(), MeanColour()], engine="ray", show_progress=False)
+    assert [s.ok for s in summaries] == [12, 12]
+    assert dataset.read("embeddings").select(columns).sort_by("image_id").equals(local)
+    assert dataset.read("stats").num_rows == 12
