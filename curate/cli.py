@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from curate.manifest import Dataset, DatasetError
-from curate.options import DatasetArg, Engine, EngineOpt, QuietOpt, RayAddressOpt, WhereOpt
+from curate.options import BatchSizeOpt, DatasetArg, DeviceOpt, Engine, EngineOpt, QuietOpt, RayAddressOpt, WhereOpt
 from curate.progress import console, print_summary
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -75,6 +75,31 @@ def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engin
     summary = run_stage(ds, StatsStage(), engine=engine.value, where=where, ray_address=ray_address,
                         show_progress=not quiet)
     print_summary("hash", summary.as_dict())
+
+
+@app.command()
+def score(
+    dataset: DatasetArg,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model for embeddings: a directory, a hub id (laion/CLIP-ViT-B-32-laion2B-s34B-b79K) or an open_clip name (ViT-B-32:openai).")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory (from `curate quality fit`): ranks 0-9 from the CLIP embeddings.")] = None,
+    tagger: Annotated[Optional[str], typer.Option("--tagger", help="wd14:MODEL or joytag:MODEL (a directory or hub id).")] = None,
+    watermark: Annotated[Optional[str], typer.Option("--watermark", help="owlv2:MODEL, the watermark detector (a directory or hub id).")] = None,
+    where: WhereOpt = None, engine: EngineOpt = Engine.local, ray_address: RayAddressOpt = None,
+    batch_size: BatchSizeOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
+):
+    """The scoring pass: CLIP embeddings, quality ranks, tags and watermarks, one decode per image."""
+    from models.common import ModelError
+    from pipelines.score import score as run_score
+
+    ds = open_dataset(dataset)
+    try:
+        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark, where=where,
+                              engine=engine.value, ray_address=ray_address, device=device,
+                              batch_size=batch_size, show_progress=not quiet)
+    except (ModelError, DatasetError) as e:
+        fail(str(e))
+    for summary in summaries:
+        print_summary(f"score: {summary.stage}", summary.as_dict())
 
 
 @app.command()

@@ -36,3 +36,6 @@ def write_zoo(root: str | Path, names: list[str] | None = None) -> dict[str, Pat
             (target / ".complete").touch()
         written[name] = target
     return written
+
+
+import models.tiny_scoring  # noqa: E402,F401  (registers the scoring families)

@@ -1,0 +1,96 @@
+"""CLIP image embedder (open_clip): L2-normalised embeddings, stored as float16.
+
+The model is an open_clip name (`ViT-B-32:laion2b_s34b_b79k`, open_clip's own registry),
+a hub id of an open_clip repo (`laion/CLIP-ViT-B-32-laion2B-s34B-b79K`: open_clip_config.json
+plus weights) or a local directory of the same files. Hub ids and directories load through
+open_clip's `local-dir:` loader, so the tiny zoo runs the very code that real weights do.
+Preprocessing is open_clip's own transform for the model (resize, centre crop, normalise).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+
+DEFAULT_CLIP = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"  # bigASP used CLIP-B
+CONFIG = "open_clip_config.json"
+
+
+class ClipEmbedder(ModelStage):
+    table = "embeddings"
+    batch_size = 64
+
+    def __init__(self, spec: str = DEFAULT_CLIP, device: str | None = None, batch_size: int | None = None):
+        super().__init__(spec, device, batch_size)
+        self.image_size = self._config()["image_size"]
+        self.decode_min_side = self.image_size
+
+    def model_key(self) -> str:
+        return f"open_clip:{model_name(self.spec)}"
+
+    def _builtin(self) -> tuple[str, str | None] | None:
+        """(name, pretrained tag) when spec names a model in open_clip's own registry."""
+        import open_clip
+
+        name, _, tag = self.spec.partition(":")
+        return (name, tag or None) if name in open_clip.list_models() else None
+
+    def _config(self) -> dict:
+        import open_clip
+
+        builtin = self._builtin()
+        if builtin:
+            cfg, pre = open_clip.get_model_config(builtin[0]), {}
+        else:
+            raw = json.loads((model_dir(self.spec, (CONFIG,)) / CONFIG).read_text())
+            cfg, pre = raw.get("model_cfg", raw), raw.get("preprocess_cfg", {})
+        size = cfg["vision_cfg"]["image_size"]
+        return {"image_size": size if isinstance(size, int) else max(size), "preprocess": pre}
+
+    def _create(self, device=None, dtype=None):
+        """(model, preprocess) exactly as open_clip builds them for this spec."""
+        import open_clip
+
+        builtin = self._builtin()
+        try:
+            if builtin:
+                return open_clip.create_model_and_transforms(builtin[0], pretrained=builtin[1], device=device, precision=dtype)[::2]
+            local = f"local-dir:{model_dir(self.spec, (CONFIG,))}"
+            return open_clip.create_model_and_transforms(local, device=device, precision=dtype)[::2]
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            raise ModelError(f"cannot load open_clip model {self.spec!r}: {e}") from None
+
+    def setup(self) -> None:
+        import torch
+
+        self._device, self._dtype = pick_device(self.device)
+        precision = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}[self._dtype]
+        self._model, self._preprocess = self._create(self._device, precision)
+        self._model.eval()
+
+    def preprocess(self, image):
+        if getattr(self, "_preprocess", None) is None:  # on CPU workers that never loaded the model
+            import open_clip
+
+            pre = self._config()["preprocess"]
+            self._preprocess = open_clip.image_transform(
+                self.image_size, is_train=False, mean=pre.get("mean"), std=pre.get("std"),
+                interpolation=pre.get("interpolation"), resize_mode=pre.get("resize_mode"))
+        return self._preprocess(image)
+
+    def prepare(self, row):
+        return {"pixels": self.preprocess(row["image"].image).numpy()}
+
+    def process(self, batch):
+        import torch
+
+        pixels = torch.from_numpy(batch["pixels"]).to(self._device, self._dtype)
+        with torch.inference_mode():
+            features = self._model.encode_image(pixels).float()
+        features = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+        bad = ~np.isfinite(features).all(axis=1)
+        return {"embedding": [None if b else f.astype(np.float16) for f, b in zip(features, bad)],
+                "_error": ["bad_output" if b else None for b in bad],
+                "_message": ["the embedding is not finite" if b else None for b in bad]}

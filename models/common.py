@@ -1,0 +1,77 @@
+"""What every model adapter shares: finding weights, choosing a device, and staying picklable.
+
+Weights are named by a local directory or a hub id. A hub id is resolved to the local
+directory of its files (huggingface_hub's cache, downloaded there when a network exists),
+so published weights and the tiny zoo go through the same loader.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pipelines.stage import Stage
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded, said so that the user can fix it."""
+
+
+def model_dir(spec: str, needs: tuple[str, ...] = ()) -> Path:
+    """The local directory holding `spec`'s files: the directory itself, or a hub id's snapshot."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        folder = path
+    elif HUB_ID.match(spec) and not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(spec))
+        except Exception as e:  # offline without a cached copy, unknown repo, no network
+            raise ModelError(f"cannot get {spec!r} from the hub ({type(e).__name__}: {e}); "
+                             "give a local directory with the model's files instead") from None
+    else:
+        raise ModelError(f"{spec!r} is neither a directory nor a hub id (org/name)")
+    missing = [name for name in needs if not (folder / name).is_file()]
+    if missing:
+        raise ModelError(f"{spec} ({folder}) lacks {', '.join(missing)}; is it the right kind of model?")
+    return folder
+
+
+def model_name(spec: str) -> str:
+    """How a model is named in the `model` column: a hub id as is, a directory by its name."""
+    path = Path(spec).expanduser()
+    return path.resolve().name if path.is_dir() else spec
+
+
+def pick_device(device: str | None):
+    """(torch device, dtype): cuda in bf16 (fp16 where bf16 is missing) when present, cpu in fp32."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: no CUDA device here; use --device cpu")
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dev, torch.float32
+
+
+class ModelStage(Stage):
+    """A stage with weights. Attributes set in setup() or lazily start with `_` and are
+    left out when the stage is pickled to Ray workers (they load their own)."""
+
+    num_gpus = 0
+
+    def __init__(self, spec: str, device: str | None = None, batch_size: int | None = None):
+        self.spec, self.device = spec, device
+        if batch_size:
+            self.batch_size = batch_size
+        # On Ray a model actor asks for a GPU unless told to use the CPU (on a cluster
+        # without GPUs the runner asks for none).
+        self.num_gpus = 0 if device == "cpu" else 1
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
