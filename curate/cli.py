@@ -28,16 +28,20 @@ def fail(message: str) -> None:
 @app.command()
 def ingest(
     sources: Annotated[list[str], typer.Argument(help="Folders, image files or tar archives, then the dataset directory last.")],
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ):
     """Add images to a dataset: every image file gets one row, ok or with an error code."""
-    from pipelines.ingest import ingest as run_ingest
+    from pipelines.ingest import check_sources, ingest as run_ingest
 
     if len(sources) < 2:
         fail("give at least one source and the dataset directory: curate ingest SRC... DS")
     *srcs, ds_path = sources
     try:
-        counts = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet)
+        check_sources(srcs)
+        counts = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet,
+                            engine=engine.value, ray_address=ray_address)
     except FileNotFoundError as e:
         fail(str(e))
     print_summary(f"ingest -> {ds_path}", counts)

@@ -14,6 +14,7 @@ import os
 import stat
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,13 @@ ORIENTATION_TRANSPOSE = {
 
 # Never decode partially: a truncated file is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel cap (checked before any pixel is decoded) decides what is a bomb, and
+# Pillow raises DecompressionBombError past the same count. Its warnings (bomb
+# "suspicion", corrupt EXIF, ...) say nothing we act on, and would flood the terminal
+# of a million-image ingest. Filters are set once here: catch_warnings() per call is
+# not thread-safe and decoding runs on threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 class ImageError(Exception):
@@ -87,19 +95,39 @@ def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXEL
     if not data:
         raise ImageError("empty", "zero bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, min_side, max_pixels)
+        return _decode(data, min_side, max_pixels)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError("decompression_bomb", str(e)) from None
     except UnidentifiedImageError:
+        if declares_zero_size(data):  # Pillow refuses these at open; say why
+            raise ImageError("zero_size", "the header declares a width or height of zero") from None
         raise ImageError("unidentified", "not an image format Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, ZeroDivisionError, TypeError) as e:
+    except ValueError as e:
+        if "too large" in str(e) or "Too much memory" in str(e):  # a zlib bomb in a PNG text chunk
+            raise ImageError("decompression_bomb", f"metadata: {e}") from None
+        raise ImageError("truncated", f"ValueError: {e}") from None
+    except (OSError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error, ZeroDivisionError,
+            TypeError, AttributeError, OverflowError) as e:
+        # Every plugin has its own way of failing on damaged data; all of them mean the
+        # bytes are not a complete, well-formed image.
         raise ImageError("truncated", f"{type(e).__name__}: {e}") from None
     except MemoryError:
         raise ImageError("decompression_bomb", "ran out of memory decoding") from None
+
+
+def declares_zero_size(data: bytes) -> bool:
+    """Whether a PNG, GIF or BMP header declares a zero width or height."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+    elif data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+    elif data.startswith(b"BM") and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+    else:
+        return False
+    return w == 0 or h == 0
 
 
 def _decode(data: bytes, min_side: int | None, max_pixels: int) -> Decoded:
@@ -110,7 +138,8 @@ def _decode(data: bytes, min_side: int | None, max_pixels: int) -> Decoded:
         raise ImageError("zero_size", f"declared size {w}x{h}")
     if w * h > max_pixels:
         raise ImageError("decompression_bomb", f"{w}x{h} is over the cap of {max_pixels} pixels")
-    animated = bool(getattr(img, "is_animated", False)) and getattr(img, "n_frames", 1) > 1
+    # is_animated looks for a second frame only; n_frames would walk every frame.
+    animated = bool(getattr(img, "is_animated", False))
     mode = img.mode
     orientation = img.getexif().get(0x0112, 1)
     full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)

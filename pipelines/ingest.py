@@ -6,11 +6,17 @@ image extension or its first bytes sniff as an image. Each candidate becomes an 
 (image_id = sha256 of the bytes) or an error row with a code. Exact duplicates share an
 image_id and only the first copy stores bytes. Sources already in the table are skipped,
 so ingesting again adds only what is new.
+
+Reading and validating files is the slow part: `--engine local` runs it on a thread
+pool, `--engine ray` as Ray Data tasks (a chunk of files, or one whole tar shard, per
+task). Deduplication and writing stay on the driver, in the order the sources were
+walked, so both engines write the same rows and a killed run resumes to the same table.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tarfile
 import time
 from collections import Counter
@@ -21,11 +27,11 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from curate.images import ImageError, decode, read_file
+from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
-from pipelines.runner import PartWriter
+from pipelines.runner import PartWriter, init_ray
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
@@ -42,6 +48,7 @@ class Candidate:
     path: str | None = None  # read from disk in a worker
     data: bytes | None = None  # already read (tar members)
     error: ImageError | None = None  # already failed (unsafe tar member)
+    archive: str | None = None  # a whole tar archive, expanded by the worker (Ray engine)
 
 
 def display_name(path: str | bytes) -> str:
@@ -66,20 +73,30 @@ def is_candidate(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def enumerate_sources(sources: list[str]) -> Iterator[Candidate]:
+def is_tar(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES) and os.path.isfile(path)
+
+
+def check_sources(sources: list[str]) -> None:
+    """Fail before writing anything if a source is missing (a typo must not half-ingest)."""
+    missing = [s for s in sources if not os.path.lexists(s)]
+    if missing:
+        raise FileNotFoundError(f"source does not exist: {', '.join(missing)}")
+
+
+def enumerate_sources(sources: list[str], expand_tars: bool = True) -> Iterator[Candidate]:
+    """Every candidate in walk order (sorted names), so two runs see the same order."""
     for src in sources:
         p = os.path.abspath(src)
         if os.path.isdir(p) and not os.path.islink(p):
-            yield from _walk(p)
-        elif p.lower().endswith(TAR_SUFFIXES) and os.path.isfile(p):
-            yield from _tar_members(p)
-        elif os.path.lexists(p):
-            yield Candidate(display_name(p), path=p)
+            yield from _walk(p, expand_tars)
+        elif is_tar(p):
+            yield from _tar(p, expand_tars)
         else:
-            raise FileNotFoundError(f"source does not exist: {src}")
+            yield Candidate(display_name(p), path=p)
 
 
-def _walk(root: str) -> Iterator[Candidate]:
+def _walk(root: str, expand_tars: bool) -> Iterator[Candidate]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         # A directory named like an image is an entry users expect to hear about.
@@ -88,13 +105,21 @@ def _walk(root: str) -> Iterator[Candidate]:
                 yield Candidate(display_name(os.path.join(dirpath, d)), path=os.path.join(dirpath, d))
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
-            if name.lower().endswith(TAR_SUFFIXES) and os.path.isfile(full):
-                yield from _tar_members(full)
+            if is_tar(full):
+                yield from _tar(full, expand_tars)
             elif is_candidate(name) or (os.path.isfile(full) and sniffs_as_image(full)):
                 yield Candidate(display_name(full), path=full)
 
 
-def _tar_members(archive: str) -> Iterator[Candidate]:
+def _tar(archive: str, expand: bool) -> Iterator[Candidate]:
+    if expand:
+        yield from tar_members(archive)
+    else:
+        yield Candidate(display_name(archive) + "::", archive=archive)
+
+
+def tar_members(archive: str) -> Iterator[Candidate]:
+    """Image members of a tar, read in order; nothing is ever extracted to disk."""
     prefix = display_name(archive) + "::"
     try:
         with tarfile.open(archive, "r:*") as tar:
@@ -106,10 +131,12 @@ def _tar_members(archive: str) -> Iterator[Candidate]:
                     yield Candidate(prefix + name, error=ImageError("unsafe_path", "tar member escapes the archive"))
                 elif not member.isfile():
                     yield Candidate(prefix + name, error=ImageError("not_regular_file", "tar member is not a regular file"))
+                elif member.size > MAX_FILE_BYTES:
+                    yield Candidate(prefix + name, error=ImageError("too_large", f"{member.size} bytes is over the cap"))
                 else:
                     f = tar.extractfile(member)
                     yield Candidate(prefix + name, data=f.read() if f else b"")
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, EOFError) as e:
         yield Candidate(prefix, error=ImageError("unreadable", f"tar archive: {e}"))
 
 
@@ -131,22 +158,83 @@ def inspect_candidate(c: Candidate) -> dict:
     return row
 
 
-def ingest(sources: list[str], ds: Dataset, show_progress: bool = True) -> dict:
+def inspect_unit(unit: list[Candidate]) -> list[dict]:
+    """Rows for a unit of work: a chunk of files, or one tar archive expanded here."""
+    rows = []
+    for c in unit:
+        members = tar_members(c.archive) if c.archive else [c]
+        rows.extend(inspect_candidate(m) for m in members)
+    return rows
+
+
+# ---- engines: both yield lists of rows in walk order ----------------------------------
+def _inspect_local(sources: list[str], seen: set[str]) -> Iterator[list[dict]]:
+    candidates = (c for c in enumerate_sources(sources) if c.source not in seen)
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for batch in _chunks(candidates, INGEST_BATCH):
+            yield list(pool.map(inspect_candidate, batch))
+
+
+def _work_units(sources: list[str], seen: set[str]) -> Iterator[list[Candidate]]:
+    chunk: list[Candidate] = []
+    for c in enumerate_sources(sources, expand_tars=False):
+        if c.archive:  # a tar shard is one unit; its members already seen are dropped later
+            if chunk:
+                yield chunk
+                chunk = []
+            yield [c]
+        elif c.source not in seen:
+            chunk.append(c)
+            if len(chunk) == INGEST_BATCH:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _inspect_units(batch: pa.Table) -> pa.Table:
+    """Ray Data task: inspect the pickled units of a batch."""
+    rows = [row for blob in batch.column("unit").to_pylist() for row in inspect_unit(pickle.loads(blob))]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["images"])
+
+
+def _inspect_ray(sources: list[str], seen: set[str], ray_address: str | None) -> Iterator[list[dict]]:
+    ray = init_ray(ray_address)
+    # Units are pickled: paths may hold bytes that are not UTF-8, which Arrow strings cannot.
+    units = [{"unit": pickle.dumps(u)} for u in _work_units(sources, seen)]
+    if not units:
+        return
+    data = ray.data.from_items(units, override_num_blocks=len(units))
+    data = data.map_batches(_inspect_units, batch_size=1, batch_format="pyarrow", num_cpus=1)
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # dedupe keeps the first copy in walk order
+    try:
+        for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield batch.to_pylist()
+    finally:
+        context.execution_options.preserve_order = preserve
+
+
+def ingest(sources: list[str], ds: Dataset, show_progress: bool = True, engine: str = "local",
+           ray_address: str | None = None) -> dict:
     started = time.perf_counter()
-    existing = ds.read("images", ["source", "image_id", "bytes"]) if ds.parts("images") else None
-    seen_sources: set[str] = set(existing.column("source").to_pylist()) if existing is not None else set()
-    stored_ids: set[str] = set()
-    if existing is not None:
-        stored_ids = {i for i, b in zip(existing.column("image_id").to_pylist(), existing.column("bytes").is_valid().to_pylist()) if b}
+    check_sources(sources)
+    # Only light columns: the table may hold a terabyte of bytes. Every ok image_id has
+    # its bytes in the first row that names it, and parts land in order, so "has an ok
+    # row" means "stored".
+    existing = ds.read("images", ["source", "image_id", "status"])
+    seen_sources: set[str] = set(existing.column("source").to_pylist())
+    stored_ids = {i for i, s in zip(existing.column("image_id").to_pylist(), existing.column("status").to_pylist())
+                  if s == "ok"}
     del existing
 
     counts: Counter = Counter()
-    candidates = (c for c in enumerate_sources(sources) if c.source not in seen_sources)
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with progress_bar("ingest", None, enabled=show_progress) as advance, PartWriter(ds, "images") as writer, \
-            ThreadPoolExecutor(workers) as pool:
-        for batch in _chunks(candidates, INGEST_BATCH):
-            rows = list(pool.map(inspect_candidate, batch))
+    rows_in_order = _inspect_local(sources, seen_sources) if engine == "local" else \
+        _inspect_ray(sources, seen_sources, ray_address)
+    with progress_bar("ingest", None, enabled=show_progress) as advance, PartWriter(ds, "images") as writer:
+        for rows in rows_in_order:
+            rows = [r for r in rows if r["source"] not in seen_sources]
             for row in rows:
                 if row["status"] == "ok":
                     if row["image_id"] in stored_ids:
@@ -155,7 +243,8 @@ def ingest(sources: list[str], ds: Dataset, show_progress: bool = True) -> dict:
                     stored_ids.add(row["image_id"])
                 counts[row["status"] if row["status"] == "ok" else row["error"]] += 1
                 seen_sources.add(row["source"])
-            writer.add(pa.Table.from_pylist(rows, schema=SCHEMAS["images"]))
+            if rows:
+                writer.add(pa.Table.from_pylist(rows, schema=SCHEMAS["images"]))
             advance(len(rows))
     counts_dict = dict(counts)
     counts_dict["seconds"] = round(time.perf_counter() - started, 2)

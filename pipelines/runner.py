@@ -32,7 +32,8 @@ from curate.progress import progress_bar
 from curate.schema import SCHEMAS
 from pipelines.stage import Stage
 
-PART_ROWS = 2048  # rows per part: bounds the work lost to a kill
+# Rows per part: bounds the work lost to a kill (CURATE_PART_ROWS overrides it, e.g. in tests).
+PART_ROWS = int(os.environ.get("CURATE_PART_ROWS", "2048"))
 PART_SECONDS = 60.0  # and so does time, for slow stages
 PART_BYTES = 256 << 20
 
@@ -317,24 +318,47 @@ def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]
 
 
 def init_ray(ray_address: str | None = None):
+    """Join the cluster at ray_address / RAY_ADDRESS, or start a local one; quietly."""
+    import logging
+
     import ray
 
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS")
+        # Ray's INFO lines and its token-auth notice are for cluster operators; our own
+        # progress bar and summary say what users need. Errors still come through.
+        kwargs = dict(log_to_driver=False, logging_level=logging.ERROR)
+        # Ray's C++ core logs at error level about restartable actors whose constructor
+        # arguments live in the object store (every Ray Data actor pool does); that is
+        # not an error of ours. Set RAY_BACKEND_LOG_LEVEL yourself to see it.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+    import ray.data
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     return ray
 
 
+def _keep_todo(batch: pa.Table, stage: Stage, todo_ref: list) -> pa.Table:
+    """Ray task (fused into the read): drop rows no stage of the pass has to do."""
+    import ray
+
+    return batch.filter(input_filter(stage, ray.get(todo_ref[0])))
+
+
 def _prepare_batch(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
-    """Ray task: keep the rows to do, decode and prepare them; results travel pickled (any shape)."""
+    """Ray task: decode and prepare rows; results travel pickled (any shape)."""
     import ray
 
     todo = [set(ids.to_pylist()) for ids in ray.get(todo_ref[0])]
-    rows = batch.filter(input_filter(stages[0], list(set().union(*todo)))).to_pylist()
+    rows = batch.to_pylist()
     prepared = [pickle.dumps(prepare_row(stages, r, todo), protocol=5) for r in rows]
     return pa.table({"image_id": pa.array([r["image_id"] for r in rows], pa.string()),
                      "_prepared": pa.array(prepared, pa.binary())})
@@ -373,14 +397,22 @@ def _ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: li
     parts = [str(p) for p in ds.parts(source)]
     columns = set().union(*(s.columns for s in stages))
     columns = sorted(columns | {"image_id", "status", "bytes"} if source == "images" else columns)
-    data = ray.data.read_parquet(parts).select_columns(columns)
+    data = ray.data.read_parquet(parts, columns=columns)
+    data = data.map_batches(_keep_todo, fn_kwargs={"stage": stages[0], "todo_ref": [ray.put(pa.array(everything, pa.string()))]},
+                            batch_format="pyarrow", batch_size=None)
+    # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
+    # batch so decoding spreads over every core.
+    data = data.repartition(target_num_rows_per_block=batch_size)
+    # Decoding runs as CPU tasks on every core; the models as a pool of actors that load
+    # weights once. The actors ask for no CPU: with equal resource requests Ray Data
+    # fuses the two steps into the actor, and all decoding would then run in the one
+    # model actor, on one core. A model's own CPU work shares the cores.
     todo_ref = ray.put([pa.array(t, pa.string()) for t in todo])
-    # Decoding runs as CPU tasks; the models as a pool of actors that load weights once.
     data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
                             batch_format="pyarrow", batch_size=batch_size, num_cpus=1)
     data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                            batch_size=batch_size, concurrency=actors,
-                            num_gpus=num_gpus if gpus else 0, num_cpus=0 if gpus else 1)
+                            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_gpus=num_gpus if gpus else 0, num_cpus=0)
     for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
         yield [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
 
