@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from curate.manifest import Dataset, DatasetError
-from curate.options import BatchSizeOpt, DatasetArg, DeviceOpt, Engine, EngineOpt, QuietOpt, RayAddressOpt, WhereOpt
+from curate.options import (BatchSizeOpt, DatasetArg, DeviceOpt, DtypeOpt, Engine, EngineOpt, QuietOpt, RayAddressOpt,
+                            WhereOpt)
 from curate.progress import console, print_summary
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -104,6 +105,47 @@ def score(
         fail(str(e))
     for summary in summaries:
         print_summary(f"score: {summary.stage}", summary.as_dict())
+
+def caption(
+    dataset: DatasetArg,
+    model: Annotated[str, typer.Option("--model", "-m", help="SCHEME:TARGET, e.g. llava:llava-hf/llava-1.5-7b-hf, llava:./tiny/llava, joycaption:HUB_ID, hf:HUB_ID, florence2:HUB_ID, moondream:vikhyatk/moondream2@2025-01-09, vllm:HUB_ID, openai:http://host:8000/v1#MODEL.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The instruction sent with each image (default: the model family's own).")] = None,
+    prompt_file: Annotated[Optional[str], typer.Option("--prompt-file", help="Read the prompt from this file instead.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generation limit per caption.")] = 160,
+    max_chars: Annotated[Optional[int], typer.Option("--max-chars", min=1, help="Cut longer captions at a sentence end.")] = None,
+    where: WhereOpt = None,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    batch_size: BatchSizeOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight per batch.")] = 8,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.01, help="openai: seconds to wait for a reply.")] = 120.0,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="openai: retries on 5xx, timeouts and dropped connections.")] = 3,
+    quiet: QuietOpt = False,
+):
+    """Caption images with a VLM: one caption per image per model and prompt; resumable."""
+    from pathlib import Path
+
+    from models.captioner import CaptionError, SpecError
+    from pipelines.caption import CaptionStage
+    from pipelines.runner import run_stage
+
+    if prompt is not None and prompt_file is not None:
+        fail("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read --prompt-file {prompt_file}: {e}")
+    ds = open_dataset(dataset)
+    try:
+        stage = CaptionStage(model, prompt, max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                             max_chars=max_chars, concurrency=concurrency, timeout=request_timeout, retries=retries)
+        summary = run_stage(ds, stage, engine=engine.value, where=where, ray_address=ray_address, show_progress=not quiet)
+    except (SpecError, CaptionError, DatasetError, ValueError) as e:
+        fail(str(e))
+    print_summary("caption", summary.as_dict())
 
 
 @app.command()

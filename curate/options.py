@@ -18,4 +18,5 @@ EngineOpt = Annotated[Engine, typer.Option("--engine", help="local: in-process; 
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing Ray cluster (default: start a local one).")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per model batch (default: the stage's own).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when present).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (auto: float32 on CPU, bfloat16 on GPUs that have it, else float16).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

@@ -39,3 +39,11 @@ def write_zoo(root: str | Path, names: list[str] | None = None) -> dict[str, Pat
 
 
 import models.tiny_scoring  # noqa: E402,F401  (registers the scoring families)
+
+
+@family("llava")
+def write_llava(target: Path) -> None:
+    """llava-hf layout: LlavaForConditionalGeneration, tokenizer with <image>, chat template, processor."""
+    from models.tiny_llava import write_tiny_llava
+
+    write_tiny_llava(target)

@@ -1,0 +1,114 @@
+"""Captioners on transformers: the image-text-to-text family (LLaVA, JoyCaption, Florence-2,
+SmolVLM, Qwen2.5-VL) through AutoProcessor + AutoModelForImageTextToText, and moondream2
+through its remote code.
+
+Batched generation pads on the left, so every row's prompt ends where generation starts,
+and decodes greedily: a row's caption does not depend on what else is in its batch.
+Each model's own processor does its image preprocessing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.captioner import (JOYCAPTION_SYSTEM, MOONDREAM_PROMPT, CaptionError, Captioner, resolve_device,
+                              resolve_dtype)
+
+
+def _load_error(spec, e: Exception) -> CaptionError:
+    if spec.target.startswith((".", "/", "~")) and not Path(spec.target).expanduser().is_dir():
+        return CaptionError("process_failed", f"cannot load {spec}: no such model directory {spec.target}")
+    return CaptionError("process_failed", f"cannot load {spec}: {type(e).__name__}: {e}. A hub id needs the network "
+                        "or a copy in the Hugging Face cache; a local directory needs the files save_pretrained writes "
+                        "(config.json, weights, processor and tokenizer files)")
+
+
+class TransformersCaptioner(Captioner):
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.torch_device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.spec.target, revision=self.spec.revision)
+            model = AutoModelForImageTextToText.from_pretrained(self.spec.target, revision=self.spec.revision,
+                                                                dtype=self.torch_dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise _load_error(self.spec, e) from None
+        self.model = model.to(self.torch_device).eval()
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"  # generation continues from the right end of every row
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self.pad_id = tokenizer.pad_token_id
+        self.system = JOYCAPTION_SYSTEM if self.spec.scheme == "joycaption" else None
+        self.inference_mode = torch.inference_mode
+
+    def prompt_text(self, prompt: str) -> str:
+        """The model's own chat template around one image and the prompt; Florence-2 takes the bare prompt."""
+        if not getattr(self.processor, "chat_template", None):
+            return prompt
+        image_token = getattr(self.processor, "image_token", None)
+        if self.system:  # JoyCaption's template takes plain-string turns and places the image itself
+            messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
+        else:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if image_token and image_token not in text:
+            text = text.replace(prompt, f"{image_token}\n{prompt}", 1)
+        return text
+
+    def caption(self, images: list, prompts: list[str]) -> list[str]:
+        texts = [self.prompt_text(p) for p in prompts]
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        inputs = {k: (v.to(self.torch_device, self.torch_dtype) if v.is_floating_point() else v.to(self.torch_device))
+                  for k, v in inputs.items()}
+        with self.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        # Decoder-only models echo the prompt; encoder-decoders (Florence-2) return only new tokens.
+        new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+        if getattr(self, "pad_id", None) is not None:
+            self.generated_tokens += int((new != self.pad_id).sum())
+        return [t for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+class MoondreamCaptioner(Captioner):
+    """moondream2 (vikhyatk/moondream2) through its remote code, at a pinned revision.
+
+    Its code builds the model the transformers 4 way; transformers 5 constructs models on
+    the meta device and expects hooks that code lacks (loading fails, or yields garbage),
+    so this route needs transformers >=4.44,<5 in the environment that runs it. Untested
+    here: this project's environment has transformers 5 and no network to fetch the code.
+    The model has no batched API: images are captioned one by one.
+    """
+
+    def load(self) -> None:
+        import transformers
+
+        major = int(transformers.__version__.split(".")[0])
+        if major >= 5:
+            raise CaptionError("process_failed", f"moondream2's remote code needs transformers >=4.44,<5; this environment has "
+                               f"{transformers.__version__}. Run it from an environment with transformers 4.x "
+                               "(pip install 'transformers>=4.44,<5'), or serve moondream behind an OpenAI-compatible "
+                               "server (moondream-station, vLLM) and use --model openai:URL#NAME")
+        from transformers import AutoModelForCausalLM
+
+        self.torch_device = resolve_device(self.device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.spec.target, revision=self.spec.revision, trust_remote_code=True,
+                                                         torch_dtype=resolve_dtype(self.dtype, self.torch_device))
+        except (OSError, ValueError) as e:
+            raise _load_error(self.spec, e) from None
+        self.model = model.to(self.torch_device).eval()
+
+    def caption(self, images: list, prompts: list[str]) -> list[str]:
+        settings = {"max_tokens": self.max_new_tokens}
+        out = []
+        for image, prompt in zip(images, prompts):
+            if prompt.startswith("caption:"):  # caption:short / caption:normal / caption:long
+                length = prompt.partition(":")[2] or MOONDREAM_PROMPT.partition(":")[2]
+                out.append(self.model.caption(image, length=length, settings=settings)["caption"])
+            else:
+                out.append(self.model.query(image, prompt, settings=settings)["answer"])
+        return out
