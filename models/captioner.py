@@ -105,6 +105,11 @@ class Captioner:
         self.spec, self.max_new_tokens, self.device, self.dtype = spec, max_new_tokens, device, dtype
         self.generated_tokens = 0  # counted by backends that know it, for the benchmark
 
+    def __getstate__(self) -> dict:
+        """Pickle settings only: a loaded captioner still ships to Ray workers, which load their own model."""
+        settings = {"spec", "max_new_tokens", "device", "dtype", "generated_tokens"} | set(getattr(self, "settings", ()))
+        return {k: v for k, v in vars(self).items() if k in settings}
+
     def load(self) -> None:
         raise NotImplementedError
 

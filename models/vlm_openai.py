@@ -41,6 +41,7 @@ class OpenAICaptioner(Captioner):
         self.scheme, self.host, self.port = url.scheme, url.hostname, url.port
         self.path = url.path.rstrip("/") + "/chat/completions"
         self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
+        self.settings = ("scheme", "host", "port", "path", "concurrency", "timeout", "retries", "backoff", "settings")
 
     def load(self) -> None:
         self.api_key = os.environ.get("OPENAI_API_KEY")  # sent only to the configured host

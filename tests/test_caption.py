@@ -1,0 +1,141 @@
+"""Captioning with the tiny random-weight LLaVA through the real transformers loader, and caption cleanup."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pytest
+
+from models.captioner import SpecError, make_captioner, parse_spec
+from pipelines.caption import CaptionStage, clean_caption, garbage_reason
+from pipelines.runner import run_stage
+from tests.conftest import REPO, make_image, run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from models.tiny import write_zoo
+
+    return write_zoo(tmp_path_factory.mktemp("zoo"), ["llava"])["llava"]
+
+
+# ---- cleanup -------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, clean", [
+    ("The image shows a woman standing in a kitchen.", "A woman standing in a kitchen."),
+    ("Sure! Here is a detailed description of the image:\n\nThis is a picture of a red car at night.",
+     "A red car at night."),
+    ("In this image, we can see   two dogs\n on a   beach.", "Two dogs on a beach."),
+    ("This photograph depicts a quiet street. A bus waits.", "A quiet street. A bus waits."),
+    ("A cat sleeps on a sofa. There is a lamp behind it and the", "A cat sleeps on a sofa."),  # cut by the token limit
+    ("a red car parked on a street", "A red car parked on a street"),  # no sentence end at all: kept whole
+    ('"An old man reading."', "An old man reading."),
+])
+def test_clean_caption(raw, clean):
+    assert clean_caption(raw) == clean
+
+
+def test_long_captions_are_cut_at_a_sentence_end():
+    raw = "A woman stands in a kitchen. There is a desk in the background. A flower is on the desk."
+    assert clean_caption(raw, max_chars=70) == "A woman stands in a kitchen. There is a desk in the background."
+    assert clean_caption(raw, max_chars=20) == "A woman stands in a"  # no sentence fits: whole words
+    assert len(clean_caption(raw, max_chars=20)) <= 20
+
+
+@pytest.mark.parametrize("text, bad", [("", True), ("!!! ... ???", True), ("\ufffd\ufffd a", True),
+                                       ("#$%^&*()_+ a", True), ("A dog.", False)])
+def test_garbage_is_recognised(text, bad):
+    assert (garbage_reason(text) is not None) == bad
+
+
+def test_model_specs():
+    assert str(parse_spec("openai:http://h:1/v1/#org/model")) == "openai:http://h:1/v1#org/model"
+    assert parse_spec("moondream:vikhyatk/moondream2").revision == "2025-01-09"
+    assert parse_spec("llava:llava-hf/llava-1.5-7b-hf@main").revision == "main"
+    for bad in ["llava", "llava:", "blip:x", "openai:http://h/v1", "openai:h:1#m"]:
+        with pytest.raises(SpecError, match="--model"):
+            parse_spec(bad)
+
+
+def test_prompt_is_part_of_the_model_key(tiny_llava):
+    a = CaptionStage(f"llava:{tiny_llava}", "Describe.", 8)
+    assert a.model_key() != CaptionStage(f"llava:{tiny_llava}", "Describe briefly.", 8).model_key()
+    assert a.model_key() != CaptionStage(f"llava:{tiny_llava}", "Describe.", 9).model_key()
+    assert a.model_key() == CaptionStage(f"llava:{tiny_llava}", "Describe.", 8, batch_size=3, device="cpu").model_key()
+
+
+# ---- the tiny LLaVA --------------------------------------------------------------------
+def test_batched_captions_equal_unbatched(tiny_llava):
+    captioner = make_captioner(parse_spec(f"llava:{tiny_llava}"), max_new_tokens=12, device="cpu")
+    captioner.load()
+    images = [captioner.prepare(make_image(60 + 17 * i, 90 - 9 * i, seed=i)) for i in range(6)]
+    # prompts of different lengths, so the batch really is left-padded
+    prompts = ["Describe the image.", "Write a long detailed description of this picture.", "Caption."] * 2
+    batched = captioner.caption(images, prompts)
+    assert captioner.generated_tokens > 0
+    one_by_one = [captioner.caption([image], [prompt])[0] for image, prompt in zip(images, prompts)]
+    assert batched == one_by_one
+    assert all(isinstance(c, str) for c in batched) and len(set(batched)) > 1  # the image matters
+
+
+def test_caption_command_records_prompt_and_resumes(dataset, tiny_llava, tmp_path):
+    model = f"llava:{tiny_llava}"
+    run_cli("caption", str(dataset.root), "--model", model, "--prompt", "Describe the image.",
+            "--max-new-tokens", "10", "--batch-size", "5", "-q")
+    rows = dataset.read("captions").to_pylist()
+    assert len(rows) == 12 and {r["image_id"] for r in rows} == set(dataset.select_ids())
+    assert {r["prompt"] for r in rows} == {"Describe the image."}
+    for r in rows:
+        assert (r["status"], r["error"]) in {("ok", None), ("error", "bad_output")}
+        if r["status"] == "ok":
+            assert r["caption"] and r["raw"] and r["caption"] == clean_caption(r["raw"])
+    again = run_cli("caption", str(dataset.root), "--model", model, "--prompt", "Describe the image.",
+                    "--max-new-tokens", "10", "-q")
+    assert "│ todo         │ 0" in again.stderr
+    assert dataset.read("captions").num_rows == 12
+    # a new prompt is new work, and the manifest shows a caption per image
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Write a short caption.\n")
+    run_cli("caption", str(dataset.root), "--model", model, "--prompt-file", str(prompt_file),
+            "--max-new-tokens", "10", "--where", "width > height", "-q")
+    new = dataset.read("captions").filter(pc.field("prompt") == "Write a short caption.")
+    wide = dataset.select_ids("width > height")
+    assert sorted(new.column("image_id").to_pylist()) == wide and len(wide) < 12
+    assert len(set(dataset.read("captions").column("model").to_pylist())) == 2
+
+
+def test_engines_write_the_same_captions(dataset, tiny_llava, ray_cluster):
+    stage = CaptionStage(f"llava:{tiny_llava}", "Describe the image.", 8, batch_size=4)
+    run_stage(dataset, stage, show_progress=False)
+    local = {r["image_id"]: (r["status"], r["caption"]) for r in dataset.read("captions").to_pylist()}
+    for part in dataset.parts("captions"):
+        part.unlink()
+    summary = run_stage(dataset, stage, engine="ray", show_progress=False)
+    assert summary.todo == 12
+    assert {r["image_id"]: (r["status"], r["caption"]) for r in dataset.read("captions").to_pylist()} == local
+
+
+def test_kill_9_mid_run_then_rerun_captions_each_image_once(dataset, tiny_llava):
+    # Small parts (4 rows) so a kill lands between parts; otherwise the same command a user runs.
+    driver = ("import sys, pipelines.runner as r; r.PART_ROWS = 4; from curate.cli import app; "
+              "sys.argv[0] = 'curate'; app()")
+    args = ["caption", str(dataset.root), "--model", f"llava:{tiny_llava}", "--max-new-tokens", "48",
+            "--batch-size", "2", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", driver, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not dataset.parts("captions") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_before = dataset.read("captions").num_rows
+    assert 0 < done_before < 12
+    subprocess.run([sys.executable, "-c", driver, *args], env=env, check=True, capture_output=True, timeout=300)
+    ids = dataset.read("captions").column("image_id").to_pylist()
+    assert sorted(ids) == dataset.select_ids()  # none missed, none twice
