@@ -106,6 +106,8 @@ def score(
     for summary in summaries:
         print_summary(f"score: {summary.stage}", summary.as_dict())
 
+
+@app.command()
 def caption(
     dataset: DatasetArg,
     model: Annotated[str, typer.Option("--model", "-m", help="SCHEME:TARGET, e.g. llava:llava-hf/llava-1.5-7b-hf, llava:./tiny/llava, joycaption:HUB_ID, hf:HUB_ID, florence2:HUB_ID, moondream:vikhyatk/moondream2@2025-01-09, vllm:HUB_ID, openai:http://host:8000/v1#MODEL.")],
@@ -127,7 +129,8 @@ def caption(
     """Caption images with a VLM: one caption per image per model and prompt; resumable."""
     from pathlib import Path
 
-    from models.captioner import CaptionError, SpecError
+    from models.captioner import CaptionError
+    from models.common import ModelError
     from pipelines.caption import CaptionStage
     from pipelines.runner import run_stage
 
@@ -143,7 +146,7 @@ def caption(
         stage = CaptionStage(model, prompt, max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
                              max_chars=max_chars, concurrency=concurrency, timeout=request_timeout, retries=retries)
         summary = run_stage(ds, stage, engine=engine.value, where=where, ray_address=ray_address, show_progress=not quiet)
-    except (SpecError, CaptionError, DatasetError, ValueError) as e:
+    except (ModelError, CaptionError, DatasetError, ValueError) as e:
         fail(str(e))
     print_summary("caption", summary.as_dict())
 

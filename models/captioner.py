@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from models.common import ModelError, model_name
+
 DEFAULT_PROMPT = "Write a detailed description of this image in a few sentences."
 JOYCAPTION_PROMPT = "Write a long descriptive caption for this image in a formal tone."
 JOYCAPTION_SYSTEM = "You are a helpful image captioner."
@@ -38,7 +40,7 @@ class CaptionError(Exception):
         self.code = code
 
 
-class SpecError(ValueError):
+class SpecError(ModelError):
     """A `--model` spec that does not parse; the message says what would be right."""
 
 
@@ -50,9 +52,10 @@ class ModelSpec:
     model_name: str | None = None  # openai: the served model's name
 
     def __str__(self) -> str:
+        """How the spec is named in the `model` column: a hub id as is, a directory by its name."""
         if self.scheme == "openai":
             return f"openai:{self.target}#{self.model_name}"
-        return f"{self.scheme}:{self.target}" + (f"@{self.revision}" if self.revision else "")
+        return f"{self.scheme}:{model_name(self.target)}" + (f"@{self.revision}" if self.revision else "")
 
 
 SCHEMES = {
@@ -86,7 +89,7 @@ def parse_spec(text: str) -> ModelSpec:
     if scheme == "moondream":
         revision = revision or MOONDREAM_REVISION
     local = Path(target).expanduser()
-    if local.is_dir():  # the same directory gives the same model key from any working directory
+    if local.is_dir():  # Ray workers may run elsewhere in the tree: give them the absolute path
         target = str(local.resolve())
     return ModelSpec(scheme, target, revision or None)
 
@@ -140,26 +143,19 @@ def make_captioner(spec: ModelSpec, max_new_tokens: int, device: str | None = No
 
 
 # ---- device and dtype ------------------------------------------------------------------
-def resolve_device(device: str | None) -> str:
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def device_and_dtype(device: str | None, dtype: str | None):
+    """models.common.pick_device's choice (cuda in bf16/fp16, cpu in fp32) unless --dtype says otherwise."""
     import torch
 
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CaptionError("process_failed", f"--device {device} asked for, but torch sees no CUDA device")
-    return device
+    from models.common import pick_device
 
-
-def resolve_dtype(dtype: str | None, device: str):
-    """float32 on CPU; bfloat16 on GPUs that have it, else float16 (unless asked otherwise)."""
-    import torch
-
+    torch_device, torch_dtype = pick_device(device)
     if dtype in (None, "auto"):
-        if device == "cpu":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
+        return torch_device, torch_dtype
+    if dtype not in DTYPES:
         raise SpecError(f"bad --dtype {dtype!r}: use auto, float32, float16 or bfloat16")
-    return names[dtype]
+    return torch_device, getattr(torch, DTYPES[dtype])

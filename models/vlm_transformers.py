@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.captioner import (JOYCAPTION_SYSTEM, MOONDREAM_PROMPT, CaptionError, Captioner, resolve_device,
-                              resolve_dtype)
+from models.captioner import JOYCAPTION_SYSTEM, MOONDREAM_PROMPT, Captioner, device_and_dtype
+from models.common import ModelError
 
 
-def _load_error(spec, e: Exception) -> CaptionError:
+def _load_error(spec, e: Exception) -> ModelError:
     if spec.target.startswith((".", "/", "~")) and not Path(spec.target).expanduser().is_dir():
-        return CaptionError("process_failed", f"cannot load {spec}: no such model directory {spec.target}")
-    return CaptionError("process_failed", f"cannot load {spec}: {type(e).__name__}: {e}. A hub id needs the network "
+        return ModelError(f"cannot load {spec.scheme}:{spec.target}: no such model directory")
+    return ModelError(f"cannot load {spec.scheme}:{spec.target}: {type(e).__name__}: {e}. A hub id needs the network "
                         "or a copy in the Hugging Face cache; a local directory needs the files save_pretrained writes "
                         "(config.json, weights, processor and tokenizer files)")
 
@@ -27,8 +27,7 @@ class TransformersCaptioner(Captioner):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.torch_device = resolve_device(self.device)
-        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        self.torch_device, self.torch_dtype = device_and_dtype(self.device, self.dtype)
         try:
             self.processor = AutoProcessor.from_pretrained(self.spec.target, revision=self.spec.revision)
             model = AutoModelForImageTextToText.from_pretrained(self.spec.target, revision=self.spec.revision,
@@ -88,16 +87,16 @@ class MoondreamCaptioner(Captioner):
 
         major = int(transformers.__version__.split(".")[0])
         if major >= 5:
-            raise CaptionError("process_failed", f"moondream2's remote code needs transformers >=4.44,<5; this environment has "
+            raise ModelError(f"moondream2's remote code needs transformers >=4.44,<5; this environment has "
                                f"{transformers.__version__}. Run it from an environment with transformers 4.x "
                                "(pip install 'transformers>=4.44,<5'), or serve moondream behind an OpenAI-compatible "
                                "server (moondream-station, vLLM) and use --model openai:URL#NAME")
         from transformers import AutoModelForCausalLM
 
-        self.torch_device = resolve_device(self.device)
+        self.torch_device, dtype = device_and_dtype(self.device, self.dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(self.spec.target, revision=self.spec.revision, trust_remote_code=True,
-                                                         torch_dtype=resolve_dtype(self.dtype, self.torch_device))
+                                                         torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise _load_error(self.spec, e) from None
         self.model = model.to(self.torch_device).eval()

@@ -7,7 +7,8 @@ with vllm installed to exercise it.
 """
 from __future__ import annotations
 
-from models.captioner import CaptionError, Captioner
+from models.captioner import Captioner
+from models.common import ModelError
 from models.vlm_openai import OpenAICaptioner
 
 
@@ -16,7 +17,7 @@ class VLLMCaptioner(Captioner):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
-            raise CaptionError("process_failed", "--model vllm:... needs vLLM: pip install vllm (CUDA GPU required); "
+            raise ModelError("--model vllm:... needs vLLM: pip install vllm (CUDA GPU required); "
                                "or use llava:/hf: for transformers generate") from None
         self.llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=self.dtype or "auto",
                        limit_mm_per_prompt={"image": 1})
