@@ -31,7 +31,7 @@ from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
-from pipelines.runner import PartWriter, init_ray
+from pipelines.runner import PART_ROWS, PartWriter, init_ray
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
@@ -39,7 +39,7 @@ IMAGE_EXTENSIONS = {
 }
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-INGEST_BATCH = 64
+INGEST_BATCH = min(64, PART_ROWS)  # candidates per unit of work (and per part at most)
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""Both engines write the same tables, on a real local Ray cluster (num_cpus=2)."""
+import io
+import subprocess
+import sys
+import tarfile
+
+from conftest import REPO, encode_image, make_image, run_cli
+from hostile import build_corpus
+
+from curate.manifest import Dataset
+from pipelines.ingest import ingest
+from pipelines.runner import run_stage
+from pipelines.stats import StatsStage
+
+
+def rows(ds: Dataset, table: str, key: str) -> list[dict]:
+    t = ds.read(table)
+    return t.drop_columns(["created_at"]).sort_by(key).to_pylist()
+
+
+def test_engines_write_the_same_tables(tmp_path, image_dir, ray_cluster):
+    build_corpus(image_dir / "hostile")
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:  # a webdataset-style shard
+        for i in range(6):
+            for name, data in [(f"{i:06d}.jpg", encode_image(make_image(64, 48, seed=100 + i))),
+                               (f"{i:06d}.txt", b"a caption")]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    sources = [str(image_dir), str(tmp_path / "shard-000.tar"), str(image_dir / "img00.png")]
+    local, ray = Dataset(tmp_path / "local", create=True), Dataset(tmp_path / "ray", create=True)
+    counts_local = ingest(sources, local, show_progress=False)
+    counts_ray = ingest(sources, ray, show_progress=False, engine="ray")
+    assert {k: v for k, v in counts_local.items() if k != "seconds"} == {k: v for k, v in counts_ray.items() if k != "seconds"}
+    assert rows(local, "images", "source") == rows(ray, "images", "source")
+    assert counts_local["ok"] > 30 and counts_local["duplicate"] >= 3  # the hostile copies of one JPEG
+
+    summary_local = run_stage(local, StatsStage(), show_progress=False)
+    summary_ray = run_stage(ray, StatsStage(), engine="ray", show_progress=False)
+    assert summary_local.ok == summary_ray.ok > 30
+    assert summary_local.errors == summary_ray.errors
+    assert rows(local, "stats", "image_id") == rows(ray, "stats", "image_id")
+
+    # Ingesting again on Ray adds nothing, tar members included.
+    again = ingest(sources, ray, show_progress=False, engine="ray")
+    assert set(again) == {"seconds"}
+
+
+HEAD = """
+import sys, ray
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes our stdin; then ray shuts the cluster down
+"""
+
+
+def test_join_an_existing_cluster(dataset, tmp_path):
+    """--ray-address joins a cluster someone else started (here: another process's)."""
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    try:
+        address = head.stdout.readline().strip()
+        assert ":" in address
+        out = run_cli("hash", str(dataset.root), "--engine", "ray", "--ray-address", address, timeout=300)
+        assert dataset.read("stats").num_rows == 12
+        assert "INFO" not in out.stderr and "Started a local Ray instance" not in out.stderr
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
