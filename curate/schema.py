@@ -80,9 +80,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "embeddings": stage_schema(pa.field("embedding", pa.list_(pa.float16()))),
     "quality": stage_schema(pa.field("rank", pa.int8()), pa.field("probs", pa.list_(pa.float32()))),
     "tags": stage_schema(
-        pa.field("tags", pa.list_(pa.string())),
-        pa.field("tag_scores", pa.list_(pa.float32())),
-        pa.field("rating", pa.string()),
+        pa.field("tags", pa.list_(pa.string())),  # as the model names them, most confident first
+        pa.field("tag_scores", pa.list_(pa.float32())),  # one per tag
+        pa.field("rating", pa.string()),  # the most probable rating tag (general, sensitive, ...)
+        pa.field("rating_score", pa.float32()),
     ),
     "captions": stage_schema(
         pa.field("prompt", pa.string()),

@@ -65,3 +65,106 @@ def write_quality_head(folder: Path) -> None:
 
     torch.manual_seed(0)
     save_head(folder, RankHead(TINY_CLIP["embed_dim"], hidden=(16,)), embedder="open_clip:open_clip")
+
+
+# A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).
+RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
+GENERAL_TAGS = ["1girl", "solo", "outdoors", "sky", "cloud", "tree", "day", "watermark", "signature", "text",
+                "simple_background", "white_background", "blue_sky", "grass", "water", "smile", "long_hair",
+                "short_hair", "looking_at_viewer", "monochrome", "greyscale", "building", "scenery", "no_humans"]
+CHARACTER_TAGS = ["hatsune_miku", "hakurei_reimu", "kirisame_marisa", "artoria_pendragon_(fate)"]
+TINY_TAGGER_SIZE = 64
+
+
+def write_selected_tags(path: Path) -> None:
+    rows = [(c, n) for c, names in ((9, RATING_TAGS), (0, GENERAL_TAGS), (4, CHARACTER_TAGS)) for n in names]
+    lines = ["tag_id,name,category,count"] + [f"{9999990 + i if c == 9 else 1000 + i},{n},{c},{100000 // (i + 1)}"
+                                              for i, (c, n) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def n_tags() -> int:
+    return len(RATING_TAGS) + len(GENERAL_TAGS) + len(CHARACTER_TAGS)
+
+
+@family("wd14")
+def write_wd14(folder: Path) -> None:
+    """Like SmilingWolf/wd-vit-tagger-v3's ONNX export: model.onnx (input [batch, S, S, 3]
+    float BGR 0-255, output [batch, tags] sigmoid) + selected_tags.csv."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width, patch = 16, 16
+    weights = {
+        "patch_w": rng.normal(0, 0.05, (width, 3, patch, patch)).astype(np.float32),
+        "head_w": rng.normal(0, 1.0, (width, n_tags())).astype(np.float32),
+        "head_b": rng.normal(0, 1.5, (n_tags(),)).astype(np.float32),
+        "scale": np.array(1 / 255, np.float32),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Mul", ["nchw", "scale"], ["unit"]),
+        helper.make_node("Conv", ["unit", "patch_w"], ["patches"], kernel_shape=[patch, patch], strides=[patch, patch]),
+        helper.make_node("ReduceMean", ["patches"], ["pooled4"], axes=[2, 3], keepdims=1),
+        helper.make_node("Flatten", ["pooled4"], ["pooled"], axis=1),
+        helper.make_node("Gemm", ["pooled", "head_w", "head_b"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "wd14-tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", TINY_TAGGER_SIZE, TINY_TAGGER_SIZE, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n_tags()])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / "model.onnx"))
+    write_selected_tags(folder / "selected_tags.csv")
+
+
+@family("wd14_timm")
+def write_wd14_timm(folder: Path) -> None:
+    """Like the timm layout of SmilingWolf/wd-vit-tagger-v3: config.json + model.safetensors + selected_tags.csv."""
+    import timm
+    import torch
+
+    model_args = {"img_size": TINY_TAGGER_SIZE, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                  "class_token": False, "global_pool": "avg", "fc_norm": False, "act_layer": "gelu_tanh"}
+    config = {
+        "architecture": "vit_base_patch16_224", "num_classes": n_tags(), "num_features": 32, "global_pool": "avg",
+        "model_args": model_args,
+        "pretrained_cfg": {"custom_load": False, "input_size": [3, TINY_TAGGER_SIZE, TINY_TAGGER_SIZE],
+                           "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "num_classes": n_tags(),
+                           "pool_size": None, "first_conv": None, "classifier": None},
+    }
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=n_tags(), **model_args)
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # spread the scores so thresholds matter
+    torch.nn.init.normal_(model.head.bias, std=1.5)
+    save_weights(model, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_selected_tags(folder / "selected_tags.csv")
+
+
+@family("joytag")
+def write_joytag(folder: Path) -> None:
+    """Like fpgaminer/joytag: config.json ({"class": "ViT", ...}) + model.safetensors + top_tags.txt."""
+    import torch
+
+    from models.joytag import JoyTagViT
+
+    tags = GENERAL_TAGS + CHARACTER_TAGS  # JoyTag has no rating outputs
+    config = {"class": "ViT", "n_tags": len(tags), "image_size": TINY_TAGGER_SIZE, "num_blocks": 2, "patch_size": 16,
+              "d_model": 32, "mlp_dim": 64, "num_heads": 2, "stochdepth_rate": 0.05, "use_sine": False,
+              "loss_type": "focal2", "layerscale_init": None, "head_mean_after": False,
+              "cnn_stem": "conv:c=8;ln;conv:c=16;ln;conv:c=32;ln;conv:c=32;ln;conv:c=32,s=1,k=1,p=0",
+              "patch_dropout": 0.1}
+    torch.manual_seed(0)
+    model = JoyTagViT(**{k: v for k, v in config.items() if k != "class"})
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # spread the scores so the threshold matters
+    torch.nn.init.normal_(model.head.bias, std=1.5)
+    save_weights(model, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "top_tags.txt").write_text("\n".join(tags) + "\n")

@@ -1,0 +1,46 @@
+"""What the taggers share: the white square padding both were trained with, and the tag rules.
+
+Rules users expect: a threshold per tag category (WD14: general 0.35, character 0.85;
+JoyTag: 0.4 for all), the rating kept apart in its own column (the most probable rating
+tag), and tag names kept as the model spells them (formatting is the trainer's job).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Danbooru categories as WD14's selected_tags.csv numbers them.
+GENERAL, CHARACTER, RATING = 0, 4, 9
+
+
+def pad_square(image: Image.Image) -> Image.Image:
+    """Centre the image on a white square of its longer side (as WD14 and JoyTag were trained)."""
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
+
+
+def square_resized(image: Image.Image, size: int) -> Image.Image:
+    padded = pad_square(image)
+    return padded if padded.width == size else padded.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def select_tags(scores: np.ndarray, names: list[str], categories: np.ndarray,
+                thresholds: dict[int, float]) -> dict:
+    """One image's row: tags over their category's threshold, most confident first, and the rating.
+
+    Categories missing from `thresholds` (e.g. copyright, artist, meta when not asked for)
+    are left out; rating tags never appear among the tags.
+    """
+    keep = np.zeros(len(names), bool)
+    for category, threshold in thresholds.items():
+        keep |= (categories == category) & (scores > threshold)
+    order = [int(i) for i in np.argsort(-scores, kind="stable") if keep[i]]
+    row = {"tags": [names[i] for i in order], "tag_scores": scores[order].astype(np.float32),
+           "rating": None, "rating_score": None}
+    ratings = np.flatnonzero(categories == RATING)
+    if len(ratings):
+        best = int(ratings[np.argmax(scores[ratings])])
+        row["rating"], row["rating_score"] = names[best], float(scores[best])
+    return row

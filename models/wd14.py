@@ -1,0 +1,101 @@
+"""WD14 tagger (SmilingWolf's wd-*-tagger-v3): the ONNX export or the timm weights.
+
+A WD14 repo holds `selected_tags.csv` (tag_id,name,category,count; category 9 rating,
+0 general, 4 character) and either `model.onnx` (input NHWC, BGR, 0-255 floats at the
+model's size; outputs are sigmoid probabilities) or the timm layout (`config.json` +
+`model.safetensors`; NCHW, normalised as its pretrained_cfg says, BGR; logits). ONNX is
+used when present. Both pad to a white square first, as the model was trained.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+from models.tagging import CHARACTER, GENERAL, select_tags, square_resized
+
+DEFAULT_WD14 = "SmilingWolf/wd-vit-tagger-v3"
+TAGS_CSV = "selected_tags.csv"
+
+
+def read_tags(path) -> tuple[list[str], np.ndarray]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"name", "category"} <= set(rows[0]):
+        raise ModelError(f"{path} is not a WD14 tag list (columns tag_id,name,category,count)")
+    return [r["name"] for r in rows], np.array([int(r["category"]) for r in rows])
+
+
+class WD14Tagger(ModelStage):
+    table = "tags"
+    batch_size = 32
+
+    def __init__(self, spec: str = DEFAULT_WD14, device: str | None = None, batch_size: int | None = None,
+                 general: float = 0.35, character: float = 0.85):
+        super().__init__(spec, device, batch_size)
+        self.thresholds = {GENERAL: general, CHARACTER: character}
+        folder = model_dir(spec, (TAGS_CSV,))
+        if (folder / "model.onnx").is_file():
+            import onnx
+
+            self.backend = "onnx"
+            dims = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+            self.size = dims[1].dim_value  # NHWC
+        elif (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            self.backend = "timm"
+            self.pretrained_cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+            self.size = self.pretrained_cfg["input_size"][-1]
+        else:
+            raise ModelError(f"{spec} has neither model.onnx nor config.json + model.safetensors (timm)")
+        self.decode_min_side = self.size  # the longer side is what must reach `size`; this is enough
+
+    def model_key(self) -> str:
+        g, c = self.thresholds[GENERAL], self.thresholds[CHARACTER]
+        return f"wd14:{model_name(self.spec)}@general={g},character={c}"
+
+    def setup(self) -> None:
+        folder = model_dir(self.spec, (TAGS_CSV,))
+        self._names, self._categories = read_tags(folder / TAGS_CSV)
+        self._device, self._dtype = pick_device(self.device)
+        if self.backend == "onnx":
+            import onnxruntime as ort
+
+            providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else []
+            self._session = ort.InferenceSession(str(folder / "model.onnx"), providers=providers + ["CPUExecutionProvider"])
+            self._input = self._session.get_inputs()[0].name
+        else:
+            import timm
+
+            self._model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(self._device, self._dtype)
+        if len(self._names) != self._outputs():
+            raise ModelError(f"{self.spec}: {TAGS_CSV} lists {len(self._names)} tags, the model outputs {self._outputs()}")
+
+    def _outputs(self) -> int:
+        if self.backend == "onnx":
+            return self._session.get_outputs()[0].shape[-1]
+        return self._model.num_classes
+
+    def prepare(self, row):
+        """Pad to a white square, resize (bicubic), BGR; NHWC 0-255 for ONNX, normalised NCHW for timm."""
+        bgr = np.asarray(square_resized(row["image"].image, self.size), dtype=np.float32)[:, :, ::-1]
+        if self.backend == "timm":
+            mean = np.array(self.pretrained_cfg["mean"], np.float32)[::-1]
+            std = np.array(self.pretrained_cfg["std"], np.float32)[::-1]
+            return {"pixels": np.ascontiguousarray(((bgr / 255 - mean) / std).transpose(2, 0, 1))}
+        return {"pixels": np.ascontiguousarray(bgr)}
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        if self.backend == "onnx":
+            return self._session.run(None, {self._input: pixels})[0]
+        import torch
+
+        with torch.inference_mode():
+            logits = self._model(torch.from_numpy(pixels).to(self._device, self._dtype))
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def process(self, batch):
+        probs = self.probabilities(batch["pixels"])
+        rows = [select_tags(p, self._names, self._categories, self.thresholds) for p in probs]
+        return {k: [r[k] for r in rows] for k in ("tags", "tag_scores", "rating", "rating_score")}
