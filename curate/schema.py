@@ -130,7 +130,12 @@ SCHEMAS: dict[str, pa.Schema] = {
 MANIFEST_COLUMNS: dict[str, list[str]] = {
     "stats": ["stats.phash", "stats.brightness", "stats.sharpness", "stats.colorfulness", "stats.entropy"],
     "quality": ["quality.rank"],
-    "tags": ["tags.tags", "tags.rating"],
+    # OWLv2's verdict joins the tags as `watermark`, so prompts and filters see one tag list.
+    "tags": [
+        "CASE WHEN watermarks.has_watermark AND NOT list_contains(coalesce(tags.tags, CAST([] AS VARCHAR[])), 'watermark') "
+        "THEN list_append(coalesce(tags.tags, CAST([] AS VARCHAR[])), 'watermark') ELSE tags.tags END AS tags",
+        "tags.rating",
+    ],
     "captions": ["captions.caption"],
     "watermarks": [
         "watermarks.has_watermark",

@@ -26,8 +26,10 @@ def write_clip_bpe(folder: Path) -> None:
     import open_clip.tokenizer as oct
 
     merges = gzip.open(oct.default_bpe(), "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    tokenizer = oct.SimpleTokenizer()
-    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder, ensure_ascii=False))
+    # open_clip calls the specials <start_of_text>/<end_of_text>; the published files say <|startoftext|>/<|endoftext|>
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(token, token): i for token, i in oct.SimpleTokenizer().encoder.items()}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                "pad_token": "!"}
@@ -74,6 +76,7 @@ GENERAL_TAGS = ["1girl", "solo", "outdoors", "sky", "cloud", "tree", "day", "wat
                 "short_hair", "looking_at_viewer", "monochrome", "greyscale", "building", "scenery", "no_humans"]
 CHARACTER_TAGS = ["hatsune_miku", "hakurei_reimu", "kirisame_marisa", "artoria_pendragon_(fate)"]
 TINY_TAGGER_SIZE = 64
+TINY_OWLV2_SIZE = 96  # the largest of the tiny pass, so the shared decode must serve it
 
 
 def write_selected_tags(path: Path) -> None:
@@ -168,3 +171,21 @@ def write_joytag(folder: Path) -> None:
     save_weights(model, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "top_tags.txt").write_text("\n".join(tags) + "\n")
+
+
+@family("owlv2")
+def write_owlv2(folder: Path) -> None:
+    """Like google/owlv2-base-patch16-ensemble: a transformers directory (config.json,
+    model.safetensors, preprocessor_config.json, CLIP tokenizer files), built offline."""
+    import torch
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
+    config = Owlv2Config(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 16},
+                         vision_config={**small, "image_size": TINY_OWLV2_SIZE, "patch_size": 16}, projection_dim=32)
+    torch.manual_seed(0)
+    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    write_clip_bpe(folder)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=16)
+    image_processor = Owlv2ImageProcessor(size={"height": TINY_OWLV2_SIZE, "width": TINY_OWLV2_SIZE})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)

@@ -1,25 +1,27 @@
-"""The scoring pass on the tiny zoo: reference checks per model, resume, one decode, the CLI."""
+"""The scoring pass on the tiny zoo: reference checks per model, tag rules, one decode, hub ids, the CLI."""
 from __future__ import annotations
 
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import pipelines.runner as runner
+from models.common import ModelError
+from models.tagging import CHARACTER, GENERAL, RATING, select_tags
 from models.tiny import write_zoo
 from pipelines.score import score
-from tests.conftest import run_cli
+from tests.conftest import make_image, run_cli
 
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
-    return tmp_path_factory.mktemp("zoo")
-
-
-def family(zoo, name):
-    return write_zoo(zoo, [name])[name]
+    root = tmp_path_factory.mktemp("zoo")
+    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2"])
+    return root
 
 
 def said(proc) -> str:
@@ -32,52 +34,209 @@ def originals(ds) -> dict[str, Image.Image]:
     return {r["image_id"]: Image.open(io.BytesIO(r["bytes"])).convert("RGB") for r in rows}
 
 
+class Row:  # what the runner hands prepare(): the decoded image and its full size
+    def __init__(self, image):
+        self.image, self.width, self.height = image, image.width, image.height
+
+
 def test_clip_batched_embeddings_equal_open_clip_per_image(dataset, zoo):
     import open_clip
 
-    clip = family(zoo, "open_clip")
-    [summary] = score(dataset, clip=str(clip), batch_size=5, show_progress=False)
+    [summary] = score(dataset, clip=str(zoo / "open_clip"), batch_size=5, show_progress=False)
     assert summary.ok == 12 and summary.model == "open_clip:open_clip"
     stored = {r["image_id"]: np.array(r["embedding"], np.float32) for r in dataset.read("embeddings").to_pylist()}
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{zoo / 'open_clip'}")
     model.eval()
     for image_id, image in originals(dataset).items():
         with torch.no_grad():  # open_clip's own path, one full-size image at a time
-            ref = model.encode_image(preprocess(image)[None])[0]
-        ref = torch.nn.functional.normalize(ref, dim=0).numpy()
+            ref = torch.nn.functional.normalize(model.encode_image(preprocess(image)[None])[0], dim=0).numpy()
         assert np.linalg.norm(stored[image_id]) == pytest.approx(1, abs=2e-3)
         assert np.abs(stored[image_id] - ref).max() < 0.03, image_id
-
-
-def test_float16_embeddings_read_in_duckdb(dataset, zoo):
-    score(dataset, clip=str(family(zoo, "open_clip")), show_progress=False)
-    row = dataset.query("SELECT typeof(embedding) AS t, len(embedding) AS n, "
-                        "list_dot_product(embedding, embedding) AS norm2 FROM embeddings LIMIT 1").to_pylist()[0]
-    assert row["t"] == "FLOAT[]" and row["n"] == 32 and row["norm2"] == pytest.approx(1, abs=5e-3)
+    # DuckDB reads the float16 lists from Parquet as FLOAT[]
+    row = dataset.query("SELECT typeof(embedding) AS t, list_dot_product(embedding, embedding) AS norm2 "
+                        "FROM embeddings LIMIT 1").to_pylist()[0]
+    assert row["t"] == "FLOAT[]" and row["norm2"] == pytest.approx(1, abs=5e-3)
 
 
 def test_quality_ranks_stored_embeddings_and_refuses_another_embedder(dataset, zoo, tmp_path):
     from models.quality_head import RankHead, load_head, save_head
 
-    clip, head_dir = family(zoo, "open_clip"), family(zoo, "quality_head")
-    embeddings, quality = score(dataset, clip=str(clip), quality=str(head_dir), show_progress=False)
+    embeddings, quality = score(dataset, clip=str(zoo / "open_clip"), quality=str(zoo / "quality_head"),
+                                show_progress=False)
     assert embeddings.ok == quality.ok == 12
-    head, _ = load_head(head_dir)
-    for row in dataset.query("SELECT q.rank, q.probs, e.embedding FROM quality q JOIN embeddings e USING (image_id)").to_pylist():
+    head, _ = load_head(zoo / "quality_head")
+    rows = dataset.query("SELECT q.rank, q.probs, e.embedding FROM quality q JOIN embeddings e USING (image_id)")
+    for row in rows.to_pylist():
         with torch.no_grad():
             probs = torch.softmax(head(torch.tensor([row["embedding"]])), -1)[0].numpy()
         assert row["rank"] == probs.argmax() and np.allclose(row["probs"], probs, atol=1e-5)
-    assert dataset.query("SELECT count(*) AS n FROM manifest WHERE rank IS NOT NULL").to_pylist()[0]["n"] == 12
-    # a head fitted on another embedder is refused before anything runs
+    assert dataset.query("SELECT count(rank) AS n FROM manifest").to_pylist()[0]["n"] == 12
     save_head(tmp_path / "other", RankHead(32), embedder="open_clip:ViT-L-14")
-    proc = run_cli("score", str(dataset.root), "--clip", str(clip), "--quality", str(tmp_path / "other"), check=False)
-    assert proc.returncode == 2 and "trained on embeddings from 'open_clip:ViT-L-14'" in said(proc)
+    with pytest.raises(ModelError, match="trained on embeddings from 'open_clip:ViT-L-14'"):
+        score(dataset, clip=str(zoo / "open_clip"), quality=str(tmp_path / "other"), show_progress=False)
+    with pytest.raises(ModelError, match="no embeddings from 'open_clip:ViT-L-14'"):
+        score(dataset, quality=str(tmp_path / "other"), show_progress=False)
 
 
-def test_bad_flags_say_what_would_be_right(dataset, zoo):
-    proc = run_cli("score", str(dataset.root), "--tagger", "foo:x", check=False)
+def wd14_reference(image: Image.Image, size: int) -> np.ndarray:
+    """WD14's published preprocessing, written plainly: white square pad, bicubic resize, RGB->BGR, 0-255."""
+    w, h = image.size
+    side = max(w, h)
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = np.asarray(image)
+    resized = Image.fromarray(canvas).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(resized, np.float32)[:, :, [2, 1, 0]]
+
+
+@pytest.mark.parametrize("size", [(150, 90), (90, 151)])
+def test_wd14_preprocessing_equals_plain_reference(zoo, size):
+    from models.wd14 import WD14Tagger
+
+    image = make_image(*size, seed=3)
+    tagger = WD14Tagger(str(zoo / "wd14"))
+    assert tagger.size == 64 and tagger.backend == "onnx"
+    np.testing.assert_array_equal(tagger.prepare({"image": Row(image)})["pixels"], wd14_reference(image, 64))
+
+
+def test_tag_thresholds_per_category_and_rating_apart():
+    names = ["general", "explicit", "solo", "sky", "watermark", "hatsune_miku", "hakurei_reimu", "some_artist"]
+    categories = np.array([RATING, RATING, GENERAL, GENERAL, GENERAL, CHARACTER, CHARACTER, 1])
+    scores = np.array([0.2, 0.7, 0.36, 0.34, 0.9, 0.86, 0.84, 0.99], np.float32)
+    row = select_tags(scores, names, categories, {GENERAL: 0.35, CHARACTER: 0.85})
+    assert row["tags"] == ["watermark", "hatsune_miku", "solo"]  # most confident first; artist category not asked
+    assert row["rating"] == "explicit" and row["rating_score"] == pytest.approx(0.7)
+    assert select_tags(scores, names, categories, {GENERAL: 0.4})["tags"] == ["watermark"]  # JoyTag: one threshold
+
+
+def test_wd14_pass_stores_what_onnxruntime_says(dataset, zoo):
+    import onnxruntime as ort
+
+    from models.wd14 import read_tags
+
+    [summary] = score(dataset, tagger=f"wd14:{zoo / 'wd14'}", show_progress=False)
+    assert summary.ok == 12 and summary.model == "wd14:wd14@general=0.35,character=0.85"
+    session = ort.InferenceSession(str(zoo / "wd14" / "model.onnx"))
+    names, categories = read_tags(zoo / "wd14" / "selected_tags.csv")
+    stored = {r["image_id"]: r for r in dataset.read("tags").to_pylist()}
+    threshold = np.where(categories == CHARACTER, 0.85, np.where(categories == GENERAL, 0.35, np.inf))
+    ratings = np.flatnonzero(categories == RATING)
+    for image_id, image in list(originals(dataset).items())[:4]:
+        probs = session.run(None, {"input": wd14_reference(image, 64)[None]})[0][0]
+        expected = {n for n, p, t in zip(names, probs, threshold) if p > t}
+        # the pass decodes JPEGs in draft mode: a tag sitting on its threshold may differ
+        borderline = {n for n, p, t in zip(names, probs, threshold) if abs(p - t) < 0.02}
+        assert set(stored[image_id]["tags"]) ^ expected <= borderline, image_id
+        assert stored[image_id]["rating"] == names[ratings[np.argmax(probs[ratings])]]
+
+
+def test_joytag_and_timm_wd14_run_from_the_zoo(dataset, zoo):
+    joytag = score(dataset, tagger=f"joytag:{zoo / 'joytag'}", show_progress=False)[0]
+    timm_wd14 = score(dataset, tagger=f"wd14:{zoo / 'wd14_timm'}", show_progress=False)[0]
+    assert joytag.ok == timm_wd14.ok == 12
+    rows = dataset.query("SELECT model, min(list_min(tag_scores)) AS lowest, count(*) AS n, "
+                         "count(rating) AS rated FROM tags GROUP BY model ORDER BY model").to_pylist()
+    assert [r["model"] for r in rows] == ["joytag:joytag@threshold=0.4", "wd14:wd14_timm@general=0.35,character=0.85"]
+    assert rows[0]["lowest"] > 0.4 and rows[0]["rated"] == 0  # JoyTag has no rating
+    assert rows[1]["lowest"] > 0.35 and rows[1]["rated"] == 12
+
+
+def owlv2_outputs(logits, boxes):
+    from transformers.models.owlv2.modeling_owlv2 import Owlv2ObjectDetectionOutput
+
+    return Owlv2ObjectDetectionOutput(logits=torch.tensor(logits), pred_boxes=torch.tensor(boxes))
+
+
+def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo):
+    from models.owlv2 import WatermarkDetector, boxes_in_image, corners_in_image
+
+    detector = WatermarkDetector(f"{zoo / 'owlv2'}")
+    detector.setup()
+    image = make_image(240, 120, seed=5)  # wide: padded at the bottom
+    prepared = detector.prepare({"image": Row(image)})
+    logits, boxes = detector.detect(prepared["pixels"][None])
+    theirs = detector.processor().image_processor.post_process_object_detection(
+        owlv2_outputs(logits, boxes), threshold=0.0, target_sizes=[(120, 240)])[0]  # (height, width)
+    assert len(theirs["boxes"]) == boxes.shape[1]
+    np.testing.assert_allclose(corners_in_image(boxes[0], 240, 120),
+                               np.clip(theirs["boxes"].numpy() / [240, 120, 240, 120], 0, 1), atol=1e-5)
+    ours = boxes_in_image(logits[0], boxes[0], 240, 120, threshold=0.0)
+    assert ours["score"] == pytest.approx(float(theirs["scores"].max()), abs=1e-6)
+
+    # forced output: one confident box at a known place in the padded 240x240 square
+    forced_logits = np.full_like(logits, -10.0)
+    forced_logits[0, 7, 0] = 5.0
+    forced_boxes = boxes.copy()
+    forced_boxes[0, 7] = [0.25, 0.125, 0.1, 0.05]  # cx, cy, w, h of the square
+    got = boxes_in_image(forced_logits[0], forced_boxes[0], 240, 120, threshold=0.1)
+    assert got["has_watermark"] and len(got["boxes"]) == 1
+    box = got["boxes"][0]
+    # x: 0.2..0.3 of 240 px; y: 0.1..0.15 of the 240 px square = 24..36 px of 120 = 0.2..0.3
+    assert [box["x0"], box["y0"], box["x1"], box["y1"]] == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=1e-6)
+    theirs = detector.processor().image_processor.post_process_object_detection(
+        owlv2_outputs(forced_logits, forced_boxes), threshold=0.1, target_sizes=[(120, 240)])[0]
+    assert (theirs["boxes"].numpy()[0] / [240, 120, 240, 120]) == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=1e-6)
+
+
+def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, monkeypatch):
+    sides = []
+    real = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda data, min_side=None, **kw: sides.append(min_side) or real(data, min_side, **kw))
+    summaries = score(dataset, clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}",
+                      watermark=f"owlv2:{zoo / 'owlv2'}", batch_size=4, show_progress=False)
+    assert [s.ok for s in summaries] == [12, 12, 12]
+    assert len(sides) == 12 and set(sides) == {96}  # once per image, at the largest need (OWLv2's 96)
+    for row in dataset.read("watermarks").to_pylist():
+        assert all(0 <= b[k] <= 1 for b in row["boxes"] for k in ("x0", "y0", "x1", "y1"))
+    # the OWLv2 verdict is the tag `watermark` in the manifest
+    flagged = dataset.query("SELECT count(*) AS n FROM manifest WHERE has_watermark AND list_contains(tags, 'watermark')")
+    assert flagged.to_pylist()[0]["n"] == dataset.query("SELECT count(*) AS n FROM manifest WHERE has_watermark").to_pylist()[0]["n"]
+    sides.clear()
+    again = score(dataset, clip=str(zoo / "open_clip"), tagger=f"joytag:{zoo / 'joytag'}", show_progress=False)
+    assert again[0].todo == 0 and again[1].ok == 12 and len(sides) == 12 and set(sides) == {64}
+
+
+def hub_cache(monkeypatch, tmp_path, zoo, families):
+    """Put zoo folders into a Hugging Face cache as repos `tiny/<family>`, as a download would."""
+    from huggingface_hub import constants
+
+    for name in families:
+        repo = tmp_path / "hub" / f"models--tiny--{name}"
+        shutil.copytree(zoo / name, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
+    from models.clip import ClipEmbedder
+    from models.joytag import JoyTagger
+    from models.owlv2 import WatermarkDetector
+    from models.quality import QualityRanker
+    from models.wd14 import WD14Tagger
+
+    stages = {"open_clip": ClipEmbedder, "wd14": WD14Tagger, "wd14_timm": WD14Tagger, "joytag": JoyTagger,
+              "owlv2": WatermarkDetector}
+    hub_cache(monkeypatch, tmp_path, zoo, stages)
+    image = Row(make_image(120, 80, seed=1))
+    for name, cls in stages.items():
+        stage = cls(f"tiny/{name}")
+        stage.setup()
+        prepared = stage.prepare({"image": image})
+        out = stage.process({k: ([v] if np.isscalar(v) else np.asarray(v)[None]) for k, v in prepared.items()})
+        assert all(len(v) == 1 for v in out.values()), name
+        assert stage.model_key().split(":", 1)[1].startswith(f"tiny/{name}")
+    QualityRanker(str(zoo / "quality_head")).setup()  # the project's own format: a directory, never a hub id
+    with pytest.raises(ModelError, match="cannot get 'tiny/missing' from the hub"):
+        ClipEmbedder("tiny/missing")
+
+
+def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
+    ds = str(dataset.root)
+    run_cli("score", ds, "--clip", str(zoo / "open_clip"), "--quality", str(zoo / "quality_head"),
+            "--tagger", f"wd14:{zoo / 'wd14'}", "--watermark", f"owlv2:{zoo / 'owlv2'}", "--quiet")
+    counts = dataset.query("SELECT count(rank) AS ranks, count(tags) AS tagged, count(has_watermark) AS checked "
+                           "FROM manifest").to_pylist()[0]
+    assert counts == {"ranks": 12, "tagged": 12, "checked": 12}
+    proc = run_cli("score", ds, "--tagger", "foo:x", check=False)
     assert proc.returncode == 2 and "unknown model family 'foo'" in said(proc) and "wd14:MODEL or joytag:MODEL" in said(proc)
-    proc = run_cli("score", str(dataset.root), "--clip", str(zoo / "nowhere" / "model"), check=False)
-    assert proc.returncode == 2 and "neither a directory nor a hub id" in said(proc)
-    proc = run_cli("score", str(dataset.root), check=False)
-    assert proc.returncode == 2 and "nothing to score" in said(proc)

@@ -1,0 +1,98 @@
+"""Watermark detector: OWLv2 (transformers) with the text query "a watermark".
+
+The model is a transformers directory or hub id (google/owlv2-base-patch16-ensemble).
+Preprocessing is the directory's own Owlv2Processor: pad to a square at the bottom and
+right, resize to the model's size (960 for base). The predicted boxes are relative to
+that padded square; `boxes_in_image` maps them to the original image, normalised to 0..1
+on each axis, for any aspect ratio (the test checks it against transformers' own
+post-processing). `score` is the best box's probability; `has_watermark` is score >
+threshold, which makes `watermark` a tag in the manifest.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import expit
+
+from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+
+DEFAULT_OWLV2 = "google/owlv2-base-patch16-ensemble"
+QUERY = "a watermark"
+MAX_BOXES = 16  # the most confident boxes kept per image
+
+
+def corners_in_image(pred_boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Boxes (cx, cy, w, h relative to the padded square) -> (x0, y0, x1, y1) relative to the
+    original image. The padding is at the bottom and right, so the square's side is the
+    longer one; parts of a box in the padding are cut off."""
+    side = max(width, height)
+    cx, cy, w, h = pred_boxes.T
+    corners = np.stack([(cx - w / 2) * side / width, (cy - h / 2) * side / height,
+                        (cx + w / 2) * side / width, (cy + h / 2) * side / height], axis=1)
+    return np.clip(corners, 0, 1)
+
+
+def boxes_in_image(logits: np.ndarray, pred_boxes: np.ndarray, width: int, height: int, threshold: float) -> dict:
+    """One image's row: the best score, and the boxes over threshold (most confident first)."""
+    scores = expit(logits.max(axis=-1))
+    corners = corners_in_image(pred_boxes, width, height)
+    on_image = (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
+    keep = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > threshold and on_image[i]][:MAX_BOXES]
+    boxes = [dict(zip(("x0", "y0", "x1", "y1"), map(float, corners[i])), score=float(scores[i])) for i in keep]
+    best = float(scores.max()) if len(scores) else 0.0
+    return {"score": best, "has_watermark": best > threshold, "boxes": boxes}
+
+
+class WatermarkDetector(ModelStage):
+    table = "watermarks"
+    batch_size = 8
+
+    def __init__(self, spec: str = DEFAULT_OWLV2, device: str | None = None, batch_size: int | None = None,
+                 threshold: float = 0.1, query: str = QUERY):
+        super().__init__(spec, device, batch_size)
+        self.threshold, self.query = threshold, query
+        import json
+
+        folder = model_dir(spec, ("config.json",))
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") != "owlv2":
+            raise ModelError(f"{spec} is a {config.get('model_type')!r} model, not OWLv2")
+        self.decode_min_side = config["vision_config"].get("image_size", 960)
+
+    def model_key(self) -> str:
+        return f"owlv2:{model_name(self.spec)}@query={self.query},threshold={self.threshold}"
+
+    def processor(self):
+        if getattr(self, "_processor", None) is None:
+            from transformers import Owlv2Processor
+
+            self._processor = Owlv2Processor.from_pretrained(model_dir(self.spec))
+        return self._processor
+
+    def setup(self) -> None:
+        from transformers import Owlv2ForObjectDetection
+
+        self._device, self._dtype = pick_device(self.device)
+        folder = model_dir(self.spec)
+        self._model = Owlv2ForObjectDetection.from_pretrained(folder, dtype=self._dtype).to(self._device).eval()
+        self._text = self.processor().tokenizer([self.query], padding="max_length", return_tensors="pt")
+
+    def prepare(self, row):
+        image = row["image"]
+        pixels = self.processor().image_processor(images=image.image, return_tensors="np")["pixel_values"][0]
+        return {"pixels": pixels, "width": image.width, "height": image.height}
+
+    def detect(self, pixels: np.ndarray):
+        """The model's raw outputs for a batch: (logits, pred_boxes) as numpy."""
+        import torch
+
+        n = len(pixels)
+        text = {k: v.repeat(n, 1).to(self._device) for k, v in self._text.items()}
+        with torch.inference_mode():
+            out = self._model(pixel_values=torch.from_numpy(pixels).to(self._device, self._dtype), **text)
+        return out.logits.float().cpu().numpy(), out.pred_boxes.float().cpu().numpy()
+
+    def process(self, batch):
+        logits, boxes = self.detect(batch["pixels"])
+        rows = [boxes_in_image(lg, bx, w, h, self.threshold)
+                for lg, bx, w, h in zip(logits, boxes, batch["width"], batch["height"])]
+        return {k: [r[k] for r in rows] for k in ("score", "has_watermark", "boxes")}
