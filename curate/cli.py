@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from curate.manifest import Dataset, DatasetError
-from curate.options import (BatchSizeOpt, DatasetArg, DeviceOpt, DtypeOpt, Engine, EngineOpt, QuietOpt, RayAddressOpt,
-                            WhereOpt)
+from curate.options import (BatchSizeOpt, DatasetArg, DeviceOpt, DtypeOpt, Engine, EngineOpt, FormatOpt, OutputOpt,
+                            QuietOpt, RayAddressOpt, WhereOpt)
 from curate.progress import console, print_summary
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -52,21 +52,59 @@ def ingest(
 def sql(
     dataset: DatasetArg,
     query: Annotated[str, typer.Argument(help="A SQL query over the tables and the `manifest` view.")],
-    format: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write to this file instead of printing.")] = None,
+    format: FormatOpt = "table",
+    output: OutputOpt = None,
 ):
     """Run a read-only SQL query over the dataset (DuckDB)."""
-    from curate.sqlout import write_result
-
     ds = open_dataset(dataset)
     try:
         result = ds.sql(query)
     except DatasetError as e:
         fail(str(e))
+    write_or_fail(result, format, output)
+
+
+def write_or_fail(result, format: str, output: str | None) -> None:
+    from curate.sqlout import write_result
+
     try:
         write_result(result, format, output)
     except ValueError as e:
         fail(str(e))
+
+
+@app.command()
+def dups(
+    dataset: DatasetArg,
+    threshold: Annotated[int, typer.Option("--threshold", help="Near duplicates: at most this many of the 64 phash bits differ (0-16).")] = 6,
+    format: FormatOpt = "table",
+    output: OutputOpt = None,
+):
+    """Exact duplicate groups (same bytes, several sources) and near duplicates (phash distance)."""
+    from pipelines.dups import duplicate_groups, has_stats
+
+    ds = open_dataset(dataset)
+    try:
+        groups = duplicate_groups(ds, threshold)
+    except ValueError as e:
+        fail(str(e))
+    if not has_stats(ds):
+        console.print(f"[yellow]note:[/yellow] no perceptual hashes yet, so exact duplicates only; run `curate hash {dataset}`")
+    write_or_fail(groups, format, output)
+    kinds = groups.column("kind").to_pylist()
+    exact = len(set(g for g, k in zip(groups.column("group").to_pylist(), kinds) if k == "exact"))
+    print_summary("dups", {"exact groups": exact, "near groups": len(set(groups.column("group").to_pylist())) - exact,
+                           "threshold (bits)": threshold})
+
+
+@app.command()
+def info(dataset: DatasetArg, format: FormatOpt = "table", output: OutputOpt = None):
+    """Every table: rows, ok rows, errors by code, the models present, parts and size."""
+    from pipelines.dups import dataset_info, image_summary
+
+    ds = open_dataset(dataset)
+    write_or_fail(dataset_info(ds), format, output)
+    print_summary(f"dataset {ds.root}", image_summary(ds))
 
 
 @app.command("hash")

@@ -24,6 +24,7 @@ from curate.schema import MANIFEST_COLUMNS, SCHEMAS
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-"
 ROW_GROUP_ROWS = 1024
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 
 
 class DatasetError(Exception):
@@ -141,21 +142,35 @@ class Dataset:
         return statements
 
     def refresh_manifest_db(self) -> Path:
-        """Write manifest.duckdb: the same views, for DuckDB clients outside curate."""
+        """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
+
+        Written aside and renamed, so a client that has the old file open keeps reading
+        it and two refreshes never fight over DuckDB's file lock.
+        """
         path = self.root / "manifest.duckdb"
-        con = duckdb.connect(str(path))
+        tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
+        con = duckdb.connect(str(tmp))
         try:
             for sql in self.view_sql():
                 con.execute(sql)
         finally:
             con.close()
+        os.replace(tmp, path)
         return path
 
     def sql(self, sql: str) -> pa.Table:
-        """Run a user's query on a read-only connection to a freshly refreshed manifest.duckdb."""
+        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb."""
         path = self.refresh_manifest_db()
         con = duckdb.connect(str(path), read_only=True)
         try:
+            statements = con.extract_statements(sql)
+            if len(statements) != 1:
+                raise DatasetError(f"give exactly one query; got {len(statements)} statements")
+            kind = statements[0].type.name
+            # The connection is read-only, but DuckDB would still run COPY ... TO a file,
+            # INSTALL, ATTACH or SET: only queries get through.
+            if kind not in READ_ONLY_STATEMENTS:
+                raise DatasetError(f"curate sql is read-only: a {kind} statement is refused; give a SELECT query")
             return con.sql(sql).to_arrow_table()
         except duckdb.Error as e:
             raise DatasetError(f"query failed: {e}") from None

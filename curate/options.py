@@ -20,3 +20,5 @@ BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when present).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, float16 or bfloat16 (auto: float32 on CPU, bfloat16 on GPUs that have it, else float16).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="table, csv, json (one object per line) or parquet.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write to this file instead of printing.")]

@@ -23,9 +23,9 @@ def write_result(result: pa.Table, fmt: str, output: str | None) -> None:
         pq.write_table(result, output)
     elif fmt == "csv":
         sink = output or sys.stdout.buffer
-        pacsv.write_csv(result.select([c for c in result.column_names]).cast(_csv_safe(result.schema)), sink)
+        pacsv.write_csv(_csv_safe(result), sink)
     elif fmt == "json":
-        text = "\n".join(json.dumps(row, default=str) for row in result.to_pylist()) + "\n"
+        text = "".join(json.dumps(row, default=_json_value) + "\n" for row in result.to_pylist())
         if output:
             open(output, "w").write(text)
         else:
@@ -44,10 +44,19 @@ def _cell(value) -> str:
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
-def _csv_safe(schema: pa.Schema) -> pa.Schema:
-    """CSV has no lists or structs: those columns are written as their text form."""
-    fields = []
-    for f in schema:
-        nested = pa.types.is_list(f.type) or pa.types.is_struct(f.type) or pa.types.is_large_list(f.type)
-        fields.append(pa.field(f.name, pa.string()) if nested else f)
-    return pa.schema(fields)
+def _json_value(value) -> str:
+    if isinstance(value, bytes):  # image bytes belong in parquet output, not in text
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def _csv_safe(result: pa.Table) -> pa.Table:
+    """CSV has no lists, structs or bytes: those columns are written as JSON text."""
+    columns = []
+    for f, column in zip(result.schema, result.columns):
+        t = f.type
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t) or pa.types.is_binary(t):
+            column = pa.array([None if v is None else json.dumps(v, default=_json_value) for v in column.to_pylist()],
+                              pa.string())
+        columns.append(column)
+    return pa.table(columns, names=result.column_names)

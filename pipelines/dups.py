@@ -1,0 +1,130 @@
+"""`curate dups` and `curate info`: what is in a dataset, and what is in it twice.
+
+Exact duplicates are sources whose bytes hash to the same image_id. Near duplicates are
+different images whose perceptual hashes (from `curate hash`) differ in at most
+`threshold` bits. Pairs are found without comparing every image with every other: split
+the 64 bits into threshold+1 bands; two hashes within the threshold agree exactly on at
+least one band (pigeonhole), so only images sharing a band value are compared. Pairs are
+then joined into groups (connected components).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from curate.manifest import Dataset
+from curate.schema import SCHEMAS
+
+DEFAULT_THRESHOLD = 6  # of 64 bits: re-encodes and small resizes land within it; unrelated images ~32 apart
+MAX_THRESHOLD = 16  # beyond this, bands are so narrow that almost everything is compared
+
+GROUPS_SCHEMA = pa.schema([("group", pa.int32()), ("kind", pa.string()), ("image_id", pa.string()),
+                           ("source", pa.string()), ("distance", pa.int32())])
+
+
+def duplicate_groups(ds: Dataset, threshold: int = DEFAULT_THRESHOLD) -> pa.Table:
+    """One row per member: group number, 'exact' or 'near', image_id, source, and the
+    Hamming distance to the group's first image (0 for exact duplicates)."""
+    if not 0 <= threshold <= MAX_THRESHOLD:
+        raise ValueError(f"--threshold must be between 0 and {MAX_THRESHOLD} bits (got {threshold})")
+    rows = []
+    exact = ds.query(
+        "SELECT image_id, source FROM images WHERE status = 'ok' AND image_id IN "
+        "(SELECT image_id FROM images WHERE status = 'ok' GROUP BY image_id HAVING count(*) > 1) "
+        "ORDER BY image_id, source").to_pylist()
+    group, last = 0, None
+    for r in exact:
+        if r["image_id"] != last:
+            group, last = group + 1, r["image_id"]
+        rows.append({"group": group, "kind": "exact", **r, "distance": 0})
+    for members in near_groups(ds, threshold):
+        group += 1
+        first = members[0]["phash"]
+        for m in members:
+            rows.append({"group": group, "kind": "near", "image_id": m["image_id"], "source": m["source"],
+                         "distance": (m["phash"] ^ first).bit_count()})
+    return pa.Table.from_pylist(rows, schema=GROUPS_SCHEMA)
+
+
+def near_groups(ds: Dataset, threshold: int) -> list[list[dict]]:
+    bands = _bands(threshold)
+    band_values = " UNION ALL ".join(
+        f"SELECT image_id, {b} AS band, (phash >> {lo}) & {(1 << (hi - lo)) - 1} AS value FROM hashes"
+        for b, (lo, hi) in enumerate(bands))
+    pairs = ds.query(
+        "WITH hashes AS (SELECT image_id, phash FROM manifest WHERE phash IS NOT NULL), "
+        f"banded AS ({band_values}), "
+        "candidates AS (SELECT DISTINCT x.image_id AS a, y.image_id AS b FROM banded x JOIN banded y "
+        "ON x.band = y.band AND x.value = y.value AND x.image_id < y.image_id) "
+        "SELECT a, b FROM candidates c JOIN hashes ha ON ha.image_id = c.a JOIN hashes hb ON hb.image_id = c.b "
+        f"WHERE bit_count(xor(ha.phash, hb.phash)) <= {threshold}").to_pylist()
+    if not pairs:
+        return []
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        ra, rb = root(p["a"]), root(p["b"])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    ids = sorted(parent)
+    info = {r["image_id"]: r for r in ds.query(
+        "SELECT image_id, source, phash FROM manifest WHERE image_id IN ("
+        + ", ".join(f"'{i}'" for i in ids) + ")").to_pylist()}  # ids are sha256 hex: safe to inline
+    groups: dict[str, list[dict]] = {}
+    for i in ids:
+        groups.setdefault(root(i), []).append(info[i])
+    return sorted(groups.values(), key=lambda g: g[0]["image_id"])
+
+
+def _bands(threshold: int) -> list[tuple[int, int]]:
+    """threshold+1 bit ranges [lo, hi) covering the 64 bits as evenly as possible."""
+    n = threshold + 1
+    edges = [round(64 * k / n) for k in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def has_stats(ds: Dataset) -> bool:
+    return bool(ds.parts("stats"))
+
+
+def dataset_info(ds: Dataset) -> pa.Table:
+    """One row per table and model: rows, ok rows, errors by code, parts on disk."""
+    out = []
+    for name, schema in SCHEMAS.items():
+        parts = ds.parts(name)
+        if not parts:
+            continue
+        size = sum(p.stat().st_size for p in parts)
+        if "status" not in schema.names:
+            n = ds.query(f'SELECT count(*) AS n FROM "{name}"').to_pylist()[0]["n"]
+            out.append({"table": name, "model": None, "rows": n, "ok": None, "errors": "", "parts": len(parts), "mb": size})
+            continue
+        model = "model" if "model" in schema.names else "NULL"
+        counts = ds.query(
+            f'SELECT {model} AS model, count(*) AS rows, count(*) FILTER (WHERE status = \'ok\') AS ok '
+            f'FROM "{name}" GROUP BY ALL ORDER BY model').to_pylist()
+        errors = ds.query(
+            f'SELECT {model} AS model, error, count(*) AS n FROM "{name}" WHERE status <> \'ok\' '
+            f'GROUP BY ALL ORDER BY n DESC, error').to_pylist()
+        for c in counts:
+            codes = ", ".join(f"{e['error']}: {e['n']}" for e in errors if e["model"] == c["model"])
+            out.append({"table": name, "model": c["model"], "rows": c["rows"], "ok": c["ok"], "errors": codes,
+                        "parts": len(parts), "mb": size})
+    for row in out:
+        row["mb"] = round(row["mb"] / 2**20, 2)
+    return pa.Table.from_pylist(out, schema=pa.schema([
+        ("table", pa.string()), ("model", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
+        ("errors", pa.string()), ("parts", pa.int32()), ("mb", pa.float64())]))
+
+
+def image_summary(ds: Dataset) -> dict:
+    """Headline numbers for `curate info`."""
+    return ds.query(
+        "SELECT count(DISTINCT image_id) FILTER (WHERE status = 'ok') AS images, count(*) AS sources, "
+        "count(*) FILTER (WHERE status = 'ok') - count(DISTINCT image_id) FILTER (WHERE status = 'ok') AS exact_duplicates, "
+        "count(*) FILTER (WHERE status <> 'ok') AS errors FROM images").to_pylist()[0]
