@@ -99,10 +99,29 @@ def step_hash(demo: Demo) -> None:
     print_summary("hash", run_stage(demo.ds, StatsStage(), engine=demo.engine).as_dict())
 
 
+# The tiny LLaVA captions about a quarter of the images (a hash prefix is a stable random
+# subset), to show --where and keep the step to a few seconds on 2 cores.
+CAPTION_WHERE = "image_id < '4'"
+
+
+def step_caption(demo: Demo) -> None:
+    from models.tiny import write_zoo
+    from pipelines.caption import CaptionStage
+    from pipelines.runner import run_stage
+
+    llava = write_zoo(demo.root / "models", ["llava"])["llava"]
+    stage = CaptionStage(f"llava:{llava}", "Describe the image.", max_new_tokens=12, batch_size=16, device="cpu")
+    console.print(f"[dim]$ curate caption {demo.root / 'dataset'} --model llava:{llava} --prompt 'Describe the image.' "
+                  f'--max-new-tokens 12 --where "{CAPTION_WHERE}"[/dim]')
+    print_summary("caption (random weights: word salad)", run_stage(demo.ds, stage, engine=demo.engine,
+                                                                   where=CAPTION_WHERE).as_dict())
+
+
 QUERIES = [
     ("Errors by code", "SELECT error, count(*) AS files FROM images WHERE status = 'error' GROUP BY error ORDER BY files DESC"),
     ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL ORDER BY images DESC"),
     ("Sources that are exact duplicates", "SELECT image_id[:12] AS image, sources FROM manifest WHERE len(sources) > 1"),
+    ("A few captions", "SELECT source, caption FROM manifest WHERE caption IS NOT NULL ORDER BY source LIMIT 3"),
     ("Blurriest images", "SELECT source, round(sharpness, 1) AS sharpness FROM manifest ORDER BY sharpness LIMIT 3"),
 ]
 
@@ -115,7 +134,7 @@ def step_queries(demo: Demo) -> None:
         write_result(demo.ds.sql(sql), "table", None)
 
 
-STEPS = [step_images, step_ingest, step_hash, step_queries]
+STEPS = [step_images, step_ingest, step_hash, step_caption, step_queries]
 
 
 def run_demo(root: Path, engine: str = "local") -> Demo:
