@@ -126,3 +126,11 @@ def test_bad_model_spec_says_what_would_be_right(dataset):
     assert proc.returncode == 2 and "openai:BASE_URL#MODEL" in proc.stderr
     proc = run_cli("caption", str(dataset.root), "--model", "gpt4v:foo", check=False)
     assert proc.returncode == 2 and "llava" in proc.stderr and "moondream" in proc.stderr
+
+
+def test_unloadable_models_fail_with_a_clear_message(dataset, tmp_path):
+    proc = run_cli("caption", str(dataset.root), "--model", f"llava:{tmp_path}/no-such-model", check=False)
+    assert proc.returncode == 2 and "no such model directory" in proc.stderr
+    proc = run_cli("caption", str(dataset.root), "--model", "moondream:vikhyatk/moondream2", check=False)
+    assert proc.returncode == 2 and "transformers >=4.44,<5" in proc.stderr
+    assert dataset.read("captions").num_rows == 0  # nothing half-done
