@@ -117,12 +117,32 @@ def step_caption(demo: Demo) -> None:
                                                                    where=CAPTION_WHERE).as_dict())
 
 
+SCORING_FAMILIES = ["open_clip", "quality_head", "wd14", "owlv2"]
+
+
+def step_score(demo: Demo) -> None:
+    """The scoring pass with the tiny zoo: CLIP + WD14 + OWLv2 from one decode, then quality ranks."""
+    from models.tiny import write_zoo
+    from pipelines.score import score
+
+    zoo = write_zoo(demo.root / "models", SCORING_FAMILIES)
+    console.print(f"[dim]$ curate score {demo.root / 'dataset'} --clip {zoo['open_clip']} --quality {zoo['quality_head']} "
+                  f"--tagger wd14:{zoo['wd14']} --watermark owlv2:{zoo['owlv2']}[/dim]")
+    for summary in score(demo.ds, clip=str(zoo["open_clip"]), quality=str(zoo["quality_head"]),
+                         tagger=f"wd14:{zoo['wd14']}", watermark=f"owlv2:{zoo['owlv2']}", engine=demo.engine):
+        print_summary(f"score: {summary.stage}", summary.as_dict())
+
+
 QUERIES = [
     ("Errors by code", "SELECT error, count(*) AS files FROM images WHERE status = 'error' GROUP BY error ORDER BY files DESC"),
     ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL ORDER BY images DESC"),
     ("Sources that are exact duplicates", "SELECT image_id[:12] AS image, sources FROM manifest WHERE len(sources) > 1"),
     ("A few captions", "SELECT source, caption FROM manifest WHERE caption IS NOT NULL ORDER BY source LIMIT 3"),
     ("Blurriest images", "SELECT source, round(sharpness, 1) AS sharpness FROM manifest ORDER BY sharpness LIMIT 3"),
+    ("Images per quality rank (random tiny head)", "SELECT rank, count(*) AS images, count_if(has_watermark) AS watermarked "
+     "FROM manifest GROUP BY rank ORDER BY rank"),
+    ("Most frequent tags (random tiny tagger)", "SELECT tag, count(*) AS images FROM (SELECT unnest(tags) AS tag FROM manifest) "
+     "GROUP BY tag ORDER BY images DESC, tag LIMIT 5"),
 ]
 
 
@@ -134,7 +154,7 @@ def step_queries(demo: Demo) -> None:
         write_result(demo.ds.sql(sql), "table", None)
 
 
-STEPS = [step_images, step_ingest, step_hash, step_caption, step_queries]
+STEPS = [step_images, step_ingest, step_hash, step_score, step_caption, step_queries]
 
 
 def run_demo(root: Path, engine: str = "local") -> Demo:
