@@ -1,6 +1,7 @@
 """The `curate` command line. Each command is a thin layer over a function in pipelines/."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -118,6 +119,80 @@ def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engin
     summary = run_stage(ds, StatsStage(), engine=engine.value, where=where, ray_address=ray_address,
                         show_progress=not quiet)
     print_summary("hash", summary.as_dict())
+
+
+BucketSetOpt = Annotated[str, typer.Option("--set", help="Bucket set: sdxl, sd15, rule:step=64,min_area=..,max_area=..,min_ratio=..,max_ratio=.., or a file of WIDTHxHEIGHT lines.")]
+UpscaleOpt = Annotated[bool, typer.Option("--allow-upscale", help="Let images smaller than a bucket be scaled up into it.")]
+
+
+class CropMode(str, Enum):
+    random = "random"
+    center = "center"
+
+
+def bucket_set_or_fail(spec: str):
+    from curate.buckets import BucketSetError, parse_bucket_set
+
+    try:
+        return parse_bucket_set(spec)
+    except BucketSetError as e:
+        fail(str(e))
+
+
+@app.command()
+def buckets(dataset: DatasetArg, set_: BucketSetOpt = "sdxl", where: WhereOpt = None,
+            allow_upscale: UpscaleOpt = False, quiet: QuietOpt = False):
+    """Give every image the bucket of nearest aspect ratio it covers (error too_small if none)."""
+    from pipelines.buckets import assign_buckets
+
+    ds, bucket_set = open_dataset(dataset), bucket_set_or_fail(set_)
+    try:
+        summary = assign_buckets(ds, bucket_set, where, allow_upscale, show_progress=not quiet)
+    except DatasetError as e:
+        fail(str(e))
+    print_summary("buckets", summary.as_dict())
+
+
+@app.command()
+def encode(
+    dataset: DatasetArg,
+    vae: Annotated[Optional[str], typer.Option("--vae", help="VAE hub id or directory (a VAE, or a pipeline with vae/), optionally @fp32, @fp16 or @bf16.")] = None,
+    mixed_vae: Annotated[Optional[str], typer.Option("--mixed-vae", help="Comma-separated VAEs (same syntax as --vae); each image gets one, chosen by seed.")] = None,
+    set_: BucketSetOpt = "sdxl",
+    where: WhereOpt = None,
+    crop: Annotated[CropMode, typer.Option("--crop", help="random (seeded per image) or center.")] = CropMode.random,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the crops, the latent samples and the mixed-VAE choice.")] = 0,
+    keep_distribution: Annotated[bool, typer.Option("--keep-distribution", help="Also store the latent mean and log-variance so the trainer can resample.")] = False,
+    allow_upscale: UpscaleOpt = False,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
+    batch_size: BatchSizeOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quiet: QuietOpt = False,
+):
+    """VAE latents cropped to each image's aspect bucket, with SDXL's size and crop conditioning."""
+    from models.vae import VaeError, VaeSpec
+
+    if bool(vae) == bool(mixed_vae):
+        fail("give exactly one of --vae M or --mixed-vae M1,M2,...")
+    ds, bucket_set = open_dataset(dataset), bucket_set_or_fail(set_)
+    try:
+        specs = [VaeSpec.parse(v, dtype) for v in (mixed_vae.split(",") if mixed_vae else [vae])]
+    except VaeError as e:
+        fail(str(e))
+    from pipelines.buckets import assign_buckets
+    from pipelines.encode import EncodeStage
+    from pipelines.runner import run_stage
+
+    try:
+        assign_buckets(ds, bucket_set, where, allow_upscale, show_progress=not quiet)
+        stage = EncodeStage(specs, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size)
+        summary = run_stage(ds, stage, engine=engine.value, where=where, ray_address=ray_address,
+                            show_progress=not quiet)
+    except (VaeError, DatasetError) as e:
+        fail(str(e))
+    print_summary("encode", summary.as_dict())
 
 
 @app.command()

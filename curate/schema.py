@@ -112,6 +112,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("target_width", pa.int32()),
         pa.field("mean", pa.binary()),  # with --keep-distribution: float16 C*H*W
         pa.field("logvar", pa.binary()),
+        pa.field("vae", pa.string()),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
+        pa.field("shift_factor", pa.float32()),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
     ),
     # Head-to-head judgements for the quality head.
     "ratings": pa.schema(

@@ -47,3 +47,20 @@ def write_llava(target: Path) -> None:
     from models.tiny_llava import write_tiny_llava
 
     write_tiny_llava(target)
+
+
+@family("vae")
+def write_vae(target: Path) -> None:
+    """AutoencoderKL in the diffusers layout with the SDXL VAE's interface: 3 downsamplings
+    (factor 8), 4 latent channels, SDXL's scaling factor; a few channels, random weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+    )
+    vae.save_pretrained(target, safe_serialization=True)

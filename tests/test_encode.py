@@ -1,6 +1,8 @@
 """Latents: `curate encode`, and the runner's batches of one key that it relies on."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipelines.runner import run_stage
 from pipelines.stage import Stage
 
@@ -37,3 +39,207 @@ def test_local_engine_fills_batches_of_one_key(dataset):
     # batches are filled across input batches: at most one partial batch per key
     partial = [keys[0] for keys in stage.batches if len(keys) < stage.batch_size]
     assert len(partial) == len(set(partial)) <= 3
+
+
+# ---- curate encode -----------------------------------------------------------------------
+import io  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.transforms import Normalize  # noqa: E402
+from torchvision.transforms.functional import to_tensor  # noqa: E402
+
+from curate.buckets import parse_bucket_set  # noqa: E402
+from curate.manifest import Dataset  # noqa: E402
+from models.vae import VaeSpec, load_vae  # noqa: E402
+from pipelines.encode import EncodeStage, image_seed, seeded_noise  # noqa: E402
+from tests.conftest import REPO, encode_image, make_image, run_cli  # noqa: E402
+
+SMALL = "rule:step=64,max_area=65536,min_area=40000"  # 128x512 .. 256x256 .. 512x128: fast on CPU
+COLUMNS = ["image_id", "model", "status", "error", "latent", "shape", "original_height", "original_width",
+           "resized_height", "resized_width", "crop_top", "crop_left", "target_height", "target_width", "vae"]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from models.tiny import write_zoo
+
+    return str(write_zoo(tmp_path_factory.mktemp("zoo"), ["vae"])["vae"])
+
+
+def ingest(tmp_path, images: dict) -> Path:
+    src, ds = tmp_path / "src", tmp_path / "ds"
+    src.mkdir()
+    for name, img in images.items():
+        (src / name).write_bytes(encode_image(img, "PNG" if name.endswith(".png") else "JPEG", **({} if name.endswith(".png") else {"quality": 95})))
+    run_cli("ingest", str(src), str(ds), "-q")
+    return ds
+
+
+def latents(ds) -> dict:
+    return {r["image_id"]: r for r in Dataset(ds).read("latents").select(COLUMNS).to_pylist()}
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """Red grows with x, green with y: any pixel says where in the source it came from."""
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), np.full_like(x, 128)], -1)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def test_stored_latent_equals_encoding_the_crop_directly(tmp_path, vae_dir):
+    ds = ingest(tmp_path, {"wide.png": make_image(360, 200, 1), "tall.png": make_image(150, 420, 2),
+                           "tiny.png": make_image(100, 100, 3)})
+    run_cli("encode", str(ds), "--vae", vae_dir, "--set", SMALL, "--seed", "3", "--keep-distribution", "-q")
+    rows = Dataset(ds).query("SELECT l.*, i.source FROM latents l JOIN images i USING (image_id)").to_pylist()
+    by_name = {Path(r["source"]).stem: r for r in rows}
+    assert by_name["tiny"]["error"] == "too_small" and "100x100" in by_name["tiny"]["message"]
+    wide, tall = by_name["wide"], by_name["tall"]
+    # 360x200 -> bucket 320x192 (w x h): scaled to 346x192, cut along the width only
+    assert (wide["original_width"], wide["original_height"]) == (360, 200)
+    assert (wide["resized_width"], wide["resized_height"], wide["target_width"], wide["target_height"]) == (346, 192, 320, 192)
+    assert wide["crop_top"] == 0 and 0 < wide["crop_left"] <= 26
+    # 150x420 -> bucket 128x384: scaled to 137x384, cut along the width
+    assert (tall["original_width"], tall["original_height"], tall["target_width"], tall["target_height"]) == (150, 420, 128, 384)
+    assert list(wide["shape"]) == [4, 192 // 8, 320 // 8] and list(tall["shape"]) == [4, 384 // 8, 128 // 8]
+
+    vae, _ = load_vae(VaeSpec(vae_dir), "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as encode runs on CPU: the thread count changes conv rounding
+    try:
+        check_direct_encoding(vae, vae_dir, [wide, tall])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_direct_encoding(vae, vae_dir, rows):
+    for r in rows:
+        img = Image.open(r["source"]).convert("RGB").resize((r["resized_width"], r["resized_height"]), Image.Resampling.LANCZOS)
+        img = img.crop((r["crop_left"], r["crop_top"], r["crop_left"] + r["target_width"], r["crop_top"] + r["target_height"]))
+        x = Normalize([0.5], [0.5])(to_tensor(img))[None]  # the usual way, as diffusers' training scripts do
+        with torch.inference_mode():
+            dist = vae.encode(x).latent_dist
+        shape = tuple(r["shape"])
+        assert np.array_equal(np.frombuffer(r["mean"], np.float16).reshape(shape), dist.mean[0].half().numpy())
+        sample = dist.mean[0] + dist.std[0] * seeded_noise(shape, image_seed(3, r["image_id"], "noise"))
+        assert np.array_equal(np.frombuffer(r["latent"], np.float16).reshape(shape), sample.half().numpy())
+        assert r["scaling_factor"] == pytest.approx(0.13025) and r["vae"] == f"{vae_dir}@fp32"
+
+
+@pytest.mark.parametrize("size", [(1600, 900), (900, 1600)])
+def test_crop_box_maps_back_to_the_source_region(size):
+    """A JPEG big enough for draft decoding: the pixels fed to the VAE are the stored box of the source."""
+    width, height = size
+    source = gradient(width, height)
+    stage = EncodeStage([VaeSpec("unused")], parse_bucket_set("sd15"), seed=7)
+    image_id = "ab" * 32
+    p = stage.prepare({"image_id": image_id, "bytes": encode_image(source, "JPEG", quality=95),
+                       "width": width, "height": height})
+    th, tw = p["target_height"], p["target_width"]
+    assert p["pixels"].shape == (th, tw, 3) and (tw > th) == (width > height)
+    assert max(p["crop_top"], p["crop_left"]) > 0  # the crop moved along the long side
+    from curate.buckets import Crop
+
+    crop = Crop(p["resized_width"], p["resized_height"], p["crop_left"], p["crop_top"], tw, th)
+    box = crop.source_box(width, height)
+    expected = np.asarray(source.crop(tuple(round(v) for v in box)).resize((tw, th), Image.Resampling.LANCZOS), np.float32)
+    assert np.abs(p["pixels"].astype(np.float32) - expected).mean() < 2.0
+    # the gradient itself says where the crop starts: red is x, green is y
+    assert p["pixels"][:, :4, 0].mean() == pytest.approx(box[0] / (width - 1) * 255, abs=3)
+    assert p["pixels"][:4, :, 1].mean() == pytest.approx(box[1] / (height - 1) * 255, abs=3)
+
+
+def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_dir):
+    images = {f"img{i:02d}.jpg": make_image(*[(300, 260), (260, 300), (520, 140), (270, 270)][i % 4], seed=i)
+              for i in range(24)}
+    ds = ingest(tmp_path, images)
+    clean = tmp_path / "clean"
+    shutil.copytree(ds, clean)
+    args = ["encode", str(ds), "--vae", vae_dir, "--set", SMALL, "--batch-size", "4", "-q"]
+    # The same command, with parts written every 4 rows so a kill lands between parts.
+    code = ("import sys, pipelines.runner as r; r.PART_ROWS = 4; sys.argv = ['curate'] + sys.argv[1:]; "
+            "from curate.cli import app; app()")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = ds / "tables" / "latents"
+    deadline = time.monotonic() + 120
+    while not list(parts.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = latents(ds)
+    assert 0 < len(partial) < 24, "the kill should land mid-run"
+    run_cli(*args)
+    from pipelines.runner import run_stage
+
+    run_stage(Dataset(clean), EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), batch_size=4), show_progress=False)
+    resumed, uninterrupted = latents(ds), latents(clean)
+    assert Dataset(ds).read("latents").num_rows == 24  # nothing was encoded twice
+    assert resumed.keys() == uninterrupted.keys()
+    for image_id, row in uninterrupted.items():
+        assert row["status"] == "ok"
+        assert resumed[image_id] == row
+
+
+def test_ray_engine_writes_the_same_latents(dataset, vae_dir, ray_cluster):
+    from pipelines.runner import run_stage
+
+    stage = EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4)
+    local = run_stage(dataset, stage, show_progress=False)
+    assert local.ok == 12
+    first = latents(dataset.root)
+    for part in dataset.parts("latents"):
+        part.unlink()
+    summary = run_stage(dataset, EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4),
+                        engine="ray", show_progress=False)
+    assert summary.ok == 12 and latents(dataset.root) == first
+
+
+def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.runner import run_stage
+
+    ds = ingest(tmp_path, {f"i{i}.png": make_image(280, 280, seed=i) for i in range(8)})
+    mixed = EncodeStage([VaeSpec(vae_dir), VaeSpec(vae_dir, "bf16")], parse_bucket_set(SMALL), batch_size=8)
+    mixed.process = _one_vae_per_batch(mixed.process)
+    run_stage(Dataset(ds), mixed, show_progress=False)
+    rows = latents(ds)
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert {r["vae"] for r in rows.values()} == {f"{vae_dir}@fp32", f"{vae_dir}@bf16"}
+    # A VAE whose outputs overflow float16: every latent is rejected with a reason, none stored.
+    broken = tmp_path / "broken"
+    shutil.copytree(vae_dir, broken)
+    weights = load_file(broken / "diffusion_pytorch_model.safetensors")
+    weights = {k: v * 1e6 if k.startswith("encoder.conv_out") else v for k, v in weights.items()}
+    save_file(weights, broken / "diffusion_pytorch_model.safetensors")
+    run_cli("encode", str(ds), "--vae", str(broken), "--set", SMALL, "-q")
+    bad = [r for r in Dataset(ds).read("latents").to_pylist() if r["model"].startswith(f"vae={broken}")]
+    assert len(bad) == 8 and {r["error"] for r in bad} == {"bad_output"} and all(r["latent"] is None for r in bad)
+    assert "NaN or Inf" in bad[0]["message"]
+
+
+def _one_vae_per_batch(process):
+    def checked(batch):
+        assert len(set(batch["vae_index"])) == 1
+        return process(batch)
+    return checked
+
+
+def test_bad_options_say_what_would_be_right(dataset, vae_dir):
+    ds = str(dataset.root)
+    for args, says in [(["--vae", vae_dir, "--crop", "diagonal"], "random"),
+                       (["--vae", vae_dir, "--mixed-vae", vae_dir], "exactly one of --vae"),
+                       (["--vae", vae_dir + "@fp8"], "use fp32, fp16, bf16"),
+                       (["--vae", str(dataset.root)], "holds no VAE"),
+                       (["--vae", vae_dir, "--set", "sd16"], "sdxl, sd15")]:
+        proc = run_cli("encode", ds, *args, check=False)
+        assert proc.returncode == 2 and says in " ".join(proc.stderr.split()), (args, proc.stderr)

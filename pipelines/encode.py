@@ -1,0 +1,140 @@
+"""`curate encode`: VAE latents of every image, cropped to its aspect bucket.
+
+Per image (CPU workers): choose the bucket from the stored size, decode once at the
+size the bucket needs (JPEG draft), Lanczos down to cover the bucket, crop (seeded
+random or centre), keep uint8 pixels. Per batch (one bucket, one VAE): encode, draw the
+latent from the VAE's distribution with per-image seeded noise, store float16 bytes.
+
+Everything random (crop, noise, which VAE of a mixed list) comes from the seed and the
+image_id alone, so a resumed run or the other engine writes the same rows. On CPU each
+image is encoded on its own, which makes a latent independent of its batch-mates:
+resumed runs equal uninterrupted ones bit for bit. On a GPU batches run whole.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from curate.buckets import BucketSet, choose_bucket, plan_crop, too_small_reason
+from curate.images import ImageError, decode
+from models.vae import VaeSpec, load_vae
+from pipelines.stage import Stage
+
+
+def image_seed(seed: int, image_id: str, purpose: str) -> int:
+    """A 63-bit seed for one random choice about one image."""
+    digest = hashlib.sha256(f"{seed}:{image_id}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class EncodeStage(Stage):
+    table = "latents"
+    columns = ("image_id", "bytes", "width", "height")
+    decode_min_side = None  # prepare decodes: each image at the size its own bucket needs
+    batch_size = 8
+
+    def __init__(self, vaes: list[VaeSpec], bucket_set: BucketSet, crop: str = "random", seed: int = 0,
+                 keep_distribution: bool = False, allow_upscale: bool = False, device: str | None = None,
+                 batch_size: int | None = None):
+        self.vaes, self.bucket_set, self.crop, self.seed = list(vaes), bucket_set, crop, seed
+        self.keep_distribution, self.allow_upscale, self.device = keep_distribution, allow_upscale, device
+        self.batch_size = batch_size or self.batch_size
+        self.num_gpus = 0 if device == "cpu" else 1
+
+    def model_key(self) -> str:
+        key = f"vae={','.join(map(str, self.vaes))};set={self.bucket_set.name};crop={self.crop};seed={self.seed}"
+        return key + (";upscale" if self.allow_upscale else "") + (";dist" if self.keep_distribution else "")
+
+    # ---- CPU side ----------------------------------------------------------------
+    def prepare(self, row):
+        width, height, image_id = row["width"], row["height"], row["image_id"]
+        bucket = choose_bucket(width, height, self.bucket_set.buckets, self.allow_upscale)
+        if bucket is None:
+            raise ImageError("too_small", too_small_reason(width, height, self.bucket_set))
+        crop = plan_crop(width, height, bucket, self.crop, image_seed(self.seed, image_id, "crop"))
+        decoded = decode(row["bytes"], min_side=min(crop.resized_width, crop.resized_height))
+        if (decoded.width, decoded.height) != (width, height):
+            raise ValueError(f"decodes as {decoded.width}x{decoded.height} but ingest saw {width}x{height}")
+        return {"pixels": crop_pixels(decoded.image, crop), "bucket": bucket,
+                "vae_index": image_seed(self.seed, image_id, "vae") % len(self.vaes),
+                "original_height": height, "original_width": width,
+                "resized_height": crop.resized_height, "resized_width": crop.resized_width,
+                "crop_top": crop.crop_top, "crop_left": crop.crop_left,
+                "target_height": bucket[1], "target_width": bucket[0]}
+
+    def batch_key(self, prepared):
+        return prepared["bucket"], prepared["vae_index"]
+
+    # ---- model side --------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        self._device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self._device == "cpu":
+            # CPU conv results depend on the thread count: one thread per worker makes latents
+            # the same on every engine and machine (the decode threads use the other cores).
+            torch.set_num_threads(1)
+        self._models = [load_vae(spec, self._device) for spec in self.vaes]
+        channels = {vae.config.latent_channels for vae, _ in self._models}
+        if len(channels) > 1:
+            raise ValueError(f"mixed VAEs must share latent channels, got {sorted(channels)}")
+
+    def process(self, batch):
+        import torch
+
+        index = batch["vae_index"][0]
+        vae, dtype = self._models[index]
+        # torchvision's ToTensor + Normalize(0.5, 0.5), op for op, on a contiguous NCHW tensor
+        # (memory layout changes CPU conv results): encoding a crop "the usual way" gives
+        # these latents bit for bit.
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).contiguous()
+        x = pixels.float().div(255).sub(0.5).div(0.5).to(self._device, vae.dtype)
+        with torch.inference_mode():
+            if self._device == "cpu":  # one at a time: a latent must not depend on its batch-mates
+                mean, logvar = (torch.cat(t) for t in zip(*(_moments(vae, x[k:k + 1]) for k in range(len(x)))))
+            else:
+                mean, logvar = _moments(vae, x)
+            noise = torch.stack([seeded_noise(mean.shape[1:], image_seed(self.seed, i, "noise"))
+                                 for i in batch["image_id"]])
+            latent = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
+        latent16 = latent.half().cpu().numpy()
+        out = {"latent": [], "shape": [], "mean": [], "logvar": [], "_error": [], "_message": []}
+        for k in range(len(latent16)):
+            finite = bool(np.isfinite(latent16[k]).all())
+            out["_error"].append(None if finite else "bad_output")
+            out["_message"].append(None if finite else "the VAE gave NaN or Inf (fp16 overflow? use @bf16 or the fp16-fix VAE)")
+            out["latent"].append(latent16[k].tobytes())
+            out["shape"].append(list(latent16[k].shape))
+            keep = self.keep_distribution
+            out["mean"].append(mean[k].half().cpu().numpy().tobytes() if keep else None)
+            out["logvar"].append(logvar[k].half().cpu().numpy().tobytes() if keep else None)
+        names = ("original_height", "original_width", "resized_height", "resized_width",
+                 "crop_top", "crop_left", "target_height", "target_width")
+        out.update({name: [int(v) for v in batch[name]] for name in names})
+        n = len(latent16)
+        out["scaling_factor"] = [float(vae.config.scaling_factor)] * n
+        out["shift_factor"] = [vae.config.get("shift_factor")] * n
+        out["vae"] = [f"{self.vaes[index].source}@{dtype}"] * n
+        return out
+
+
+def seeded_noise(shape, seed: int):
+    """Standard normal noise for one image's latent sample, on CPU, from its own seed."""
+    import torch
+
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _moments(vae, x):
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.logvar
+
+
+def crop_pixels(image: Image.Image, crop) -> np.ndarray:
+    """Lanczos to the resized size, then the bucket-sized crop: uint8 height x width x 3."""
+    if image.size != (crop.resized_width, crop.resized_height):
+        image = image.resize((crop.resized_width, crop.resized_height), Image.Resampling.LANCZOS)
+    box = (crop.crop_left, crop.crop_top, crop.crop_left + crop.target_width, crop.crop_top + crop.target_height)
+    return np.asarray(image.crop(box), dtype=np.uint8)
