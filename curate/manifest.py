@@ -25,6 +25,9 @@ PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-"
 ROW_GROUP_ROWS = 1024
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+# Columns that hold already-compressed media (image files): zstd, dictionary encoding and
+# min/max statistics would burn CPU on them to save nothing.
+RAW_COLUMNS = {"images": {"bytes"}}
 
 
 class DatasetError(Exception):
@@ -86,7 +89,10 @@ class Dataset:
         self.remove_stale_tmp(name)
         tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
         final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        raw = RAW_COLUMNS.get(name, set())
+        cooked = [c for c in table.column_names if c not in raw]
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=cooked, write_statistics=cooked,
+                       compression={c: "none" if c in raw else "zstd" for c in table.column_names})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

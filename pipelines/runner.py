@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -328,10 +329,6 @@ def init_ray(ray_address: str | None = None):
         # Ray's INFO lines and its token-auth notice are for cluster operators; our own
         # progress bar and summary say what users need. Errors still come through.
         kwargs = dict(log_to_driver=False, logging_level=logging.ERROR)
-        # Ray's C++ core logs at error level about restartable actors whose constructor
-        # arguments live in the object store (every Ray Data actor pool does); that is
-        # not an error of ours. Set RAY_BACKEND_LOG_LEVEL yourself to see it.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         if address:
             ray.init(address=address, **kwargs)
         else:
@@ -410,9 +407,15 @@ def _ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: li
     todo_ref = ray.put([pa.array(t, pa.string()) for t in todo])
     data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
                             batch_format="pyarrow", batch_size=batch_size, num_cpus=1)
-    data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=num_gpus if gpus else 0, num_cpus=0)
+    with warnings.catch_warnings():  # max_restarts has no named parameter in map_batches yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
+                                batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_gpus=num_gpus if gpus else 0, num_cpus=0,
+                                # A restarted actor would meet the same batch again; a rerun
+                                # of the command resumes instead. (Restartable actors also
+                                # make Ray log a spurious error line for every pool.)
+                                max_restarts=0)
     for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
         yield [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
 
