@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from PIL import Image
 
 from curate.manifest import Dataset
@@ -37,7 +41,9 @@ class Demo:
 
 def synthetic_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """Gradients, blobs and noise: cheap images that still differ in brightness, colour and blur."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    # Separable waves and broadcast blobs keep this to a few ms per image on one core.
+    x = np.arange(width, dtype=np.float32)
+    y = np.arange(height, dtype=np.float32)[:, None]
     base = rng.uniform(0, 255, 3)
     arr = np.empty((height, width, 3), np.float32)
     for c in range(3):
@@ -46,7 +52,7 @@ def synthetic_image(rng: np.random.Generator, width: int, height: int) -> Image.
     for _ in range(rng.integers(1, 6)):
         cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(5, max(width, height) / 3)
         arr[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    arr += rng.normal(0, rng.uniform(0, 25), arr.shape)
+    arr += rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(0, 25)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -80,6 +86,21 @@ def write_demo_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> None:
     (folder / "notes.png").write_bytes(b"<html>not an image</html>")
     good = (folder / "batch1" / "img0001.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 90000, 90000, 8, 2, 0, 0, 0))
+                                     + _png_chunk(b"IEND", b""))  # declares 8 gigapixels, holds none
+    # odd but valid: every one must decode to sensible RGB
+    odd = synthetic_image(rng, 300, 200)
+    odd.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.asarray(odd.convert("L"), np.uint16) * 257)).save(folder / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: ingest reports it upright, 200x300
+    odd.save(folder / "rotated.jpg", exif=exif.tobytes())
+    odd.save(folder / "animated.gif", save_all=True, append_images=[odd.rotate(90), odd.rotate(180)], duration=80)
+    odd.convert("LA").save(folder / "grey_alpha.png")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def step_images(demo: Demo) -> None:
@@ -97,6 +118,25 @@ def step_hash(demo: Demo) -> None:
     from pipelines.stats import StatsStage
 
     print_summary("hash", run_stage(demo.ds, StatsStage(), engine=demo.engine).as_dict())
+
+
+def step_dups(demo: Demo) -> None:
+    from curate.sqlout import write_result
+    from pipelines.dups import DEFAULT_THRESHOLD, duplicate_groups
+
+    console.print(f"[dim]$ curate dups {demo.root / 'dataset'} --threshold {DEFAULT_THRESHOLD}[/dim]")
+    groups = duplicate_groups(demo.ds, DEFAULT_THRESHOLD)
+    write_result(groups.set_column(2, "image_id", pa.compute.utf8_slice_codeunits(groups.column("image_id"), 0, 12)),
+                 "table", None)
+
+
+def step_info(demo: Demo) -> None:
+    from curate.sqlout import write_result
+    from pipelines.dups import dataset_info, image_summary
+
+    console.print(f"[dim]$ curate info {demo.root / 'dataset'}[/dim]")
+    write_result(dataset_info(demo.ds), "table", None)
+    print_summary("dataset", image_summary(demo.ds))
 
 
 # The tiny LLaVA captions about a quarter of the images (a hash prefix is a stable random
@@ -138,7 +178,7 @@ QUERIES = [
     ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL ORDER BY images DESC"),
     ("Sources that are exact duplicates", "SELECT image_id[:12] AS image, sources FROM manifest WHERE len(sources) > 1"),
     ("A few captions", "SELECT source, caption FROM manifest WHERE caption IS NOT NULL ORDER BY source LIMIT 3"),
-    ("Blurriest images", "SELECT source, round(sharpness, 1) AS sharpness FROM manifest ORDER BY sharpness LIMIT 3"),
+    ("Blurriest images", "SELECT source, round(sharpness::DOUBLE, 1) AS sharpness FROM manifest ORDER BY sharpness LIMIT 3"),
     ("Images per quality rank (random tiny head)", "SELECT rank, count(*) AS images, count_if(has_watermark) AS watermarked "
      "FROM manifest GROUP BY rank ORDER BY rank"),
     ("Most frequent tags (random tiny tagger)", "SELECT tag, count(*) AS images FROM (SELECT unnest(tags) AS tag FROM manifest) "
@@ -154,7 +194,7 @@ def step_queries(demo: Demo) -> None:
         write_result(demo.ds.sql(sql), "table", None)
 
 
-STEPS = [step_images, step_ingest, step_hash, step_score, step_caption, step_queries]
+STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_info, step_queries]
 
 
 def run_demo(root: Path, engine: str = "local") -> Demo:
