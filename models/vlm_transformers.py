@@ -60,7 +60,8 @@ class TransformersCaptioner(Captioner):
 
     def caption(self, images: list, prompts: list[str]) -> list[str]:
         texts = [self.prompt_text(p) for p in prompts]
-        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        # One image list per prompt: SmolVLM/Idefics3 need the nesting, the rest flatten it.
+        inputs = self.processor(images=[[image] for image in images], text=texts, padding=True, return_tensors="pt")
         inputs = {k: (v.to(self.torch_device, self.torch_dtype) if v.is_floating_point() else v.to(self.torch_device))
                   for k, v in inputs.items()}
         with self.inference_mode():

@@ -4,13 +4,14 @@ The stage decodes each image once on CPU workers, lets the backend prepare it (a
 copy, or a JPEG data URL for a server), generates for a batch, then cleans every output:
 chat preambles ("The image shows ...") go, whitespace collapses, a sentence cut off by
 the token limit is dropped, and a caption over --max-chars is cut at a sentence end.
-The raw output is kept beside the clean one. An empty or garbage output is an error row
-(`bad_output`), not a crash.
+The raw output is kept beside the clean one. An empty or garbage output (no words, mostly
+symbols, a repetition loop) is an error row (`bad_output`), not a crash.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 
 from models.captioner import CaptionError, default_prompt, make_captioner, parse_spec
 from pipelines.stage import Stage
@@ -77,6 +78,11 @@ def garbage_reason(text: str) -> str | None:
         return "undecodable bytes in the caption"
     if letters < 0.5 * len(text.replace(" ", "")):
         return "mostly symbols, not words"
+    words = re.findall(r"\w+", text.lower())
+    if len(words) >= 8:  # greedy decoding stuck in a loop ("pink pink pink ...")
+        word, count = Counter(words).most_common(1)[0]
+        if count > len(words) / 2:
+            return f"a repetition loop ({word!r} is {count} of {len(words)} words)"
     return None
 
 

@@ -126,7 +126,7 @@ def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table
             code = getattr(values, "code", "process_failed")
             emit(image_id, "error", code, f"{type(values).__name__}: {values}")
         elif values.get("_error"):  # the stage judged this one output unusable (e.g. bad_output)
-            emit(image_id, "error", values["_error"], values.get("_message"))
+            emit(image_id, "error", values["_error"], values.get("_message"), values=values)
         else:
             emit(image_id, "ok", values=values)
     return pa.Table.from_pydict(out, schema=SCHEMAS[stage.table])

@@ -11,8 +11,9 @@ A stage maps images to rows of its own table:
 - `process(batch)` maps a batch (dict of column -> numpy array or list, as `prepare`
   returned them, plus `image_id`) to the stage's output columns, one row per input.
   It may add an `_error` column (an error code or None per row) and `_message`: a row
-  with an `_error` code is written as an error row, so one unusable output (an empty
-  caption, a NaN score) does not fail the rest of its batch.
+  with an `_error` code is written as an error row (keeping the other columns it has,
+  e.g. the raw output), so one unusable output (an empty caption, a NaN score) does not
+  fail the rest of its batch.
 
 `batch_key(prepared)` says which rows may share a `process` call: rows of different keys
 never do (e.g. one aspect bucket per batch, so images of one size stack into one

@@ -46,7 +46,9 @@ def test_long_captions_are_cut_at_a_sentence_end():
 
 
 @pytest.mark.parametrize("text, bad", [("", True), ("!!! ... ???", True), ("\ufffd\ufffd a", True),
-                                       ("#$%^&*()_+ a", True), ("A dog.", False)])
+                                       ("#$%^&*()_+ a", True), ("A dog.", False),
+                                       ("On pink pink pink pink pink pink pink pink.", True),
+                                       ("A dog and a cat and a bird and a horse on a field.", False)])
 def test_garbage_is_recognised(text, bad):
     assert (garbage_reason(text) is not None) == bad
 
@@ -92,6 +94,8 @@ def test_caption_command_records_prompt_and_resumes(dataset, tiny_llava, tmp_pat
         assert (r["status"], r["error"]) in {("ok", None), ("error", "bad_output")}
         if r["status"] == "ok":
             assert r["caption"] and r["raw"] and r["caption"] == clean_caption(r["raw"])
+        else:  # the raw output stays for people to see why
+            assert r["caption"] is None and r["raw"] and garbage_reason(clean_caption(r["raw"]))
     again = run_cli("caption", str(dataset.root), "--model", model, "--prompt", "Describe the image.",
                     "--max-new-tokens", "10", "-q")
     assert "│ todo         │ 0" in again.stderr
