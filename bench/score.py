@@ -1,0 +1,176 @@
+"""Benchmark of the scoring pass; prints JSON.
+
+CPU (default): the full pass (CLIP + WD14 + OWLv2 from one decode, then the quality head)
+with the tiny zoo on synthetic photo-sized JPEGs, against a bare decode loop over the same
+files at the same draft size and with the same number of decode threads. The ratio says
+how much of the decode-bound throughput the pass keeps.
+
+--real-size: real-size architectures with random weights (ViT-B-32 at 224, a WD ViT-B at
+448, OWLv2 base at 960) on --device (cuda: bf16), model-only images/s per model, FLOPs per
+image (torch's FlopCounterMode) and the fraction of the bf16 peak (--peak-tflops, by
+default from the GPU's name) that this reaches.
+
+    python bench/score.py [--images 96] [--size 1536x1024]
+    python bench/score.py --real-size --device cuda [--batch 64]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def write_images(folder: Path, n: int, width: int, height: int) -> None:
+    import numpy as np
+
+    from curate.demo import synthetic_image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        w, h = (width, height) if i % 2 else (height, width)  # landscape and portrait
+        synthetic_image(rng, w, h).save(folder / f"{i:04d}.jpg", quality=90)
+
+
+def cpu_bench(args) -> dict:
+    from curate.images import decode
+    from curate.manifest import Dataset
+    from models.tiny import write_zoo
+    from pipelines.ingest import ingest
+    from pipelines.runner import decode_side
+    from pipelines.score import image_stages, score
+
+    width, height = map(int, args.size.split("x"))
+    root = Path(tempfile.mkdtemp(prefix="bench-score-"))
+    try:
+        write_images(root / "images", args.images, width, height)
+        ds = Dataset(root / "ds", create=True)
+        ingest([str(root / "images")], ds, show_progress=False)
+        zoo = write_zoo(root / "zoo", ["open_clip", "quality_head", "wd14", "owlv2"])
+        models = dict(clip=str(zoo["open_clip"]), tagger=f"wd14:{zoo['wd14']}", watermark=f"owlv2:{zoo['owlv2']}")
+        side = decode_side(image_stages(**models))
+        blobs = ds.query("SELECT bytes FROM images WHERE bytes IS NOT NULL").column("bytes").to_pylist()
+        workers = max(1, min(8, os.cpu_count() or 1))  # as the local engine
+
+        def bare_decode() -> float:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                for decoded in pool.map(lambda b: decode(b, min_side=side), blobs):
+                    decoded.image.load()
+            return time.perf_counter() - started
+
+        def full_pass() -> tuple[float, list]:
+            for table in ("embeddings", "tags", "watermarks", "quality"):
+                shutil.rmtree(ds.table_dir(table), ignore_errors=True)
+            started = time.perf_counter()
+            summaries = score(ds, **models, quality=str(zoo["quality_head"]), show_progress=False)
+            return time.perf_counter() - started, summaries
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            full_pass()  # warm-up: imports, first model loads
+            bare_decode()
+            decode_s = min(bare_decode() for _ in range(args.repeats))
+            pass_s, summaries = min((full_pass() for _ in range(args.repeats)), key=lambda r: r[0])
+        n = len(blobs)
+        return {
+            "device": "cpu", "cpu_cores": os.cpu_count(), "images": n, "image_size": args.size,
+            "decode_min_side": side, "decode_threads": workers,
+            "bare_decode_images_per_s": round(n / decode_s, 1),
+            "pass_images_per_s": round(n / pass_s, 1),
+            "overhead_ratio": round(decode_s / pass_s, 3),
+            "stages": {s.stage: {"model": s.model, "ok": s.ok, "errors": dict(s.errors)} for s in summaries},
+            "note": "pass = CLIP + WD14 + OWLv2 from one decode, then the quality head, tiny zoo, end to end "
+                    "(model setup included); overhead_ratio = pass images/s over bare decode images/s",
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def real_size_models(device, dtype):
+    """(name, input size, batch -> model forward) for random-weight real-size architectures."""
+    import open_clip
+    import timm
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    clip = open_clip.create_model("ViT-B-32").visual.to(device, dtype).eval()
+    wd = timm.create_model("vit_base_patch16_224", img_size=448, num_classes=10861, class_token=False,
+                           global_pool="avg", fc_norm=False, act_layer="gelu_tanh").to(device, dtype).eval()
+    owl = Owlv2ForObjectDetection(Owlv2Config(vision_config={"image_size": 960, "patch_size": 16}))
+    owl = owl.to(device, dtype).eval()
+
+    def owl_forward(pixels):
+        ids = torch.full((len(pixels), 16), 0, dtype=torch.long, device=device)
+        ids[:, :5] = torch.tensor([49406, 320, 2505, 2110, 49407])  # "a watermark"
+        return owl(pixel_values=pixels, input_ids=ids, attention_mask=(ids != 0).long())
+
+    return [("clip_vit_b_32", 224, clip), ("wd_vit_b_448", 448, wd), ("owlv2_base_960", 960, owl_forward)]
+
+
+def real_size_bench(args) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.common import pick_device
+
+    device, dtype = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    out = {"device": name, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "models": {}}
+    rates = []
+    for model_name, size, forward in real_size_models(device, dtype):
+        pixels = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
+        with torch.inference_mode():
+            with FlopCounterMode(display=False) as counter:
+                forward(pixels[:1])
+            flops = counter.get_total_flops()
+            for _ in range(args.warmup):
+                forward(pixels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(args.iters):
+                forward(pixels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        rate = args.batch * args.iters / (time.perf_counter() - started)
+        rates.append(rate)
+        out["models"][model_name] = {
+            "input": f"{size}x{size}", "images_per_s": round(rate, 1), "gflops_per_image": round(flops / 1e9, 1),
+            "fraction_of_bf16_peak": round(rate * flops / (peak * 1e12), 3) if peak else None}
+    out["pass_model_bound_images_per_s"] = round(1 / sum(1 / r for r in rates), 1)
+    out["peak_bf16_tflops"] = peak
+    out["note"] = ("model-only throughput on random inputs (decoding runs on CPU workers in parallel); the pass "
+                   "bound is all three models one after the other on one device")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--size", default="1536x1024", help="WIDTHxHEIGHT of the synthetic JPEGs")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--real-size", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
+    args = parser.parse_args()
+    print(json.dumps(real_size_bench(args) if args.real_size else cpu_bench(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
