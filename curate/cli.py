@@ -277,6 +277,10 @@ def demo(
     run_demo(Path(directory), engine.value)
 
 
+from curate.quality_cli import quality_app  # noqa: E402  (a sub-app kept in its own module)
+
+app.add_typer(quality_app, name="quality")
+
 models_app = typer.Typer(no_args_is_help=True, help="Model helpers: the tiny random-weight zoo.")
 app.add_typer(models_app, name="models")
 

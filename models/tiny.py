@@ -38,6 +38,17 @@ def write_zoo(root: str | Path, names: list[str] | None = None) -> dict[str, Pat
     return written
 
 
+@family("laion-aesthetic")
+def write_laion_aesthetic(target: Path) -> None:
+    """The LAION aesthetic predictor's published file: a torch state dict, random weights."""
+    import torch
+
+    from models.aesthetic import WEIGHTS_FILE, AestheticPredictor
+
+    torch.manual_seed(0)
+    torch.save(AestheticPredictor().state_dict(), target / WEIGHTS_FILE)
+
+
 import models.tiny_scoring  # noqa: E402,F401  (registers the scoring families)
 
 
