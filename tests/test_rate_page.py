@@ -1,0 +1,147 @@
+"""The rating page in a real headless Chromium, against a real `curate quality rate` server."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from pipelines.quality.ratings import load_ratings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+@pytest.fixture
+def rating_server(dataset):
+    """`curate quality rate DS --port 0` in its own process; yields (port, process)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "curate", "quality", "rate", str(dataset.root), "--port", "0",
+                             "--rater", "tester"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # the server prints its address once it listens
+        assert line.startswith("rating page: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield port_of(line), proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def port_of(line: str) -> int:
+    match = re.search(r"http://[^:]+:(\d+)/", line)
+    assert match, line
+    return int(match.group(1))
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Local addresses of TCP sockets listening on `port`, from /proc/net/tcp (hex, little-endian)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in open(table).read().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) == port and state == "0A":
+                found.append(address)
+    return found
+
+
+def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_rating_page_with_keyboard(dataset, rating_server):
+    from playwright.sync_api import sync_playwright
+
+    port, proc = rating_server
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, loopback only by default
+
+    def rows():
+        return [(r["left"], r["right"], r["winner"], r["rater"]) for r in load_ratings(dataset).sort_by("created_at").to_pylist()]
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("() => document.body.dataset.pair && document.getElementById('right').complete")
+            assert page.evaluate("document.getElementById('left').naturalWidth > 0 && document.getElementById('right').naturalWidth > 0")
+
+            def press(key: str) -> tuple[str, str]:
+                """Press a key; wait for the next pair; return the pair that was on show."""
+                before = page.evaluate("document.body.dataset.pair")
+                page.keyboard.press(key)
+                page.wait_for_function("before => document.body.dataset.pair !== before", arg=before)
+                return tuple(before.split(":"))
+
+            first = press("ArrowLeft")
+            assert rows() == [(*first, "left", "tester")]  # saved before the next pair showed
+            second = press("d")
+            third = press("ArrowDown")
+            assert rows() == [(*first, "left", "tester"), (*second, "right", "tester"), (*third, "tie", "tester")]
+            assert "3 judgements" in page.inner_text("#progress")
+            skipped = press(" ")
+            assert len(rows()) == 3 and page.evaluate("document.body.dataset.pair") != ":".join(skipped)
+            page.keyboard.press("Backspace")  # undo removes the tie and shows its pair again
+            page.wait_for_function("() => document.body.dataset.rated === '2'")
+            assert page.evaluate("document.body.dataset.pair") == ":".join(third)
+            assert rows() == [(*first, "left", "tester"), (*second, "right", "tester")]
+            press("a")
+            assert rows()[-1] == (*third, "left", "tester")
+        finally:
+            browser.close()
+
+    # Only images of the dataset, by id; nothing from the file system.
+    ok_id = rows()[0][0]
+    assert request(port, "GET", f"/image/{ok_id}")[0] == 200
+    for path in [f"/image/{'0' * 64}", "/image/../../../../etc/passwd", "/../../../../etc/passwd",
+                 "/%2e%2e/%2e%2e/etc/passwd", "/image/..%2f..%2f..%2fetc%2fpasswd", "/rate.html",
+                 "/pipelines/quality/server.py", f"/image/{ok_id}/../../x", "//etc/passwd"]:
+        status, body = request(port, "GET", path)
+        assert status == 404 and b"root:" not in body, path
+    state = json.loads(request(port, "GET", "/api/state")[1])
+    assert request(port, "POST", "/api/judge", {"left": state["right"], "right": state["left"], "winner": "left"})[0] == 409
+    assert request(port, "POST", "/api/judge", {**state, "winner": "both"})[0] == 400
+    assert len(rows()) == 3
+
+    # Killed without warning, nothing judged is lost: every judgement was already a part.
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert len(rows()) == 3
+
+
+def test_rate_binds_where_told(dataset):
+    """--host is honoured (and warned about); the default above is loopback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "curate", "quality", "rate", str(dataset.root), "--port", "0",
+                             "--host", "0.0.0.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        port = port_of(line)
+        assert listening_addresses(port) == ["00000000"]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert "anyone who can reach this machine" in err and "judgements this session" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
