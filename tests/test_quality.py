@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from conftest import run_cli
+from tests.conftest import run_cli
 from curate.manifest import Dataset, now
 from pipelines.quality import model as qm
 from pipelines.quality.pairs import PairChooser
@@ -178,3 +178,31 @@ def test_fit_compares_against_aesthetic_baseline(tmp_path):
     zoo = write_zoo(tmp_path / "zoo", ["laion-aesthetic"])["laion-aesthetic"]
     report = fit_quality(ds, tmp_path / "head", FitSettings(baseline=str(zoo), rounds=10, head_epochs=5), show_progress=False)
     assert 0 <= report["aesthetic_baseline_accuracy"] <= 1 and report["pairs_held_out"] == 20
+
+
+def test_end_to_end_import_fit_score_with_tiny_zoo(dataset, tmp_path):
+    """ingest -> score --clip -> quality import -> quality fit -> score --quality: every ok image ranked."""
+    from models.tiny import write_zoo
+    from pipelines.score import score
+
+    clip = write_zoo(tmp_path / "zoo", ["open_clip"])["open_clip"]
+    score(dataset, clip=str(clip), show_progress=False)  # in-process: the CLI for it is test_score's
+    images = dataset.query("SELECT image_id, source, width FROM manifest ORDER BY image_id").to_pylist()
+    rng = np.random.default_rng(0)
+    lines = ["left,right,winner"]
+    for k in range(40):  # a person who prefers wider images; half the rows name files, half ids
+        a, b = rng.choice(len(images), 2, replace=False)
+        left, right = images[a], images[b]
+        winner = "tie" if left["width"] == right["width"] else ("left" if left["width"] > right["width"] else "right")
+        key = "source" if k % 2 else "image_id"
+        lines.append(f"{left[key]},{right[key]},{winner}")
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    run_cli("quality", "import", str(dataset.root), str(tmp_path / "ratings.csv"))
+    head = tmp_path / "head"
+    fit = run_cli("quality", "fit", str(dataset.root), "--output", str(head), "--holdout", "0.25", "-q")
+    assert "head_accuracy" in fit.stderr and (head / "head.json").is_file()
+    run_cli("score", str(dataset.root), "--quality", str(head), "-q")
+    ranked = dataset.query("SELECT image_id, rank FROM quality WHERE status = 'ok'").to_pylist()
+    assert sorted(r["image_id"] for r in ranked) == [i["image_id"] for i in images]
+    assert all(0 <= r["rank"] <= 9 for r in ranked)
+    assert dataset.query("SELECT count(*) AS n FROM manifest WHERE rank IS NULL").to_pylist()[0]["n"] == 0

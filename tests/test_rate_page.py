@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 from pipelines.quality.ratings import load_ratings
 
 CHROMIUM = "/usr/bin/chromium"
