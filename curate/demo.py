@@ -194,7 +194,22 @@ def step_queries(demo: Demo) -> None:
         write_result(demo.ds.sql(sql), "table", None)
 
 
-STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_info, step_queries]
+def step_quality(demo: Demo) -> None:
+    """The quality head loop (`curate quality`) with simulated ratings, on the tiny CLIP."""
+    from models.tiny import write_zoo
+    from pipelines.quality.simulate import demo_quality_loop
+
+    clip = write_zoo(demo.root / "models", ["open_clip"])["open_clip"]
+    print_summary("quality: simulated ratings -> import -> fit -> score --quality",
+                  demo_quality_loop(demo.ds, clip, demo.root / "dataset" / "heads" / "quality", demo.root / "ratings.csv"))
+    console.print("[dim]$ curate sql DS \"SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest GROUP BY rank ORDER BY rank\"[/dim]")
+    from curate.sqlout import write_result
+
+    write_result(demo.ds.sql("SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest "
+                             "GROUP BY rank ORDER BY rank"), "table", None)
+
+
+STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_quality, step_info, step_queries]
 
 
 def run_demo(root: Path, engine: str = "local") -> Demo:

@@ -63,3 +63,38 @@ def write_synthetic_dataset(ds, n: int, dim: int = 64, seed: int = 0, embedder: 
                                  "message": [None] * n, "created_at": [stamp] * n,
                                  "embedding": [row.astype(np.float16).tolist() for row in embeddings]})
     return ids, quality
+
+
+def demo_quality_loop(ds, clip_dir, head_dir, csv_path, n_ratings: int = 400, seed: int = 0) -> dict:
+    """`curate demo`'s quality step: the whole loop with a simulated person who prefers
+    brighter images (the stats table's brightness; the tiny zoo's random-weight CLIP sees
+    brightness, not finer qualities) and is wrong 10% of the time.
+
+    Embed with CLIP (if not done), pick pairs as the rating page would, write the
+    judgements to a CSV and import it, fit the head, and rank every image with it.
+    """
+    from scipy.stats import spearmanr
+
+    from pipelines.quality.fit import FitSettings, fit_quality
+    from pipelines.quality.ratings import import_csv, load_embeddings
+    from pipelines.score import score
+
+    ids = ds.select_ids()
+    embedder = f"open_clip:{clip_dir.resolve().name}"
+    found, vectors = load_embeddings(ds, embedder, ids)
+    if len(found) < len(ids):
+        score(ds, clip=str(clip_dir), show_progress=False)
+        found, vectors = load_embeddings(ds, embedder, ids)
+    rows = ds.query("SELECT image_id, brightness FROM manifest").to_pydict()
+    brightness = dict(zip(rows["image_id"], rows["brightness"]))
+    rater = SimulatedRater(np.array([brightness[i] for i in found]), found, error=0.1, seed=seed)
+    judgements = simulate_ratings(PairChooser(found, vectors, seed=seed), rater, n_ratings)
+    csv_path.write_text("left,right,winner\n" + "".join(f"{a},{b},{w}\n" for a, b, w in judgements))
+    imported = import_csv(ds, csv_path, rater="simulated")
+    report = fit_quality(ds, head_dir, FitSettings(embedder=embedder, seed=seed), show_progress=False)
+    summary = score(ds, quality=str(head_dir), show_progress=False)[-1]
+    ranked = ds.query("SELECT rank, brightness FROM manifest WHERE rank IS NOT NULL").to_pydict()
+    return {"judgements imported": imported["imported"], "pair model held-out accuracy": report["pair_model_accuracy"],
+            "head held-out accuracy": report["head_accuracy"], "images ranked": summary.ok,
+            "Spearman(rank, brightness)": round(float(spearmanr(ranked["rank"], ranked["brightness"])[0]), 3),
+            "rank histogram (tournament)": report["rank_histogram"], "head": str(head_dir)}
