@@ -58,11 +58,11 @@ def listening_addresses(port: int) -> list[str]:
     return found
 
 
-def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+def request(port: int, method: str, path: str, body: dict | None = None, **headers) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                     headers={"Content-Type": "application/json"})
+                     headers={"Content-Type": "application/json", **headers})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -121,6 +121,9 @@ def test_rating_page_with_keyboard(dataset, rating_server):
     state = json.loads(request(port, "GET", "/api/state")[1])
     assert request(port, "POST", "/api/judge", {"left": state["right"], "right": state["left"], "winner": "left"})[0] == 409
     assert request(port, "POST", "/api/judge", {**state, "winner": "both"})[0] == 400
+    # a page on another site: a rebound domain name, or a form post that is not JSON
+    assert request(port, "GET", f"/image/{ok_id}", Host="evil.example:80")[0] == 403
+    assert request(port, "POST", "/api/judge", {**state, "winner": "left"}, **{"Content-Type": "text/plain"})[0] == 415
     assert len(rows()) == 3
 
     # Killed without warning, nothing judged is lost: every judgement was already a part.

@@ -3,7 +3,9 @@
 The server answers only a fixed set of routes: the page itself, a small JSON API, and
 `/image/<image_id>` for images of this dataset, read from the images table (never from a
 file path in the request). Anything else is 404; an id that is not an ok image of the
-rating pool is 404 too. It binds to 127.0.0.1 unless told otherwise.
+rating pool is 404 too. It binds to 127.0.0.1 unless told otherwise, and then answers
+only requests addressed to a loopback name (a web page that rebinds its own domain to
+127.0.0.1 gets 403); judgements must be JSON, which other sites cannot send unasked.
 
 A judgement is written (its own part, fsynced and renamed into place) before the answer
 that carries the next pair, so the page never shows a pair whose predecessor is unsaved.
@@ -26,6 +28,7 @@ from pipelines.quality.pairs import PairChooser
 
 PAGE = Path(__file__).with_name("rate.html")
 WEB_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
                     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"}
 
@@ -86,10 +89,19 @@ class RatingSession:
         return buf.getvalue(), "image/png"
 
 
-def make_handler(session: RatingSession):
+def make_handler(session: RatingSession, loopback_only: bool):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet: the page is used for hours
             pass
+
+        def host_allowed(self) -> bool:
+            if not loopback_only:
+                return True
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            if host not in LOOPBACK_NAMES:
+                self.send_json(HTTPStatus.FORBIDDEN, {"error": "this rating page answers only to 127.0.0.1 / localhost"})
+                return False
+            return True
 
         def send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
@@ -107,6 +119,8 @@ def make_handler(session: RatingSession):
             self.send_json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
         def do_GET(self):
+            if not self.host_allowed():
+                return
             path = self.path.split("?", 1)[0]
             if path == "/":
                 self.send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
@@ -120,6 +134,10 @@ def make_handler(session: RatingSession):
                 self.not_found()
 
         def do_POST(self):
+            if not self.host_allowed():
+                return
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                return self.send_json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send JSON (Content-Type: application/json)"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(min(length, 4096)) or b"{}")
@@ -142,6 +160,6 @@ def make_handler(session: RatingSession):
 
 def serve(session: RatingSession, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
     """A started-to-be server; call serve_forever() (or run it in a thread) and shutdown() to stop."""
-    server = ThreadingHTTPServer((host, port), make_handler(session))
+    server = ThreadingHTTPServer((host, port), make_handler(session, loopback_only=host in LOOPBACK_NAMES))
     server.daemon_threads = True
     return server
