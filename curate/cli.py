@@ -234,9 +234,9 @@ def caption(
     batch_size: BatchSizeOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight per batch.")] = 8,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight (a batch is sent as one wave; the batch size grows to match).")] = 8,
     request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.01, help="openai: seconds to wait for a reply.")] = 120.0,
-    retries: Annotated[int, typer.Option("--retries", min=0, help="openai: retries on 5xx, timeouts and dropped connections.")] = 3,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="openai: retries on 5xx/429 replies, timeouts and dropped connections.")] = 3,
     quiet: QuietOpt = False,
 ):
     """Caption images with a VLM: one caption per image per model and prompt; resumable."""

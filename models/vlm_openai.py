@@ -3,8 +3,8 @@ LM Studio, moondream-station, ...).
 
 Requests go to the configured base URL and nowhere else: plain http.client on that host
 and port, no proxies from the environment, redirects refused. Images travel inline as
-JPEG data URLs. A batch is sent as concurrent requests; 5xx replies, timeouts and dropped
-connections are retried with exponential backoff; anything else fails that image only.
+JPEG data URLs. A batch is sent as concurrent requests; 5xx and 429 replies, timeouts and
+dropped connections are retried with exponential backoff; anything else fails that image only.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class OpenAICaptioner(Captioner):
             conn.close()
 
     def _parse(self, status: int, payload: bytes) -> str:
-        if status >= 500:
+        if status >= 500 or status == 429:  # overloaded or rate-limited: worth another try
             raise RetryableError(f"server error {status}: {payload[:200]!r}")
         if status != 200:  # 3xx (redirects are not followed) and 4xx: retrying will not help
             raise CaptionError("process_failed", f"HTTP {status}: {payload[:300]!r}")

@@ -104,6 +104,8 @@ class CaptionStage(Stage):
         self.max_new_tokens = max_new_tokens
         self.max_chars = max_chars
         self.batch_size = batch_size or self.batch_size
+        if self.spec.scheme == "openai" and not batch_size:  # a batch is one wave of concurrent requests
+            self.batch_size = max(self.batch_size, http.get("concurrency", 0))
         self.captioner = make_captioner(self.spec, max_new_tokens, device, dtype, **http)
         self.num_gpus = 1 if self.captioner.uses_gpu and device != "cpu" else 0
 
