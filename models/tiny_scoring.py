@@ -66,7 +66,10 @@ def write_quality_head(folder: Path) -> None:
     from models.quality_head import RankHead, save_head
 
     torch.manual_seed(0)
-    save_head(folder, RankHead(TINY_CLIP["embed_dim"], hidden=(16,)), embedder="open_clip:open_clip")
+    head = RankHead(TINY_CLIP["embed_dim"], hidden=(16,))
+    with torch.no_grad():  # random embeddings of random images are close: amplify so ranks spread
+        head.net[0].weight.mul_(30)
+    save_head(folder, head, embedder="open_clip:open_clip")
 
 
 # A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).
@@ -101,15 +104,17 @@ def write_wd14(folder: Path) -> None:
     rng = np.random.default_rng(0)
     width, patch = 16, 16
     weights = {
-        "patch_w": rng.normal(0, 0.05, (width, 3, patch, patch)).astype(np.float32),
-        "head_w": rng.normal(0, 1.0, (width, n_tags())).astype(np.float32),
-        "head_b": rng.normal(0, 1.5, (n_tags(),)).astype(np.float32),
+        "patch_w": rng.normal(0, 0.2, (width, 3, patch, patch)).astype(np.float32),
+        "head_w": rng.normal(0, 2.0, (width, n_tags())).astype(np.float32),
+        "head_b": rng.normal(-0.5, 1.0, (n_tags(),)).astype(np.float32),
         "scale": np.array(1 / 255, np.float32),
+        "half": np.array(0.5, np.float32),
     }
     nodes = [
         helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("Mul", ["nchw", "scale"], ["unit"]),
-        helper.make_node("Conv", ["unit", "patch_w"], ["patches"], kernel_shape=[patch, patch], strides=[patch, patch]),
+        helper.make_node("Sub", ["unit", "half"], ["centred"]),
+        helper.make_node("Conv", ["centred", "patch_w"], ["patches"], kernel_shape=[patch, patch], strides=[patch, patch]),
         helper.make_node("ReduceMean", ["patches"], ["pooled4"], axes=[2, 3], keepdims=1),
         helper.make_node("Flatten", ["pooled4"], ["pooled"], axis=1),
         helper.make_node("Gemm", ["pooled", "head_w", "head_b"], ["logits"]),
@@ -184,7 +189,13 @@ def write_owlv2(folder: Path) -> None:
     config = Owlv2Config(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 16},
                          vision_config={**small, "image_size": TINY_OWLV2_SIZE, "patch_size": 16}, projection_dim=32)
     torch.manual_seed(0)
-    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    model = Owlv2ForObjectDetection(config)
+    with torch.no_grad():  # random class heads saturate every logit: centre them near sigmoid 0.1
+        model.class_head.logit_scale.weight.zero_()
+        model.class_head.logit_scale.bias.zero_()
+        model.class_head.logit_shift.weight.normal_(0, 0.2)
+        model.class_head.logit_shift.bias.fill_(-4.4)
+    model.save_pretrained(folder)
     write_clip_bpe(folder)
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=16)
     image_processor = Owlv2ImageProcessor(size={"height": TINY_OWLV2_SIZE, "width": TINY_OWLV2_SIZE})
