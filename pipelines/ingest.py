@@ -19,6 +19,7 @@ import os
 import pickle
 import tarfile
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
-from pipelines.runner import PART_ROWS, PartWriter, init_ray
+from pipelines.runner import PART_ROWS, RAY_TASK_RETRIES, PartWriter, init_ray
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
@@ -205,7 +206,10 @@ def _inspect_ray(sources: list[str], seen: set[str], ray_address: str | None) ->
     if not units:
         return
     data = ray.data.from_items(units, override_num_blocks=len(units))
-    data = data.map_batches(_inspect_units, batch_size=1, batch_format="pyarrow", num_cpus=1)
+    with warnings.catch_warnings():  # max_retries has no named parameter in map_batches yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = data.map_batches(_inspect_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                                max_retries=RAY_TASK_RETRIES)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # dedupe keeps the first copy in walk order

@@ -35,6 +35,9 @@ from pipelines.stage import Stage
 
 # Rows per part: bounds the work lost to a kill (CURATE_PART_ROWS overrides it, e.g. in tests).
 PART_ROWS = int(os.environ.get("CURATE_PART_ROWS", "2048"))
+# Ray Data retries a task whose worker died forever by default: an image that crashes
+# the decoder would hang the command. Two retries ride out a lost node; then it fails.
+RAY_TASK_RETRIES = 2
 PART_SECONDS = 60.0  # and so does time, for slow stages
 PART_BYTES = 256 << 20
 
@@ -394,7 +397,7 @@ def _ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: li
     parts = [str(p) for p in ds.parts(source)]
     columns = set().union(*(s.columns for s in stages))
     columns = sorted(columns | {"image_id", "status", "bytes"} if source == "images" else columns)
-    data = ray.data.read_parquet(parts, columns=columns)
+    data = ray.data.read_parquet(parts).select_columns(columns)  # pushed down into the read
     data = data.map_batches(_keep_todo, fn_kwargs={"stage": stages[0], "todo_ref": [ray.put(pa.array(everything, pa.string()))]},
                             batch_format="pyarrow", batch_size=None)
     # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
@@ -405,10 +408,11 @@ def _ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: li
     # fuses the two steps into the actor, and all decoding would then run in the one
     # model actor, on one core. A model's own CPU work shares the cores.
     todo_ref = ray.put([pa.array(t, pa.string()) for t in todo])
-    data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
-                            batch_format="pyarrow", batch_size=batch_size, num_cpus=1)
-    with warnings.catch_warnings():  # max_restarts has no named parameter in map_batches yet
+    with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
         warnings.simplefilter("ignore", DeprecationWarning)
+        data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
+                                batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
+                                max_retries=RAY_TASK_RETRIES)
         data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
                                 batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                                 num_gpus=num_gpus if gpus else 0, num_cpus=0,
@@ -416,8 +420,45 @@ def _ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: li
                                 # of the command resumes instead. (Restartable actors also
                                 # make Ray log a spurious error line for every pool.)
                                 max_restarts=0)
-    for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
+    done: set[str] = set()
+    try:
+        for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
+            results = [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
+            for _, table in results:
+                done.update(table.column("image_id").to_pylist())
+            yield results
+    except ray.exceptions.WorkerCrashedError:
+        # A decode task's worker died and kept dying on retry: an image that crashes the
+        # decoder (or memory running out). Finish the rest one image per task, so a death
+        # names its image.
+        yield from _isolate_crashes(ds, stages, todo, [i for i in everything if i not in done])
+
+
+def _isolate_crashes(ds: Dataset, stages: list[Stage], todo: list[list[str]], remaining: list[str]):
+    """Prepare each remaining image in its own Ray task (no retries); one whose worker dies
+    gets a worker_died row. The models run here in the driver: this is the rare path."""
+    import ray
+
+    probe = ray.remote(max_retries=0, num_cpus=1)(prepare_row)
+    todo_sets = [set(t) for t in todo]
+    for stage in stages:
+        stage.setup()
+    batch_size = min(s.batch_size for s in stages)
+    columns = sorted(set().union(*(s.columns for s in stages)))
+    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], remaining), batch_size=batch_size)
+    for record_batch in _rebatch(source, batch_size):
+        rows = record_batch.to_pylist()
+        # Each task gets only its own image's membership, not the whole to-do lists.
+        wanted = [[{r["image_id"]} & t for t in todo_sets] for r in rows]
+        refs = [probe.remote(stages, r, w) for r, w in zip(rows, wanted)]
+        prepared = []
+        for ref, w in zip(refs, wanted):
+            try:
+                prepared.append(ray.get(ref))
+            except ray.exceptions.WorkerCrashedError:
+                died = {"_error": "worker_died", "_message": "the worker process died preparing this image"}
+                prepared.append([dict(died) if ids else None for ids in w])
+        yield process_pass(stages, [r["image_id"] for r in rows], prepared)
 
 
 class PartWriter:

@@ -1,8 +1,11 @@
 """Both engines write the same tables, on a real local Ray cluster (num_cpus=2)."""
 import io
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 
 from conftest import REPO, encode_image, make_image, run_cli
 from hostile import build_corpus
@@ -67,3 +70,44 @@ def test_join_an_existing_cluster(dataset, tmp_path):
     finally:
         head.stdin.close()
         head.wait(timeout=60)
+
+
+class PoisonStage(StatsStage):
+    """Kills the worker process that prepares one image, as a decoder crash would."""
+
+    def __init__(self, poison: str):
+        self.poison = poison
+
+    def model_key(self):
+        return "poison"
+
+    def prepare(self, row):
+        if row["image_id"] == self.poison:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().prepare(row)
+
+
+def test_poison_image_is_recorded_as_worker_died(dataset, ray_cluster):
+    """Ray Data by default retries a task whose worker died forever (a hang); ours gives
+    up after two retries and isolates the image that kills its worker."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    poison = dataset.select_ids()[3]
+    outcome = {}
+
+    def run():
+        try:
+            outcome["summary"] = run_stage(dataset, PoisonStage(poison), engine="ray", show_progress=False)
+        except Exception as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert not worker.is_alive(), "the run hung on a worker that keeps dying"
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary.ok == 11 and summary.errors == {"worker_died": 1}
+    rows = {r["image_id"]: r for r in dataset.read("stats").to_pylist()}
+    assert len(rows) == 12 and rows[poison]["error"] == "worker_died"
