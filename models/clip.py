@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+from models.common import ModelError, ModelStage, model_dir, model_name
 
 DEFAULT_CLIP = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"  # bigASP used CLIP-B
 CONFIG = "open_clip_config.json"
@@ -65,7 +65,7 @@ class ClipEmbedder(ModelStage):
     def setup(self) -> None:
         import torch
 
-        self._device, self._dtype = pick_device(self.device)
+        self._device, self._dtype = self.model_device()
         precision = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}[self._dtype]
         self._model, self._preprocess = self._create(self._device, precision)
         self._model.eval()

@@ -6,6 +6,7 @@ so published weights and the tiny zoo go through the same loader.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def model_name(spec: str) -> str:
     return path.resolve().name if path.is_dir() else spec
 
 
+def cpu_share() -> int:
+    """Threads a CPU model may use next to the decode threads."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def pick_device(device: str | None):
     """(torch device, dtype): cuda in bf16 (fp16 where bf16 is missing) when present, cpu in fp32."""
     import torch
@@ -72,6 +78,17 @@ class ModelStage(Stage):
         # On Ray a model actor asks for a GPU unless told to use the CPU (on a cluster
         # without GPUs the runner asks for none).
         self.num_gpus = 0 if device == "cpu" else 1
+
+    def model_device(self):
+        """(device, dtype) for setup(). On CPU torch gets half the cores, because the runner's
+        decode threads use the rest: oversubscribed, torch's spinning threads ran the tiny
+        pass at half speed on 2 cores."""
+        device, dtype = pick_device(self.device)
+        if device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(cpu_share())
+        return device, dtype
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

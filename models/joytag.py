@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+from models.common import ModelError, ModelStage, model_dir, model_name
 from models.tagging import GENERAL, select_tags, square_resized
 
 DEFAULT_JOYTAG = "fpgaminer/joytag"
@@ -157,7 +157,7 @@ class JoyTagger(ModelStage):
         return f"joytag:{model_name(self.spec)}@threshold={self.threshold}"
 
     def setup(self) -> None:
-        self._device, self._dtype = pick_device(self.device)
+        self._device, self._dtype = self.model_device()
         model, self._names = load_joytag(model_dir(self.spec, FILES))
         self._model = model.to(self._device, self._dtype)
         self._categories = np.full(len(self._names), GENERAL)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy.special import expit
 
-from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+from models.common import ModelError, ModelStage, model_dir, model_name
 
 DEFAULT_OWLV2 = "google/owlv2-base-patch16-ensemble"
 QUERY = "a watermark"
@@ -62,20 +62,22 @@ class WatermarkDetector(ModelStage):
     def model_key(self) -> str:
         return f"owlv2:{model_name(self.spec)}@query={self.query},threshold={self.threshold}"
 
-    def processor(self):
-        if getattr(self, "_processor", None) is None:
-            from transformers import Owlv2Processor
+    def image_processor(self):
+        """The directory's own Owlv2ImageProcessor (loaded lazily: CPU workers never load the model)."""
+        if getattr(self, "_image_processor", None) is None:
+            from transformers import Owlv2ImageProcessor
 
-            self._processor = Owlv2Processor.from_pretrained(model_dir(self.spec))
-        return self._processor
+            self._image_processor = Owlv2ImageProcessor.from_pretrained(model_dir(self.spec))
+        return self._image_processor
 
     def setup(self) -> None:
-        from transformers import Owlv2ForObjectDetection
+        from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-        self._device, self._dtype = pick_device(self.device)
+        self._device, self._dtype = self.model_device()
         folder = model_dir(self.spec)
         self._model = Owlv2ForObjectDetection.from_pretrained(folder, dtype=self._dtype).to(self._device).eval()
-        self._text = self.processor().tokenizer([self.query], padding="max_length", return_tensors="pt")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._text = tokenizer([self.query], padding="max_length", return_tensors="pt")
 
     def prepare(self, row):
         image = row["image"]
@@ -87,7 +89,7 @@ class WatermarkDetector(ModelStage):
         if scale < 1:
             size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
             small = small.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        pixels = self.processor().image_processor(images=small, return_tensors="np")["pixel_values"][0]
+        pixels = self.image_processor()(images=small, return_tensors="np")["pixel_values"][0]
         return {"pixels": pixels, "width": image.width, "height": image.height}
 
     def detect(self, pixels: np.ndarray):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from models.common import ModelError, ModelStage, pick_device
+from models.common import ModelError, ModelStage
 from models.quality_head import load_head
 
 
@@ -38,7 +38,7 @@ class QualityRanker(ModelStage):
         return (pc.field("model") == self.embedder) & (pc.field("status") == "ok")
 
     def setup(self) -> None:
-        self._device, _ = pick_device(self.device)
+        self._device, _ = self.model_device()
         head, _ = load_head(self.spec, expect_embedder=self.embedder)
         self._head = head.to(self._device)
 

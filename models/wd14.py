@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from models.common import ModelError, ModelStage, model_dir, model_name, pick_device
+from models.common import ModelError, ModelStage, cpu_share, model_dir, model_name
 from models.tagging import CHARACTER, GENERAL, select_tags, square_resized
 
 DEFAULT_WD14 = "SmilingWolf/wd-vit-tagger-v3"
@@ -58,12 +58,15 @@ class WD14Tagger(ModelStage):
     def setup(self) -> None:
         folder = model_dir(self.spec, (TAGS_CSV,))
         self._names, self._categories = read_tags(folder / TAGS_CSV)
-        self._device, self._dtype = pick_device(self.device)
+        self._device, self._dtype = self.model_device()
         if self.backend == "onnx":
             import onnxruntime as ort
 
             providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else []
-            self._session = ort.InferenceSession(str(folder / "model.onnx"), providers=providers + ["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = cpu_share()  # the rest of the cores decode
+            self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                                 providers=providers + ["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
         else:
             import timm

@@ -155,7 +155,7 @@ def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo
     image = make_image(240, 120, seed=5)  # wide: padded at the bottom
     prepared = detector.prepare({"image": Row(image)})
     logits, boxes = detector.detect(prepared["pixels"][None])
-    theirs = detector.processor().image_processor.post_process_object_detection(
+    theirs = detector.image_processor().post_process_object_detection(
         owlv2_outputs(logits, boxes), threshold=0.0, target_sizes=[(120, 240)])[0]  # (height, width)
     assert len(theirs["boxes"]) == boxes.shape[1]
     np.testing.assert_allclose(corners_in_image(boxes[0], 240, 120),
@@ -173,7 +173,7 @@ def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo
     box = got["boxes"][0]
     # x: 0.2..0.3 of 240 px; y: 0.1..0.15 of the 240 px square = 24..36 px of 120 = 0.2..0.3
     assert [box["x0"], box["y0"], box["x1"], box["y1"]] == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=1e-6)
-    theirs = detector.processor().image_processor.post_process_object_detection(
+    theirs = detector.image_processor().post_process_object_detection(
         owlv2_outputs(forced_logits, forced_boxes), threshold=0.1, target_sizes=[(120, 240)])[0]
     assert (theirs["boxes"].numpy()[0] / [240, 120, 240, 120]) == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=1e-6)
 
