@@ -172,8 +172,14 @@ def inspect_unit(unit: list[Candidate]) -> list[dict]:
 def _inspect_local(sources: list[str], seen: set[str]) -> Iterator[list[dict]]:
     candidates = (c for c in enumerate_sources(sources) if c.source not in seen)
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        # One chunk is always in flight while the previous one is deduplicated and written.
+        pending: list = []
         for batch in _chunks(candidates, INGEST_BATCH):
-            yield list(pool.map(inspect_candidate, batch))
+            pending.append([pool.submit(inspect_candidate, c) for c in batch])
+            if len(pending) > 1:
+                yield [f.result() for f in pending.pop(0)]
+        for futures in pending:
+            yield [f.result() for f in futures]
 
 
 def _work_units(sources: list[str], seen: set[str]) -> Iterator[list[Candidate]]:

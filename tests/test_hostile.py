@@ -80,6 +80,12 @@ def test_hostile_names_survive_sql(corpus):
     assert out.split() == ['"n"', "1"]
 
 
+def test_missing_source_is_a_clear_error_before_anything_is_written(tmp_path):
+    proc = run_cli("ingest", str(tmp_path / "typo"), str(tmp_path / "ds"), check=False)
+    assert proc.returncode == 2 and "source does not exist" in proc.stderr and "typo" in proc.stderr
+    assert not (tmp_path / "ds").exists()
+
+
 def test_mode_conversions_match_reference(corpus):
     root, _, references = corpus
     for name, (mode, pixels) in references.items():
