@@ -173,6 +173,30 @@ def step_score(demo: Demo) -> None:
         print_summary(f"score: {summary.stage}", summary.as_dict())
 
 
+DEMO_BUCKETS = "rule:step=64,min_area=40000,max_area=65536"  # ~256x256: the demo's images are small
+
+
+def step_encode(demo: Demo) -> None:
+    """Buckets and latents with the tiny VAE, at a small bucket set so it stays fast on CPU."""
+    from curate.buckets import parse_bucket_set
+    from curate.sqlout import write_result
+    from models.tiny import write_zoo
+    from models.vae import VaeSpec
+    from pipelines.buckets import assign_buckets
+    from pipelines.encode import EncodeStage
+    from pipelines.runner import run_stage
+
+    vae = write_zoo(demo.root / "models", ["vae"])["vae"]
+    buckets = parse_bucket_set(DEMO_BUCKETS)
+    console.print(f"[dim]$ curate encode {demo.root / 'dataset'} --vae {vae} --set {DEMO_BUCKETS}[/dim]")
+    print_summary("buckets", assign_buckets(demo.ds, buckets, show_progress=False).as_dict())
+    stage = EncodeStage([VaeSpec(str(vae))], buckets, device="cpu", batch_size=16)
+    print_summary("encode", run_stage(demo.ds, stage, engine=demo.engine).as_dict())
+    write_result(demo.ds.sql("SELECT target_width || 'x' || target_height AS bucket, count(*) AS latents, "
+                             "any_value(shape) AS shape FROM latents WHERE status = 'ok' GROUP BY ALL ORDER BY latents DESC"),
+                 "table", None)
+
+
 QUERIES = [
     ("Errors by code", "SELECT error, count(*) AS files FROM images WHERE status = 'error' GROUP BY error ORDER BY files DESC"),
     ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL ORDER BY images DESC"),
@@ -209,7 +233,8 @@ def step_quality(demo: Demo) -> None:
                              "GROUP BY rank ORDER BY rank"), "table", None)
 
 
-STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_quality, step_info, step_queries]
+STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_quality, step_encode, step_info,
+         step_queries]
 
 
 def run_demo(root: Path, engine: str = "local") -> Demo:

@@ -24,10 +24,13 @@ from curate.schema import MANIFEST_COLUMNS, SCHEMAS
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-"
 ROW_GROUP_ROWS = 1024
+ROW_GROUP_BYTES = 32 << 20  # fewer rows per group when rows are big (image bytes, SDXL latents): readers stream groups
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 # Columns that hold already-compressed media (image files): zstd, dictionary encoding and
 # min/max statistics would burn CPU on them to save nothing.
 RAW_COLUMNS = {"images": {"bytes"}}
+# Large binary values that do compress (float16 latents): zstd, but no dictionary or statistics.
+BLOB_COLUMNS = {"latents": {"latent", "mean", "logvar"}}
 
 
 class DatasetError(Exception):
@@ -90,8 +93,9 @@ class Dataset:
         tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
         final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         raw = RAW_COLUMNS.get(name, set())
-        cooked = [c for c in table.column_names if c not in raw]
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=cooked, write_statistics=cooked,
+        cooked = [c for c in table.column_names if c not in raw | BLOB_COLUMNS.get(name, set())]
+        rows_per_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
+        pq.write_table(table, tmp, row_group_size=rows_per_group, use_dictionary=cooked, write_statistics=cooked,
                        compression={c: "none" if c in raw else "zstd" for c in table.column_names})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

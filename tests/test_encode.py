@@ -243,3 +243,20 @@ def test_bad_options_say_what_would_be_right(dataset, vae_dir):
                        (["--vae", vae_dir, "--set", "sd16"], "sdxl, sd15")]:
         proc = run_cli("encode", ds, *args, check=False)
         assert proc.returncode == 2 and says in " ".join(proc.stderr.split()), (args, proc.stderr)
+
+
+def test_latent_parts_stream_in_row_groups_of_bounded_size(tmp_path):
+    """SDXL 1024x1024 latents are 128 KiB each: a part of 600 holds several row groups, each <= ~32 MiB."""
+    import pyarrow.parquet as pq
+
+    from curate.manifest import ROW_GROUP_BYTES, now
+    from curate.schema import SCHEMAS
+
+    ds = Dataset(tmp_path / "ds", create=True)
+    n = 600
+    rows = {f.name: [None] * n for f in SCHEMAS["latents"]}
+    rows.update(image_id=[str(i) for i in range(n)], model=["m"] * n, status=["ok"] * n, created_at=[now()] * n,
+                latent=[np.random.default_rng(i).standard_normal(4 * 128 * 128).astype(np.float16).tobytes() for i in range(n)])
+    meta = pq.read_metadata(ds.write_part("latents", rows))
+    assert meta.num_row_groups >= 3
+    assert all(meta.row_group(k).total_byte_size <= ROW_GROUP_BYTES * 1.1 for k in range(meta.num_row_groups))

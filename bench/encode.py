@@ -1,0 +1,161 @@
+"""Latent storage and encode throughput. Prints JSON.
+
+    python bench/encode.py                                # tiny random-weight VAE on CPU
+    python bench/encode.py --real-size --device cuda      # SDXL VAE architecture, random bf16 weights, 1024x1024
+
+The default mode ingests --images synthetic JPEGs (~1 MP), runs `curate encode` on them
+(sd15 buckets, tiny VAE) and reports:
+- storage: bytes per latent in the Parquet shards (zstd) against the raw float16 bytes and
+  against gzip of the same bytes (bigASP's way: one .gz per latent);
+- reading: latents/s decoded to arrays from the shards against from one gzip file each;
+- encode: images/s of the whole encode pass against a bare decode + Lanczos + crop loop
+  over the same images (the floor any encoder pays on CPU).
+The real-size mode encodes random 1024x1024 batches with the SDXL VAE's encoder
+architecture and reports images/s and the fraction of the device's peak FLOP rate.
+Latents of a random-weight VAE on synthetic images compress differently from real ones:
+read the storage figures as the format's overhead, not as the real ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+SDXL_VAE = dict(  # stabilityai/sdxl-vae config.json, weights random
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense bf16
+
+
+def tiny_cpu(n_images: int) -> dict:
+    from curate.buckets import parse_bucket_set, plan_crop, choose_bucket
+    from curate.demo import synthetic_image
+    from curate.images import decode
+    from curate.manifest import Dataset
+    from models.tiny import write_zoo
+    from models.vae import VaeSpec
+    from pipelines.encode import EncodeStage, crop_pixels, image_seed
+    from pipelines.ingest import ingest
+    from pipelines.runner import run_stage
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
+    rng = np.random.default_rng(0)
+    (tmp / "src").mkdir()
+    for i in range(n_images):
+        w, h = [(1216, 832), (832, 1216), (1024, 1024), (1344, 768)][i % 4]
+        synthetic_image(rng, w, h).save(tmp / "src" / f"{i:04d}.jpg", quality=90)
+    ds = Dataset(tmp / "ds", create=True)
+    ingest([str(tmp / "src")], ds, show_progress=False)
+    vae = str(write_zoo(tmp / "zoo", ["vae"])["vae"])
+    buckets = parse_bucket_set("sd15")
+
+    # the bare loop: decode at the needed size, Lanczos, crop; no model, no runner, no Parquet
+    rows = ds.read("images", ["image_id", "bytes", "width", "height"]).to_pylist()
+    started = time.perf_counter()
+    for r in rows:
+        bucket = choose_bucket(r["width"], r["height"], buckets.buckets)
+        crop = plan_crop(r["width"], r["height"], bucket, "random", image_seed(0, r["image_id"], "crop"))
+        crop_pixels(decode(r["bytes"], min(crop.resized_width, crop.resized_height)).image, crop)
+    bare = len(rows) / (time.perf_counter() - started)
+
+    stage = EncodeStage([VaeSpec(vae)], buckets, device="cpu")
+    summary = run_stage(ds, stage, show_progress=False)
+    encode_rate = summary.ok / summary.seconds
+
+    table = ds.read("latents")
+    latents = [b for b in table.column("latent").to_pylist() if b]
+    shard_bytes = sum(p.stat().st_size for p in ds.parts("latents"))
+    gz_dir = tmp / "gz"
+    gz_dir.mkdir()
+    for i, b in enumerate(latents):
+        (gz_dir / f"{i}.gz").write_bytes(gzip.compress(b))
+    gz_bytes = sum(p.stat().st_size for p in gz_dir.iterdir())
+
+    started = time.perf_counter()
+    n = 0
+    for part in ds.parts("latents"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(part).iter_batches(columns=["latent", "shape"]):
+            for blob, shape in zip(batch.column("latent").to_pylist(), batch.column("shape").to_pylist()):
+                np.frombuffer(blob, np.float16).reshape(shape)
+                n += 1
+    from_shards = n / (time.perf_counter() - started)
+    shapes = table.column("shape").to_pylist()
+    started = time.perf_counter()
+    for i in range(len(latents)):
+        np.frombuffer(gzip.decompress((gz_dir / f"{i}.gz").read_bytes()), np.float16).reshape(shapes[i])
+    from_gzip = len(latents) / (time.perf_counter() - started)
+
+    raw = sum(len(b) for b in latents)
+    return {
+        "mode": "tiny VAE on CPU (random weights, synthetic ~1 MP JPEGs, sd15 buckets)",
+        "images": n_images, "latents": len(latents), "latent_shapes": sorted({str(s) for s in shapes}),
+        "bytes_per_latent": {"raw_float16": round(raw / len(latents)), "parquet_zstd_shard": round(shard_bytes / len(latents)),
+                             "gzip_per_file": round(gz_bytes / len(latents)),
+                             "shard_vs_raw": round(shard_bytes / raw, 3), "gzip_vs_raw": round(gz_bytes / raw, 3),
+                             "note": "shard bytes include every column (sizes, crop, ids), not only the latent"},
+        "latents_read_per_s": {"parquet_shards": round(from_shards), "gzip_files": round(from_gzip)},
+        "images_per_s": {"encode_pass": round(encode_rate, 1), "bare_decode_resize_crop": round(bare, 1),
+                         "encode_vs_bare": round(encode_rate / bare, 3)},
+    }
+
+
+def real_size(device: str, batch_size: int, steps: int, peak_tflops: float | None) -> dict:
+    import torch
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae = AutoencoderKL(**SDXL_VAE).to(device, torch.bfloat16).eval()
+    x = torch.randn(batch_size, 3, 1024, 1024, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            vae.encode(x[:1])
+        flops_per_image = counter.get_total_flops()
+        vae.encode(x)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            vae.encode(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    rate = batch_size * steps / seconds
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    achieved = rate * flops_per_image / 1e12
+    return {"mode": "SDXL VAE encoder architecture, random bf16 weights, 1024x1024", "device": name,
+            "batch_size": batch_size, "images_per_s": round(rate, 2), "gflops_per_image": round(flops_per_image / 1e9, 1),
+            "achieved_tflops": round(achieved, 2), "peak_tflops": peak,
+            "fraction_of_flop_bound": round(achieved / peak, 3) if peak else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--real-size", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: looked up by name)")
+    args = parser.parse_args()
+    if args.real_size:
+        result = real_size(args.device, args.batch_size, args.steps, args.peak_tflops)
+    else:
+        result = tiny_cpu(args.images)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
