@@ -105,9 +105,9 @@ class EncodeStage(Stage):
             finite = bool(np.isfinite(latent16[k]).all())
             out["_error"].append(None if finite else "bad_output")
             out["_message"].append(None if finite else "the VAE gave NaN or Inf (fp16 overflow? use @bf16 or the fp16-fix VAE)")
-            out["latent"].append(latent16[k].tobytes())
+            out["latent"].append(latent16[k].tobytes() if finite else None)  # never store a broken latent
             out["shape"].append(list(latent16[k].shape))
-            keep = self.keep_distribution
+            keep = self.keep_distribution and finite
             out["mean"].append(mean[k].half().cpu().numpy().tobytes() if keep else None)
             out["logvar"].append(logvar[k].half().cpu().numpy().tobytes() if keep else None)
         names = ("original_height", "original_width", "resized_height", "resized_width",
