@@ -109,10 +109,7 @@ class Dataset:
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
-        for tmp in self.table_dir(name).glob(TMP_PREFIX + "*"):
-            match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
-            if match and not _pid_alive(int(match.group(1))):
-                tmp.unlink(missing_ok=True)
+        _remove_stale_tmp(self.table_dir(name))
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -158,6 +155,7 @@ class Dataset:
         it and two refreshes never fight over DuckDB's file lock.
         """
         path = self.root / "manifest.duckdb"
+        _remove_stale_tmp(self.root)  # left by a killed refresh
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         con = duckdb.connect(str(tmp))
         try:
@@ -212,6 +210,13 @@ class Dataset:
             return [row[0] for row in con.execute("DESCRIBE manifest").fetchall()]
         finally:
             con.close()
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    for tmp in folder.glob(TMP_PREFIX + "*"):
+        match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
+        if match and not _pid_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
 
 
 def _duck_type(t: pa.DataType) -> str:

@@ -32,6 +32,13 @@ def test_formats(dataset, tmp_path):
     assert json.loads((tmp_path / "bytes.json").read_text())["bytes"].endswith(" bytes>")
 
 
+def test_refresh_leaves_no_temporary_files(dataset):
+    (dataset.root / ".tmp-999999999-dead.duckdb").write_bytes(b"left by a killed refresh")
+    dataset.sql("SELECT 1")
+    dataset.sql("SELECT 2")
+    assert sorted(p.name for p in dataset.root.iterdir()) == ["manifest.duckdb", "tables"]
+
+
 def test_read_only(dataset, tmp_path):
     for statement in ["DROP VIEW images", "CREATE TABLE x AS SELECT 1", f"COPY images TO '{tmp_path}/leak.csv'",
                       "INSTALL httpfs", "SET threads = 1", "SELECT 1; DROP VIEW manifest"]:
