@@ -57,7 +57,10 @@ def pick_device(device: str | None):
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelError(f"--device {device}: no CUDA device here; use --device cpu")

@@ -4,7 +4,7 @@ embeddings. Each model writes its own table and resumes on its own `model` value
 """
 from __future__ import annotations
 
-from models.common import ModelError
+from models.common import ModelError, pick_device
 from pipelines.runner import Summary, run_stage, run_stages
 
 TAGGERS = ("wd14", "joytag")
@@ -50,6 +50,8 @@ def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=Non
           ray_address=None, device=None, batch_size=None, show_progress=True) -> list[Summary]:
     if not (clip or quality or tagger or watermark):
         raise ModelError("nothing to score: give --clip, --quality, --tagger and/or --watermark")
+    if engine == "local":
+        pick_device(device)  # a device that is not here fails now, not after the input is chosen
     stages = image_stages(clip, tagger, watermark, device, batch_size)
     ranker = None
     if quality:

@@ -240,6 +240,11 @@ def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
     counts = dataset.query("SELECT count(rank) AS ranks, count(tags) AS tagged, count(has_watermark) AS checked "
                            "FROM manifest").to_pylist()[0]
     assert counts == {"ranks": 12, "tagged": 12, "checked": 12}
+    for flags, message in [(["--clip", str(zoo / "open_clip"), "--device", "tpu"], "'tpu' is not a device; use cuda"),
+                           (["--clip", str(zoo / "nowhere")], "neither a directory nor a hub id"),
+                           (["--tagger", f"joytag:{zoo / 'wd14'}"], "lacks config.json, model.safetensors, top_tags.txt")]:
+        with pytest.raises(ModelError, match=message):
+            score(dataset, **{f[2:]: v for f, v in zip(flags[::2], flags[1::2])}, show_progress=False)
     proc = run_cli("score", ds, "--tagger", "foo:x", check=False)
     assert proc.returncode == 2 and "unknown model family 'foo'" in said(proc) and "wd14:MODEL or joytag:MODEL" in said(proc)
 
