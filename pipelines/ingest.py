@@ -32,7 +32,8 @@ from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
-from pipelines.runner import PART_ROWS, RAY_TASK_RETRIES, PartWriter, init_ray
+from pipelines.ray_engine import RAY_TASK_RETRIES, init_ray
+from pipelines.runner import PART_ROWS, PartWriter
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",

@@ -1,0 +1,161 @@
+"""The Ray engine of the runner: Ray Data decode tasks feeding model actor pools.
+
+`run_ray` yields the same [(stage index, rows)] lists as the local engine, from the same
+`prepare_row` and `process_pass`, so both engines write the same rows. `init_ray` joins
+a cluster (`--ray-address`, RAY_ADDRESS) or starts a local one, and keeps Ray quiet.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import pyarrow as pa
+
+from curate.manifest import Dataset
+from pipelines.runner import _rebatch, input_filter, prepare_row, process_pass
+from pipelines.stage import Stage
+
+# Ray Data retries a task whose worker died forever by default: an image that crashes
+# the decoder would hang the command. Two retries ride out a lost node; then it fails.
+RAY_TASK_RETRIES = 2
+
+
+def init_ray(ray_address: str | None = None):
+    """Join the cluster at ray_address / RAY_ADDRESS, or start a local one; quietly."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        # Ray's INFO lines and its token-auth notice are for cluster operators; our own
+        # progress bar and summary say what users need. Errors still come through.
+        kwargs = dict(log_to_driver=False, logging_level=logging.ERROR)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+    import ray.data
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return ray
+
+
+def _keep_todo(batch: pa.Table, stage: Stage, todo_ref: list) -> pa.Table:
+    """Ray task (fused into the read): drop rows no stage of the pass has to do."""
+    import ray
+
+    return batch.filter(input_filter(stage, ray.get(todo_ref[0])))
+
+
+def _prepare_batch(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
+    """Ray task: decode and prepare rows; results travel pickled (any shape)."""
+    import ray
+
+    todo = [set(ids.to_pylist()) for ids in ray.get(todo_ref[0])]
+    rows = batch.to_pylist()
+    prepared = [pickle.dumps(prepare_row(stages, r, todo), protocol=5) for r in rows]
+    return pa.table({"image_id": pa.array([r["image_id"] for r in rows], pa.string()),
+                     "_prepared": pa.array(prepared, pa.binary())})
+
+
+class _ProcessBatch:
+    """Ray actor: loads the models once, then processes batches. Several tables come back
+    in one Arrow batch as (stage index, IPC bytes) rows."""
+
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+        for stage in stages:
+            stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prepared = [pickle.loads(b) for b in batch.column("_prepared").to_pylist()]
+        results = process_pass(self.stages, batch.column("image_id").to_pylist(), prepared)
+        return pa.table({"_stage": pa.array([k for k, _ in results], pa.int32()),
+                         "_rows": pa.array([_to_ipc(t) for _, t in results], pa.binary())})
+
+
+def _to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def run_ray(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address: str | None):
+    ray = init_ray(ray_address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    num_gpus = max(s.num_gpus for s in stages)
+    actors = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
+    batch_size = min(s.batch_size for s in stages)
+    source = stages[0].source
+    parts = [str(p) for p in ds.parts(source)]
+    columns = set().union(*(s.columns for s in stages))
+    columns = sorted(columns | {"image_id", "status", "bytes"} if source == "images" else columns)
+    data = ray.data.read_parquet(parts).select_columns(columns)  # pushed down into the read
+    data = data.map_batches(_keep_todo, fn_kwargs={"stage": stages[0], "todo_ref": [ray.put(pa.array(everything, pa.string()))]},
+                            batch_format="pyarrow", batch_size=None)
+    # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
+    # batch so decoding spreads over every core.
+    data = data.repartition(target_num_rows_per_block=batch_size)
+    # Decoding runs as CPU tasks on every core; the models as a pool of actors that load
+    # weights once. The actors ask for no CPU: with equal resource requests Ray Data
+    # fuses the two steps into the actor, and all decoding would then run in the one
+    # model actor, on one core. A model's own CPU work shares the cores.
+    todo_ref = ray.put([pa.array(t, pa.string()) for t in todo])
+    with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
+                                batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
+                                max_retries=RAY_TASK_RETRIES)
+        data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
+                                batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_gpus=num_gpus if gpus else 0, num_cpus=0,
+                                # A restarted actor would meet the same batch again; a rerun
+                                # of the command resumes instead. (Restartable actors also
+                                # make Ray log a spurious error line for every pool.)
+                                max_restarts=0)
+    done: set[str] = set()
+    try:
+        for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
+            results = [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
+            for _, table in results:
+                done.update(table.column("image_id").to_pylist())
+            yield results
+    except ray.exceptions.WorkerCrashedError:
+        # A decode task's worker died and kept dying on retry: an image that crashes the
+        # decoder (or memory running out). Finish the rest one image per task, so a death
+        # names its image.
+        yield from _isolate_crashes(ds, stages, todo, [i for i in everything if i not in done])
+
+
+def _isolate_crashes(ds: Dataset, stages: list[Stage], todo: list[list[str]], remaining: list[str]):
+    """Prepare each remaining image in its own Ray task (no retries); one whose worker dies
+    gets a worker_died row. The models run here in the driver: this is the rare path."""
+    import ray
+
+    probe = ray.remote(max_retries=0, num_cpus=1)(prepare_row)
+    todo_sets = [set(t) for t in todo]
+    for stage in stages:
+        stage.setup()
+    batch_size = min(s.batch_size for s in stages)
+    columns = sorted(set().union(*(s.columns for s in stages)))
+    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], remaining), batch_size=batch_size)
+    for record_batch in _rebatch(source, batch_size):
+        rows = record_batch.to_pylist()
+        # Each task gets only its own image's membership, not the whole to-do lists.
+        wanted = [[{r["image_id"]} & t for t in todo_sets] for r in rows]
+        refs = [probe.remote(stages, r, w) for r, w in zip(rows, wanted)]
+        prepared = []
+        for ref, w in zip(refs, wanted):
+            try:
+                prepared.append(ray.get(ref))
+            except ray.exceptions.WorkerCrashedError:
+                died = {"_error": "worker_died", "_message": "the worker process died preparing this image"}
+                prepared.append([dict(died) if ids else None for ids in w])
+        yield process_pass(stages, [r["image_id"] for r in rows], prepared)
