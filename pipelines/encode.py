@@ -72,10 +72,6 @@ class EncodeStage(Stage):
         import torch
 
         self._device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self._device == "cpu":
-            # CPU conv results depend on the thread count: one thread per worker makes latents
-            # the same on every engine and machine (the decode threads use the other cores).
-            torch.set_num_threads(1)
         self._models = [load_vae(spec, self._device) for spec in self.vaes]
         channels = {vae.config.latent_channels for vae, _ in self._models}
         if len(channels) > 1:
@@ -92,8 +88,8 @@ class EncodeStage(Stage):
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).contiguous()
         x = pixels.float().div(255).sub(0.5).div(0.5).to(self._device, vae.dtype)
         with torch.inference_mode():
-            if self._device == "cpu":  # one at a time: a latent must not depend on its batch-mates
-                mean, logvar = (torch.cat(t) for t in zip(*(_moments(vae, x[k:k + 1]) for k in range(len(x)))))
+            if self._device == "cpu":
+                mean, logvar = _moments_one_by_one(vae, x)
             else:
                 mean, logvar = _moments(vae, x)
             noise = torch.stack([seeded_noise(mean.shape[1:], image_seed(self.seed, i, "noise"))
@@ -130,6 +126,21 @@ def seeded_noise(shape, seed: int):
 def _moments(vae, x):
     dist = vae.encode(x).latent_dist
     return dist.mean, dist.logvar
+
+
+def _moments_one_by_one(vae, x):
+    """CPU conv rounding depends on the batch and on the thread count: one image at a time on
+    one thread makes a latent the same whatever its batch-mates, engine or machine (the
+    decode threads keep the other cores busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        moments = [_moments(vae, x[k:k + 1]) for k in range(len(x))]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
 
 
 def crop_pixels(image: Image.Image, crop) -> np.ndarray:
