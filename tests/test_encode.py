@@ -51,6 +51,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -260,3 +261,25 @@ def test_latent_parts_stream_in_row_groups_of_bounded_size(tmp_path):
     meta = pq.read_metadata(ds.write_part("latents", rows))
     assert meta.num_row_groups >= 3
     assert all(meta.row_group(k).total_byte_size <= ROW_GROUP_BYTES * 1.1 for k in range(meta.num_row_groups))
+
+
+def test_latents_stream_back_one_row_group_at_a_time(tmp_path):
+    from curate.latents import latent_array, latent_row_groups
+    from curate.manifest import ROW_GROUP_BYTES, now
+    from curate.schema import SCHEMAS
+
+    ds = Dataset(tmp_path / "ds", create=True)
+    n, shape = 300, [4, 128, 128]
+    values = [np.full(shape, i % 7, np.float16) for i in range(n)]
+    rows = {f.name: [None] * n for f in SCHEMAS["latents"]}
+    rows.update(image_id=[f"{i:04d}" for i in range(n)], model=["a" if i % 3 else "b" for i in range(n)],
+                status=["error" if i == 5 else "ok" for i in range(n)], created_at=[now()] * n,
+                latent=[v.tobytes() for v in values], shape=[shape] * n, original_height=list(range(n)))
+    ds.write_part("latents", rows)
+    groups = list(latent_row_groups(ds, model="a"))
+    assert len(groups) > 1 and all(g.nbytes <= ROW_GROUP_BYTES * 1.1 for g in groups)
+    got = pa.concat_tables(groups).to_pylist()
+    assert [r["image_id"] for r in got] == [f"{i:04d}" for i in range(n) if i % 3 and i != 5]
+    for r in got:
+        i = int(r["image_id"])
+        assert r["original_height"] == i and np.array_equal(latent_array(r["latent"], r["shape"]), values[i])
