@@ -35,7 +35,12 @@ class ClipEmbedder(ModelStage):
         import open_clip
 
         name, _, tag = self.spec.partition(":")
-        return (name, tag or None) if name in open_clip.list_models() else None
+        if name not in open_clip.list_models():
+            return None
+        if not tag:  # open_clip would build the model with random weights
+            tags = ", ".join(t for n, t in open_clip.list_pretrained() if n == name)
+            raise ModelError(f"--clip {name}: name its weights too, as {name}:TAG (TAG one of: {tags})")
+        return name, tag
 
     def _config(self) -> dict:
         import open_clip

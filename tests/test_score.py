@@ -242,6 +242,7 @@ def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
     assert counts == {"ranks": 12, "tagged": 12, "checked": 12}
     for flags, message in [(["--clip", str(zoo / "open_clip"), "--device", "tpu"], "'tpu' is not a device; use cuda"),
                            (["--clip", str(zoo / "nowhere")], "neither a directory nor a hub id"),
+                           (["--clip", "ViT-B-32"], "name its weights too, as ViT-B-32:TAG"),
                            (["--tagger", f"joytag:{zoo / 'wd14'}"], "lacks config.json, model.safetensors, top_tags.txt")]:
         with pytest.raises(ModelError, match=message):
             score(dataset, **{f[2:]: v for f, v in zip(flags[::2], flags[1::2])}, show_progress=False)
