@@ -1,14 +1,16 @@
 """How many ratings the quality head needs: the rating page's pair choice against random pairs.
 
 Synthetic data with a hidden true quality (pipelines/quality/simulate.py): unit-norm
-embeddings, quality a known nonlinear function of them plus noise they cannot explain; a
+embeddings 512 wide whose variance decays over components as CLIP's does (`--decay 1`;
+0 is isotropic, much harder), quality a known nonlinear function of them plus noise they
+cannot explain; a
 simulated person who is wrong 10% of the time. For each strategy and seed, ratings are
 collected one at a time (the chooser learning as it goes), and at each checkpoint the real
 pair model is trained on the ratings so far and scored on 4,000 fresh random pairs judged by
 the hidden quality itself. Then `fit` runs end to end on 2,000 ratings of each strategy and
 the Spearman correlation of the head's ranks with the hidden quality is measured.
 
-    python bench/quality_pairs.py [--dim 512] [--images 5000] [--seeds 2]   # prints JSON
+    python bench/quality_pairs.py [--dim 512] [--decay 1] [--images 5000] [--seeds 2]   # prints JSON
 """
 from __future__ import annotations
 
@@ -51,14 +53,14 @@ def needed(curve: dict[int, float], target: float) -> int | None:
     return next((n for n in CHECKPOINTS if curve[n] >= target), None)
 
 
-def fit_spearman(n_images, dim, judgements, quality_seed):
+def fit_spearman(n_images, dim, decay, judgements, quality_seed):
     from scipy.stats import spearmanr
 
     from pipelines.quality.fit import FitSettings, fit_quality
 
     with tempfile.TemporaryDirectory() as tmp:
         ds = Dataset(Path(tmp) / "ds", create=True)
-        ids, quality = write_synthetic_dataset(ds, n_images, dim, seed=quality_seed)
+        ids, quality = write_synthetic_dataset(ds, n_images, dim, seed=quality_seed, decay=decay)
         left, right, winner = zip(*judgements[:2000])
         ds.write_part("ratings", {"left": left, "right": right, "winner": winner, "rater": ["sim"] * len(left),
                                   "created_at": [now()] * len(left)})
@@ -80,13 +82,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--decay", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # the same embeddings and ids fit will see
         ds = Dataset(Path(tmp) / "ds", create=True)
-        ids, quality = write_synthetic_dataset(ds, args.images, args.dim, seed=1)
+        ids, quality = write_synthetic_dataset(ds, args.images, args.dim, seed=1, decay=args.decay)
         found, emb = load_embeddings(ds, "synthetic-clip")
     quality = np.array([dict(zip(ids, quality))[i] for i in found])
     test_pairs = np.random.default_rng(999).choice(len(found), (4000, 2))
@@ -101,8 +104,8 @@ def main():
         results[strategy] = {"accuracy_by_ratings": mean,
                              "ratings_needed": {str(t): needed(mean, t) for t in TARGETS}}
     for strategy in results:
-        results[strategy]["fit_with_2000_ratings"] = fit_spearman(args.images, args.dim, first_judgements[strategy], 1)
-    print(json.dumps({"benchmark": "quality_pairs", "images": args.images, "embedding_dim": args.dim,
+        results[strategy]["fit_with_2000_ratings"] = fit_spearman(args.images, args.dim, args.decay, first_judgements[strategy], 1)
+    print(json.dumps({"benchmark": "quality_pairs", "images": args.images, "embedding_dim": args.dim, "variance_decay": args.decay,
                       "rater_error": 0.1, "seeds": args.seeds, "test_pairs": len(test_pairs),
                       "accuracy": "pair model vs hidden quality on fresh random pairs (noise-free truth)",
                       **results, "seconds": round(time.perf_counter() - started, 1)}, indent=2))

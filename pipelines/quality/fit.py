@@ -77,7 +77,7 @@ def _fit(ds: Dataset, output: Path, settings: FitSettings, show_progress: bool) 
         return vectors[[row[names[k]] for k in idx]]
 
     sample = np.sort(rng.choice(len(pool_ids), min(s.sample, len(pool_ids)), replace=False))
-    pair_epochs = 200
+    pair_epochs = qm.PAIR_EPOCHS
     with progress_bar("quality fit", pair_epochs + s.rounds + s.head_epochs, enabled=show_progress) as advance:
         net = qm.train_pair_model(side(train, left_ids), side(train, right_ids),
                                   np.array([WINNER_TARGET[winners[k]] for k in train]),

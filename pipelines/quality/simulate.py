@@ -7,14 +7,19 @@ import numpy as np
 from pipelines.quality.pairs import PairChooser
 
 
-def synthetic_embeddings(n: int, dim: int = 64, seed: int = 0, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_embeddings(n: int, dim: int = 64, seed: int = 0, noise: float = 0.3,
+                         decay: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Unit-norm embeddings and their hidden quality: a known nonlinear function of two
-    directions plus noise the embedding cannot explain (as real quality has)."""
+    directions plus noise the embedding cannot explain (as real quality has).
+
+    decay > 0 gives component k a variance of (k+1)**-decay, as real CLIP embeddings
+    concentrate their variance in a few dozen directions (0: isotropic)."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, dim))
+    x = rng.normal(size=(n, dim)) * (np.arange(1, dim + 1) ** (-decay / 2))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     u, v = rng.normal(size=(2, dim))
-    z1, z2 = (x @ (u / np.linalg.norm(u))) * np.sqrt(dim), (x @ (v / np.linalg.norm(v))) * np.sqrt(dim)
+    z1, z2 = x @ u, x @ v
+    z1, z2 = (z1 - z1.mean()) / z1.std(), (z2 - z2.mean()) / z2.std()
     quality = z1 + 0.5 * np.sin(2 * z2) + noise * rng.normal(size=n)
     return x.astype(np.float32), quality
 
@@ -45,14 +50,15 @@ def simulate_ratings(chooser: PairChooser, rater: SimulatedRater, n: int) -> lis
     return out
 
 
-def write_synthetic_dataset(ds, n: int, dim: int = 64, seed: int = 0, embedder: str = "synthetic-clip"):
+def write_synthetic_dataset(ds, n: int, dim: int = 64, seed: int = 0, embedder: str = "synthetic-clip",
+                            decay: float = 0.0):
     """A dataset of n ok images (rows only, no pixels) with synthetic embeddings; returns
     (ids, hidden quality). Lets fit be judged against a ranking we know."""
     import hashlib
 
     from curate.manifest import now
 
-    embeddings, quality = synthetic_embeddings(n, dim, seed)
+    embeddings, quality = synthetic_embeddings(n, dim, seed, decay=decay)
     ids = [hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest() for i in range(n)]
     stamp = now()
     ds.write_part("images", {"image_id": ids, "source": [f"/synthetic/{i:06d}.jpg" for i in range(n)],
