@@ -320,3 +320,41 @@ def prompts_fit(corpus: Annotated[str, typer.Argument(help="A text file of real 
         fail(str(e))
     print_summary(f"tag counts in {corpus}", fitted)
     print(f"[prompts]\ntag_count_mean = {fitted['tag_count_mean']}\ntag_count_sd = {fitted['tag_count_sd']}")
+
+
+@app.command()
+def train(
+    dataset: DatasetArg,
+    base: Annotated[str, typer.Option("--base", help="The base model: a diffusers pipeline directory (SDXL or SD1.5).")],
+    config: Annotated[Optional[str], typer.Option("--config", help="train.toml with any setting (docs/train.toml lists them all).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Run directory: checkpoints/, tensorboard/, log.jsonl.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to train for.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Data-parallel workers on Ray Train (1: in this process).")] = None,
+    where: WhereOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report batches, padded prompt lengths, tag counts and example prompts.")] = False,
+    ray_address: RayAddressOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Train the UNet (and text encoder 1) of an SDXL or SD1.5 model on the dataset's latents."""
+    from trainer.config import load_config
+
+    ds = open_dataset(dataset)
+    try:
+        settings = load_config(config, output=output, max_steps=max_steps, workers=workers, where=where)
+        if dry_run:
+            from trainer.dry_run import dry_run as run_dry
+
+            run_dry(ds, base, settings)
+            return
+        if settings.workers > 1:
+            from trainer.distributed import train_on_ray
+
+            summary = train_on_ray(str(ds.root), base, settings, resume, ray_address, show_progress=not quiet)
+        else:
+            from trainer.train import run_training
+
+            summary = run_training(str(ds.root), base, settings, resume, show_progress=not quiet)
+    except ValueError as e:
+        fail(str(e))
+    print_summary(f"train -> {settings.output}", summary)

@@ -60,18 +60,27 @@ def write_llava(target: Path) -> None:
     write_tiny_llava(target)
 
 
-@family("vae")
-def write_vae(target: Path) -> None:
-    """AutoencoderKL in the diffusers layout with the SDXL VAE's interface: 3 downsamplings
-    (factor 8), 4 latent channels, SDXL's scaling factor; a few channels, random weights."""
+def tiny_vae(scaling_factor: float = 0.13025):
+    """AutoencoderKL with the SDXL VAE's interface: 3 downsamplings (factor 8), 4 latent
+    channels, SDXL's scaling factor (SD1.5's is 0.18215); a few channels, random weights.
+    The one tiny VAE: the `vae` family and the tiny SDXL / SD1.5 pipelines use it."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(4, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-        sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+        sample_size=1024, scaling_factor=scaling_factor, force_upcast=True,
     )
-    vae.save_pretrained(target, safe_serialization=True)
+
+
+@family("vae")
+def write_vae(target: Path) -> None:
+    """The tiny VAE alone, in the diffusers layout."""
+    tiny_vae().save_pretrained(target, safe_serialization=True)
+
+
+# The tiny SDXL and SD1.5 pipelines register themselves on import (they use tiny_vae above).
+import models.tiny_sd  # noqa: E402,F401

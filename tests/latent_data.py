@@ -1,0 +1,60 @@
+"""A dataset with latents, tags, captions, ranks and watermarks written straight into the
+tables (following curate/schema.py), for trainer tests that need no image encoding."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from curate.manifest import Dataset, now
+
+WORDS = ["smile", "long_hair", "red_eyes", "outdoors", "sky", "cloud", "tree", "portrait", "blue_dress", "hat",
+         "looking_at_viewer", "sitting", "standing", "water", "city", "night", "sun", "grass", "flower", "book"]
+
+
+def image_id(i: int) -> str:
+    return hashlib.sha256(f"image {i}".encode()).hexdigest()
+
+
+def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] = ((8, 8),), ranks=None,
+                        seed: int = 0, vae: str = "tiny-vae") -> Dataset:
+    """n images; image i gets bucket i % len(buckets) (latent h, w), tags, a caption, a rank and
+    (every third) a watermark box. Latents are smooth random fields, so a UNet can fit them."""
+    rng = np.random.default_rng(seed)
+    ds = Dataset(root, create=True)
+    ids = [image_id(i) for i in range(n)]
+    t = now()
+    ds.write_part("images", {"image_id": ids, "source": [f"img{i}.jpg" for i in range(n)], "bytes": [b""] * n,
+                             "size_bytes": [0] * n, "width": [640] * n, "height": [480] * n, "format": ["JPEG"] * n,
+                             "mode": ["RGB"] * n, "animated": [False] * n, "status": ["ok"] * n, "error": [None] * n,
+                             "message": [None] * n, "created_at": [t] * n})
+    stage = {"image_id": ids, "status": ["ok"] * n, "error": [None] * n, "message": [None] * n, "created_at": [t] * n}
+    latents, shapes, geometry = [], [], []
+    for i in range(n):
+        h, w = buckets[i % len(buckets)]
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        lat = np.stack([np.sin(xx * rng.uniform(1, 4) + rng.uniform(0, 6)) * np.cos(yy * rng.uniform(1, 4)) * 3
+                        for _ in range(4)]).astype(np.float16)
+        latents.append(lat.tobytes())
+        shapes.append([4, h, w])
+        geometry.append((h * 8, w * 8))
+    ds.write_part("latents", stage | {
+        "model": [vae] * n, "latent": latents, "shape": shapes, "scaling_factor": [0.13025] * n,
+        "original_height": [gh * 2 + 3 for gh, _ in geometry], "original_width": [gw * 2 + 5 for _, gw in geometry],
+        "resized_height": [gh + 8 for gh, _ in geometry], "resized_width": [gw for _, gw in geometry],
+        "crop_top": [4] * n, "crop_left": [0] * n,
+        "target_height": [gh for gh, _ in geometry], "target_width": [gw for _, gw in geometry],
+        "mean": [None] * n, "logvar": [None] * n})
+    tags = [[WORDS[j] for j in rng.choice(len(WORDS), size=int(rng.integers(3, 15)), replace=False)] for _ in range(n)]
+    ds.write_part("tags", stage | {"model": ["wd14"] * n, "tags": tags, "tag_scores": [[0.9] * len(x) for x in tags],
+                                   "rating": ["general"] * n})
+    ds.write_part("captions", stage | {"model": ["vlm"] * n, "prompt": ["describe"] * n, "raw": [None] * n,
+                                       "caption": [f"A picture number {i}. It has {len(tags[i])} things in it." for i in range(n)]})
+    ranks = ranks if ranks is not None else [int(r) for r in rng.integers(1, 10, n)]
+    ds.write_part("quality", stage | {"model": ["head"] * n, "rank": ranks, "probs": [[0.1] * 10] * n})
+    marked = [i % 3 == 0 for i in range(n)]
+    ds.write_part("watermarks", stage | {
+        "model": ["owlv2"] * n, "score": [0.9 if m else 0.01 for m in marked], "has_watermark": marked,
+        "boxes": [[{"x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0, "score": 0.9}] if m else [] for m in marked]})
+    return ds

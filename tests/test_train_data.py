@@ -1,0 +1,168 @@
+"""Trainer settings, data selection, batching, chunking, masks, loss weights and time ids."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.latent_data import WORDS, make_latent_dataset
+from trainer.config import load_config
+from trainer.data import CHUNK, TrainData, load_rows, split_rows, watermark_mask
+from trainer.losses import loss_weights
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    from models.tiny import write_zoo
+
+    return write_zoo(tmp_path_factory.mktemp("zoo"), ["sdxl", "sd15"])
+
+
+def tokenizer(zoo, name="sdxl"):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(zoo[name] / "tokenizer")
+
+
+def test_config_rejects_bad_keys_and_types(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text("learning_rat = 1e-4\n")
+    with pytest.raises(ValueError, match="did you mean 'learning_rate'"):
+        load_config(path)
+    path.write_text("[prompts]\nugc = 0.2\n")
+    with pytest.raises(ValueError, match="did you mean 'prompts.ucg'"):
+        load_config(path)
+    path.write_text("batch_size = 'four'\n")
+    with pytest.raises(ValueError, match="batch_size must be int"):
+        load_config(path)
+    path.write_text("loss = 'l1'\n")
+    with pytest.raises(ValueError, match="'mse', 'min_snr', 'debiased'"):
+        load_config(path)
+    path.write_text("zero_terminal_snr = true\n")
+    with pytest.raises(ValueError, match="v_prediction"):
+        load_config(path)
+    path.write_text("max_steps = 7\nlearning_rate = 1\n[prompts]\nucg = 0.25\n")
+    config = load_config(path, max_steps=3)  # flags override the file
+    assert (config.max_steps, config.learning_rate, config.prompts.ucg) == (3, 1.0, 0.25)
+    ds = make_latent_dataset(tmp_path / "ds", 4)
+    path.write_text("batch_sise = 2\n")
+    proc = run_cli("train", str(ds.root), "--base", "x", "--config", str(path), "--dry-run", check=False)
+    assert proc.returncode == 2 and "did you mean 'batch_size'" in proc.stdout + proc.stderr
+
+
+def test_rank_0_and_where_are_left_out(tmp_path):
+    ds = make_latent_dataset(tmp_path / "ds", 10, ranks=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+    rows = load_rows(ds, load_config(None))
+    assert len(rows) == 8 and all(r.rank > 0 for r in rows)
+    assert {r.rank for r in load_rows(ds, load_config(None, where="rank >= 5"))} == {5, 6, 7, 8}
+    assert len(load_rows(ds, load_config(None, keep_rank_0=True))) == 10
+    with pytest.raises(ValueError, match="bad where"):
+        load_rows(ds, load_config(None, where="no_such_column > 1"))
+    assert split_rows(rows, load_config(None))[1] == []  # 2% of 8 rows
+    train, val = split_rows(rows, load_config(None, validation_fraction=0.25))
+    assert len(val) == 2 and not {r.image_id for r in val} & {r.image_id for r in train}
+
+
+def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
+    ds = make_latent_dataset(tmp_path / "ds", 96, buckets=[(8, 8), (8, 12), (12, 8)])
+    # long, varied tag lists so prompts need 1, 2 or 3 chunks
+    con_rows = load_rows(ds, load_config(None))
+    for i, row in enumerate(con_rows):
+        row.tags = [f"{w}_{j}" for j in range(i % 40 * 2 + 1) for w in WORDS[:1]]
+    config = load_config(None, batch_size=4, prompts={"tag_count_mean": 40.0})
+    data = TrainData(con_rows, config, tokenizer(zoo))
+    plan = data.plan(0)
+    assert len(plan) == data.batches_per_epoch == 24
+    assert all(len({con_rows[i].bucket for i in batch}) == 1 for batch in plan)
+    _, tokens = data.epoch_prompts(0)
+    padded = [max(data.chunks_needed(tokens[i]) for i in batch) for batch in plan]
+    assert set(padded) == {1, 2, 3}
+    assert plan == data.plan(0) and plan != data.plan(1)  # reproducible per epoch, new each epoch
+    batch = data.collate(plan[0], 0, [tokenizer(zoo)])
+    assert batch["input_ids"][0].shape == (4, 77 * batch["n_chunks"])
+    assert batch["latents"].shape[0] == 4
+
+
+def test_dry_run_prints_histograms_and_examples(tmp_path, zoo):
+    ds = make_latent_dataset(tmp_path / "ds", 12)
+    out = run_cli("train", str(ds.root), "--base", str(zoo["sdxl"]), "--dry-run").stderr
+    assert "padded prompt length per batch" in out and "75" in out
+    assert "tags per tag prompt" in out
+    for rule in ("shuffle_tags", "tag_count", "score_tags", "sentence_shuffle", "ucg", "all on"):
+        assert rule in out
+
+
+def test_long_prompts_go_in_chunks_and_long_clip_reads_248(tmp_path, zoo):
+    from models.tiny_sd import write_tiny_sd15
+    from trainer.model import Models
+
+    ds = make_latent_dataset(tmp_path / "ds", 4)
+    rows = load_rows(ds, load_config(None))
+    for row in rows:
+        row.tags = [f"tag{j}" for j in range(30)]  # about 115 tokens
+    config = load_config(None, batch_size=4, prompts={"ucg": 0.0, "tag_count": False, "score_tags": False,
+                                                      "source_weights": {"tags": 1.0, "caption": 0.0, "both": 0.0}})
+    sdxl = Models(zoo["sdxl"], config, torch.device("cpu"))
+    batch = TrainData(rows, config, sdxl.tokenizers[0]).collate([0, 1, 2, 3], 0, sdxl.tokenizers)
+    assert batch["n_chunks"] == 2
+    ids = batch["input_ids"][0][0]
+    assert ids[0] == ids[77] == 49406 and ids[76] == 49407  # BOS starts, EOS ends every chunk
+    hidden, pooled = sdxl.encode(batch["input_ids"], batch["n_chunks"])
+    assert hidden.shape == (4, 154, 64) and pooled.shape == (4, 32)
+    assert (batch["input_ids"][1][0][1:76] == batch["input_ids"][0][0][1:76]).all()  # same content, per-encoder pad
+    long_dir = tmp_path / "sd15-long"
+    long_dir.mkdir()
+    write_tiny_sd15(long_dir, positions=248)
+    long = Models(long_dir, config, torch.device("cpu"))
+    batch = TrainData(rows, config, long.tokenizers[0]).collate([0, 1], 0, long.tokenizers)
+    assert batch["input_ids"][0].shape == (2, 248) and batch["n_chunks"] == 1
+    assert long.encode(batch["input_ids"], 1)[0].shape == (2, 248, 32)
+
+
+def test_watermark_boxes_map_into_latent_coordinates(tmp_path):
+    ds = make_latent_dataset(tmp_path / "ds", 3, buckets=[(8, 12)])
+    row = [r for r in load_rows(ds, load_config(None)) if r.has_watermark][0]
+    # box = lower-right quarter of the original; resized 72x96, crop top 4: rows (36-4)/64*8 = 4.. , cols 6..
+    mask = watermark_mask(row)
+    assert mask.shape == (1, 8, 12)
+    assert mask[0, 4:, 6:].sum() == 0 and mask[0, :4].sum() == 4 * 12 and mask[0, :, :6].sum() == 8 * 6
+
+
+def test_loss_weights_equal_reference_formulas():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 1, 10, 100, 400, 700, 999])
+    snr = compute_snr(scheduler, t)
+    from trainer.losses import snr as our_snr
+
+    assert torch.allclose(our_snr(scheduler.alphas_cumprod, t), snr)
+    gamma = 5.0
+    # diffusers' train_text_to_image.py min-SNR weights
+    ref = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    assert torch.allclose(loss_weights("min_snr", snr, "epsilon", gamma), ref / snr)
+    assert torch.allclose(loss_weights("min_snr", snr, "v_prediction", gamma), ref / (snr + 1))
+    # debiased estimation (Yu et al.): 1/sqrt(snr) on the epsilon loss
+    assert torch.allclose(loss_weights("debiased", snr, "epsilon"), 1 / torch.sqrt(snr))
+    assert torch.allclose(loss_weights("debiased", snr, "v_prediction"), 1 / torch.sqrt(snr) * snr / (snr + 1))
+    assert torch.equal(loss_weights("mse", snr, "epsilon"), torch.ones_like(snr))
+
+
+def test_sdxl_time_ids_in_diffusers_order(tmp_path, zoo):
+    from diffusers import StableDiffusionXLPipeline
+
+    ds = make_latent_dataset(tmp_path / "ds", 4, buckets=[(8, 12)])
+    rows = load_rows(ds, load_config(None))
+    data = TrainData(rows, load_config(None, batch_size=2), tokenizer(zoo))
+    batch = data.collate([0, 1], 0, [tokenizer(zoo)])
+    pipe = StableDiffusionXLPipeline.from_pretrained(zoo["sdxl"])
+    table = ds.read("latents").to_pylist()
+    by_id = {r["image_id"]: r for r in table}
+    for got, image_id in zip(batch["time_ids"], batch["image_ids"]):
+        r = by_id[image_id]
+        expected = pipe._get_add_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
+                                          (r["target_height"], r["target_width"]), torch.float32,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        assert torch.equal(got, expected[0])
+        assert got[0] != got[1] and got[4] != got[5]  # not square: a height/width swap would show

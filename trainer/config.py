@@ -1,0 +1,154 @@
+"""Training settings: one dataclass, read from train.toml, overridden by command-line flags.
+
+Every setting lives in the TOML (top-level keys, and a [prompts] table for the prompt
+builder); an unknown key or a wrong type is rejected with the closest right name, so a
+typo never silently trains with a default. docs/train.toml documents every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.prompts import PromptConfig
+
+CHOICES = {
+    "precision": ("fp16", "bf16", "fp32"),
+    "loss": ("mse", "min_snr", "debiased"),
+    "prediction_type": ("epsilon", "v_prediction"),
+    "lr_schedule": ("cosine", "constant"),
+}
+
+
+@dataclass
+class TrainConfig:
+    # data
+    where: str | None = None  # SQL predicate over `manifest`; rank 0 is always left out unless keep_rank_0
+    keep_rank_0: bool = False
+    latents_model: str | None = None  # the latents table's `model` to train on (default: every VAE's, latest per image)
+    # run
+    output: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 4  # the global batch per optimizer micro-step, split across workers
+    gradient_accumulation: int = 1
+    workers: int = 1
+    device: str | None = None  # cuda, cpu (default: cuda when present)
+    # optimiser (AdamW) and schedule
+    learning_rate: float = 1e-4
+    text_encoder_learning_rate: float | None = None  # default: learning_rate
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    clip_grad_norm: float = 1.0  # 0 turns clipping off
+    precision: str = "fp16"  # fp16 = AMP with a GradScaler, the model in fp32
+    grad_scaler_init: float = 65536.0
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 turns EMA off
+    # models
+    train_text_encoder: bool = True  # text encoder 1
+    train_text_encoder_2: bool = False
+    max_chunks: int = 3  # prompts over 75 tokens go in 75-token chunks, up to this many
+    # diffusion and loss
+    loss: str = "min_snr"
+    min_snr_gamma: float = 5.0
+    prediction_type: str | None = None  # default: the base model's scheduler's
+    zero_terminal_snr: bool = False
+    offset_noise: float = 0.0
+    timestep_min: int = 0  # train on timesteps [timestep_min, timestep_max): a base/refiner split
+    timestep_max: int = 1000
+    mask_watermarks: bool = False  # no loss inside watermark boxes
+    # validation, checkpoints, logs
+    validate_every: int = 500  # steps; 0 turns validation off
+    validation_fraction: float = 0.02
+    validation_max: int = 2048
+    stable_train_samples: int = 2048
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+
+    def validate(self) -> None:
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+        positive = ("max_steps", "batch_size", "gradient_accumulation", "workers", "log_every", "checkpoint_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers}): each worker takes an equal share of every batch")
+        if not 0 <= self.timestep_min < self.timestep_max <= 1000:
+            raise ValueError(f"need 0 <= timestep_min < timestep_max <= 1000, got {self.timestep_min}, {self.timestep_max}")
+        if not 1 <= self.max_chunks <= 3:
+            raise ValueError(f"max_chunks must be 1, 2 or 3, got {self.max_chunks}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr needs prediction_type = 'v_prediction' (epsilon is undefined at the last timestep)")
+        self.prompts.validate()
+
+
+def _check_type(key: str, value, annotation) -> object:
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in kinds:
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is not type(None) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds if k is not type(None))
+    raise ValueError(f"{key} must be {names}, got {value!r}")
+
+
+def _apply(target, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    known = [f.name for f in dataclasses.fields(target)]
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(prefix + k for k in known)}"
+            raise ValueError(f"unknown setting '{prefix}{key}'; {hint}")
+        if dataclasses.is_dataclass(getattr(target, key)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} must be a table ([{key}])")
+            _apply(getattr(target, key), value, prefix=f"{key}.")
+        else:
+            setattr(target, key, _check_type(prefix + key, value, hints[key]))
+
+
+def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Defaults, then the TOML file, then the non-None overrides (command-line flags)."""
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no such config file: {path}")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from None
+        _apply(config, values)
+    _apply(config, {k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    return config
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    config = TrainConfig()
+    _apply(config, values)
+    return config

@@ -1,0 +1,239 @@
+"""Training data: latents from the latents table, text joined from the manifest at start.
+
+Text columns (tags, caption, rank, watermark) are read from the `manifest` view when
+training starts, so re-tagging or re-captioning never needs re-encoding. Rank 0 (junk)
+and rows outside `where` are left out. A small held-out set (lowest image_ids: sha256,
+so a fair random sample) is kept for validation.
+
+Every batch holds one bucket (one latent shape). Within a bucket, samples are grouped by
+the number of 75-token chunks their prompt needs before batching, so the padded
+lengths the model sees (75/150/225 tokens) follow the prompts' own length distribution
+instead of collapsing to the longest prompt of every batch. An epoch's plan is a pure
+function of (seed, epoch), so a resumed run sees the same batches.
+
+The latents of the chosen rows are held in memory (about 128 KiB per 1024x1024 SDXL
+image in float16).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from curate.manifest import Dataset, DatasetError
+from trainer.config import TrainConfig
+from trainer.model import sdxl_time_ids
+from trainer.prompts import PromptBuilder
+
+CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
+
+ROW_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "original_height", "original_width",
+               "crop_top", "crop_left", "resized_height", "resized_width", "target_height", "target_width"]
+
+
+@dataclass
+class Row:
+    image_id: str
+    latent: np.ndarray  # float16 [C, H, W], before scaling
+    scaling_factor: float
+    time_ids: tuple[int, int, int, int, int, int]  # original h, w; crop top, left; target h, w
+    resized: tuple[int, int]
+    tags: list[str]
+    caption: str | None
+    rank: int | None
+    has_watermark: bool
+    boxes: list[dict]
+
+    @property
+    def bucket(self) -> tuple[int, ...]:
+        return tuple(self.latent.shape)
+
+
+def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
+    """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text."""
+    conditions = ["has_latent"]
+    if not config.keep_rank_0:
+        conditions.append("(rank IS NULL OR rank > 0)")
+    if config.where:
+        conditions.append(f"({config.where})")
+    try:
+        text = ds.query("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS has_watermark, "
+                        f"watermark_boxes FROM manifest WHERE {' AND '.join(conditions)}").to_pylist()
+    except DatasetError as e:
+        raise ValueError(f"bad where {config.where!r}: {e}") from None
+    by_id = {t["image_id"]: t for t in text}
+    latest: dict[str, tuple] = {}
+    model = ds.read("latents", ["image_id", "model", "status", "created_at"])
+    for i, (image_id, m, status, created) in enumerate(zip(*[model.column(c).to_pylist() for c in model.column_names])):
+        if status == "ok" and image_id in by_id and (config.latents_model is None or m == config.latents_model):
+            if image_id not in latest or created >= latest[image_id][0]:
+                latest[image_id] = (created, i)
+    keep = sorted(i for _, i in latest.values())
+    table = ds.read("latents", ROW_COLUMNS).take(keep)
+    rows = []
+    for r in table.to_pylist():
+        t = by_id[r["image_id"]]
+        latent = np.frombuffer(r["latent"], dtype=np.float16).reshape(r["shape"])
+        rows.append(Row(r["image_id"], latent, r["scaling_factor"],
+                        tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
+                                            (r["target_height"], r["target_width"]))),
+                        (r["resized_height"], r["resized_width"]), list(t["tags"] or []), t["caption"], t["rank"],
+                        bool(t["has_watermark"]), list(t["watermark_boxes"] or [])))
+    if not rows:
+        raise ValueError("no rows to train on: no ok latents among the chosen images (run `curate encode`, check --where)")
+    return sorted(rows, key=lambda r: r.image_id)
+
+
+def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Row]]:
+    """(train, validation): the lowest image_ids are held out."""
+    n_val = min(config.validation_max, int(len(rows) * config.validation_fraction))
+    return rows[n_val:], rows[:n_val]
+
+
+def chunked(ids: list[int], n_chunks: int, bos: int, eos: int, pad: int, positions: int = 77) -> list[int]:
+    """Content tokens in n chunks of BOS + 75 tokens + EOS, padded; one chunk of all positions for long CLIP."""
+    if positions > 77:
+        body = ids[: positions - 2]
+        return [bos, *body, eos] + [pad] * (positions - 2 - len(body))
+    out = []
+    for c in range(n_chunks):
+        body = ids[c * CHUNK : (c + 1) * CHUNK]
+        out += [bos, *body, eos] + [pad] * (CHUNK - len(body))
+    return out
+
+
+class TrainData:
+    def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None):
+        self.rows, self.config, self.tokenizer = rows, config, tokenizer
+        self.seed = config.seed if seed is None else seed
+        self.prompts = PromptBuilder(config.prompts, seed=self.seed)
+        self.long_clip = tokenizer.model_max_length > 77
+        self.max_chunks = 1 if self.long_clip else config.max_chunks
+        self._cache: tuple[int, list, list] | None = None
+        self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
+
+    def require_batches(self) -> None:
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no bucket holds batch_size={self.config.batch_size} rows ({len(self.rows)} rows in "
+                             f"{len(set(r.bucket for r in self.rows))} buckets); lower batch_size")
+
+    def epoch_prompts(self, epoch: int) -> tuple[list, list[list[int]]]:
+        """Prompts and their content tokens (no BOS/EOS) for every row, for one epoch."""
+        if self._cache is None or self._cache[0] != epoch:
+            prompts = [self.prompts.build(r.image_id, epoch, r.tags, r.caption, r.rank, r.has_watermark) for r in self.rows]
+            tokens = self.tokenizer([p.text for p in prompts], add_special_tokens=False, truncation=False).input_ids
+            self._cache = (epoch, prompts, tokens)
+        return self._cache[1], self._cache[2]
+
+    def chunks_needed(self, tokens: list[int]) -> int:
+        return max(1, min(self.max_chunks, math.ceil(len(tokens) / CHUNK)))
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches (row indices): one bucket each, grouped by prompt chunks, in random order."""
+        _, tokens = self.epoch_prompts(epoch)
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, row in enumerate(self.rows):
+            groups[(row.bucket, self.chunks_needed(tokens[i]))].append(i)
+        size, batches, leftovers = self.config.batch_size, [], defaultdict(list)
+        for (bucket, _), members in sorted(groups.items()):
+            members = [members[j] for j in rng.permutation(len(members))]
+            full = len(members) // size * size
+            batches += [members[k : k + size] for k in range(0, full, size)]
+            leftovers[bucket] += members[full:]
+        for bucket, members in sorted(leftovers.items()):
+            members = [members[j] for j in rng.permutation(len(members))]
+            batches += [members[k : k + size] for k in range(0, len(members) // size * size, size)]
+        return [batches[j] for j in rng.permutation(len(batches))]
+
+    def fixed_batches(self) -> list[list[int]]:
+        """Every row once, in batches of one bucket, in a fixed order (validation; epoch 0 prompts)."""
+        by_bucket: dict[tuple, list[int]] = defaultdict(list)
+        for i, row in enumerate(self.rows):
+            by_bucket[row.bucket].append(i)
+        size = self.config.batch_size
+        return [m[k : k + size] for _, m in sorted(by_bucket.items()) for k in range(0, len(m), size)]
+
+    def batch_at(self, step: int) -> tuple[int, list[int]]:
+        """(epoch, row indices) of the global micro-step `step`."""
+        epoch, index = divmod(step, self.batches_per_epoch)
+        return epoch, self.plan(epoch)[index]
+
+    def collate(self, indices: list[int], epoch: int, tokenizers: list) -> dict:
+        prompts, tokens = self.epoch_prompts(epoch)
+        rows = [self.rows[i] for i in indices]
+        n_chunks = max(self.chunks_needed(tokens[i]) for i in indices)
+        positions = self.tokenizer.model_max_length
+        batch = {
+            "image_ids": [r.image_id for r in rows],
+            "prompts": [prompts[i].text for i in indices],
+            "latents": torch.from_numpy(np.stack([r.latent for r in rows]).astype(np.float32)),
+            "scaling_factor": rows[0].scaling_factor,
+            "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
+            "input_ids": [torch.tensor([chunked(tokens[i], n_chunks, tok.bos_token_id, tok.eos_token_id,
+                                                tok.pad_token_id, positions) for i in indices]) for tok in tokenizers],
+            "n_chunks": n_chunks,
+        }
+        if self.config.mask_watermarks:
+            batch["mask"] = torch.stack([watermark_mask(r) for r in rows])
+        return batch
+
+
+def watermark_mask(row: Row) -> torch.Tensor:
+    """1 where the loss counts, 0 over watermark boxes, in latent coordinates [1, h, w]."""
+    _, h, w = row.latent.shape
+    mask = torch.ones(1, h, w)
+    orig_h, orig_w, top, left, target_h, target_w = row.time_ids
+    res_h, res_w = row.resized
+    for box in row.boxes:
+        # normalised original -> resized pixels -> crop pixels -> latent cells (covering the box)
+        y0 = (box["y0"] * res_h - top) * h / target_h
+        y1 = (box["y1"] * res_h - top) * h / target_h
+        x0 = (box["x0"] * res_w - left) * w / target_w
+        x1 = (box["x1"] * res_w - left) * w / target_w
+        r0, r1 = max(0, math.floor(y0)), min(h, math.ceil(y1))
+        c0, c1 = max(0, math.floor(x0)), min(w, math.ceil(x1))
+        if r1 > r0 and c1 > c0:
+            mask[:, r0:r1, c0:c1] = 0
+    return mask
+
+
+def dry_run_report(data: TrainData, epochs: int = 1) -> dict:
+    """Padded prompt lengths per batch and tag counts over `epochs` epochs, and one example per rule."""
+    lengths, tag_counts = Counter(), Counter()
+    for epoch in range(epochs):
+        prompts, tokens = data.epoch_prompts(epoch)
+        for batch in data.plan(epoch):
+            n = max(data.chunks_needed(tokens[i]) for i in batch)
+            lengths[data.tokenizer.model_max_length if data.long_clip else n * CHUNK] += 1
+        for p in prompts:
+            if p.source in ("tags", "both"):
+                tag_counts[min(len(p.tags) // 10 * 10, 100)] += 1
+    return {"batches": sum(lengths.values()), "padded_lengths": dict(sorted(lengths.items())),
+            "tag_counts": {f"{k}-{k + 9}" if k < 100 else "100+": v for k, v in sorted(tag_counts.items())},
+            "examples": rule_examples(data)}
+
+
+def rule_examples(data: TrainData) -> dict[str, str]:
+    """For the richest row: the prompt with every rule off, then with each rule alone."""
+    import dataclasses
+
+    row = max(data.rows, key=lambda r: (len(r.tags) + (50 if r.caption else 0), r.image_id))
+    off = dataclasses.replace(data.config.prompts, ucg=0.0, tag_count=False, shuffle_tags=False, alias_rate=0.0,
+                              formatting_noise=0.0, score_tags=False, sentence_shuffle=False,
+                              source_weights={"tags": 1.0, "caption": 0.0, "both": 0.0})
+    rules = {"all off": {}, "shuffle_tags": {"shuffle_tags": True}, "tag_count": {"tag_count": True, "shuffle_tags": True},
+             "aliases": {"alias_rate": 1.0}, "formatting_noise": {"formatting_noise": 1.0}, "score_tags": {"score_tags": True},
+             "caption": {"source_weights": {"tags": 0.0, "caption": 1.0, "both": 0.0}},
+             "both": {"source_weights": {"tags": 0.0, "caption": 0.0, "both": 1.0}},
+             "sentence_shuffle": {"sentence_shuffle": True, "source_weights": {"tags": 0.0, "caption": 1.0, "both": 0.0}},
+             "ucg": {"ucg": 1.0}, "all on": None}
+    examples = {}
+    for name, change in rules.items():
+        config = data.config.prompts if change is None else dataclasses.replace(off, **change)
+        p = PromptBuilder(config, seed=data.seed).build(row.image_id, 0, row.tags, row.caption, row.rank, row.has_watermark)
+        examples[name] = p.text
+    return examples

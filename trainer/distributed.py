@@ -1,0 +1,52 @@
+"""Data-parallel training on Ray Train (TorchTrainer): `curate train --workers N`.
+
+Ray Train starts N workers and their torch.distributed process group (NCCL on GPUs,
+gloo on CPU); each worker runs the same Trainer with its rank, takes its equal share of
+every global batch, and gradients are averaged across workers before each optimizer
+step. Rank 0 writes logs and checkpoints, so on several machines --output must be a
+shared filesystem (and the dataset and base model readable from every machine).
+`RAY_ADDRESS` / --ray-address joins an existing cluster; otherwise a local one starts.
+"""
+from __future__ import annotations
+
+from trainer.config import TrainConfig, config_dict, config_from_dict
+
+
+def worker_loop(settings: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from trainer.train import run_training
+
+    context = ray.train.get_context()
+    summary = run_training(settings["dataset"], settings["base"], config_from_dict(settings["config"]), settings["resume"],
+                           rank=context.get_world_rank(), world=context.get_world_size(),
+                           device=ray.train.torch.get_device(), show_progress=settings["show_progress"])
+    ray.train.report(summary)
+
+
+def train_on_ray(dataset: str, base: str, config: TrainConfig, resume: bool = False, address: str | None = None,
+                 show_progress: bool = True, loop=worker_loop, extra: dict | None = None) -> dict:
+    import os
+    from pathlib import Path
+
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    output = Path(config.output).resolve()
+    config_values = config_dict(config) | {"output": str(output)}
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                                         os.environ.get("PYTHONPATH")]))}})
+    settings = {"dataset": str(Path(dataset).resolve()), "base": str(Path(base).resolve()), "config": config_values,
+                "resume": resume, "show_progress": show_progress, **(extra or {})}
+    trainer = TorchTrainer(loop, train_loop_config=settings,
+                           scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=torch.cuda.is_available()),
+                           run_config=RunConfig(name="train", storage_path=str(output / "ray")))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed on Ray: {result.error}")
+    return dict(result.metrics or {})

@@ -1,0 +1,87 @@
+"""The models being trained, loaded from a diffusers-format base directory.
+
+SDXL (model_index.json names a text_encoder_2): two CLIP text encoders; the UNet gets
+both penultimate hidden states side by side, encoder 2's projected pooled embedding,
+and the six micro-conditioning time ids. SD1.5: one encoder's last hidden state; a
+text encoder with more than 77 positions (Long-CLIP, 248) reads the whole prompt at once.
+Prompts over 75 tokens go through the 77-position encoders in chunks of 75 whose
+hidden states are concatenated, as A1111 and kohya do; the pooled embedding is the
+first chunk's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> list[int]:
+    """As diffusers' StableDiffusionXLPipeline._get_add_time_ids: original, crop, target; height before width."""
+    return list(original_size + crop_top_left + target_size)
+
+
+class Models:
+    def __init__(self, base: str | Path, config: TrainConfig, device: torch.device, checkpoint: Path | None = None):
+        """Frozen parts from base; trained parts from the checkpoint when resuming."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.base = Path(base)
+        index_path = self.base / "model_index.json"
+        if not index_path.is_file():
+            raise ValueError(f"{base} is not a diffusers pipeline directory (no model_index.json)")
+        index = json.loads(index_path.read_text())
+        self.sdxl = bool(index.get("text_encoder_2") and index["text_encoder_2"][0])
+        self.device = device
+        trained = {"unet", *(["text_encoder"] if config.train_text_encoder else []),
+                   *(["text_encoder_2"] if config.train_text_encoder_2 and self.sdxl else [])}
+
+        def source(name: str) -> Path:
+            return checkpoint / name if checkpoint is not None and name in trained else self.base / name
+
+        self.unet = UNet2DConditionModel.from_pretrained(source("unet")).to(device)
+        self.text_encoders = [CLIPTextModel.from_pretrained(source("text_encoder")).to(device)]
+        self.tokenizers = [CLIPTokenizer.from_pretrained(self.base / "tokenizer")]
+        if self.sdxl:
+            self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(source("text_encoder_2")).to(device))
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(self.base / "tokenizer_2"))
+        base_scheduler = json.loads((self.base / "scheduler" / "scheduler_config.json").read_text())
+        self.prediction_type = config.prediction_type or base_scheduler.get("prediction_type", "epsilon")
+        self.scheduler = DDPMScheduler.from_pretrained(self.base / "scheduler", prediction_type=self.prediction_type,
+                                                       rescale_betas_zero_snr=config.zero_terminal_snr)
+        components = {"unet": self.unet, "text_encoder": self.text_encoders[0], "text_encoder_2": self.text_encoders[-1]}
+        self.trained = {name: components[name] for name in sorted(trained)}
+        for model in [self.unet, *self.text_encoders]:
+            model.requires_grad_(any(model is m for m in self.trained.values()))
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            for name in ("text_encoder", "text_encoder_2"):
+                if name in self.trained:
+                    self.trained[name].gradient_checkpointing_enable()
+
+    def train(self, mode: bool = True) -> None:
+        for model in [self.unet, *self.text_encoders]:
+            model.train(mode and any(model is m for m in self.trained.values()))
+
+    def encode(self, input_ids: list[torch.Tensor], n_chunks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids [B, n*77] per encoder -> hidden states [B, n*77, D] (and the pooled embedding for SDXL)."""
+        hidden, pooled = [], None
+        for i, (encoder, ids) in enumerate(zip(self.text_encoders, input_ids)):
+            batch = ids.shape[0]
+            chunks = ids.to(self.device).reshape(batch * n_chunks, -1)
+            out = encoder(chunks, output_hidden_states=self.sdxl)
+            states = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
+            hidden.append(states.reshape(batch, -1, states.shape[-1]))
+            if i == 1:
+                pooled = out.text_embeds.reshape(batch, n_chunks, -1)[:, 0]
+        return torch.cat(hidden, dim=-1), pooled
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                time_ids: torch.Tensor) -> torch.Tensor:
+        extra = {}
+        if self.sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, hidden.dtype)}
+        return self.unet(noisy, timesteps, encoder_hidden_states=hidden, **extra).sample

@@ -1,0 +1,239 @@
+"""The training loop: one process, or one of several data-parallel workers (trainer/distributed.py).
+
+Reproducible by construction: the batch of micro-step s is a function of (seed, s) (see
+data.py), and its noise and timesteps come from a generator seeded by (seed, s), drawn
+for the whole global batch and sliced per worker, so N workers see exactly what one
+process sees. Resuming restores weights, optimiser, LR schedule, GradScaler and EMA
+from the checkpoint and carries on at its step: on CPU the loss curve equals that of a
+run that never stopped, bit for bit.
+
+Validation (every `validate_every` steps, rank 0) is plain MSE with fixed noise and
+timesteps, on the held-out rows and on the first `stable_train_samples` training rows
+(the "stable training loss"), so runs with different loss weightings compare.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from curate.manifest import Dataset
+from curate.progress import progress_bar
+from trainer.checkpoint import latest_checkpoint, load_state, remove_debris, save_checkpoint
+from trainer.config import TrainConfig, config_dict
+from trainer.data import TrainData, load_rows, split_rows
+from trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
+from trainer.model import Models
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+class Trainer:
+    def __init__(self, dataset: str | Path, base: str | Path, config: TrainConfig, resume: bool = False,
+                 rank: int = 0, world: int = 1, device: torch.device | None = None):
+        self.config, self.rank, self.world = config, rank, world
+        self.output = Path(config.output)
+        self.device = device or torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        checkpoint = latest_checkpoint(self.output) if resume else None
+        if resume and checkpoint is None:
+            raise ValueError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
+        torch.manual_seed(config.seed)
+        self.models = Models(base, config, self.device, checkpoint)
+        train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
+        tokenizer = self.models.tokenizers[0]
+        self.data = TrainData(train_rows, config, tokenizer)
+        self.data.require_batches()
+        self.val_data = TrainData(val_rows, config, tokenizer) if val_rows else None
+        self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer)
+
+        te_lr = config.text_encoder_learning_rate or config.learning_rate
+        groups = [{"params": [p for p in m.parameters() if p.requires_grad],
+                   "lr": config.learning_rate if name == "unet" else te_lr} for name, m in self.models.trained.items()]
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                           weight_decay=config.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=config.grad_scaler_init,
+                                           enabled=config.precision == "fp16")
+        self.ema = ({n: p.detach().float().clone() for n, p in self.models.unet.named_parameters()}
+                    if config.ema_decay else None)
+        self.step = 0
+        if checkpoint is not None:
+            state, ema = load_state(checkpoint)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step = state["step"]
+            if self.ema is not None and ema is not None:
+                self.ema = {n: t.float() for n, t in ema.items()}
+
+    def lr_factor(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return 1.0
+        progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    # ---- one step ----------------------------------------------------------------------
+    def loss_on(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor, kind: str) -> torch.Tensor:
+        m, c = self.models, self.config
+        latents = batch["latents"].to(self.device) * batch["scaling_factor"]
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        noisy = m.scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(self.device.type, dtype=AUTOCAST.get(c.precision), enabled=c.precision in AUTOCAST):
+            hidden, pooled = m.encode(batch["input_ids"], batch["n_chunks"])
+            pred = m.predict(noisy, timesteps, hidden, pooled, batch["time_ids"])
+        target = target_for(m.scheduler, latents, noise, timesteps, m.prediction_type)
+        weights = loss_weights(kind, snr(m.scheduler.alphas_cumprod, timesteps), m.prediction_type, c.min_snr_gamma)
+        mask = batch.get("mask")
+        return weighted_mse(pred, target, weights.to(self.device), None if mask is None else mask.to(self.device))
+
+    def micro_step(self, micro: int) -> torch.Tensor:
+        """Forward and loss of this worker's share of global micro-batch `micro`."""
+        c = self.config
+        epoch, indices = self.data.batch_at(micro)
+        batch = self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers)
+        generator = torch.Generator().manual_seed(seed_for(c.seed, micro))
+        shape = (len(indices), *batch["latents"].shape[1:])
+        noise = make_noise(shape, c.offset_noise, generator)[self.rank :: self.world]
+        timesteps = torch.randint(c.timestep_min, c.timestep_max, (len(indices),), generator=generator)[self.rank :: self.world]
+        return self.loss_on(batch, noise, timesteps, c.loss)
+
+    def sync_gradients(self) -> None:
+        """Average gradients over workers (what DDP does), once per optimizer step."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
+
+    def train_step(self, step: int) -> float:
+        c = self.config
+        self.models.train()
+        total = 0.0
+        for k in range(c.gradient_accumulation):
+            loss = self.micro_step(step * c.gradient_accumulation + k)
+            self.scaler.scale(loss / c.gradient_accumulation).backward()
+            total += loss.item() / c.gradient_accumulation
+        self.sync_gradients()
+        self.scaler.unscale_(self.optimizer)
+        if c.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, c.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, p in self.models.unet.named_parameters():
+                    self.ema[name].lerp_(p.detach().float(), 1 - c.ema_decay)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            mean = torch.tensor([total])
+            dist.all_reduce(mean)
+            total = mean.item() / self.world
+        return total
+
+    # ---- validation and checkpoints ------------------------------------------------------
+    @torch.no_grad()
+    def fixed_loss(self, data: TrainData, salt: int) -> float:
+        """Plain MSE with noise and timesteps fixed per batch: comparable across steps and runs."""
+        self.models.train(False)
+        total, count = 0.0, 0
+        for j, indices in enumerate(data.fixed_batches()):
+            batch = data.collate(indices, 0, self.models.tokenizers)
+            generator = torch.Generator().manual_seed(seed_for(self.config.seed, salt, j))
+            noise = make_noise(tuple(batch["latents"].shape), 0.0, generator)
+            timesteps = torch.randint(self.config.timestep_min, self.config.timestep_max, (len(indices),), generator=generator)
+            total += self.loss_on(batch, noise, timesteps, "mse").item() * len(indices)
+            count += len(indices)
+        return total / max(count, 1)
+
+    def validate(self) -> dict:
+        metrics = {"stable_train_loss": self.fixed_loss(self.stable_data, salt=1)}
+        if self.val_data is not None:
+            metrics["val_loss"] = self.fixed_loss(self.val_data, salt=2)
+        return metrics
+
+    def save(self) -> Path:
+        m = self.models
+        updates = {"prediction_type": m.prediction_type}
+        if self.config.zero_terminal_snr:
+            updates |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                 "scaler": self.scaler.state_dict(), "config": config_dict(self.config)}
+        return save_checkpoint(self.output, self.step, m, state, self.ema, updates, self.config.keep_checkpoints)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self, show_progress: bool = True) -> dict:
+        c, lead = self.config, self.rank == 0
+        start, started = self.step, time.perf_counter()
+        log, writer, first, loss, metrics, saved = None, None, None, float("nan"), {}, None
+        if lead:
+            self.output.mkdir(parents=True, exist_ok=True)
+            remove_debris(self.output)
+            log = self.open_log(start)
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start + 1 if start else None)
+        try:
+            with progress_bar("train", c.max_steps - start, enabled=show_progress and lead) as advance:
+                for step in range(start, c.max_steps):
+                    loss = self.train_step(step)
+                    self.step = step + 1
+                    first = loss if first is None else first
+                    if lead:
+                        lr = self.lr_schedule.get_last_lr()[0]
+                        log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
+                        log.flush()
+                        if self.step % c.log_every == 0 or self.step == c.max_steps:
+                            writer.add_scalar("train/loss", loss, self.step)
+                            writer.add_scalar("train/lr", lr, self.step)
+                            writer.add_scalar("train/grad_scale", self.scaler.get_scale() if self.scaler.is_enabled() else 1.0, self.step)
+                        if c.validate_every and (self.step % c.validate_every == 0 or self.step == c.max_steps):
+                            metrics = self.validate()
+                            for key, value in metrics.items():
+                                writer.add_scalar(f"validation/{key}", value, self.step)
+                            log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                        if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
+                            saved = self.save()
+                    advance(1)
+        finally:
+            if lead:
+                log.close()
+                writer.close()
+        samples = (self.step - start) * c.batch_size * c.gradient_accumulation
+        seconds = time.perf_counter() - started
+        return {"steps": f"{start} -> {self.step}", "samples": samples, "samples/s": round(samples / max(seconds, 1e-9), 2),
+                "first loss": round(first, 5) if first is not None else None, "last loss": round(loss, 5),
+                **{k: round(v, 5) for k, v in metrics.items()}, "checkpoint": str(saved) if saved else None,
+                "seconds": round(seconds, 1)}
+
+    def open_log(self, start: int):
+        """log.jsonl: one line per step; on resume, lines after the checkpoint's step are dropped."""
+        path = self.output / "log.jsonl"
+        kept = []
+        if start and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
+
+
+def run_training(dataset: str, base: str, config: TrainConfig, resume: bool = False, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None, show_progress: bool = True) -> dict:
+    return Trainer(dataset, base, config, resume, rank, world, device).run(show_progress)
