@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.latent_data import WORDS, make_latent_dataset
+from tests.trainer_helpers import WORDS, make_latent_dataset
 from trainer.config import load_config
 from trainer.data import CHUNK, TrainData, load_rows, split_rows, watermark_mask
 from trainer.losses import loss_weights

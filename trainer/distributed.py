@@ -22,11 +22,12 @@ def worker_loop(settings: dict) -> None:
     summary = run_training(settings["dataset"], settings["base"], config_from_dict(settings["config"]), settings["resume"],
                            rank=context.get_world_rank(), world=context.get_world_size(),
                            device=ray.train.torch.get_device(), show_progress=settings["show_progress"])
-    ray.train.report(summary)
+    ray.train.report({"steps": summary["steps"]})
 
 
 def train_on_ray(dataset: str, base: str, config: TrainConfig, resume: bool = False, address: str | None = None,
                  show_progress: bool = True, loop=worker_loop, extra: dict | None = None) -> dict:
+    import json
     import os
     from pathlib import Path
 
@@ -49,4 +50,5 @@ def train_on_ray(dataset: str, base: str, config: TrainConfig, resume: bool = Fa
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed on Ray: {result.error}")
-    return dict(result.metrics or {})
+    summary = output / "summary.json"  # written by rank 0 at the end of its run
+    return json.loads(summary.read_text()) if summary.is_file() else {}

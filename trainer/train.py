@@ -219,10 +219,13 @@ class Trainer:
                 writer.close()
         samples = (self.step - start) * c.batch_size * c.gradient_accumulation
         seconds = time.perf_counter() - started
-        return {"steps": f"{start} -> {self.step}", "samples": samples, "samples/s": round(samples / max(seconds, 1e-9), 2),
+        summary = {"steps": f"{start} -> {self.step}", "samples": samples, "samples/s": round(samples / max(seconds, 1e-9), 2),
                 "first loss": round(first, 5) if first is not None else None, "last loss": round(loss, 5),
                 **{k: round(v, 5) for k, v in metrics.items()}, "checkpoint": str(saved) if saved else None,
                 "seconds": round(seconds, 1)}
+        if lead:
+            (self.output / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
     def open_log(self, start: int):
         """log.jsonl: one line per step; on resume, lines after the checkpoint's step are dropped."""

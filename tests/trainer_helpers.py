@@ -1,11 +1,13 @@
-"""A dataset with latents, tags, captions, ranks and watermarks written straight into the
-tables (following curate/schema.py), for trainer tests that need no image encoding."""
+"""Trainer test helpers: a dataset with latents, tags, captions, ranks and watermarks written
+straight into the tables (following curate/schema.py), and a Ray Train worker loop that
+saves one step's gradients (it lives here, in an importable module, so workers can load it)."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from curate.manifest import Dataset, now
 
@@ -58,3 +60,22 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         "model": ["owlv2"] * n, "score": [0.9 if m else 0.01 for m in marked], "has_watermark": marked,
         "boxes": [[{"x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0, "score": 0.9}] if m else [] for m in marked]})
     return ds
+
+
+def probe_gradients(settings: dict) -> None:
+    """A Ray Train worker loop: one micro-step, gradients averaged over workers, saved by rank 0;
+    then the ordinary training run."""
+    import ray.train
+
+    from trainer.config import config_from_dict
+    from trainer.train import Trainer
+
+    context = ray.train.get_context()
+    trainer = Trainer(settings["dataset"], settings["base"], config_from_dict(settings["config"]),
+                      rank=context.get_world_rank(), world=context.get_world_size())
+    trainer.micro_step(0).backward()
+    trainer.sync_gradients()
+    if context.get_world_rank() == 0:
+        torch.save({n: p.grad for n, p in trainer.models.unet.named_parameters()}, settings["grads"])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    ray.train.report({"steps": trainer.run(show_progress=False)["steps"]})

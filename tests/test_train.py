@@ -1,0 +1,112 @@
+"""Training end to end on the tiny SDXL: overfitting, loading the checkpoint into diffusers,
+exact resume after kill -9 (also mid-checkpoint), and Ray Train workers matching one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.trainer_helpers import make_latent_dataset, probe_gradients
+from trainer.config import config_dict, config_from_dict, load_config
+from trainer.train import Trainer, run_training
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from models.tiny import write_zoo
+
+    return write_zoo(tmp_path_factory.mktemp("zoo"), ["sdxl"])["sdxl"]
+
+
+def losses(output) -> dict[int, float]:
+    lines = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return {x["step"]: x["loss"] for x in lines if "loss" in x}
+
+
+def test_overfits_8_latents_and_checkpoint_loads_into_sdxl_pipeline(tmp_path, sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    make_latent_dataset(tmp_path / "ds", 8)
+    config = load_config(None, output=str(tmp_path / "run"), max_steps=25, batch_size=8, precision="fp32",
+                         learning_rate=1e-2, lr_schedule="constant", loss="mse", validate_every=25,
+                         validation_fraction=0.0, train_text_encoder=False, prompts={"ucg": 0.0})
+    trainer = Trainer(tmp_path / "ds", sdxl, config)
+    start = trainer.validate()["stable_train_loss"]
+    summary = trainer.run(show_progress=False)
+    assert summary["stable_train_loss"] < start / 2, (start, summary)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000025"
+    pipe = StableDiffusionXLPipeline.from_pretrained(checkpoint)
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], trainer.models.unet.state_dict()["conv_in.weight"])
+    image = pipe("smile, sky", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert (tmp_path / "run" / "tensorboard").is_dir() and any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def resume_config(output) -> dict:
+    return {"output": str(output), "max_steps": 6, "batch_size": 2, "gradient_accumulation": 2, "precision": "fp32",
+            "learning_rate": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "loss": "min_snr", "offset_noise": 0.05,
+            "validate_every": 3, "checkpoint_every": 1, "validation_fraction": 0.0}
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    ds = make_latent_dataset(tmp_path / "ds", 8)
+    run_training(str(ds.root), str(sdxl), config_from_dict(resume_config(tmp_path / "straight")), show_progress=False)
+    expected = losses(tmp_path / "straight")
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    # kill -9 while a checkpoint (step 2 or later) is being written
+    toml = tmp_path / "train.toml"
+    toml.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in resume_config(tmp_path / "killed").items()))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "curate", "train", str(ds.root), "--base", str(sdxl),
+                             "--config", str(toml), "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(checkpoints.glob("step-*")) and list(checkpoints.glob(".tmp-step-*")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-checkpoint"
+    assert list(checkpoints.glob(".tmp-step-*")), "killed while writing a checkpoint: its temporary folder remains"
+    complete = sorted(checkpoints.glob("step-*"))
+    assert complete and sorted(losses(tmp_path / "killed")) != [1, 2, 3, 4, 5, 6]
+    StableDiffusionXLPipeline.from_pretrained(complete[-1])  # the previous checkpoint is intact
+
+    run_training(str(ds.root), str(sdxl), config_from_dict(resume_config(tmp_path / "killed")), resume=True,
+                 show_progress=False)
+    assert not list(checkpoints.glob(".tmp-step-*"))
+    assert losses(tmp_path / "killed") == expected  # every step's loss, bit for bit
+
+
+def test_ray_train_two_workers_match_one_process(tmp_path, sdxl, ray_cluster):
+    from trainer.distributed import train_on_ray
+
+    ds = make_latent_dataset(tmp_path / "ds", 8)
+    config = load_config(None, output=str(tmp_path / "single"), batch_size=4, precision="fp32", validate_every=0,
+                         validation_fraction=0.0, train_text_encoder=False, max_steps=2, checkpoint_every=2)
+    single = Trainer(ds.root, sdxl, config)
+    single.micro_step(0).backward()
+    expected = {n: p.grad for n, p in single.models.unet.named_parameters()}
+
+    ray_config = config_from_dict(config_dict(config) | {"workers": 2, "output": str(tmp_path / "ray")})
+    summary = train_on_ray(str(ds.root), str(sdxl), ray_config, show_progress=False, loop=probe_gradients,
+                           extra={"grads": str(tmp_path / "grads.pt")})
+    got = torch.load(tmp_path / "grads.pt")
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), name
+    assert summary["checkpoint"].endswith("step-00000002")
+    assert sorted(losses(tmp_path / "ray")) == [1, 2]
