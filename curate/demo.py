@@ -233,8 +233,36 @@ def step_quality(demo: Demo) -> None:
                              "GROUP BY rank ORDER BY rank"), "table", None)
 
 
+
+DEMO_TRAIN = {"max_steps": 3, "batch_size": 4, "precision": "fp32", "learning_rate": 1e-4, "validate_every": 3,
+              "checkpoint_every": 3, "stable_train_samples": 16, "validation_max": 16}
+
+
+def step_train(demo: Demo) -> None:
+    """A few training steps of the tiny SDXL on the demo's latents; the checkpoint then draws an image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from models.tiny import write_zoo
+    from trainer.config import load_config
+    from trainer.dry_run import dry_run
+    from trainer.train import run_training
+
+    base = write_zoo(demo.root / "models", ["sdxl"])["sdxl"]
+    config = load_config(None, output=str(demo.root / "run"), **DEMO_TRAIN)
+    settings = " ".join(f"{k}={v}" for k, v in DEMO_TRAIN.items())
+    console.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output} --dry-run[/dim]")
+    dry_run(demo.ds, str(base), config)
+    console.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output}  # {settings}[/dim]")
+    summary = run_training(str(demo.root / "dataset"), str(base), config, show_progress=False)
+    print_summary("train", summary)
+    pipe = StableDiffusionXLPipeline.from_pretrained(summary["checkpoint"])
+    image = pipe("score_7, smile", num_inference_steps=2, height=64, width=64).images[0]
+    image.save(demo.root / "run" / "sample.png")
+    console.print(f"the checkpoint loads into StableDiffusionXLPipeline: {demo.root / 'run' / 'sample.png'} (random weights: noise)")
+
+
 STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_quality, step_encode, step_info,
-         step_queries]
+         step_train, step_queries]
 
 
 def run_demo(root: Path, engine: str = "local") -> Demo:

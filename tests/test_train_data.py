@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.trainer_helpers import WORDS, make_latent_dataset
-from trainer.config import load_config
+from trainer.config import config_dict, load_config
 from trainer.data import CHUNK, TrainData, load_rows, split_rows, watermark_mask
 from trainer.losses import loss_weights
 
@@ -41,6 +41,10 @@ def test_config_rejects_bad_keys_and_types(tmp_path):
     path.write_text("zero_terminal_snr = true\n")
     with pytest.raises(ValueError, match="v_prediction"):
         load_config(path)
+    documented = load_config(REPO / "docs" / "train.toml")  # the commented example holds every key
+    text = (REPO / "docs" / "train.toml").read_text()
+    keys = [k for k in config_dict(documented) if k != "prompts"] + list(config_dict(documented)["prompts"])
+    assert all(f"{key} =" in text for key in keys) and "[prompts]" in text
     path.write_text("max_steps = 7\nlearning_rate = 1\n[prompts]\nucg = 0.25\n")
     config = load_config(path, max_steps=3)  # flags override the file
     assert (config.max_steps, config.learning_rate, config.prompts.ucg) == (3, 1.0, 0.25)

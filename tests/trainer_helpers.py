@@ -47,10 +47,10 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         "resized_height": [gh + 8 for gh, _ in geometry], "resized_width": [gw for _, gw in geometry],
         "crop_top": [4] * n, "crop_left": [0] * n,
         "target_height": [gh for gh, _ in geometry], "target_width": [gw for _, gw in geometry],
-        "mean": [None] * n, "logvar": [None] * n})
+        "mean": [None] * n, "logvar": [None] * n, "vae": [vae] * n, "shift_factor": [None] * n})
     tags = [[WORDS[j] for j in rng.choice(len(WORDS), size=int(rng.integers(3, 15)), replace=False)] for _ in range(n)]
     ds.write_part("tags", stage | {"model": ["wd14"] * n, "tags": tags, "tag_scores": [[0.9] * len(x) for x in tags],
-                                   "rating": ["general"] * n})
+                                   "rating": ["general"] * n, "rating_score": [0.9] * n})
     ds.write_part("captions", stage | {"model": ["vlm"] * n, "prompt": ["describe"] * n, "raw": [None] * n,
                                        "caption": [f"A picture number {i}. It has {len(tags[i])} things in it." for i in range(n)]})
     ranks = ranks if ranks is not None else [int(r) for r in rng.integers(1, 10, n)]

@@ -30,7 +30,7 @@ from trainer.prompts import PromptBuilder
 
 CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
 
-ROW_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "original_height", "original_width",
+ROW_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "shift_factor", "original_height", "original_width",
                "crop_top", "crop_left", "resized_height", "resized_width", "target_height", "target_width"]
 
 
@@ -39,6 +39,7 @@ class Row:
     image_id: str
     latent: np.ndarray  # float16 [C, H, W], before scaling
     scaling_factor: float
+    shift_factor: float  # 0 for SD/SDXL VAEs; the UNet sees (latent - shift) * scale
     time_ids: tuple[int, int, int, int, int, int]  # original h, w; crop top, left; target h, w
     resized: tuple[int, int]
     tags: list[str]
@@ -77,7 +78,7 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     for r in table.to_pylist():
         t = by_id[r["image_id"]]
         latent = np.frombuffer(r["latent"], dtype=np.float16).reshape(r["shape"])
-        rows.append(Row(r["image_id"], latent, r["scaling_factor"],
+        rows.append(Row(r["image_id"], latent, r["scaling_factor"], r["shift_factor"] or 0.0,
                         tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
                                             (r["target_height"], r["target_width"]))),
                         (r["resized_height"], r["resized_width"]), list(t["tags"] or []), t["caption"], t["rank"],
@@ -170,8 +171,8 @@ class TrainData:
         batch = {
             "image_ids": [r.image_id for r in rows],
             "prompts": [prompts[i].text for i in indices],
-            "latents": torch.from_numpy(np.stack([r.latent for r in rows]).astype(np.float32)),
-            "scaling_factor": rows[0].scaling_factor,
+            "latents": torch.from_numpy(np.stack([(r.latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
+                                                  for r in rows])),
             "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
             "input_ids": [torch.tensor([chunked(tokens[i], n_chunks, tok.bos_token_id, tok.eos_token_id,
                                                 tok.pad_token_id, positions) for i in indices]) for tok in tokenizers],

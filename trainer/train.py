@@ -87,7 +87,7 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------
     def loss_on(self, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor, kind: str) -> torch.Tensor:
         m, c = self.models, self.config
-        latents = batch["latents"].to(self.device) * batch["scaling_factor"]
+        latents = batch["latents"].to(self.device)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         noisy = m.scheduler.add_noise(latents, noise, timesteps)
         with torch.autocast(self.device.type, dtype=AUTOCAST.get(c.precision), enabled=c.precision in AUTOCAST):

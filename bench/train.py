@@ -1,0 +1,137 @@
+"""Trainer throughput, printed as JSON.
+
+    python bench/train.py                      # CPU: data path per core, tiny SDXL steps/s
+    python bench/train.py --device cuda --real-size   # an SDXL-size UNet (random weights), batch 8, bf16
+
+The data path is what the trainer does per sample besides the model: building the
+prompt, tokenizing it, planning batches and assembling latents (SDXL-size, 4x128x128
+float16) into tensors; it runs on one thread, so the figure is per core. The real-size
+mode times forward + backward + AdamW of SDXL's UNet architecture (2.6B parameters) at
+1024x1024 with precomputed-size text states, and reports peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+THREADS = torch.get_num_threads()
+
+
+def data_path(rows: int, tmp: Path, sdxl: Path) -> dict:
+    from tests.trainer_helpers import make_latent_dataset
+    from trainer.config import load_config
+    from trainer.data import TrainData, load_rows
+    from transformers import CLIPTokenizer
+
+    ds = make_latent_dataset(tmp / "ds", rows, buckets=[(128, 128), (112, 144), (144, 112)])
+    config = load_config(None, batch_size=8)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    loaded = load_rows(ds, config)
+    read_s = time.perf_counter() - started
+    tokenizer = CLIPTokenizer.from_pretrained(sdxl / "tokenizer")
+    data = TrainData(loaded, config, tokenizer)
+    started = time.perf_counter()
+    samples = 0
+    for epoch in range(2):
+        for batch in data.plan(epoch):
+            collated = data.collate(batch, epoch, [tokenizer, tokenizer])
+            samples += collated["latents"].shape[0]
+    prompt_batch_s = time.perf_counter() - started
+    return {"rows": rows, "latent_shape": list(loaded[0].latent.shape), "read_latents_rows_per_s": round(rows / read_s, 1),
+            "prompts_batches_samples_per_s": round(samples / prompt_batch_s, 1),
+            "data_path_samples_per_s_per_core": round(samples / (prompt_batch_s + 2 * read_s), 1)}
+
+
+def tiny_steps(tmp: Path, sdxl: Path, steps: int) -> dict:
+    from tests.trainer_helpers import make_latent_dataset
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    torch.set_num_threads(THREADS)
+    make_latent_dataset(tmp / "tiny", 16)
+    config = load_config(None, output=str(tmp / "run"), batch_size=4, precision="fp32", max_steps=steps + 1,
+                         validate_every=0, checkpoint_every=10_000, validation_fraction=0.0)
+    trainer = Trainer(tmp / "tiny", sdxl, config)
+    trainer.train_step(0)  # warm-up
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.train_step(step)
+    seconds = time.perf_counter() - started
+    return {"tiny_sdxl_steps_per_s_cpu": round(steps / seconds, 2), "batch_size": 4,
+            "threads": torch.get_num_threads()}
+
+
+def real_size(device: str, batch: int, steps: int) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816).to(device)
+    unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def step():
+        x = torch.randn(batch, 4, 128, 128, device=device, generator=gen)
+        hidden = torch.randn(batch, 154, 2048, device=device, generator=gen)
+        cond = {"text_embeds": torch.randn(batch, 1280, device=device, generator=gen),
+                "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=torch.float32)}
+        t = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=cond).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"sdxl_unet_bf16_batch": batch, "samples_per_s": round(batch * steps / seconds, 2),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "parameters": sum(p.numel() for p in unet.parameters()), "gradient_checkpointing": True,
+            "device_name": torch.cuda.get_device_name()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=512, help="latent rows for the data-path figure")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--real-size", action="store_true", help="SDXL-size UNet at batch 8 in bf16 (needs a GPU)")
+    args = parser.parse_args()
+    from models.tiny import write_zoo
+
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.real_size:
+            if not args.device.startswith("cuda") or not torch.cuda.is_available():
+                parser.error("--real-size needs --device cuda and a GPU")
+            result["real_size"] = real_size(args.device, 8, args.steps)
+        else:
+            sdxl = write_zoo(tmp / "zoo", ["sdxl"])["sdxl"]
+            result["data_path"] = data_path(args.rows, tmp, sdxl)
+            result["tiny_cpu"] = tiny_steps(tmp, sdxl, args.steps)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
