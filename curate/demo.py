@@ -247,9 +247,6 @@ def step_train(demo: Demo) -> None:
     from trainer.dry_run import dry_run
     from trainer.train import run_training
 
-    if not demo.ds.parts("latents"):
-        console.print("[yellow]no latents in the demo dataset (the encode step is missing): nothing to train on[/yellow]")
-        return
     base = write_zoo(demo.root / "models", ["sdxl"])["sdxl"]
     config = load_config(None, output=str(demo.root / "run"), **DEMO_TRAIN)
     settings = " ".join(f"{k}={v}" for k, v in DEMO_TRAIN.items())

@@ -125,7 +125,8 @@ class TrainData:
         """Prompts and their content tokens (no BOS/EOS) for every row, for one epoch."""
         if self._cache is None or self._cache[0] != epoch:
             prompts = [self.prompts.build(r.image_id, epoch, r.tags, r.caption, r.rank, r.has_watermark) for r in self.rows]
-            tokens = self.tokenizer([p.text for p in prompts], add_special_tokens=False, truncation=False).input_ids
+            tokens = self.tokenizer([p.text for p in prompts], add_special_tokens=False, truncation=False,
+                                    verbose=False).input_ids  # long prompts are chunked, not truncated
             self._cache = (epoch, prompts, tokens)
         return self._cache[1], self._cache[2]
 

@@ -60,7 +60,8 @@ class Models:
             self.unet.enable_gradient_checkpointing()
             for name in ("text_encoder", "text_encoder_2"):
                 if name in self.trained:
-                    self.trained[name].gradient_checkpointing_enable()
+                    model = self.trained[name]  # transformers 5 renamed the method
+                    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
     def train(self, mode: bool = True) -> None:
         for model in [self.unet, *self.text_encoders]:
