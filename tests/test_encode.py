@@ -210,12 +210,15 @@ def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
     from pipelines.runner import run_stage
 
     ds = ingest(tmp_path, {f"i{i}.png": make_image(280, 280, seed=i) for i in range(8)})
-    mixed = EncodeStage([VaeSpec(vae_dir), VaeSpec(vae_dir, "bf16")], parse_bucket_set(SMALL), batch_size=8)
+    pipeline = tmp_path / "pipeline"  # a full diffusers pipeline directory: the VAE is in vae/
+    shutil.copytree(vae_dir, pipeline / "vae")
+    (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    mixed = EncodeStage([VaeSpec(vae_dir), VaeSpec(str(pipeline), "bf16")], parse_bucket_set(SMALL), batch_size=8)
     mixed.process = _one_vae_per_batch(mixed.process)
     run_stage(Dataset(ds), mixed, show_progress=False)
     rows = latents(ds)
     assert all(r["status"] == "ok" for r in rows.values())
-    assert {r["vae"] for r in rows.values()} == {f"{vae_dir}@fp32", f"{vae_dir}@bf16"}
+    assert {r["vae"] for r in rows.values()} == {f"{vae_dir}@fp32", f"{pipeline}@bf16"}
     # A VAE whose outputs overflow float16: every latent is rejected with a reason, none stored.
     broken = tmp_path / "broken"
     shutil.copytree(vae_dir, broken)
