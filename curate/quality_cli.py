@@ -58,8 +58,8 @@ def rate(
     bound_host, bound_port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the images and rate[/yellow]")
-    print(f"rating page: http://{bound_host}:{bound_port}/  (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # the address is printed inside: a Ctrl-C right after it still ends with the summary
+        print(f"rating page: http://{bound_host}:{bound_port}/  (Ctrl-C to stop)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
