@@ -74,7 +74,7 @@ def tiny_cpu(n_images: int) -> dict:
     prepared = [stage.prepare(dict(r)) for r in rows]
     started = time.perf_counter()
     for r, p in zip(rows, prepared):
-        stage.process({"image_id": [r["image_id"]], **{k: [v] if k != "pixels" else v[None] for k, v in p.items()}})
+        stage.process({"image_id": [r["image_id"]], **{k: [v] if k != "pixels" else np.stack([v]) for k, v in p.items()}})
     vae_only = len(rows) / (time.perf_counter() - started)
     summary = run_stage(ds, EncodeStage([VaeSpec(vae)], buckets, device="cpu"), show_progress=False)
     encode_rate = summary.ok / summary.seconds
