@@ -200,3 +200,8 @@ def write_owlv2(folder: Path) -> None:
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=16)
     image_processor = Owlv2ImageProcessor(size={"height": TINY_OWLV2_SIZE, "width": TINY_OWLV2_SIZE})
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    # transformers 5 saves processor_config.json; the published repo has preprocessor_config.json
+    saved = json.loads((folder / "processor_config.json").read_text())
+    (folder / "processor_config.json").unlink()
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**saved["image_processor"], "processor_class": "Owlv2Processor"}, indent=2))
