@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
+from models.tiny import write_zoo
 from tests.trainer_helpers import make_latent_dataset, probe_gradients
 from trainer.config import config_dict, config_from_dict, load_config
 from trainer.train import Trainer, run_training
@@ -20,8 +21,6 @@ from trainer.train import Trainer, run_training
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from models.tiny import write_zoo
-
     return write_zoo(tmp_path_factory.mktemp("zoo"), ["sdxl"])["sdxl"]
 
 
@@ -117,8 +116,6 @@ def test_sd15_with_every_option_trains_and_loads(tmp_path):
     offset noise, a timestep range, watermark masks, EMA, gradient checkpointing, held-out validation."""
     from diffusers import StableDiffusionPipeline
 
-    from models.tiny import write_zoo
-
     sd15 = write_zoo(tmp_path / "zoo", ["sd15"])["sd15"]
     make_latent_dataset(tmp_path / "ds", 12, buckets=[(8, 8), (8, 12)])
     common = dict(max_steps=2, batch_size=2, prediction_type="v_prediction", zero_terminal_snr=True, loss="debiased",
@@ -138,3 +135,21 @@ def test_sd15_with_every_option_trains_and_loads(tmp_path):
     assert (checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
     assert pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_trains_on_latents_from_curate_encode(dataset, sdxl, tmp_path):
+    """The real producer of latents: `curate encode` with the tiny VAE, then training reads its rows."""
+    vae = write_zoo(tmp_path / "zoo", ["vae"])["vae"]
+    run_cli("encode", str(dataset.root), "--vae", str(vae), "--set", "rule:step=64,min_area=16384,max_area=40000", "-q")
+    encoded = {r["image_id"]: r for r in dataset.read("latents").to_pylist() if r["status"] == "ok"}
+    config = load_config(None, output=str(tmp_path / "run"), max_steps=1, batch_size=1, precision="fp32",
+                         validate_every=0, validation_fraction=0.0)
+    trainer = Trainer(dataset.root, sdxl, config)
+    assert {r.image_id for r in trainer.data.rows} == set(encoded)
+    epoch, indices = trainer.data.batch_at(0)
+    batch = trainer.data.collate(indices, epoch, trainer.models.tokenizers)
+    r = encoded[batch["image_ids"][0]]
+    assert batch["time_ids"][0].tolist() == [r["original_height"], r["original_width"], r["crop_top"], r["crop_left"],
+                                             r["target_height"], r["target_width"]]
+    assert list(batch["latents"].shape[1:]) == r["shape"] == [4, r["target_height"] // 8, r["target_width"] // 8]
+    assert trainer.run(show_progress=False)["checkpoint"].endswith("step-00000001")
