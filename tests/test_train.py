@@ -153,3 +153,15 @@ def test_trains_on_latents_from_curate_encode(dataset, sdxl, tmp_path):
                                              r["target_height"], r["target_width"]]
     assert list(batch["latents"].shape[1:]) == r["shape"] == [4, r["target_height"] // 8, r["target_width"] // 8]
     assert trainer.run(show_progress=False)["checkpoint"].endswith("step-00000001")
+
+
+def test_a_checkpoint_is_a_base_for_the_next_run(tmp_path, sdxl):
+    make_latent_dataset(tmp_path / "ds", 4)
+    first = run_training(str(tmp_path / "ds"), str(sdxl), load_config(None, output=str(tmp_path / "a"), max_steps=1,
+                         batch_size=4, precision="fp32", validate_every=0), show_progress=False)
+    second = run_training(str(tmp_path / "ds"), first["checkpoint"], load_config(None, output=str(tmp_path / "b"),
+                          max_steps=1, batch_size=4, precision="fp32", validate_every=0), show_progress=False)
+    saved = tmp_path / "b" / "checkpoints" / "step-00000001"
+    assert second["checkpoint"] == str(saved)
+    assert sorted(p.name for p in saved.iterdir()) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2",
+                                                     "tokenizer", "tokenizer_2", "training_state", "unet", "vae"]

@@ -73,9 +73,10 @@ def save_checkpoint(output: Path, step: int, models, state: dict, ema: dict | No
     tmp.mkdir()
     base = models.base
     shutil.copy2(base / "model_index.json", tmp / "model_index.json")
-    for component in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if component.name not in models.trained and component.name != "scheduler":
-            link_tree(component, tmp / component.name)
+    index = json.loads((base / "model_index.json").read_text())
+    for name, value in sorted(index.items()):  # only pipeline components: a checkpoint can be a base
+        if isinstance(value, list) and value[0] and name not in models.trained and name != "scheduler":
+            link_tree(base / name, tmp / name)
     for name, model in models.trained.items():
         model.save_pretrained(tmp / name, safe_serialization=True)
     scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text()) | scheduler_updates

@@ -116,10 +116,9 @@ class Trainer:
         import torch.distributed as dist
 
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world
+            if p.grad is not None:  # None on every rank alike (e.g. CLIP's last layer under SDXL's penultimate states)
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
 
     def train_step(self, step: int) -> float:
         c = self.config
