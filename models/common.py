@@ -6,6 +6,8 @@ so published weights and the tiny zoo go through the same loader.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -41,9 +43,29 @@ def model_dir(spec: str, needs: tuple[str, ...] = ()) -> Path:
 
 
 def model_name(spec: str) -> str:
-    """How a model is named in the `model` column: a hub id as is, a directory by its name."""
+    """How a model is named in the `model` column: a hub id as is; a directory by its name and
+    a fingerprint of its files, so two different folders that share a name (two fine-tunes
+    saved as `vae/`, say) never count as each other's work on resume."""
     path = Path(spec).expanduser()
-    return path.resolve().name if path.is_dir() else spec
+    return f"{path.resolve().name}#{fingerprint(str(path.resolve()))}" if path.is_dir() else spec
+
+
+FINGERPRINT_BYTES = 64 << 10
+
+
+@functools.lru_cache(maxsize=64)  # model_key() is asked for every batch
+def fingerprint(folder: str) -> str:
+    """8 hex digits from every file's name, size, head and tail: cheap even for GBs of
+    weights, and different for different weights (fine-tunes differ everywhere)."""
+    digest, folder = hashlib.sha256(), Path(folder)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read())  # the tail (or the rest of a small file)
+    return digest.hexdigest()[:8]
 
 
 def cpu_share() -> int:

@@ -60,16 +60,20 @@ def write_open_clip(folder: Path) -> None:
 
 @family("quality_head")
 def write_quality_head(folder: Path) -> None:
-    """A rank head for the tiny open_clip's embeddings, in the project's own format."""
+    """A rank head for the tiny open_clip's embeddings (written beside it if missing), in the project's own format."""
     import torch
 
+    from models.clip import ClipEmbedder
     from models.quality_head import RankHead, save_head
+    from models.tiny import write_zoo
+
+    clip_dir = write_zoo(folder.parent, ["open_clip"])["open_clip"]
 
     torch.manual_seed(0)
     head = RankHead(TINY_CLIP["embed_dim"], hidden=(16,))
     with torch.no_grad():  # random embeddings of random images are close: amplify so ranks spread
         head.net[0].weight.mul_(30)
-    save_head(folder, head, embedder="open_clip:open_clip")
+    save_head(folder, head, embedder=ClipEmbedder(str(clip_dir)).model_key())
 
 
 # A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).

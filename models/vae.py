@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.common import model_name
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names: torch loads only when a VAE does
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "auto": None} | {k: k for k in DTYPES}
 
@@ -37,7 +39,7 @@ class VaeSpec:
         return cls(source, ALIASES[dtype])
 
     def __str__(self) -> str:
-        return self.source + (f"@{self.dtype}" if self.dtype else "")
+        return model_name(self.source) + (f"@{self.dtype}" if self.dtype else "")
 
 
 def load_vae(spec: VaeSpec, device: str):

@@ -1,68 +1,30 @@
-"""Latents: `curate encode`, and the runner's batches of one key that it relies on."""
+"""Latents: `curate encode`: bucket geometry, bitwise-direct encoding, resume, engines, mixed VAEs."""
 from __future__ import annotations
 
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import Normalize
+from torchvision.transforms.functional import to_tensor
+
+from curate.buckets import parse_bucket_set
+from curate.manifest import Dataset
+from models.common import model_name
+from models.vae import VaeSpec, load_vae
+from pipelines.encode import EncodeStage, image_seed, seeded_noise
 from pipelines.runner import run_stage
-from pipelines.stage import Stage
-
-
-class KeyedStage(Stage):
-    """Records every batch it sees; the key is the image's width modulo 3."""
-
-    table = "stats"
-    columns = ("image_id", "bytes", "width")
-    batch_size = 2
-
-    def __init__(self):
-        self.batches = []
-
-    def model_key(self):
-        return "keyed"
-
-    def prepare(self, row):
-        return {"key": row["width"] % 3}
-
-    def batch_key(self, prepared):
-        return prepared["key"]
-
-    def process(self, batch):
-        self.batches.append(list(batch["key"]))
-        return {"brightness": [0.5] * len(batch["key"])}
-
-
-def test_local_engine_fills_batches_of_one_key(dataset):
-    stage = KeyedStage()
-    summary = run_stage(dataset, stage, show_progress=False)
-    assert summary.ok == 12
-    assert all(len(set(keys)) == 1 for keys in stage.batches)
-    # batches are filled across input batches: at most one partial batch per key
-    partial = [keys[0] for keys in stage.batches if len(keys) < stage.batch_size]
-    assert len(partial) == len(set(partial)) <= 3
-
-
-# ---- curate encode -----------------------------------------------------------------------
-import io  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.transforms import Normalize  # noqa: E402
-from torchvision.transforms.functional import to_tensor  # noqa: E402
-
-from curate.buckets import parse_bucket_set  # noqa: E402
-from curate.manifest import Dataset  # noqa: E402
-from models.vae import VaeSpec, load_vae  # noqa: E402
-from pipelines.encode import EncodeStage, image_seed, seeded_noise  # noqa: E402
-from tests.conftest import REPO, encode_image, make_image, run_cli  # noqa: E402
+from tests.conftest import REPO, encode_image, make_image, run_cli
 
 SMALL = "rule:step=64,max_area=65536,min_area=40000"  # 128x512 .. 256x256 .. 512x128: fast on CPU
 COLUMNS = ["image_id", "model", "status", "error", "latent", "shape", "original_height", "original_width",
@@ -226,7 +188,7 @@ def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
     weights = {k: v * 1e6 if k.startswith("encoder.conv_out") else v for k, v in weights.items()}
     save_file(weights, broken / "diffusion_pytorch_model.safetensors")
     run_cli("encode", str(ds), "--vae", str(broken), "--set", SMALL, "-q")
-    bad = [r for r in Dataset(ds).read("latents").to_pylist() if r["model"].startswith(f"vae={broken}")]
+    bad = [r for r in Dataset(ds).read("latents").to_pylist() if r["model"].startswith(f"vae={model_name(str(broken))}")]
     assert len(bad) == 8 and {r["error"] for r in bad} == {"bad_output"} and all(r["latent"] is None for r in bad)
     assert "NaN or Inf" in bad[0]["message"]
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import pipelines.runner as runner
-from models.common import ModelError
+from models.common import ModelError, model_name
 from models.tagging import CHARACTER, GENERAL, RATING, select_tags
 from models.tiny import write_zoo
 from pipelines.score import score
@@ -39,11 +39,23 @@ class Row:  # what the runner hands prepare(): the decoded image and its full si
         self.image, self.width, self.height = image, image.width, image.height
 
 
+def test_model_column_tells_apart_folders_that_share_a_name(tmp_path, zoo):
+    same = shutil.copytree(zoo / "wd14", tmp_path / "a" / "wd14")
+    other = shutil.copytree(zoo / "wd14", tmp_path / "b" / "wd14")
+    assert model_name(str(same)) == model_name(str(zoo / "wd14"))  # a copy is the same model
+    weights = other / "model.onnx"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_name(str(other)).startswith("wd14#") and model_name(str(other)) != model_name(str(same))
+    assert model_name("SmilingWolf/wd-vit-tagger-v3") == "SmilingWolf/wd-vit-tagger-v3"
+
+
 def test_clip_batched_embeddings_equal_open_clip_per_image(dataset, zoo):
     import open_clip
 
     [summary] = score(dataset, clip=str(zoo / "open_clip"), batch_size=5, show_progress=False)
-    assert summary.ok == 12 and summary.model == "open_clip:open_clip"
+    assert summary.ok == 12 and summary.model == f"open_clip:{model_name(str(zoo / 'open_clip'))}"
     stored = {r["image_id"]: np.array(r["embedding"], np.float32) for r in dataset.read("embeddings").to_pylist()}
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{zoo / 'open_clip'}")
     model.eval()
@@ -115,7 +127,7 @@ def test_wd14_pass_stores_what_onnxruntime_says(dataset, zoo):
     from models.wd14 import read_tags
 
     [summary] = score(dataset, tagger=f"wd14:{zoo / 'wd14'}", show_progress=False)
-    assert summary.ok == 12 and summary.model == "wd14:wd14@general=0.35,character=0.85"
+    assert summary.ok == 12 and summary.model == f"wd14:{model_name(str(zoo / 'wd14'))}@general=0.35,character=0.85"
     session = ort.InferenceSession(str(zoo / "wd14" / "model.onnx"))
     names, categories = read_tags(zoo / "wd14" / "selected_tags.csv")
     stored = {r["image_id"]: r for r in dataset.read("tags").to_pylist()}
@@ -136,7 +148,8 @@ def test_joytag_and_timm_wd14_run_from_the_zoo(dataset, zoo):
     assert joytag.ok == timm_wd14.ok == 12
     rows = dataset.query("SELECT model, min(list_min(tag_scores)) AS lowest, count(*) AS n, "
                          "count(rating) AS rated FROM tags GROUP BY model ORDER BY model").to_pylist()
-    assert [r["model"] for r in rows] == ["joytag:joytag@threshold=0.4", "wd14:wd14_timm@general=0.35,character=0.85"]
+    assert [r["model"] for r in rows] == [f"joytag:{model_name(str(zoo / 'joytag'))}@threshold=0.4",
+                                          f"wd14:{model_name(str(zoo / 'wd14_timm'))}@general=0.35,character=0.85"]
     assert rows[0]["lowest"] > 0.4 and rows[0]["rated"] == 0  # JoyTag has no rating
     assert rows[1]["lowest"] > 0.35 and rows[1]["rated"] == 12
 

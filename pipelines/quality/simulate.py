@@ -81,12 +81,13 @@ def demo_quality_loop(ds, clip_dir, head_dir, csv_path, n_ratings: int = 400, se
     """
     from scipy.stats import spearmanr
 
+    from models.clip import ClipEmbedder
     from pipelines.quality.fit import FitSettings, fit_quality
     from pipelines.quality.ratings import import_csv, load_embeddings
     from pipelines.score import score
 
     ids = ds.select_ids()
-    embedder = f"open_clip:{clip_dir.resolve().name}"
+    embedder = ClipEmbedder(str(clip_dir)).model_key()
     found, vectors = load_embeddings(ds, embedder, ids)
     if len(found) < len(ids):
         score(ds, clip=str(clip_dir), show_progress=False)
