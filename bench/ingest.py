@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curate.images import decode  # noqa: E402
 from curate.manifest import Dataset  # noqa: E402
 from pipelines.ingest import ingest  # noqa: E402
-from pipelines.runner import init_ray, run_stage  # noqa: E402
+from pipelines.ray_engine import init_ray  # noqa: E402
+from pipelines.runner import run_stage  # noqa: E402
 from pipelines.stats import StatsStage  # noqa: E402
 
 
