@@ -1,11 +1,13 @@
 """Reading latents back: stream the `latents` table row group by row group.
 
 A trainer with more latents than memory (an SDXL 1024x1024 latent is 128 KiB: 1.5 M images
-are ~190 GiB) can shuffle within and across row groups (at most ~32 MiB each) instead of
-loading the table. Only ok rows come out, only the columns asked for.
+are ~190 GiB) can read the small columns of every row once, remember where each latent
+lives (part, row group, row), and read latent bytes back one row group at a time (at most
+~32 MiB each) when it needs them. Only ok rows come out, only the columns asked for.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -19,17 +21,34 @@ CONDITIONING = ["original_height", "original_width", "crop_top", "crop_left", "t
 DEFAULT_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "shift_factor", *CONDITIONING]
 
 
-def latent_row_groups(ds: Dataset, model: str | None = None, columns: list[str] = DEFAULT_COLUMNS) -> Iterator[pa.Table]:
-    """Ok rows (of one encode `model` if given), one row group at a time, in write order."""
+def read_row_group(part: Path, group: int, columns: list[str]) -> pa.Table:
+    """One stored row group of a latents part, every row (ok or not), the columns the part has."""
+    shard = pq.ParquetFile(part)
+    return shard.read_row_group(group, columns=[c for c in columns if c in shard.schema_arrow.names])
+
+
+def latent_row_groups(ds: Dataset, model: str | None = None, columns: list[str] = DEFAULT_COLUMNS,
+                      positions: bool = False) -> Iterator[pa.Table]:
+    """Ok rows (of one encode `model` if given), one row group at a time, in write order.
+
+    With `positions`, each table also holds `part` (its file), `row_group` and `row` (the index
+    in the stored row group), so a reader can keep these instead of the latent and fetch it
+    later with read_row_group.
+    """
     wanted = list(dict.fromkeys([*columns, "status", "model"]))
     for part in ds.parts("latents"):
-        shard = pq.ParquetFile(part)
-        for group in range(shard.num_row_groups):
-            table = shard.read_row_group(group, columns=[c for c in wanted if c in shard.schema_arrow.names])
+        for group in range(pq.ParquetFile(part).num_row_groups):
+            table = read_row_group(part, group, wanted)
+            if positions:
+                table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int32)))
             keep = pc.equal(table["status"], "ok")
             if model is not None:
                 keep = pc.and_(keep, pc.equal(table["model"], model))
-            table = table.filter(keep).select([c for c in columns if c in table.column_names])
+            table = table.filter(keep).select([c for c in [*columns, *(["row"] if positions else [])]
+                                               if c in table.column_names])
+            if positions:
+                table = (table.append_column("part", pa.array([str(part)] * table.num_rows))
+                         .append_column("row_group", pa.array([group] * table.num_rows, pa.int32())))
             if table.num_rows:
                 yield table
 
