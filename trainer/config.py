@@ -30,6 +30,10 @@ class TrainConfig:
     where: str | None = None  # SQL predicate over `manifest`; rank 0 is always left out unless keep_rank_0
     keep_rank_0: bool = False
     latents_model: str | None = None  # the latents table's `model` to train on (default: every VAE's, latest per image)
+    # Latents are read from disk a row group at a time when batches are built; this many
+    # groups stay cached per worker. A group is at most ~32 MiB (curate/manifest.py), so 16
+    # bound the cache at ~512 MiB whatever the dataset's size.
+    latent_cache_groups: int = 16
     # run
     output: str = "runs/train"
     seed: int = 0
@@ -80,7 +84,7 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and value not in allowed:
                 raise ValueError(f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}")
-        positive = ("max_steps", "batch_size", "gradient_accumulation", "workers", "log_every", "checkpoint_every")
+        positive = ("latent_cache_groups", "max_steps", "batch_size", "gradient_accumulation", "workers", "log_every", "checkpoint_every")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")

@@ -11,18 +11,24 @@ lengths the model sees (75/150/225 tokens) follow the prompts' own length distri
 instead of collapsing to the longest prompt of every batch. An epoch's plan is a pure
 function of (seed, epoch), so a resumed run sees the same batches.
 
-The latents of the chosen rows are held in memory (about 128 KiB per 1024x1024 SDXL
-image in float16).
+Latents are not held in memory: a Row keeps only its metadata and where its latent lives
+(part file, row group, row), and a batch reads the latent bytes when it is built, whole
+row groups at a time through a small LRU cache (LatentCache). Memory is then a few hundred
+bytes of metadata per row plus `latent_cache_groups` row groups (each at most ~32 MiB),
+instead of 128 KiB per 1024x1024 SDXL latent.
 """
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
 from curate.manifest import Dataset, DatasetError
 from trainer.config import TrainConfig
 from trainer.model import sdxl_time_ids
@@ -30,14 +36,18 @@ from trainer.prompts import PromptBuilder
 
 CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
 
-ROW_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "shift_factor", "original_height", "original_width",
-               "crop_top", "crop_left", "resized_height", "resized_width", "target_height", "target_width"]
+# Everything but the latent: what a Row keeps in memory
+ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",
+               *CONDITIONING]
 
 
-@dataclass
+@dataclass(slots=True)  # no per-instance __dict__: millions of rows
 class Row:
     image_id: str
-    latent: np.ndarray  # float16 [C, H, W], before scaling
+    shape: tuple[int, int, int]  # of the float16 [C, H, W] latent
+    part: str  # where the latent lives: a latents part file, its row group and the row in that group
+    row_group: int
+    row: int
     scaling_factor: float
     shift_factor: float  # 0 for SD/SDXL VAEs; the UNet sees (latent - shift) * scale
     time_ids: tuple[int, int, int, int, int, int]  # original h, w; crop top, left; target h, w
@@ -50,11 +60,14 @@ class Row:
 
     @property
     def bucket(self) -> tuple[int, ...]:
-        return tuple(self.latent.shape)
+        return self.shape
 
 
 def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
-    """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text."""
+    """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text.
+
+    Only the small columns are read; a Row points at its latent for LatentCache to read later.
+    """
     conditions = ["has_latent"]
     if not config.keep_rank_0:
         conditions.append("(rank IS NULL OR rank > 0)")
@@ -66,19 +79,17 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     except DatasetError as e:
         raise ValueError(f"bad where {config.where!r}: {e}") from None
     by_id = {t["image_id"]: t for t in text}
-    latest: dict[str, tuple] = {}
-    model = ds.read("latents", ["image_id", "model", "status", "created_at"])
-    for i, (image_id, m, status, created) in enumerate(zip(*[model.column(c).to_pylist() for c in model.column_names])):
-        if status == "ok" and image_id in by_id and (config.latents_model is None or m == config.latents_model):
-            if image_id not in latest or created >= latest[image_id][0]:
-                latest[image_id] = (created, i)
-    keep = sorted(i for _, i in latest.values())
-    table = ds.read("latents", ROW_COLUMNS).take(keep)
+    latest: dict[str, dict] = {}
+    for group in latent_row_groups(ds, config.latents_model, ROW_COLUMNS, positions=True):
+        for r in group.to_pylist():  # write order: of two rows created at the same time, the later one wins
+            if r["image_id"] in by_id and (r["image_id"] not in latest or r["created_at"] >= latest[r["image_id"]]["created_at"]):
+                latest[r["image_id"]] = r
+    parts: dict[str, str] = {}  # one string object per part file, shared by its rows
     rows = []
-    for r in table.to_pylist():
+    for r in latest.values():
         t = by_id[r["image_id"]]
-        latent = np.frombuffer(r["latent"], dtype=np.float16).reshape(r["shape"])
-        rows.append(Row(r["image_id"], latent, r["scaling_factor"], r["shift_factor"] or 0.0,
+        rows.append(Row(r["image_id"], tuple(r["shape"]), parts.setdefault(r["part"], r["part"]), r["row_group"], r["row"],
+                        r["scaling_factor"], r["shift_factor"] or 0.0,
                         tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
                                             (r["target_height"], r["target_width"]))),
                         (r["resized_height"], r["resized_width"]), list(t["tags"] or []), t["caption"], t["rank"],
@@ -94,6 +105,42 @@ def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Ro
     return rows[n_val:], rows[:n_val]
 
 
+class LatentCache:
+    """Latent bytes read on demand, whole row groups at a time; the `size` most recently used groups are kept.
+
+    A batch of one bucket draws its rows from anywhere in the table, so it touches several
+    row groups; each is read at most once per batch (even when a batch needs more groups than
+    the cache holds), and a group that later batches need again is read again only if it has
+    been evicted. `reads` counts reads from disk per group.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.groups: OrderedDict[tuple[str, int], pa.ChunkedArray] = OrderedDict()
+        self.reads: Counter[tuple[str, int]] = Counter()
+
+    def group(self, key: tuple[str, int]) -> pa.ChunkedArray:
+        if key in self.groups:
+            self.groups.move_to_end(key)
+            return self.groups[key]
+        column = read_row_group(Path(key[0]), key[1], ["latent"]).column("latent")
+        self.reads[key] += 1
+        self.groups[key] = column
+        while len(self.groups) > self.size:
+            self.groups.popitem(last=False)
+        return column
+
+    def latents(self, rows: list[Row]) -> list[np.ndarray]:
+        """The float16 [C, H, W] latents of `rows`, before scaling, in order."""
+        columns = {key: self.group(key) for key in dict.fromkeys((r.part, r.row_group) for r in rows)}
+        return [latent_array(columns[(r.part, r.row_group)][r.row].as_py(), r.shape) for r in rows]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of latents held now."""
+        return sum(column.nbytes for column in self.groups.values())
+
+
 def chunked(ids: list[int], n_chunks: int, bos: int, eos: int, pad: int, positions: int = 77) -> list[int]:
     """Content tokens in n chunks of BOS + 75 tokens + EOS, padded; one chunk of all positions for long CLIP."""
     if positions > 77:
@@ -107,8 +154,10 @@ def chunked(ids: list[int], n_chunks: int, bos: int, eos: int, pad: int, positio
 
 
 class TrainData:
-    def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None):
+    def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None,
+                 latents: LatentCache | None = None):
         self.rows, self.config, self.tokenizer = rows, config, tokenizer
+        self.latents = latents or LatentCache(config.latent_cache_groups)  # may be shared by TrainData of the same rows
         self.seed = config.seed if seed is None else seed
         self.prompts = PromptBuilder(config.prompts, seed=self.seed)
         self.long_clip = tokenizer.model_max_length > 77
@@ -172,8 +221,8 @@ class TrainData:
         batch = {
             "image_ids": [r.image_id for r in rows],
             "prompts": [prompts[i].text for i in indices],
-            "latents": torch.from_numpy(np.stack([(r.latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
-                                                  for r in rows])),
+            "latents": torch.from_numpy(np.stack([(latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
+                                                  for r, latent in zip(rows, self.latents.latents(rows))])),
             "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
             "input_ids": [torch.tensor([chunked(tokens[i], n_chunks, tok.bos_token_id, tok.eos_token_id,
                                                 tok.pad_token_id, positions) for i in indices]) for tok in tokenizers],
@@ -186,7 +235,7 @@ class TrainData:
 
 def watermark_mask(row: Row) -> torch.Tensor:
     """1 where the loss counts, 0 over watermark boxes, in latent coordinates [1, h, w]."""
-    _, h, w = row.latent.shape
+    _, h, w = row.shape
     mask = torch.ones(1, h, w)
     orig_h, orig_w, top, left, target_h, target_w = row.time_ids
     res_h, res_w = row.resized
