@@ -1,6 +1,8 @@
 """Trainer settings, data selection, batching, chunking, masks, loss weights and time ids."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -170,3 +172,74 @@ def test_sdxl_time_ids_in_diffusers_order(tmp_path, zoo):
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         assert torch.equal(got, expected[0])
         assert got[0] != got[1] and got[4] != got[5]  # not square: a height/width swap would show
+
+
+def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
+    """Rows hold no latents; batches read whole row groups through an LRU cache smaller than the
+    dataset, each group at most once per batch that needs it, and get exactly the latents that
+    reading the whole table into memory gives."""
+    import numpy as np
+    import pyarrow as pa
+
+    from curate.manifest import now
+    from trainer.data import LatentCache
+    from trainer.train import Trainer
+
+    ds = make_latent_dataset(tmp_path / "ds", 48, buckets=[(32, 32), (32, 24)], latent_parts=3, rows_per_group=4)
+    # A newer encode of four images, each after a failed row: the trainer must take the newer
+    # ok row, which sits at an odd row of its group (a row index counts every stored row).
+    redo = ds.read("latents").to_pylist()[:4]
+    failed = [r | {"status": "error", "latent": None, "created_at": now()} for r in redo]
+    newer = [r | {"latent": (np.frombuffer(r["latent"], np.float16) + 1).tobytes(), "created_at": now()} for r in redo]
+    ds.write_part("latents", pa.Table.from_pylist([x for pair in zip(failed, newer) for x in pair]))
+
+    stored = {}
+    for r in ds.read("latents").to_pylist():  # the in-memory reference: the latest ok row per image
+        if r["status"] == "ok" and (r["image_id"] not in stored or r["created_at"] >= stored[r["image_id"]]["created_at"]):
+            stored[r["image_id"]] = r
+    total_bytes = sum(len(r["latent"]) for r in stored.values())
+
+    config = load_config(None, batch_size=4, latent_cache_groups=3)
+    rows = load_rows(ds, config)
+    assert not hasattr(rows[0], "latent") and not hasattr(rows[0], "__dict__")  # metadata only
+    groups = {(r.part, r.row_group) for r in rows}
+    # 3 parts of 4 groups and the newer part's one group, less the group whose 4 rows were all re-encoded
+    assert len({part for part, _ in groups}) == 4 and len(groups) == 12 > config.latent_cache_groups
+    assert sorted(r.row for r in rows if r.image_id in {x["image_id"] for x in redo}) == [1, 3, 5, 7]
+
+    data = TrainData(rows, config, tokenizer(zoo))
+    largest_group = 0
+    for epoch in range(2):
+        before = data.latents.reads.copy()
+        plan = data.plan(epoch)
+        for batch in plan:
+            got = data.collate(batch, epoch, [tokenizer(zoo)])
+            expected = [stored[i] for i in got["image_ids"]]
+            assert torch.equal(got["latents"], torch.from_numpy(np.stack(
+                [(np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32) - (r["shift_factor"] or 0.0))
+                 * r["scaling_factor"]
+                 for r in expected])))
+            assert len(data.latents.groups) <= config.latent_cache_groups
+            largest_group = max(largest_group, *(c.nbytes for c in data.latents.groups.values()))
+            assert data.latents.nbytes <= config.latent_cache_groups * largest_group < total_bytes / 3
+        reads = data.latents.reads - before
+        needed = Counter(g for batch in plan for g in {(rows[i].part, rows[i].row_group) for i in batch})
+        assert set(reads) <= set(needed) and all(reads[g] <= needed[g] for g in reads)  # once per batch at most
+    # All the Arrow memory held now (measured by Arrow's allocator) is about the cache, far from the table's
+    assert pa.total_allocated_bytes() < data.latents.nbytes + total_bytes / 4
+
+    # With room for every group, two epochs read each group exactly once.
+    roomy = TrainData(rows, config, tokenizer(zoo), latents=LatentCache(len(groups)))
+    for epoch in range(2):
+        for batch in roomy.plan(epoch):
+            roomy.collate(batch, epoch, [tokenizer(zoo)])
+    assert roomy.latents.reads == Counter(dict.fromkeys(groups, 1))
+
+    # The trainer shares one bounded cache between training, validation and stable-train sets.
+    run = load_config(None, output=str(tmp_path / "run"), batch_size=4, latent_cache_groups=2, max_steps=2,
+                      precision="fp32", validate_every=2, validation_fraction=0.1, checkpoint_every=100)
+    trainer = Trainer(ds.root, zoo["sdxl"], run)
+    summary = trainer.run(show_progress=False)
+    assert summary["last loss"] == summary["last loss"] and "val_loss" in summary
+    assert trainer.val_data.latents is trainer.stable_data.latents is trainer.data.latents
+    assert 0 < len(trainer.data.latents.groups) <= 2

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from curate.manifest import Dataset, now
@@ -20,9 +21,12 @@ def image_id(i: int) -> str:
 
 
 def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] = ((8, 8),), ranks=None,
-                        seed: int = 0, vae: str = "tiny-vae") -> Dataset:
+                        seed: int = 0, vae: str = "tiny-vae", latent_parts: int = 1,
+                        rows_per_group: int | None = None) -> Dataset:
     """n images; image i gets bucket i % len(buckets) (latent h, w), tags, a caption, a rank and
-    (every third) a watermark box. Latents are smooth random fields, so a UNet can fit them."""
+    (every third) a watermark box. Latents are smooth random fields, so a UNet can fit them.
+    Latents are written in `latent_parts` parts, of `rows_per_group` rows per row group if given
+    (the writer sizes groups by bytes, ~32 MiB, which small test latents never reach)."""
     rng = np.random.default_rng(seed)
     ds = Dataset(root, create=True)
     ids = [image_id(i) for i in range(n)]
@@ -41,13 +45,18 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         latents.append(lat.tobytes())
         shapes.append([4, h, w])
         geometry.append((h * 8, w * 8))
-    ds.write_part("latents", stage | {
+    columns = stage | {
         "model": [vae] * n, "latent": latents, "shape": shapes, "scaling_factor": [0.13025] * n,
         "original_height": [gh * 2 + 3 for gh, _ in geometry], "original_width": [gw * 2 + 5 for _, gw in geometry],
         "resized_height": [gh + 8 for gh, _ in geometry], "resized_width": [gw for _, gw in geometry],
         "crop_top": [4] * n, "crop_left": [0] * n,
         "target_height": [gh for gh, _ in geometry], "target_width": [gw for _, gw in geometry],
-        "mean": [None] * n, "logvar": [None] * n, "vae": [vae] * n, "shift_factor": [None] * n})
+        "mean": [None] * n, "logvar": [None] * n, "vae": [vae] * n, "shift_factor": [None] * n}
+    bounds = np.linspace(0, n, latent_parts + 1).astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        part = ds.write_part("latents", {k: v[lo:hi] for k, v in columns.items()})
+        if part is not None and rows_per_group:
+            pq.write_table(pq.read_table(part), part, row_group_size=rows_per_group)
     tags = [[WORDS[j] for j in rng.choice(len(WORDS), size=int(rng.integers(3, 15)), replace=False)] for _ in range(n)]
     ds.write_part("tags", stage | {"model": ["wd14"] * n, "tags": tags, "tag_scores": [[0.9] * len(x) for x in tags],
                                    "rating": ["general"] * n, "rating_score": [0.9] * n})
