@@ -4,8 +4,12 @@
     python bench/train.py --device cuda --real-size   # an SDXL-size UNet (random weights), batch 8, bf16
 
 The data path is what the trainer does per sample besides the model: building the
-prompt, tokenizing it, planning batches and assembling latents (SDXL-size, 4x128x128
-float16) into tensors; it runs on one thread, so the figure is per core. The real-size
+prompt, tokenizing it, planning batches, reading latents (SDXL-size, 4x128x128 float16)
+from their Parquet row groups through the trainer's LRU cache and assembling them into
+tensors; it runs on one thread, so the figure is per core. The rows' metadata is loaded
+once per run (load_rows_per_s). The cache holds 1 of the table's row groups, so batches
+read row groups from disk as a large dataset's do: in the seeded random order nearly every
+sample of a big table costs one row-group read (~32 MiB), which row_group_mib_per_sample shows. The real-size
 mode times forward + backward + AdamW of SDXL's UNet architecture (2.6B parameters) at
 1024x1024 with precomputed-size text states, and reports peak GPU memory.
 """
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,11 +36,11 @@ def data_path(rows: int, tmp: Path, sdxl: Path) -> dict:
     from transformers import CLIPTokenizer
 
     ds = make_latent_dataset(tmp / "ds", rows, buckets=[(128, 128), (112, 144), (144, 112)])
-    config = load_config(None, batch_size=8)
+    config = load_config(None, batch_size=8, latent_cache_groups=1)
     torch.set_num_threads(1)
     started = time.perf_counter()
     loaded = load_rows(ds, config)
-    read_s = time.perf_counter() - started
+    load_s = time.perf_counter() - started
     tokenizer = CLIPTokenizer.from_pretrained(sdxl / "tokenizer")
     data = TrainData(loaded, config, tokenizer)
     started = time.perf_counter()
@@ -45,9 +50,12 @@ def data_path(rows: int, tmp: Path, sdxl: Path) -> dict:
             collated = data.collate(batch, epoch, [tokenizer, tokenizer])
             samples += collated["latents"].shape[0]
     prompt_batch_s = time.perf_counter() - started
-    return {"rows": rows, "latent_shape": list(loaded[0].latent.shape), "read_latents_rows_per_s": round(rows / read_s, 1),
-            "prompts_batches_samples_per_s": round(samples / prompt_batch_s, 1),
-            "data_path_samples_per_s_per_core": round(samples / (prompt_batch_s + 2 * read_s), 1)}
+    group_bytes = {g: pq.ParquetFile(g[0]).metadata.row_group(g[1]).total_byte_size for g in data.latents.reads}
+    return {"rows": rows, "latent_shape": list(loaded[0].shape), "load_rows_per_s": round(rows / load_s, 1),
+            "row_groups": len({(r.part, r.row_group) for r in loaded}), "cache_row_groups": config.latent_cache_groups,
+            "row_group_reads": sum(data.latents.reads.values()),
+            "row_group_mib_per_sample": round(sum(n * group_bytes[g] for g, n in data.latents.reads.items()) / samples / 2**20, 2),
+            "data_path_samples_per_s_per_core": round(samples / prompt_batch_s, 1)}
 
 
 def tiny_steps(tmp: Path, sdxl: Path, steps: int) -> dict:
