@@ -79,24 +79,26 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     except DatasetError as e:
         raise ValueError(f"bad where {config.where!r}: {e}") from None
     by_id = {t["image_id"]: t for t in text}
-    latest: dict[str, dict] = {}
+    latest: dict[str, tuple] = {}  # image_id -> (created_at, Row): only Rows stay alive, not the read records
+    parts: dict[str, str] = {}  # one string object per part file, shared by its rows
     for group in latent_row_groups(ds, config.latents_model, ROW_COLUMNS, positions=True):
         for r in group.to_pylist():  # write order: of two rows created at the same time, the later one wins
-            if r["image_id"] in by_id and (r["image_id"] not in latest or r["created_at"] >= latest[r["image_id"]]["created_at"]):
-                latest[r["image_id"]] = r
-    parts: dict[str, str] = {}  # one string object per part file, shared by its rows
-    rows = []
-    for r in latest.values():
-        t = by_id[r["image_id"]]
-        rows.append(Row(r["image_id"], tuple(r["shape"]), parts.setdefault(r["part"], r["part"]), r["row_group"], r["row"],
-                        r["scaling_factor"], r["shift_factor"] or 0.0,
-                        tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
-                                            (r["target_height"], r["target_width"]))),
-                        (r["resized_height"], r["resized_width"]), list(t["tags"] or []), t["caption"], t["rank"],
-                        bool(t["has_watermark"]), list(t["watermark_boxes"] or [])))
+            image_id = r["image_id"]
+            if image_id in by_id and (image_id not in latest or r["created_at"] >= latest[image_id][0]):
+                latest[image_id] = (r["created_at"], make_row(r, by_id[image_id], parts.setdefault(r["part"], r["part"])))
+    rows = [row for _, row in latest.values()]
     if not rows:
         raise ValueError("no rows to train on: no ok latents among the chosen images (run `curate encode`, check --where)")
     return sorted(rows, key=lambda r: r.image_id)
+
+
+def make_row(r: dict, text: dict, part: str) -> Row:
+    """A Row from a latents record (with its position) and its image's manifest text."""
+    return Row(r["image_id"], tuple(r["shape"]), part, r["row_group"], r["row"], r["scaling_factor"], r["shift_factor"] or 0.0,
+               tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
+                                   (r["target_height"], r["target_width"]))),
+               (r["resized_height"], r["resized_width"]), list(text["tags"] or []), text["caption"], text["rank"],
+               bool(text["has_watermark"]), list(text["watermark_boxes"] or []))
 
 
 def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Row]]:
