@@ -30,14 +30,22 @@ THREADS = torch.get_num_threads()
 
 
 def data_path(rows: int, tmp: Path, sdxl: Path) -> dict:
+    """Prompt building + latent reading, with the default cache (the table fits: each row
+    group read once) and with a 1 MiB cache (one group kept: a table far larger than the cache)."""
     from tests.trainer_helpers import make_latent_dataset
+
+    ds = make_latent_dataset(tmp / "ds", rows, buckets=[(128, 128), (112, 144), (144, 112)])
+    torch.set_num_threads(1)
+    return {"cached": data_path_with(ds, sdxl, {}), "streaming": data_path_with(ds, sdxl, {"latent_cache_mib": 1})}
+
+
+def data_path_with(ds, sdxl: Path, settings: dict) -> dict:
     from trainer.config import load_config
     from trainer.data import TrainData, load_rows
     from transformers import CLIPTokenizer
 
-    ds = make_latent_dataset(tmp / "ds", rows, buckets=[(128, 128), (112, 144), (144, 112)])
-    config = load_config(None, batch_size=8, latent_cache_groups=1)
-    torch.set_num_threads(1)
+    rows = ds.read("latents", ["image_id"]).num_rows
+    config = load_config(None, batch_size=8, **settings)
     started = time.perf_counter()
     loaded = load_rows(ds, config)
     load_s = time.perf_counter() - started
@@ -52,7 +60,7 @@ def data_path(rows: int, tmp: Path, sdxl: Path) -> dict:
     prompt_batch_s = time.perf_counter() - started
     group_bytes = {g: pq.ParquetFile(g[0]).metadata.row_group(g[1]).total_byte_size for g in data.latents.reads}
     return {"rows": rows, "latent_shape": list(loaded[0].shape), "load_rows_per_s": round(rows / load_s, 1),
-            "row_groups": len({(r.part, r.row_group) for r in loaded}), "cache_row_groups": config.latent_cache_groups,
+            "row_groups": len({(r.part, r.row_group) for r in loaded}), "latent_cache_mib": config.latent_cache_mib,
             "row_group_reads": sum(data.latents.reads.values()),
             "row_group_mib_per_sample": round(sum(n * group_bytes[g] for g, n in data.latents.reads.items()) / samples / 2**20, 2),
             "data_path_samples_per_s_per_core": round(samples / prompt_batch_s, 1)}

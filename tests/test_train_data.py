@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,6 +183,7 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     import pyarrow as pa
 
     from curate.manifest import now
+    from curate.latents import read_row_group
     from trainer.data import LatentCache
     from trainer.train import Trainer
 
@@ -199,16 +201,17 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
             stored[r["image_id"]] = r
     total_bytes = sum(len(r["latent"]) for r in stored.values())
 
-    config = load_config(None, batch_size=4, latent_cache_groups=3)
-    rows = load_rows(ds, config)
+    rows = load_rows(ds, load_config(None, batch_size=4))
     assert not hasattr(rows[0], "latent") and not hasattr(rows[0], "__dict__")  # metadata only
     groups = {(r.part, r.row_group) for r in rows}
     # 3 parts of 4 groups and the newer part's one group, less the group whose 4 rows were all re-encoded
-    assert len({part for part, _ in groups}) == 4 and len(groups) == 12 > config.latent_cache_groups
+    assert len({part for part, _ in groups}) == 4 and len(groups) == 12
+    largest_group = max(read_row_group(Path(p), g, ["latent"]).column("latent").nbytes for p, g in groups)
+    budget = 3 * largest_group  # room for about 3 of the 12 groups
+    config = load_config(None, batch_size=4, latent_cache_mib=budget / 2**20)
     assert sorted(r.row for r in rows if r.image_id in {x["image_id"] for x in redo}) == [1, 3, 5, 7]
 
     data = TrainData(rows, config, tokenizer(zoo))
-    largest_group = 0
     for epoch in range(2):
         before = data.latents.reads.copy()
         plan = data.plan(epoch)
@@ -219,9 +222,8 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
                 [(np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32) - (r["shift_factor"] or 0.0))
                  * r["scaling_factor"]
                  for r in expected])))
-            assert len(data.latents.groups) <= config.latent_cache_groups
-            largest_group = max(largest_group, *(c.nbytes for c in data.latents.groups.values()))
-            assert data.latents.nbytes <= config.latent_cache_groups * largest_group < total_bytes / 3
+            assert data.latents.nbytes == sum(c.nbytes for c in data.latents.groups.values())
+            assert data.latents.nbytes <= budget < total_bytes / 3
         reads = data.latents.reads - before
         needed = Counter(g for batch in plan for g in {(rows[i].part, rows[i].row_group) for i in batch})
         assert set(reads) <= set(needed) and all(reads[g] <= needed[g] for g in reads)  # once per batch at most
@@ -229,17 +231,17 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     assert pa.total_allocated_bytes() < data.latents.nbytes + total_bytes / 4
 
     # With room for every group, two epochs read each group exactly once.
-    roomy = TrainData(rows, config, tokenizer(zoo), latents=LatentCache(len(groups)))
+    roomy = TrainData(rows, config, tokenizer(zoo), latents=LatentCache(total_bytes * 2))
     for epoch in range(2):
         for batch in roomy.plan(epoch):
             roomy.collate(batch, epoch, [tokenizer(zoo)])
     assert roomy.latents.reads == Counter(dict.fromkeys(groups, 1))
 
     # The trainer shares one bounded cache between training, validation and stable-train sets.
-    run = load_config(None, output=str(tmp_path / "run"), batch_size=4, latent_cache_groups=2, max_steps=2,
+    run = load_config(None, output=str(tmp_path / "run"), batch_size=4, latent_cache_mib=2 * largest_group / 2**20, max_steps=2,
                       precision="fp32", validate_every=2, validation_fraction=0.1, checkpoint_every=100)
     trainer = Trainer(ds.root, zoo["sdxl"], run)
     summary = trainer.run(show_progress=False)
     assert summary["last loss"] == summary["last loss"] and "val_loss" in summary
     assert trainer.val_data.latents is trainer.stable_data.latents is trainer.data.latents
-    assert 0 < len(trainer.data.latents.groups) <= 2
+    assert 0 < trainer.data.latents.nbytes <= 2 * largest_group

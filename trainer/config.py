@@ -30,10 +30,10 @@ class TrainConfig:
     where: str | None = None  # SQL predicate over `manifest`; rank 0 is always left out unless keep_rank_0
     keep_rank_0: bool = False
     latents_model: str | None = None  # the latents table's `model` to train on (default: every VAE's, latest per image)
-    # Latents are read from disk a row group at a time when batches are built; this many
-    # groups stay cached per worker. A group is at most ~32 MiB (curate/manifest.py), so 16
-    # bound the cache at ~512 MiB whatever the dataset's size.
-    latent_cache_groups: int = 16
+    # Latents are read from disk a whole row group at a time when batches are built, and up
+    # to this many MiB of them stay cached per worker. A table that fits is read once per run;
+    # a larger one costs about one row-group read (<= ~32 MiB) per sample in random order.
+    latent_cache_mib: float = 8192.0
     # run
     output: str = "runs/train"
     seed: int = 0
@@ -84,10 +84,12 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and value not in allowed:
                 raise ValueError(f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}")
-        positive = ("latent_cache_groups", "max_steps", "batch_size", "gradient_accumulation", "workers", "log_every", "checkpoint_every")
+        positive = ("max_steps", "batch_size", "gradient_accumulation", "workers", "log_every", "checkpoint_every")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.latent_cache_mib <= 0:
+            raise ValueError(f"latent_cache_mib must be above 0, got {self.latent_cache_mib}")
         if self.batch_size % self.workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers}): each worker takes an equal share of every batch")
         if not 0 <= self.timestep_min < self.timestep_max <= 1000:

@@ -13,9 +13,9 @@ function of (seed, epoch), so a resumed run sees the same batches.
 
 Latents are not held in memory: a Row keeps only its metadata and where its latent lives
 (part file, row group, row), and a batch reads the latent bytes when it is built, whole
-row groups at a time through a small LRU cache (LatentCache). Memory is then a few hundred
-bytes of metadata per row plus `latent_cache_groups` row groups (each at most ~32 MiB),
-instead of 128 KiB per 1024x1024 SDXL latent.
+row groups at a time through an LRU cache (LatentCache). Memory is then a few hundred
+bytes of metadata per row plus at most `latent_cache_mib` of latents, instead of 128 KiB
+per 1024x1024 SDXL latent for the whole table.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Ro
 
 
 class LatentCache:
-    """Latent bytes read on demand, whole row groups at a time; the `size` most recently used groups are kept.
+    """Latent bytes read on demand, whole row groups at a time; the most recently used groups
+    are kept while they fit in `budget` bytes (at least one group is always kept).
 
     A batch of one bucket draws its rows from anywhere in the table, so it touches several
     row groups; each is read at most once per batch (even when a batch needs more groups than
@@ -116,8 +117,9 @@ class LatentCache:
     been evicted. `reads` counts reads from disk per group.
     """
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.nbytes = 0  # bytes of latents held now
         self.groups: OrderedDict[tuple[str, int], pa.ChunkedArray] = OrderedDict()
         self.reads: Counter[tuple[str, int]] = Counter()
 
@@ -128,19 +130,15 @@ class LatentCache:
         column = read_row_group(Path(key[0]), key[1], ["latent"]).column("latent")
         self.reads[key] += 1
         self.groups[key] = column
-        while len(self.groups) > self.size:
-            self.groups.popitem(last=False)
+        self.nbytes += column.nbytes
+        while len(self.groups) > 1 and self.nbytes > self.budget:
+            self.nbytes -= self.groups.popitem(last=False)[1].nbytes
         return column
 
     def latents(self, rows: list[Row]) -> list[np.ndarray]:
         """The float16 [C, H, W] latents of `rows`, before scaling, in order."""
         columns = {key: self.group(key) for key in dict.fromkeys((r.part, r.row_group) for r in rows)}
         return [latent_array(columns[(r.part, r.row_group)][r.row].as_py(), r.shape) for r in rows]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of latents held now."""
-        return sum(column.nbytes for column in self.groups.values())
 
 
 def chunked(ids: list[int], n_chunks: int, bos: int, eos: int, pad: int, positions: int = 77) -> list[int]:
@@ -159,7 +157,7 @@ class TrainData:
     def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None,
                  latents: LatentCache | None = None):
         self.rows, self.config, self.tokenizer = rows, config, tokenizer
-        self.latents = latents or LatentCache(config.latent_cache_groups)  # may be shared by TrainData of the same rows
+        self.latents = latents or LatentCache(int(config.latent_cache_mib * 2**20))  # may be shared by TrainData of the same rows
         self.seed = config.seed if seed is None else seed
         self.prompts = PromptBuilder(config.prompts, seed=self.seed)
         self.long_clip = tokenizer.model_max_length > 77

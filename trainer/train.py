@@ -49,7 +49,7 @@ class Trainer:
         self.models = Models(base, config, self.device, checkpoint)
         train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
         tokenizer = self.models.tokenizers[0]
-        latents = LatentCache(config.latent_cache_groups)  # one bound on latent memory for all three sets
+        latents = LatentCache(int(config.latent_cache_mib * 2**20))  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
