@@ -2,11 +2,12 @@
 
 Strategy (coverage first, then uncertainty): both images come from the least-shown so
 far (ties broken at random), so every image is rated before any is rated twice and the
-pair model sees as much of the embedding space as possible. The left one is drawn at
-random; its opponent is, among a random handful of such candidates, the one the current
+pair model sees as much of the embedding space as possible. One is drawn at random; its
+opponent is, among a random handful of such candidates, the one the current
 model is least sure about: the nearest in current score. Close pairs carry the most information about where quality
 changes; drawing from a handful, not from everyone, keeps pairs varied and stops a 10%
-rater error rate from dominating on near-identical images.
+rater error rate from dominating on near-identical images. Which one goes on the left is
+then decided by a coin, so a rater's side bias averages out.
 
 The current score comes from a linear Bradley-Terry model on the embeddings (refit as
 judgements arrive), so even never-rated images have a score; without embeddings it is
@@ -85,7 +86,7 @@ class PairChooser:
         least = np.flatnonzero(self.shown == self.shown.min())
         a = int(self.rng.choice(least))
         # Opponents come from the least-shown images too (topped up at random when few are left).
-        fresh = [int(c) for c in self.rng.permutation(np.flatnonzero(self.shown == self.shown.min()))
+        fresh = [int(c) for c in self.rng.permutation(least)
                  if c != a and (min(a, c), max(a, c)) not in self.offered][:self.candidates]
         others = [int(c) for c in self.rng.choice(n, min(n, self.candidates + 1), replace=False)
                   if c != a and c not in fresh and (min(a, c), max(a, c)) not in self.offered]
