@@ -218,12 +218,7 @@ def input_filter(stage: Stage, ids: list[str] | pa.Array) -> pads.Expression:
     expr = pc.field("image_id").isin(pa.array(ids, pa.string()))
     if stage.source == "images":  # one row per image: the first source, which holds the bytes
         expr = expr & (pc.field("status") == "ok") & pc.field("bytes").is_valid()
-    return expr & stage_source_filter(stage)
-
-
-def stage_source_filter(stage: Stage) -> pads.Expression:
-    f = getattr(stage, "source_filter", None)
-    return f() if f else pc.scalar(True)
+    return expr & stage.source_filter()
 
 
 # ---- engines -------------------------------------------------------------------------

@@ -15,6 +15,9 @@ A stage maps images to rows of its own table:
   e.g. the raw output), so one unusable output (an empty caption, a NaN score) does not
   fail the rest of its batch.
 
+`source_filter()` narrows the rows of `source` a stage reads (e.g. only the embeddings
+of one model); the default keeps them all.
+
 `batch_key(prepared)` says which rows may share a `process` call: rows of different keys
 never do (e.g. one aspect bucket per batch, so images of one size stack into one
 tensor). The local engine fills each batch with rows of one key.
@@ -25,6 +28,9 @@ image and writes an error row for it.
 from __future__ import annotations
 
 from typing import Any, Hashable
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 
 class Stage:
@@ -44,6 +50,9 @@ class Stage:
 
     def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    def source_filter(self) -> pads.Expression:
+        return pc.scalar(True)  # every row of `source`
 
     def batch_key(self, prepared: dict[str, Any]) -> Hashable:
         return None  # any rows may share a batch
