@@ -94,10 +94,16 @@ def process_pass(stages: list[Stage], ids: list[str], prepared: list[list[dict |
     """Run each stage's model on its share of one batch: (stage index, output rows)."""
     out = []
     for k, stage in enumerate(stages):
-        mine = [(i, p[k]) for i, p in zip(ids, prepared) if p[k] is not None]
+        mine_ids, mine = _stage_share(k, ids, prepared)
         if mine:
-            out.append((k, process_rows(stage, [i for i, _ in mine], [p for _, p in mine])))
+            out.append((k, process_rows(stage, mine_ids, mine)))
     return out
+
+
+def _stage_share(k: int, ids: list[str], prepared: list[list[dict | None]]) -> tuple[list[str], list[dict]]:
+    """Stage k's share of a pass batch: the ids and prepared rows it has to do."""
+    mine = [(i, p[k]) for i, p in zip(ids, prepared) if p[k] is not None]
+    return [i for i, _ in mine], [p for _, p in mine]
 
 
 def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table:
@@ -295,9 +301,9 @@ def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: 
 def _regrouped(regroup: list[OneKeyBatches], ids: list[str], prepared: list[list[dict | None]]):
     """Hand each stage its share of a pass batch; yield each output batch as [(stage index, rows)]."""
     for k, batches in enumerate(regroup):
-        mine = [(i, p[k]) for i, p in zip(ids, prepared) if p[k] is not None]
+        mine_ids, mine = _stage_share(k, ids, prepared)
         if mine:
-            yield from ([(k, table)] for table in batches.add([i for i, _ in mine], [p for _, p in mine]))
+            yield from ([(k, table)] for table in batches.add(mine_ids, mine))
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
