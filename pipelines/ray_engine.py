@@ -13,7 +13,7 @@ import warnings
 import pyarrow as pa
 
 from curate.manifest import Dataset
-from pipelines.runner import _rebatch, input_filter, prepare_row, process_pass
+from pipelines.runner import input_filter, input_rows, prepare_row, process_pass
 from pipelines.stage import Stage
 
 # Ray Data retries a task whose worker died forever by default: an image that crashes
@@ -143,11 +143,7 @@ def _isolate_crashes(ds: Dataset, stages: list[Stage], todo: list[list[str]], re
     todo_sets = [set(t) for t in todo]
     for stage in stages:
         stage.setup()
-    batch_size = min(s.batch_size for s in stages)
-    columns = sorted(set().union(*(s.columns for s in stages)))
-    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], remaining), batch_size=batch_size)
-    for record_batch in _rebatch(source, batch_size):
-        rows = record_batch.to_pylist()
+    for rows in input_rows(ds, stages, remaining):
         # Each task gets only its own image's membership, not the whole to-do lists.
         wanted = [[{r["image_id"]} & t for t in todo_sets] for r in rows]
         refs = [probe.remote(stages, r, w) for r, w in zip(rows, wanted)]

@@ -278,16 +278,12 @@ def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: 
     for stage in stages:
         stage.setup()
     todo_sets = [set(t) for t in todo]
-    batch_size = min(s.batch_size for s in stages)
-    columns = sorted(set().union(*(s.columns for s in stages)))
-    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], everything), batch_size=batch_size)
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         # Keep two batches decoding ahead of the models so they never wait on decoding.
         pending: list = []
         regroup = [OneKeyBatches(stage) for stage in stages]
-        for record_batch in _rebatch(source, batch_size):
-            rows = record_batch.to_pylist()
+        for rows in input_rows(ds, stages, everything):
             pending.append(([r["image_id"] for r in rows], [pool.submit(prepare_row, stages, r, todo_sets) for r in rows]))
             if len(pending) > 2:
                 ids, futures = pending.pop(0)
@@ -304,6 +300,15 @@ def _regrouped(regroup: list[OneKeyBatches], ids: list[str], prepared: list[list
         mine_ids, mine = _stage_share(k, ids, prepared)
         if mine:
             yield from ([(k, table)] for table in batches.add(mine_ids, mine))
+
+
+def input_rows(ds: Dataset, stages: list[Stage], ids: list[str]) -> Iterator[list[dict]]:
+    """The pass's input rows for `ids`, in lists of the smallest batch size of its stages."""
+    batch_size = min(s.batch_size for s in stages)
+    columns = sorted(set().union(*(s.columns for s in stages)))
+    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], ids), batch_size=batch_size)
+    for table in _rebatch(source, batch_size):
+        yield table.to_pylist()
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
