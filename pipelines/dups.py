@@ -95,26 +95,34 @@ def has_stats(ds: Dataset) -> bool:
 def dataset_info(ds: Dataset) -> pa.Table:
     """One row per table and model: rows, ok rows, errors by code, parts on disk."""
     out = []
-    for name, schema in SCHEMAS.items():
-        parts = ds.parts(name)
-        if not parts:
-            continue
-        size = sum(p.stat().st_size for p in parts)
-        if "status" not in schema.names:
-            n = ds.query(f'SELECT count(*) AS n FROM "{name}"').to_pylist()[0]["n"]
-            out.append({"table": name, "model": None, "rows": n, "ok": None, "errors": "", "parts": len(parts), "mb": size})
-            continue
-        model = "model" if "model" in schema.names else "NULL"
-        counts = ds.query(
-            f'SELECT {model} AS model, count(*) AS rows, count(*) FILTER (WHERE status = \'ok\') AS ok '
-            f'FROM "{name}" GROUP BY ALL ORDER BY model').to_pylist()
-        errors = ds.query(
-            f'SELECT {model} AS model, error, count(*) AS n FROM "{name}" WHERE status <> \'ok\' '
-            f'GROUP BY ALL ORDER BY n DESC, error').to_pylist()
-        for c in counts:
-            codes = ", ".join(f"{e['error']}: {e['n']}" for e in errors if e["model"] == c["model"])
-            out.append({"table": name, "model": c["model"], "rows": c["rows"], "ok": c["ok"], "errors": codes,
-                        "parts": len(parts), "mb": size})
+    con = ds.connect()  # one connection for every count: each connect reads every part's footer
+
+    def query(sql: str) -> list[dict]:
+        return con.sql(sql).to_arrow_table().to_pylist()
+
+    try:
+        for name, schema in SCHEMAS.items():
+            parts = ds.parts(name)
+            if not parts:
+                continue
+            size = sum(p.stat().st_size for p in parts)
+            if "status" not in schema.names:
+                n = query(f'SELECT count(*) AS n FROM "{name}"')[0]["n"]
+                out.append({"table": name, "model": None, "rows": n, "ok": None, "errors": "", "parts": len(parts), "mb": size})
+                continue
+            model = "model" if "model" in schema.names else "NULL"
+            counts = query(
+                f'SELECT {model} AS model, count(*) AS rows, count(*) FILTER (WHERE status = \'ok\') AS ok '
+                f'FROM "{name}" GROUP BY ALL ORDER BY model')
+            errors = query(
+                f'SELECT {model} AS model, error, count(*) AS n FROM "{name}" WHERE status <> \'ok\' '
+                f'GROUP BY ALL ORDER BY n DESC, error')
+            for c in counts:
+                codes = ", ".join(f"{e['error']}: {e['n']}" for e in errors if e["model"] == c["model"])
+                out.append({"table": name, "model": c["model"], "rows": c["rows"], "ok": c["ok"], "errors": codes,
+                            "parts": len(parts), "mb": size})
+    finally:
+        con.close()
     for row in out:
         row["mb"] = round(row["mb"] / 2**20, 2)
     return pa.Table.from_pylist(out, schema=pa.schema([
