@@ -5,7 +5,7 @@ embeddings. Each model writes its own table and resumes on its own `model` value
 from __future__ import annotations
 
 from models.common import ModelError, pick_device
-from pipelines.runner import Summary, run_stage, run_stages
+from pipelines.runner import Summary, run_stage, run_stages, todo_ids
 
 TAGGERS = ("wd14", "joytag")
 DETECTORS = ("owlv2",)
@@ -77,7 +77,5 @@ def rank(ds, ranker, where, engine, ray_address, show_progress) -> Summary:
     if not embedded:
         raise ModelError(f"no embeddings from {ranker.embedder!r} to rank; run `curate score` with the "
                          f"--clip model that head was trained on")
-    from pipelines.runner import todo_ids
-
     todo = sorted(set(todo_ids(ds, ranker, where)) & set(embedded))
     return run_stage(ds, ranker, engine=engine, ray_address=ray_address, show_progress=show_progress, ids=todo)
