@@ -31,6 +31,15 @@ class RetryableError(Exception):
     pass
 
 
+def jpeg_data_url(image: Image.Image) -> str:
+    """The image, no larger than MAX_SIDE, as an inline JPEG data URL (also what vLLM's chat takes)."""
+    image = image.copy()
+    image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 class OpenAICaptioner(Captioner):
     uses_gpu = False  # the GPU is on the server
 
@@ -48,11 +57,7 @@ class OpenAICaptioner(Captioner):
         self.lock = threading.Lock()
 
     def prepare(self, image: Image.Image) -> str:
-        image = image.copy()
-        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=JPEG_QUALITY)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        return jpeg_data_url(image)
 
     def caption(self, images: list[str], prompts: list[str]) -> list[str | CaptionError]:
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(images)))) as pool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from models.captioner import Captioner
 from models.common import ModelError
-from models.vlm_openai import OpenAICaptioner
+from models.vlm_openai import jpeg_data_url
 
 
 class VLLMCaptioner(Captioner):
@@ -24,7 +24,7 @@ class VLLMCaptioner(Captioner):
         self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
 
     def prepare(self, image):
-        return OpenAICaptioner.prepare(self, image)  # the same inline JPEG data URL the HTTP backend sends
+        return jpeg_data_url(image)  # the same inline JPEG data URL the HTTP backend sends
 
     def caption(self, images: list[str], prompts: list[str]) -> list[str]:
         conversations = [[{"role": "user", "content": [{"type": "text", "text": p},
