@@ -59,7 +59,8 @@ class TransformersCaptioner(Captioner):
         return text
 
     def caption(self, images: list, prompts: list[str]) -> list[str]:
-        texts = [self.prompt_text(p) for p in prompts]
+        rendered = {p: self.prompt_text(p) for p in set(prompts)}  # a batch usually shares one prompt
+        texts = [rendered[p] for p in prompts]
         # One image list per prompt: SmolVLM/Idefics3 need the nesting, the rest flatten it.
         inputs = self.processor(images=[[image] for image in images], text=texts, padding=True, return_tensors="pt")
         inputs = {k: (v.to(self.torch_device, self.torch_dtype) if v.is_floating_point() else v.to(self.torch_device))
@@ -70,7 +71,7 @@ class TransformersCaptioner(Captioner):
         new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
         if getattr(self, "pad_id", None) is not None:
             self.generated_tokens += int((new != self.pad_id).sum())
-        return [t for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        return self.processor.batch_decode(new, skip_special_tokens=True)
 
 
 class MoondreamCaptioner(Captioner):
