@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import ModelError, ModelStage, model_dir, model_name
-from models.tagging import GENERAL, select_tags, square_resized
+from models.tagging import GENERAL, square_resized, tag_columns
 
 DEFAULT_JOYTAG = "fpgaminer/joytag"
 FILES = ("config.json", "model.safetensors", "top_tags.txt")
@@ -170,5 +170,4 @@ class JoyTagger(ModelStage):
         with torch.inference_mode():
             logits = self._model(torch.from_numpy(batch["pixels"]).to(self._device, self._dtype))
         probs = torch.sigmoid(logits.float()).cpu().numpy()
-        rows = [select_tags(p, self._names, self._categories, {GENERAL: self.threshold}) for p in probs]
-        return {k: [r[k] for r in rows] for k in ("tags", "tag_scores", "rating", "rating_score")}
+        return tag_columns(probs, self._names, self._categories, {GENERAL: self.threshold})

@@ -44,3 +44,9 @@ def select_tags(scores: np.ndarray, names: list[str], categories: np.ndarray,
         best = int(ratings[np.argmax(scores[ratings])])
         row["rating"], row["rating_score"] = names[best], float(scores[best])
     return row
+
+
+def tag_columns(probs: np.ndarray, names: list[str], categories: np.ndarray, thresholds: dict[int, float]) -> dict:
+    """A batch's `tags` table columns: select_tags for every row of probabilities."""
+    rows = [select_tags(p, names, categories, thresholds) for p in probs]
+    return {k: [r[k] for r in rows] for k in ("tags", "tag_scores", "rating", "rating_score")}

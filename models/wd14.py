@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from models.common import ModelError, ModelStage, cpu_share, model_dir, model_name
-from models.tagging import CHARACTER, GENERAL, select_tags, square_resized
+from models.tagging import CHARACTER, GENERAL, square_resized, tag_columns
 
 DEFAULT_WD14 = "SmilingWolf/wd-vit-tagger-v3"
 TAGS_CSV = "selected_tags.csv"
@@ -99,6 +99,4 @@ class WD14Tagger(ModelStage):
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def process(self, batch):
-        probs = self.probabilities(batch["pixels"])
-        rows = [select_tags(p, self._names, self._categories, self.thresholds) for p in probs]
-        return {k: [r[k] for r in rows] for k in ("tags", "tag_scores", "rating", "rating_score")}
+        return tag_columns(self.probabilities(batch["pixels"]), self._names, self._categories, self.thresholds)
