@@ -10,6 +10,8 @@ threshold, which makes `watermark` a tag in the manifest.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 from scipy.special import expit
@@ -51,8 +53,6 @@ class WatermarkDetector(ModelStage):
                  threshold: float = 0.1, query: str = QUERY):
         super().__init__(spec, device, batch_size)
         self.threshold, self.query = threshold, query
-        import json
-
         folder = model_dir(spec, ("config.json",))
         config = json.loads((folder / "config.json").read_text())
         if config.get("model_type") != "owlv2":
