@@ -163,6 +163,7 @@ class TrainData:
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
         self._cache: tuple[int, list, list] | None = None
+        self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, plan) of the last batch_at
         self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
 
     def require_batches(self) -> None:
@@ -211,7 +212,9 @@ class TrainData:
     def batch_at(self, step: int) -> tuple[int, list[int]]:
         """(epoch, row indices) of the global micro-step `step`."""
         epoch, index = divmod(step, self.batches_per_epoch)
-        return epoch, self.plan(epoch)[index]
+        if self._plan is None or self._plan[0] != epoch:  # planned once per epoch, not once per micro-step
+            self._plan = (epoch, self.plan(epoch))
+        return epoch, self._plan[1][index]
 
     def collate(self, indices: list[int], epoch: int, tokenizers: list) -> dict:
         prompts, tokens = self.epoch_prompts(epoch)
