@@ -22,6 +22,7 @@ model a new variation. The rules, each switchable in `PromptConfig`:
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,11 @@ def applicable_scores(rank: int) -> list[str]:
 
 
 def image_seed(image_id: str) -> int:
-    return int(image_id[:16], 16) if re.fullmatch(r"[0-9a-f]{16,}", image_id) else abs(hash(image_id)) % 2**63
+    """A stable number for an image id: its leading hex digits, or a sha256 of any other id
+    (never hash(): str hashes change with every process, and prompts must not)."""
+    if re.fullmatch(r"[0-9a-f]{16,}", image_id):
+        return int(image_id[:16], 16)
+    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little") >> 1
 
 
 class PromptBuilder:
