@@ -19,7 +19,7 @@ def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1) -> dic
     data.require_batches()
     report = dry_run_report(data, epochs)
     total = report["batches"]
-    section(f"dry run: {len(train_rows)} training rows, {len(val_rows)} held out, {total} batches of "
+    section(f"dry run: {len(train_rows)} training rows, {len(val_rows)} held out, {data.batches_per_epoch} batches of "
             f"{config.batch_size} per epoch", {"buckets (C, H, W)": sorted({r.bucket for r in train_rows})})
     section("padded prompt length per batch (tokens: batches, share)",
             {k: f"{v} ({v / total:.0%})" for k, v in report["padded_lengths"].items()})
