@@ -96,6 +96,8 @@ class EncodeStage(Stage):
                                  for i in batch["image_id"]])
             latent = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
         latent16 = latent.half().cpu().numpy()
+        if self.keep_distribution:  # one copy off the device per batch, not two per image
+            mean16, logvar16 = mean.half().cpu().numpy(), logvar.half().cpu().numpy()
         out = {"latent": [], "shape": [], "mean": [], "logvar": [], "_error": [], "_message": []}
         for k in range(len(latent16)):
             finite = bool(np.isfinite(latent16[k]).all())
@@ -104,8 +106,8 @@ class EncodeStage(Stage):
             out["latent"].append(latent16[k].tobytes() if finite else None)  # never store a broken latent
             out["shape"].append(list(latent16[k].shape))
             keep = self.keep_distribution and finite
-            out["mean"].append(mean[k].half().cpu().numpy().tobytes() if keep else None)
-            out["logvar"].append(logvar[k].half().cpu().numpy().tobytes() if keep else None)
+            out["mean"].append(mean16[k].tobytes() if keep else None)
+            out["logvar"].append(logvar16[k].tobytes() if keep else None)
         names = ("original_height", "original_width", "resized_height", "resized_width",
                  "crop_top", "crop_left", "target_height", "target_width")
         out.update({name: [int(v) for v in batch[name]] for name in names})
