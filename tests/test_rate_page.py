@@ -83,7 +83,9 @@ def test_rating_page_with_keyboard(dataset, rating_server):
         try:
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_function("() => document.body.dataset.pair && document.getElementById('right').complete")
+            # wait for both images: the left one may finish after the right one
+            page.wait_for_function("() => document.body.dataset.pair && "
+                                   "['left', 'right'].every(id => document.getElementById(id).complete)")
             assert page.evaluate("document.getElementById('left').naturalWidth > 0 && document.getElementById('right').naturalWidth > 0")
 
             def press(key: str) -> tuple[str, str]:
