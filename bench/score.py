@@ -49,7 +49,7 @@ def cpu_bench(args) -> dict:
     from curate.manifest import Dataset
     from models.tiny import write_zoo
     from pipelines.ingest import ingest
-    from pipelines.runner import decode_side
+    from pipelines.runner import decode_need
     from pipelines.score import image_stages, score
 
     width, height = map(int, args.size.split("x"))
@@ -60,14 +60,14 @@ def cpu_bench(args) -> dict:
         ingest([str(root / "images")], ds, show_progress=False)
         zoo = write_zoo(root / "zoo", ["open_clip", "quality_head", "wd14", "owlv2"])
         models = dict(clip=str(zoo["open_clip"]), tagger=f"wd14:{zoo['wd14']}", watermark=f"owlv2:{zoo['owlv2']}")
-        side = decode_side(image_stages(**models))
+        need = decode_need(image_stages(**models))
         blobs = ds.query("SELECT bytes FROM images WHERE bytes IS NOT NULL").column("bytes").to_pylist()
         workers = max(1, min(8, os.cpu_count() or 1))  # as the local engine
 
         def bare_decode() -> float:
             started = time.perf_counter()
             with ThreadPoolExecutor(workers) as pool:
-                for decoded in pool.map(lambda b: decode(b, min_side=side), blobs):
+                for decoded in pool.map(lambda b: decode(b, min_side=need[0], long_side=need[1]), blobs):
                     decoded.image.load()
             return time.perf_counter() - started
 
@@ -91,7 +91,7 @@ def cpu_bench(args) -> dict:
         marginal = extra / (pass_s - quarter_s) if pass_s > quarter_s and extra else None
         return {
             "device": "cpu", "cpu_cores": os.cpu_count(), "images": n, "image_size": args.size,
-            "decode_min_side": side, "decode_threads": workers,
+            "decode_min_side": need[0], "decode_long_side": need[1], "decode_threads": workers,
             "bare_decode_images_per_s": round(n / decode_s, 1),
             "pass_images_per_s": round(n / pass_s, 1),
             "overhead_ratio": round(decode_s / pass_s, 3),

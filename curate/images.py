@@ -9,6 +9,7 @@ decoding to the smallest scale that still satisfies the consumer's size request.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import stat
@@ -86,16 +87,18 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes
     return data
 
 
-def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Decoded:
+def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS,
+           long_side: int | None = None) -> Decoded:
     """Decode image bytes to RGB.
 
-    min_side: the consumer needs the shorter side to be at least this many pixels; JPEGs
-    are then draft-decoded at the largest reduction that keeps it (None: full size).
+    min_side, long_side: the consumer needs the shorter / longer side to be at least this
+    many pixels; JPEGs are then draft-decoded at the largest reduction that keeps both
+    (neither given: full size).
     """
     if not data:
         raise ImageError("empty", "zero bytes")
     try:
-        return _decode(data, min_side, max_pixels)
+        return _decode(data, min_side, long_side, max_pixels)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -130,7 +133,7 @@ def declares_zero_size(data: bytes) -> bool:
     return w == 0 or h == 0
 
 
-def _decode(data: bytes, min_side: int | None, max_pixels: int) -> Decoded:
+def _decode(data: bytes, min_side: int | None, long_side: int | None, max_pixels: int) -> Decoded:
     img = Image.open(io.BytesIO(data))
     fmt = img.format or "unknown"
     w, h = img.size
@@ -143,10 +146,10 @@ def _decode(data: bytes, min_side: int | None, max_pixels: int) -> Decoded:
     mode = img.mode
     orientation = img.getexif().get(0x0112, 1)
     full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    if min_side and fmt == "JPEG" and mode in ("RGB", "L", "CMYK", "YCbCr"):
+    scale = needed_scale(w, h, min_side, long_side)
+    if scale and fmt == "JPEG" and mode in ("RGB", "L", "CMYK", "YCbCr"):
         # draft() picks the largest 1/2, 1/4, 1/8 reduction that stays >= the requested
-        # size; ask for a box whose shorter side is min_side, keeping the aspect ratio.
-        scale = min_side / min(w, h)
+        # size; ask for the box of the scale the request needs, keeping the aspect ratio.
         if scale < 1:
             img.draft(img.mode, (max(1, round(w * scale)), max(1, round(h * scale))))
     img.load()  # raises on truncation
@@ -154,6 +157,22 @@ def _decode(data: bytes, min_side: int | None, max_pixels: int) -> Decoded:
     if orientation in ORIENTATION_TRANSPOSE:
         rgb = rgb.transpose(ORIENTATION_TRANSPOSE[orientation])
     return Decoded(rgb, full_w, full_h, fmt, mode, animated)
+
+
+def needed_scale(w: int, h: int, min_side: int | None, long_side: int | None) -> float:
+    """The smallest scale of a w x h image that meets both side requests (0: none made)."""
+    return max((min_side or 0) / min(w, h), (long_side or 0) / max(w, h))
+
+
+def shrink(decoded: Decoded, min_side: int | None, long_side: int | None) -> Decoded:
+    """The decoded image resized down to the smallest size that meets both side requests
+    (bicubic; a box reduction first where the scale is small, as draft decoding would)."""
+    image = decoded.image
+    scale = needed_scale(image.width, image.height, min_side, long_side)
+    if not 0 < scale < 1:
+        return decoded
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return dataclasses.replace(decoded, image=image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -4,7 +4,8 @@ The model is an open_clip name (`ViT-B-32:laion2b_s34b_b79k`, open_clip's own re
 a hub id of an open_clip repo (`laion/CLIP-ViT-B-32-laion2B-s34B-b79K`: open_clip_config.json
 plus weights) or a local directory of the same files. Hub ids and directories load through
 open_clip's `local-dir:` loader, so the tiny zoo runs the very code that real weights do.
-Preprocessing is open_clip's own transform for the model (resize, centre crop, normalise).
+Preprocessing is open_clip's own transform for the model (resize, centre crop, normalise);
+the normalising runs batched on the model's device.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 
 import numpy as np
 
-from models.common import ModelError, ModelStage, model_dir, model_name
+from models.common import ModelError, ModelStage, model_dir, model_name, normalised_nchw
 
 DEFAULT_CLIP = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"  # bigASP used CLIP-B
 CONFIG = "open_clip_config.json"
@@ -24,8 +25,12 @@ class ClipEmbedder(ModelStage):
 
     def __init__(self, spec: str = DEFAULT_CLIP, device: str | None = None, batch_size: int | None = None):
         super().__init__(spec, device, batch_size)
-        self.image_size = self._config()["image_size"]
-        self.decode_min_side = self.image_size
+        config = self._config()
+        self.image_size = config["image_size"]
+        if config["preprocess"].get("resize_mode") == "longest":  # fitted inside the square, padded
+            self.decode_long_side = self.image_size
+        else:  # resized on the shorter side and cropped (or squashed)
+            self.decode_min_side = self.image_size
 
     def model_key(self) -> str:
         return f"open_clip:{model_name(self.spec)}"
@@ -72,30 +77,41 @@ class ClipEmbedder(ModelStage):
 
         self._device, self._dtype = self.model_device()
         precision = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}[self._dtype]
-        self._model, self._preprocess = self._create(self._device, precision)
+        self._model, _ = self._create(self._device, precision)
         self._model.eval()
 
-    def preprocess(self, image):
-        if getattr(self, "_preprocess", None) is None:  # on CPU workers that never loaded the model
+    def transform(self):
+        """open_clip's own eval transform for the model, split in two: the PIL steps (resize,
+        crop, mode) run per image on the CPU workers and give uint8 pixels; ToTensor and
+        Normalize run batched in process(), on the model's device (4x fewer bytes to move)."""
+        if getattr(self, "_transform", None) is None:  # CPU workers never load the model
             import open_clip
 
             pre = self._config()["preprocess"]
-            self._preprocess = open_clip.image_transform(
+            steps = open_clip.image_transform(
                 self.image_size, is_train=False, mean=pre.get("mean"), std=pre.get("std"),
-                interpolation=pre.get("interpolation"), resize_mode=pre.get("resize_mode"))
-        return self._preprocess(image)
+                interpolation=pre.get("interpolation"), resize_mode=pre.get("resize_mode")).transforms
+            *pil_steps, to_tensor, normalize = steps
+            if "ToTensor" not in type(to_tensor).__name__ or type(normalize).__name__ != "Normalize":
+                raise ModelError(f"open_clip's transform for {self.spec} does not end in ToTensor, Normalize: {steps}")
+            self._transform = pil_steps, np.array(normalize.mean, np.float32), np.array(normalize.std, np.float32)
+        return self._transform
 
     def prepare(self, row):
-        return {"pixels": self.preprocess(row["image"].image).numpy()}
+        image = row["image"].image
+        for step in self.transform()[0]:
+            image = step(image)
+        return {"pixels": np.asarray(image)}
 
     def process(self, batch):
         import torch
 
-        pixels = torch.from_numpy(batch["pixels"]).to(self._device, self._dtype)
+        pixels = normalised_nchw(batch["pixels"], *self.transform()[1:], self._device, self._dtype)
         with torch.inference_mode():
             features = self._model.encode_image(pixels).float()
         features = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
         bad = ~np.isfinite(features).all(axis=1)
-        return {"embedding": [None if b else f.astype(np.float16) for f, b in zip(features, bad)],
+        embedding = features.astype(np.float16)  # a 2-D array: stored without a Python object per number
+        return {"embedding": [None if b else f for f, b in zip(embedding, bad)] if bad.any() else embedding,
                 "_error": ["bad_output" if b else None for b in bad],
                 "_message": ["the embedding is not finite" if b else None for b in bad]}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import ModelError, ModelStage, model_dir, model_name
+from models.common import ModelError, ModelStage, model_dir, model_name, normalised_nchw
 from models.tagging import GENERAL, square_resized, tag_columns
 
 DEFAULT_JOYTAG = "fpgaminer/joytag"
@@ -151,7 +151,7 @@ class JoyTagger(ModelStage):
         super().__init__(spec, device, batch_size)
         self.threshold = threshold
         config = json.loads((model_dir(spec, FILES) / "config.json").read_text())
-        self.size = self.decode_min_side = config["image_size"]
+        self.size = self.decode_long_side = config["image_size"]  # padded to a square
 
     def model_key(self) -> str:
         return f"joytag:{model_name(self.spec)}@threshold={self.threshold}"
@@ -163,11 +163,10 @@ class JoyTagger(ModelStage):
         self._categories = np.full(len(self._names), GENERAL)
 
     def prepare(self, row):
-        rgb = np.asarray(square_resized(row["image"].image, self.size), dtype=np.float32) / 255
-        return {"pixels": np.ascontiguousarray(((rgb - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))}
+        return {"pixels": np.asarray(square_resized(row["image"].image, self.size))}
 
     def process(self, batch):
         with torch.inference_mode():
-            logits = self._model(torch.from_numpy(batch["pixels"]).to(self._device, self._dtype))
+            logits = self._model(normalised_nchw(batch["pixels"], CLIP_MEAN, CLIP_STD, self._device, self._dtype))
         probs = torch.sigmoid(logits.float()).cpu().numpy()
         return tag_columns(probs, self._names, self._categories, {GENERAL: self.threshold})

@@ -51,4 +51,4 @@ class QualityRanker(ModelStage):
         with torch.inference_mode():
             logits = self._head(torch.from_numpy(batch["embedding"]).to(self._device))
             probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return {"rank": [int(p.argmax()) for p in probs], "probs": [p.astype(np.float32) for p in probs]}
+        return {"rank": probs.argmax(axis=1).astype(np.int8), "probs": probs.astype(np.float32)}

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from models.common import ModelError, ModelStage, cpu_share, model_dir, model_name
+from models.common import ModelError, ModelStage, cpu_share, model_dir, model_name, normalised_nchw
 from models.tagging import CHARACTER, GENERAL, square_resized, tag_columns
 
 DEFAULT_WD14 = "SmilingWolf/wd-vit-tagger-v3"
@@ -49,7 +49,7 @@ class WD14Tagger(ModelStage):
             self.size = self.pretrained_cfg["input_size"][-1]
         else:
             raise ModelError(f"{spec} has neither model.onnx nor config.json + model.safetensors (timm)")
-        self.decode_min_side = self.size  # the longer side is what must reach `size`; this is enough
+        self.decode_long_side = self.size  # padded to a square: the longer side must reach `size`
 
     def model_key(self) -> str:
         g, c = self.thresholds[GENERAL], self.thresholds[CHARACTER]
@@ -81,21 +81,24 @@ class WD14Tagger(ModelStage):
         return self._model.num_classes
 
     def prepare(self, row):
-        """Pad to a white square, resize (bicubic), BGR; NHWC 0-255 for ONNX, normalised NCHW for timm."""
-        bgr = np.asarray(square_resized(row["image"].image, self.size), dtype=np.float32)[:, :, ::-1]
-        if self.backend == "timm":
-            mean = np.array(self.pretrained_cfg["mean"], np.float32)[::-1]
-            std = np.array(self.pretrained_cfg["std"], np.float32)[::-1]
-            return {"pixels": np.ascontiguousarray(((bgr / 255 - mean) / std).transpose(2, 0, 1))}
-        return {"pixels": np.ascontiguousarray(bgr)}
+        """Pad to a white square and resize (bicubic): uint8 RGB; model_input does the rest."""
+        return {"pixels": np.asarray(square_resized(row["image"].image, self.size))}
+
+    def model_input(self, pixels: np.ndarray):
+        """uint8 RGB NHWC -> BGR: 0-255 floats NHWC for ONNX, normalised NCHW on the device for timm."""
+        if self.backend == "onnx":
+            return np.ascontiguousarray(pixels[..., ::-1], dtype=np.float32)
+        cfg = self.pretrained_cfg
+        return normalised_nchw(np.ascontiguousarray(pixels[..., ::-1]), cfg["mean"][::-1], cfg["std"][::-1],
+                               self._device, self._dtype)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         if self.backend == "onnx":
-            return self._session.run(None, {self._input: pixels})[0]
+            return self._session.run(None, {self._input: self.model_input(pixels)})[0]
         import torch
 
         with torch.inference_mode():
-            logits = self._model(torch.from_numpy(pixels).to(self._device, self._dtype))
+            logits = self._model(self.model_input(pixels))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def process(self, batch):

@@ -13,7 +13,7 @@ import warnings
 import pyarrow as pa
 
 from curate.manifest import Dataset
-from pipelines.runner import input_filter, input_rows, prepare_row, process_pass
+from pipelines.runner import input_filter, input_rows, prepare_row, process_pass, setup_stages
 from pipelines.stage import Stage
 
 # Ray Data retries a task whose worker died forever by default: an image that crashes
@@ -70,8 +70,7 @@ class _ProcessBatch:
 
     def __init__(self, stages: list[Stage]):
         self.stages = stages
-        for stage in stages:
-            stage.setup()
+        setup_stages(stages)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prepared = [pickle.loads(b) for b in batch.column("_prepared").to_pylist()]
@@ -141,8 +140,7 @@ def _isolate_crashes(ds: Dataset, stages: list[Stage], todo: list[list[str]], re
 
     probe = ray.remote(max_retries=0, num_cpus=1)(prepare_row)
     todo_sets = [set(t) for t in todo]
-    for stage in stages:
-        stage.setup()
+    setup_stages(stages)
     for rows in input_rows(ds, stages, remaining):
         # Each task gets only its own image's membership, not the whole to-do lists.
         wanted = [[{r["image_id"]} & t for t in todo_sets] for r in rows]

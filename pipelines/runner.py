@@ -13,9 +13,11 @@ and resumes on its own `model_key`. `run_stage` is a pass of one stage.
 """
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from curate.images import ImageError, decode
+from curate.images import ImageError, decode, shrink
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
@@ -36,6 +38,7 @@ from pipelines.stage import Stage
 PART_ROWS = int(os.environ.get("CURATE_PART_ROWS", "2048"))
 PART_SECONDS = 60.0  # and so does time, for slow stages
 PART_BYTES = 256 << 20
+PREFETCH = 2  # input batches decoded ahead of the models (memory: 3 batches of prepared rows)
 
 
 @dataclass
@@ -64,9 +67,11 @@ def prepare_row(stages: list[Stage], row: dict[str, Any], todo: list) -> list[di
     wanted = [k for k, ids in enumerate(todo) if row["image_id"] in ids]
     out: list[dict | None] = [None] * len(stages)
     try:
-        side = decode_side([stages[k] for k in wanted])
-        if side is not None:
-            row["image"] = decode(row["bytes"], min_side=side or None)
+        need = decode_need([stages[k] for k in wanted])
+        if need is not None:
+            row["image"] = decode(row["bytes"], min_side=need[0] or None, long_side=need[1] or None)
+            if len(wanted) > 1:  # one resize to what the largest needs, so each stage resizes a small image
+                row["image"] = shrink(row["image"], *need)
     except ImageError as e:
         for k in wanted:
             out[k] = {"_error": e.code, "_message": e.message}
@@ -81,13 +86,16 @@ def prepare_row(stages: list[Stage], row: dict[str, Any], todo: list) -> list[di
     return out
 
 
-def decode_side(stages: list[Stage]) -> int | None:
-    """The decode size that serves every stage: None (no decode), 0 (full size) or the
-    largest shorter side asked for."""
-    sides = [s.decode_min_side for s in stages if s.decode_min_side is not None]
-    if not sides:
+def decode_need(stages: list[Stage]) -> tuple[int, int] | None:
+    """What one decode must give every stage: None (no decode), or the (shorter side,
+    longer side) it needs at least, the largest asked for; (0, 0) is full size."""
+    asks = [(s.decode_min_side, s.decode_long_side) for s in stages
+            if s.decode_min_side is not None or s.decode_long_side is not None]
+    if not asks:
         return None
-    return 0 if 0 in sides else max(sides)
+    if any(0 in ask for ask in asks):
+        return 0, 0
+    return max(a or 0 for a, _ in asks), max(b or 0 for _, b in asks)
 
 
 def process_pass(stages: list[Stage], ids: list[str], prepared: list[list[dict | None]]) -> list[tuple[int, pa.Table]]:
@@ -108,33 +116,46 @@ def _stage_share(k: int, ids: list[str], prepared: list[list[dict | None]]) -> t
 
 def process_rows(stage: Stage, ids: list[str], prepared: list[dict]) -> pa.Table:
     """Run the model on one batch. A failing batch is retried image by image."""
-    model = stage.model_key()
-    out: dict[str, list] = {name: [] for name in SCHEMAS[stage.table].names}
-
-    def emit(image_id, status, error=None, message=None, values=None):
-        out["image_id"].append(image_id)
-        out["model"].append(model)
-        out["status"].append(status)
-        out["error"].append(error)
-        out["message"].append(message)
-        out["created_at"].append(now())
-        for name in out:
-            if name not in ("image_id", "model", "status", "error", "message", "created_at"):
-                out[name].append(None if values is None else values.get(name))
-
+    tables = []
+    failed = [(i, p) for i, p in zip(ids, prepared) if "_error" in p]
+    if failed:
+        tables.append(output_rows(stage, [i for i, _ in failed], {"_error": [p["_error"] for _, p in failed],
+                                                                  "_message": [p["_message"] for _, p in failed]}))
     good = [(i, p) for i, p in zip(ids, prepared) if "_error" not in p]
-    for image_id, p in zip(ids, prepared):
-        if "_error" in p:
-            emit(image_id, "error", p["_error"], p["_message"])
-    for image_id, values in (r for group in _by_key(stage, good) for r in _process_isolating(stage, group)):
-        if isinstance(values, Exception):
-            code = getattr(values, "code", "process_failed")
-            emit(image_id, "error", code, f"{type(values).__name__}: {values}")
-        elif values.get("_error"):  # the stage judged this one output unusable (e.g. bad_output)
-            emit(image_id, "error", values["_error"], values.get("_message"), values=values)
-        else:
-            emit(image_id, "ok", values=values)
-    return pa.Table.from_pydict(out, schema=SCHEMAS[stage.table])
+    for group in _by_key(stage, good):
+        tables += [output_rows(stage, group_ids, columns) for group_ids, columns in _process_isolating(stage, group)]
+    return pa.concat_tables(tables) if tables else SCHEMAS[stage.table].empty_table()
+
+
+def output_rows(stage: Stage, ids: list[str], columns: dict[str, Any]) -> pa.Table:
+    """Rows of the stage's table from its output columns, a column at a time: a row whose
+    `_error` is set is an error row (keeping whatever else it has), the rest are ok."""
+    n = len(ids)
+    errors = columns.get("_error")
+    if errors is None:
+        errors = [None] * n
+    arrays = {
+        "image_id": pa.array(ids, pa.string()),
+        "model": pa.repeat(pa.scalar(stage.model_key()), n),
+        "status": pa.array(["ok" if e is None else "error" for e in errors], pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "message": pa.array(columns.get("_message", [None] * n), pa.string()),
+        "created_at": pa.repeat(pa.scalar(now(), SCHEMAS[stage.table].field("created_at").type), n),
+    }
+    schema = SCHEMAS[stage.table]
+    return pa.Table.from_arrays([arrays[f.name] if f.name in arrays else column_array(columns.get(f.name), f.type, n)
+                                 for f in schema], schema=schema)
+
+
+def column_array(values, type_: pa.DataType, n: int) -> pa.Array:
+    """One output column as Arrow: None (not produced: nulls), a 2-D numpy array for a list
+    column (converted without a Python object per number), or anything pa.array takes."""
+    if values is None:
+        return pa.nulls(n, type_)
+    if isinstance(values, np.ndarray) and values.ndim == 2 and pa.types.is_list(type_):
+        offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type_.value_type))
+    return pa.array(values, type_)
 
 
 def _by_key(stage: Stage, items: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
@@ -180,23 +201,25 @@ class OneKeyBatches:
         return process_rows(self.stage, [i for i, _ in group], [p for _, p in group])
 
 
-def _process_isolating(stage: Stage, items: list[tuple[str, dict]]) -> Iterator[tuple[str, Any]]:
+def _process_isolating(stage: Stage, items: list[tuple[str, dict]]) -> Iterator[tuple[list[str], dict]]:
+    """(ids, output columns) for a group; if the batch fails, each image again on its own,
+    so the one that broke it becomes an error row and the rest still count."""
     if not items:
         return
+    ids = [i for i, _ in items]
     try:
-        result = stage.process(_collate([i for i, _ in items], [p for _, p in items]))
+        result = stage.process(_collate(ids, [p for _, p in items]))
         lengths = {len(v) for v in result.values()}
         if lengths != {len(items)}:
             raise ValueError(f"process returned {lengths} rows for {len(items)} inputs")
     except Exception as e:
         if len(items) == 1:
-            yield items[0][0], e
+            yield ids, {"_error": [getattr(e, "code", "process_failed")], "_message": [f"{type(e).__name__}: {e}"]}
             return
-        for item in items:  # find the image that broke the batch; the rest still count
+        for item in items:
             yield from _process_isolating(stage, [item])
         return
-    for k, (image_id, _) in enumerate(items):
-        yield image_id, {name: values[k] for name, values in result.items()}
+    yield ids, result
 
 
 def _collate(ids: list[str], prepared: list[dict]) -> dict[str, Any]:
@@ -274,21 +297,28 @@ def run_stages(
     return summaries
 
 
-def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address=None):
+def setup_stages(stages: list[Stage]) -> None:
+    """Load every stage's model. What they load lives to the end of the pass: frozen, the
+    garbage collector stops rescanning it (hundreds of thousands of objects after torch and
+    transformers load, a quarter second a full collection)."""
     for stage in stages:
         stage.setup()
+    gc.freeze()
+
+
+def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address=None):
     todo_sets = [set(t) for t in todo]
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        # Keep two batches decoding ahead of the models so they never wait on decoding.
-        pending: list = []
+        submitted = (([r["image_id"] for r in rows], [pool.submit(prepare_row, stages, r, todo_sets) for r in rows])
+                     for rows in input_rows(ds, stages, everything))
+        # Decoding starts while the models load, then stays PREFETCH batches ahead of them.
+        pending = deque(itertools.islice(submitted, PREFETCH + 1))
+        setup_stages(stages)
         regroup = [OneKeyBatches(stage) for stage in stages]
-        for rows in input_rows(ds, stages, everything):
-            pending.append(([r["image_id"] for r in rows], [pool.submit(prepare_row, stages, r, todo_sets) for r in rows]))
-            if len(pending) > 2:
-                ids, futures = pending.pop(0)
-                yield from _regrouped(regroup, ids, [f.result() for f in futures])
-        for ids, futures in pending:
+        while pending:
+            ids, futures = pending.popleft()
+            pending.extend(itertools.islice(submitted, 1))
             yield from _regrouped(regroup, ids, [f.result() for f in futures])
         for k, batches in enumerate(regroup):
             yield from ([(k, table)] for table in batches.flush())
@@ -303,8 +333,9 @@ def _regrouped(regroup: list[OneKeyBatches], ids: list[str], prepared: list[list
 
 
 def input_rows(ds: Dataset, stages: list[Stage], ids: list[str]) -> Iterator[list[dict]]:
-    """The pass's input rows for `ids`, in lists of the smallest batch size of its stages."""
-    batch_size = min(s.batch_size for s in stages)
+    """The pass's input rows for `ids`, in lists of the largest batch size of its stages
+    (each stage's own batches are regrouped from them)."""
+    batch_size = max(s.batch_size for s in stages)
     columns = sorted(set().union(*(s.columns for s in stages)))
     source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], ids), batch_size=batch_size)
     for table in _rebatch(source, batch_size):

@@ -4,9 +4,11 @@ A stage maps images to rows of its own table:
 
 - `__init__` keeps settings only, so the object pickles to Ray workers.
 - `prepare(row)` runs on CPU workers, once per image: it gets the requested input columns
-  and, when `decode_min_side` is set, `row["image"]` (a curate.images.Decoded, decoded
-  once at the smallest size this stage needs). It returns model-ready values (numpy
-  arrays of a fixed shape, numbers, strings).
+  and, when `decode_min_side` or `decode_long_side` is set, `row["image"]` (a
+  curate.images.Decoded whose shorter side is at least `decode_min_side` and longer side
+  at least `decode_long_side`: possibly larger, never smaller unless the file is). It
+  returns model-ready values (numpy arrays of a fixed shape, numbers, strings); uint8
+  pixels rather than floats, when the model can normalise them batched on its device.
 - `setup()` loads weights, once per worker, before the first batch.
 - `process(batch)` maps a batch (dict of column -> numpy array or list, as `prepare`
   returned them, plus `image_id`) to the stage's output columns, one row per input.
@@ -38,6 +40,7 @@ class Stage:
     source: str = "images"  # the table whose rows are the input
     columns: tuple[str, ...] = ("image_id", "bytes")  # input columns read from `source`
     decode_min_side: int | None = None  # decode the image (shorter side >= this; 0 = full size)
+    decode_long_side: int | None = None  # ... and/or longer side >= this (models that pad to a square)
     batch_size: int = 32
     num_gpus: float = 0  # per model actor on Ray
 

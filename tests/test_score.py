@@ -108,7 +108,9 @@ def test_wd14_preprocessing_equals_plain_reference(zoo, size):
     image = make_image(*size, seed=3)
     tagger = WD14Tagger(str(zoo / "wd14"))
     assert tagger.size == 64 and tagger.backend == "onnx"
-    np.testing.assert_array_equal(tagger.prepare({"image": Row(image)})["pixels"], wd14_reference(image, 64))
+    pixels = tagger.prepare({"image": Row(image)})["pixels"]
+    assert pixels.dtype == np.uint8  # the workers hand over bytes; the floats are made batched
+    np.testing.assert_array_equal(tagger.model_input(pixels[None])[0], wd14_reference(image, 64))
 
 
 def test_tag_thresholds_per_category_and_rating_apart():
@@ -161,14 +163,17 @@ def owlv2_outputs(logits, boxes):
 
 
 def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo):
+    from transformers import Owlv2ImageProcessor
+
     from models.owlv2 import WatermarkDetector, boxes_in_image, corners_in_image
 
     detector = WatermarkDetector(f"{zoo / 'owlv2'}")
     detector.setup()
+    processor = Owlv2ImageProcessor.from_pretrained(zoo / "owlv2")
     image = make_image(240, 120, seed=5)  # wide: padded at the bottom
     prepared = detector.prepare({"image": Row(image)})
     logits, boxes = detector.detect(prepared["pixels"][None])
-    theirs = detector.image_processor().post_process_object_detection(
+    theirs = processor.post_process_object_detection(
         owlv2_outputs(logits, boxes), threshold=0.0, target_sizes=[(120, 240)])[0]  # (height, width)
     assert len(theirs["boxes"]) == boxes.shape[1]
     np.testing.assert_allclose(corners_in_image(boxes[0], 240, 120),
@@ -186,19 +191,42 @@ def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo
     box = got["boxes"][0]
     # x: 0.2..0.3 of 240 px; y: 0.1..0.15 of the 240 px square = 24..36 px of 120 = 0.2..0.3
     assert [box["x0"], box["y0"], box["x1"], box["y1"]] == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=1e-6)
-    theirs = detector.image_processor().post_process_object_detection(
+    theirs = processor.post_process_object_detection(
         owlv2_outputs(forced_logits, forced_boxes), threshold=0.1, target_sizes=[(120, 240)])[0]
     assert (theirs["boxes"].numpy()[0] / [240, 120, 240, 120]) == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [(96, 60), (41, 96)])
+def test_owlv2_detect_equals_the_models_own_forward(zoo, size):
+    """Our preprocessing (uint8 pad, batched normalise) and the query embedded once give what
+    the directory's processor and the model's full forward give."""
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    from models.owlv2 import WatermarkDetector
+
+    detector = WatermarkDetector(f"{zoo / 'owlv2'}")
+    detector.setup()
+    image = make_image(*size, seed=7)  # the longer side is the model's 96: no resize on either path
+    logits, boxes = detector.detect(detector.prepare({"image": Row(image)})["pixels"][None])
+    processor = Owlv2Processor.from_pretrained(zoo / "owlv2")
+    model = Owlv2ForObjectDetection.from_pretrained(zoo / "owlv2").eval()
+    inputs = processor(text=[["a watermark"]], images=image, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(boxes, out.pred_boxes.numpy(), atol=1e-5)
 
 
 def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, monkeypatch):
     sides = []
     real = runner.decode
-    monkeypatch.setattr(runner, "decode", lambda data, min_side=None, **kw: sides.append(min_side) or real(data, min_side, **kw))
+    monkeypatch.setattr(runner, "decode", lambda data, min_side=None, **kw: sides.append((min_side, kw.get("long_side")))
+                        or real(data, min_side, **kw))
     summaries = score(dataset, clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}",
                       watermark=f"owlv2:{zoo / 'owlv2'}", batch_size=4, show_progress=False)
     assert [s.ok for s in summaries] == [12, 12, 12]
-    assert len(sides) == 12 and set(sides) == {96}  # once per image, at the largest need (OWLv2's 96)
+    # once per image, at the largest needs: CLIP's shorter side 64, OWLv2's longer side 96
+    assert len(sides) == 12 and set(sides) == {(64, 96)}
     for row in dataset.read("watermarks").to_pylist():
         assert all(0 <= b[k] <= 1 for b in row["boxes"] for k in ("x0", "y0", "x1", "y1"))
     # the OWLv2 verdict is the tag `watermark` in the manifest, added to the tagger's own tags
@@ -208,7 +236,7 @@ def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, mo
         assert row["tags"] == (own + ["watermark"] if row["has_watermark"] and "watermark" not in own else own)
     sides.clear()
     again = score(dataset, clip=str(zoo / "open_clip"), tagger=f"joytag:{zoo / 'joytag'}", show_progress=False)
-    assert again[0].todo == 0 and again[1].ok == 12 and len(sides) == 12 and set(sides) == {64}
+    assert again[0].todo == 0 and again[1].ok == 12 and len(sides) == 12 and set(sides) == {(None, 64)}
 
 
 def hub_cache(monkeypatch, tmp_path, zoo, families):
