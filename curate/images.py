@@ -165,14 +165,15 @@ def needed_scale(w: int, h: int, min_side: int | None, long_side: int | None) ->
 
 
 def shrink(decoded: Decoded, min_side: int | None, long_side: int | None) -> Decoded:
-    """The decoded image resized down to the smallest size that meets both side requests
-    (bicubic; a box reduction first where the scale is small, as draft decoding would)."""
+    """The decoded image resized down to the smallest size that meets both side requests:
+    a box reduction by the largest whole factor, then bicubic for the rest. Much cheaper
+    than bicubic all the way (like draft decoding), and the stages resize it again."""
     image = decoded.image
     scale = needed_scale(image.width, image.height, min_side, long_side)
     if not 0 < scale < 1:
         return decoded
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return dataclasses.replace(decoded, image=image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0))
+    return dataclasses.replace(decoded, image=image.resize(size, Image.Resampling.BICUBIC, reducing_gap=1.0))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -115,13 +115,15 @@ class Dataset:
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         return pa.Table.from_batches(list(self.scan(name, columns, filter)), schema=self._schema(name, columns))
 
-    def scan(self, name: str, columns: list[str] | None = None, filter=None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
-        """Stream a table's rows in batches, reading only the columns asked for."""
+    def scan(self, name: str, columns: list[str] | dict | None = None, filter=None, batch_size: int = 256,
+             use_threads: bool = True) -> Iterator[pa.RecordBatch]:
+        """Stream a table's rows in batches, reading only the columns asked for (or a
+        projection: name -> expression), on Arrow's threads unless use_threads is False."""
         parts = self.parts(name)
         if not parts:
             return
         data = pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format="parquet")
-        yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size)
+        yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
         schema = SCHEMAS[name]

@@ -77,13 +77,13 @@ def cpu_share() -> int:
 
 def normalised_nchw(pixels: np.ndarray, mean, std, device, dtype):
     """A batch of uint8 NHWC pixels (as CPU workers prepare them: 4x fewer bytes than
-    floats) -> (x / 255 - mean) / std as NCHW on the model's device, in the model's dtype."""
+    floats) -> (x / 255 - mean) / std as contiguous NCHW on the model's device, in its dtype."""
     import torch
 
-    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.as_tensor(np.asarray(mean, np.float32), device=x.device)[:, None, None]
-    std = torch.as_tensor(np.asarray(std, np.float32), device=x.device)[:, None, None]
-    return x.sub_(mean).div_(std).to(dtype)
+    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous().float()
+    scale = torch.as_tensor(1 / (255 * np.asarray(std, np.float64)), dtype=torch.float32, device=x.device)
+    shift = torch.as_tensor(np.asarray(mean, np.float64) / np.asarray(std, np.float64), dtype=torch.float32, device=x.device)
+    return x.mul_(scale[:, None, None]).sub_(shift[:, None, None]).to(dtype)
 
 
 def pick_device(device: str | None):

@@ -234,9 +234,9 @@ def _collate(ids: list[str], prepared: list[dict]) -> dict[str, Any]:
 
 
 # ---- choosing the input --------------------------------------------------------------
-def todo_ids(ds: Dataset, stage: Stage, where: str | None = None) -> list[str]:
-    """Ok images (matching `where`) that have no row for this stage's model yet."""
-    wanted = ds.select_ids(where)
+def todo_ids(ds: Dataset, stage: Stage, where: str | None = None, wanted: list[str] | None = None) -> list[str]:
+    """Ok images (matching `where`, or of `wanted`) that have no row for this stage's model yet."""
+    wanted = ds.select_ids(where) if wanted is None else wanted
     done = ds.read(stage.table, ["image_id"], filter=pc.field("model") == stage.model_key())
     done_ids = set(done.column("image_id").to_pylist())
     return [i for i in wanted if i not in done_ids]
@@ -269,7 +269,11 @@ def run_stages(
     if len({s.source for s in stages}) > 1:
         raise ValueError("stages in one pass must read the same source table")
     started = time.perf_counter()
-    todo = [todo_ids(ds, s, where) if ids is None else list(ids) for s in stages]
+    if ids is None:
+        wanted = ds.select_ids(where)  # one query of the manifest for all the stages
+        todo = [todo_ids(ds, s, wanted=wanted) for s in stages]
+    else:
+        todo = [list(ids) for _ in stages]
     summaries = [Summary(s.table, s.model_key(), todo=len(t)) for s, t in zip(stages, todo)]
     everything = sorted(set().union(*todo))
     if everything:
@@ -337,9 +341,19 @@ def input_rows(ds: Dataset, stages: list[Stage], ids: list[str]) -> Iterator[lis
     (each stage's own batches are regrouped from them)."""
     batch_size = max(s.batch_size for s in stages)
     columns = sorted(set().union(*(s.columns for s in stages)))
-    source = ds.scan(stages[0].source, columns, filter=input_filter(stages[0], ids), batch_size=batch_size)
-    for table in _rebatch(source, batch_size):
+    # The filter is read as a column and applied only to batches it drops rows from:
+    # Arrow's filter copies every image's bytes even when it keeps them all. One reading
+    # thread: the decode threads have the cores, and Arrow's own would compete.
+    projection = {c: pc.field(c) for c in columns} | {"_keep": input_filter(stages[0], ids)}
+    source = ds.scan(stages[0].source, projection, batch_size=batch_size, use_threads=False)
+    for table in _rebatch((_kept(b) for b in source), batch_size):
         yield table.to_pylist()
+
+
+def _kept(batch: pa.RecordBatch) -> pa.RecordBatch:
+    keep = batch.column("_keep")
+    batch = batch.drop_columns(["_keep"])
+    return batch if keep.null_count == 0 and pc.all(keep).as_py() is not False else batch.filter(keep)
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
