@@ -87,15 +87,15 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes
     return data
 
 
-def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS,
+def decode(data: bytes | memoryview, min_side: int | None = None, max_pixels: int = MAX_PIXELS,
            long_side: int | None = None) -> Decoded:
-    """Decode image bytes to RGB.
+    """Decode image bytes (or any buffer of them, e.g. Arrow's: read in place, not copied) to RGB.
 
     min_side, long_side: the consumer needs the shorter / longer side to be at least this
     many pixels; JPEGs are then draft-decoded at the largest reduction that keeps both
     (neither given: full size).
     """
-    if not data:
+    if not len(data):
         raise ImageError("empty", "zero bytes")
     try:
         return _decode(data, min_side, long_side, max_pixels)
@@ -104,7 +104,7 @@ def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXEL
     except Image.DecompressionBombError as e:
         raise ImageError("decompression_bomb", str(e)) from None
     except UnidentifiedImageError:
-        if declares_zero_size(data):  # Pillow refuses these at open; say why
+        if declares_zero_size(bytes(memoryview(data)[:32])):  # Pillow refuses these at open; say why
             raise ImageError("zero_size", "the header declares a width or height of zero") from None
         raise ImageError("unidentified", "not an image format Pillow can read") from None
     except ValueError as e:
@@ -133,8 +133,34 @@ def declares_zero_size(data: bytes) -> bool:
     return w == 0 or h == 0
 
 
+class InPlace(io.RawIOBase):
+    """A read-only file over a buffer that reads it in place (io.BytesIO would copy it whole)."""
+
+    def __init__(self, data):
+        self.view, self.pos = memoryview(data).cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, out) -> int:
+        n = max(0, min(len(out), len(self.view) - self.pos))
+        out[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = max(0, offset + (0, self.pos, len(self.view))[whence])
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 def _decode(data: bytes, min_side: int | None, long_side: int | None, max_pixels: int) -> Decoded:
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else io.BufferedReader(InPlace(data), 1 << 16))
     fmt = img.format or "unknown"
     w, h = img.size
     if w <= 0 or h <= 0:

@@ -5,7 +5,7 @@ embeddings. Each model writes its own table and resumes on its own `model` value
 from __future__ import annotations
 
 from models.common import ModelError, pick_device
-from pipelines.runner import Summary, run_stage, run_stages, todo_ids
+from pipelines.runner import Summary, run_stage, run_stages
 
 TAGGERS = ("wd14", "joytag")
 DETECTORS = ("owlv2",)
@@ -61,21 +61,21 @@ def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=Non
         if clip and stages[0].model_key() != ranker.embedder:
             raise ModelError(f"the quality head {quality} was trained on embeddings from {ranker.embedder!r}, "
                              f"not {stages[0].model_key()!r}; pass the --clip it was trained with")
+    wanted = ds.select_ids(where)
     summaries = []
     if stages:
-        summaries += run_stages(ds, stages, engine=engine, where=where, ray_address=ray_address,
+        summaries += run_stages(ds, stages, engine=engine, ids=wanted, ray_address=ray_address,
                                 show_progress=show_progress)
     if ranker:
-        summaries.append(rank(ds, ranker, where, engine, ray_address, show_progress))
+        summaries.append(rank(ds, ranker, wanted, engine, ray_address, show_progress))
     return summaries
 
 
-def rank(ds, ranker, where, engine, ray_address, show_progress) -> Summary:
-    """Rank the images that have embeddings from the head's embedder and no rank yet."""
-    embedded = ds.query(f"SELECT DISTINCT image_id FROM embeddings WHERE status = 'ok' AND model = "
-                        f"'{ranker.embedder.replace(chr(39), chr(39) * 2)}'").column("image_id").to_pylist()
+def rank(ds, ranker, wanted, engine, ray_address, show_progress) -> Summary:
+    """Rank the wanted images that have embeddings from the head's embedder and no rank yet."""
+    embedded = set(ds.read("embeddings", ["image_id"], filter=ranker.source_filter()).column("image_id").to_pylist())
     if not embedded:
         raise ModelError(f"no embeddings from {ranker.embedder!r} to rank; run `curate score` with the "
                          f"--clip model that head was trained on")
-    todo = sorted(set(todo_ids(ds, ranker, where)) & set(embedded))
-    return run_stage(ds, ranker, engine=engine, ray_address=ray_address, show_progress=show_progress, ids=todo)
+    return run_stage(ds, ranker, engine=engine, ray_address=ray_address, show_progress=show_progress,
+                     ids=[i for i in wanted if i in embedded])

@@ -4,9 +4,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from curate.images import decode, read_file
+from curate.images import ImageError, decode, read_file
 from curate.manifest import Dataset
 from conftest import encode_image, make_image, run_cli
 from hostile import H, W, build_corpus, orient, photo
@@ -116,3 +117,29 @@ def test_draft_decoding_keeps_the_requested_size(corpus):
     assert (d.width, d.height) == (1600, 1200)  # the full size is still reported
     assert min(d.image.size) >= 300 and d.image.size == (400, 300)  # 1/4 scale, not 1/8
     assert decode(data).image.size == (1600, 1200)
+    # the longer side asked for: 1/8 gives 200x150, whose longer side still reaches 200
+    assert decode(data, long_side=200).image.size == (200, 150)
+    assert decode(data, min_side=100, long_side=300).image.size == (400, 300)
+
+
+def outcome(data):
+    try:
+        d = decode(data)
+    except ImageError as e:
+        return e.code
+    return d.format, d.mode, d.width, d.height, np.asarray(d.image).tobytes()
+
+
+def test_arrow_buffers_decode_as_bytes_do(corpus):
+    """The runner hands the decoder Arrow buffers of the stored bytes (no copy): every file
+    of the corpus, good or broken, must come out the same as from Python bytes."""
+    root, expected, _ = corpus
+    compared = 0
+    for name in expected:
+        try:
+            data = read_file(root / "corpus" / name)
+        except ImageError:
+            continue  # not a regular file, or over the cap: never stored
+        assert outcome(pa.py_buffer(data)) == outcome(data), name
+        compared += 1
+    assert compared >= 30
