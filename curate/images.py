@@ -159,7 +159,7 @@ class InPlace(io.RawIOBase):
         return self.pos
 
 
-def _decode(data: bytes, min_side: int | None, long_side: int | None, max_pixels: int) -> Decoded:
+def _decode(data: bytes | memoryview, min_side: int | None, long_side: int | None, max_pixels: int) -> Decoded:
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else io.BufferedReader(InPlace(data), 1 << 16))
     fmt = img.format or "unknown"
     w, h = img.size
