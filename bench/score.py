@@ -171,7 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", default="1536x1024", help="WIDTHxHEIGHT of the synthetic JPEGs")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--real-size", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=32)
