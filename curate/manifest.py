@@ -17,6 +17,7 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curate.schema import MANIFEST_COLUMNS, SCHEMAS
@@ -121,13 +122,21 @@ class Dataset:
         return pa.Table.from_batches(list(self.scan(name, columns, filter)), schema=self._schema(name, columns))
 
     def scan(self, name: str, columns: list[str] | dict | None = None, filter=None, batch_size: int = 256,
-             use_threads: bool = True) -> Iterator[pa.RecordBatch]:
+             use_threads: bool = True, ids: set[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a table's rows in batches, reading only the columns asked for (or a
-        projection: name -> expression), on Arrow's threads unless use_threads is False."""
+        projection: name -> expression), on Arrow's threads unless use_threads is False.
+
+        ids: read only the row groups that hold one of these image ids. Passes work in
+        storage order, so a resumed pass skips the groups it finished without reading their
+        image bytes (the ids are hashes: row-group statistics never rule a group out)."""
         parts = self.parts(name)
         if not parts:
             return
         data = pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format=PARQUET)
+        if ids is not None:
+            groups = [group for part in data.get_fragments() for group in part.split_by_row_group()
+                      if not ids.isdisjoint(group.to_table(columns=["image_id"]).column("image_id").to_pylist())]
+            data = pads.FileSystemDataset(groups, SCHEMAS[name], PARQUET, pafs.LocalFileSystem())
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:

@@ -345,7 +345,7 @@ def input_rows(ds: Dataset, stages: list[Stage], ids: list[str]) -> Iterator[lis
     # Arrow's filter copies every image's bytes even when it keeps them all. One reading
     # thread: the decode threads have the cores, and Arrow's own would compete.
     projection = {c: pc.field(c) for c in columns} | {"_keep": input_filter(stages[0], ids)}
-    source = ds.scan(stages[0].source, projection, batch_size=batch_size, use_threads=False)
+    source = ds.scan(stages[0].source, projection, batch_size=batch_size, use_threads=False, ids=set(ids))
     for table in _rebatch((_kept(b) for b in source), batch_size):
         yield _rows(table)
 

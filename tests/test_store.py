@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from curate.manifest import Dataset, DatasetError
+from curate.manifest import Dataset, DatasetError, now
 
 
 def test_ingest_counts_duplicates_and_errors(dataset):
@@ -50,3 +50,16 @@ def test_empty_tables_have_typed_views(dataset):
 def test_not_a_dataset(tmp_path):
     with pytest.raises(DatasetError, match="not a curate dataset"):
         Dataset(tmp_path / "nothing")
+
+
+def test_scan_by_ids_reads_only_the_row_groups_holding_them(tmp_path):
+    """A resumed pass asks for the images left; the row groups it finished are not read."""
+    ds = Dataset(tmp_path / "ds", create=True)
+    parts = [[f"{k}{i:03d}" for i in range(5)] for k in "abc"]
+    for ids in parts:  # a part is one row group here
+        rows = [{"image_id": i, "model": "m", "status": "ok", "created_at": now()} for i in ids]
+        ds.write_part("stats", pa.Table.from_pylist(rows, schema=ds.read("stats").schema))
+    read = [b.column("image_id").to_pylist() for b in ds.scan("stats", ["image_id"], ids={"b002", "zzz"})]
+    assert sorted(sum(read, [])) == parts[1]  # the whole group of b002, nothing of a or c
+    assert list(ds.scan("stats", ["image_id"], ids={"zzz"})) == []
+    assert sum(b.num_rows for b in ds.scan("stats", ["image_id"], ids={"a000", "c004"})) == 10
