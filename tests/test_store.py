@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -63,3 +65,28 @@ def test_scan_by_ids_reads_only_the_row_groups_holding_them(tmp_path):
     assert sorted(sum(read, [])) == parts[1]  # the whole group of b002, nothing of a or c
     assert list(ds.scan("stats", ["image_id"], ids={"zzz"})) == []
     assert sum(b.num_rows for b in ds.scan("stats", ["image_id"], ids={"a000", "c004"})) == 10
+
+
+def documented_columns(readme: str) -> dict[str, set[str]]:
+    """The first cells of each `## section`'s tables in data/README.md, keyed by the
+    section's first word (`## images (...)` -> images)."""
+    columns: dict[str, set[str]] = {}
+    section = None
+    for line in readme.splitlines():
+        if line.startswith("## "):
+            section = line[3:].split()[0]
+        elif section and line.startswith("| ") and not line.startswith(("| column", "| code", "| ---")):
+            columns.setdefault(section, set()).update(c.strip() for c in line.split("|")[1].split(","))
+    return columns
+
+
+def test_data_readme_documents_every_column_and_error_code():
+    from curate.schema import ERROR_CODES, SCHEMAS, STAGE_COLUMNS
+
+    documented = documented_columns((Path(__file__).parents[1] / "data" / "README.md").read_text())
+    common = {f.name for f in STAGE_COLUMNS}
+    assert documented["Columns"] == common
+    assert documented["Error"] == set(ERROR_CODES)
+    for table, schema in SCHEMAS.items():
+        own = set(schema.names) - (common if common <= set(schema.names) else set())
+        assert own <= documented.get(table, set()), f"{table}: {own - documented.get(table, set())} undocumented"
