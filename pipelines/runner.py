@@ -351,6 +351,7 @@ def input_rows(ds: Dataset, stages: list[Stage], ids: list[str]) -> Iterator[lis
 
 
 def _kept(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch's rows whose `_keep` is true, without the column; not copied when all are."""
     keep = batch.column("_keep")
     batch = batch.drop_columns(["_keep"])
     return batch if keep.null_count == 0 and pc.all(keep).as_py() is not False else batch.filter(keep)
