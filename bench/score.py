@@ -5,12 +5,18 @@ with the tiny zoo on synthetic photo-sized JPEGs, against a bare loop that reads
 decodes the same files at the same draft size with the same number of decode threads. The
 ratio says how much of the decode-bound throughput the pass keeps.
 
+--workers: what the CPU workers do per image at real sizes (ViT-B-32 at 224, a WD ViT at
+448, OWLv2 at 960) on 12 MP photos, on one core: decoding against decoding plus the shared
+resize and the three models' preparation. On a GPU machine this bounds how fast the workers
+can feed the models.
+
 --real-size: real-size architectures with random weights (ViT-B-32 at 224, a WD ViT-B at
 448, OWLv2 base at 960) on --device (cuda: bf16), model-only images/s per model, FLOPs per
 image (torch's FlopCounterMode) and the fraction of the bf16 peak (--peak-tflops, by
 default from the GPU's name) that this reaches.
 
     python bench/score.py [--images 96] [--size 1536x1024]
+    python bench/score.py --workers [--images 8] [--size 4000x3000]
     python bench/score.py --real-size --device cuda [--batch 64]
 """
 from __future__ import annotations
@@ -107,6 +113,72 @@ def cpu_bench(args) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def real_size_stages(folder: Path) -> list:
+    """The pass's stages at real input sizes. prepare() reads only the configs, so no weights
+    are made: open_clip's own ViT-B-32 config, a WD14 ONNX whose graph only declares its
+    448 input, an OWLv2 config at 960."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from models.clip import ClipEmbedder
+    from models.owlv2 import WatermarkDetector
+    from models.tiny_scoring import write_selected_tags
+    from models.wd14 import WD14Tagger
+
+    (folder / "wd14").mkdir(parents=True)
+    pixels = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 448, 448, 3])
+    same = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 448, 448, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "size-only", [pixels], [same])
+    onnx.save(helper.make_model(graph), str(folder / "wd14" / "model.onnx"))
+    write_selected_tags(folder / "wd14" / "selected_tags.csv")
+    (folder / "owlv2").mkdir()
+    (folder / "owlv2" / "config.json").write_text(json.dumps({"model_type": "owlv2", "vision_config": {"image_size": 960}}))
+    return [ClipEmbedder("ViT-B-32:laion2b_s34b_b79k"), WD14Tagger(str(folder / "wd14")),
+            WatermarkDetector(str(folder / "owlv2"))]
+
+
+def worker_bench(args) -> dict:
+    from curate.images import decode, read_file, shrink
+    from pipelines.runner import decode_need
+
+    width, height = map(int, args.size.split("x"))
+    root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    try:
+        write_images(root / "images", args.images, width, height)
+        stages = real_size_stages(root / "models")
+        need = decode_need(stages)
+        files = sorted((root / "images").iterdir())
+
+        def cpu_ms(step, inputs) -> tuple[float, list]:
+            """Best of --repeats: this thread's CPU ms per input (other load on the machine barely moves it)."""
+            best, out = float("inf"), []
+            for _ in range(args.repeats):
+                started = time.thread_time()
+                out = [step(x) for x in inputs]
+                best = min(best, (time.thread_time() - started) * 1e3 / len(inputs))
+            return best, out
+
+        decode_ms, decoded = cpu_ms(lambda f: decode(read_file(f), min_side=need[0], long_side=need[1]), files)
+        shrink_ms, shrunk = cpu_ms(lambda d: shrink(d, *need), decoded)
+        prepare_ms = {type(s).__name__: cpu_ms(lambda d: s.prepare({"image": d}), shrunk)[0] for s in stages}
+        pass_ms = decode_ms + shrink_ms + sum(prepare_ms.values())
+        return {
+            "mode": "workers", "images": len(files), "image_size": args.size,
+            "jpeg_kb": round(sum(f.stat().st_size for f in files) / len(files) / 1024),
+            "decode_min_side": need[0], "decode_long_side": need[1],
+            "decoded_size": "x".join(map(str, decoded[0].image.size)), "shrunk_size": "x".join(map(str, shrunk[0].image.size)),
+            "cpu_ms_per_image": {"read_and_decode": round(decode_ms, 2), "shrink": round(shrink_ms, 2),
+                                 **{f"prepare_{k}": round(v, 2) for k, v in prepare_ms.items()}},
+            "decode_images_per_s_per_core": round(1e3 / decode_ms, 1),
+            "worker_images_per_s_per_core": round(1e3 / pass_ms, 1),
+            "worker_ratio": round(decode_ms / pass_ms, 3),
+            "note": "CPU time of one thread per image; worker = read + decode + shrink + the three prepares, "
+                    "which is what each CPU worker of the pass does while the models run on the GPU",
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def real_size_models(device, dtype):
     """(name, input size, batch -> model forward) for random-weight real-size architectures."""
     import open_clip
@@ -172,6 +244,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", default="1536x1024", help="WIDTHxHEIGHT of the synthetic JPEGs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", action="store_true", help="CPU worker cost per image at real sizes")
     parser.add_argument("--real-size", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=32)
@@ -179,7 +252,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     args = parser.parse_args()
-    print(json.dumps(real_size_bench(args) if args.real_size else cpu_bench(args), indent=2))
+    if args.workers and args.size == parser.get_default("size"):
+        args.size = "4000x3000"  # a 12 MP photo
+    bench = worker_bench if args.workers else real_size_bench if args.real_size else cpu_bench
+    print(json.dumps(bench(args), indent=2))
 
 
 if __name__ == "__main__":

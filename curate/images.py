@@ -44,6 +44,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # not thread-safe and decoding runs on threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", module=r"PIL\.")
+# `resize` hands torch Pillow's read-only pixels, which it only reads.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class ImageError(Exception):
@@ -199,7 +201,32 @@ def shrink(decoded: Decoded, min_side: int | None, long_side: int | None) -> Dec
     if not 0 < scale < 1:
         return decoded
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return dataclasses.replace(decoded, image=image.resize(size, Image.Resampling.BICUBIC, reducing_gap=1.0))
+    factors = (image.width // size[0], image.height // size[1])
+    if max(factors) > 1:
+        image = image.reduce(factors)
+    if image.size != size:
+        image = Image.fromarray(resize(image, size))
+    return dataclasses.replace(decoded, image=image)
+
+
+def resize(image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """8-bit RGB pixels resized to size (width, height) with Pillow's bicubic filter
+    (antialiased when shrinking), as uint8 HWC.
+
+    Torch's uint8 kernel for that filter runs it vectorised: 2-8x faster than Pillow at the
+    sizes models take (a 960 square to 448: 2 ms against 10), within 2 levels of Pillow's
+    pixels on photos (only rounding differs; more on noise that is shrunk one way and
+    enlarged the other). It runs on the calling thread, so decode workers stay parallel."""
+    import torch
+
+    pixels = np.asarray(image)
+    if pixels.shape[1::-1] == tuple(size):
+        return pixels
+    # A channels-last NCHW view of the pixels (no copy); the result comes back channels-last
+    # too, so it is HWC pixels again without a copy.
+    x = torch.from_numpy(pixels)[None].permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True)
+    return out.permute(0, 2, 3, 1)[0].numpy()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

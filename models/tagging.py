@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from curate.images import resize
+
 # Danbooru categories as WD14's selected_tags.csv numbers them.
 GENERAL, CHARACTER, RATING = 0, 4, 9
 
@@ -21,9 +23,9 @@ def pad_square(image: Image.Image) -> Image.Image:
     return canvas
 
 
-def square_resized(image: Image.Image, size: int) -> Image.Image:
-    padded = pad_square(image)
-    return padded if padded.width == size else padded.resize((size, size), Image.Resampling.BICUBIC)
+def square_resized(image: Image.Image, size: int) -> np.ndarray:
+    """The white square, bicubic to size x size (uint8 RGB pixels)."""
+    return resize(pad_square(image), (size, size))
 
 
 def select_tags(scores: np.ndarray, names: list[str], categories: np.ndarray,

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
-from curate.images import ImageError, decode, read_file
+from curate.images import ImageError, decode, read_file, resize, shrink
 from curate.manifest import Dataset
 from conftest import encode_image, make_image, run_cli
 from hostile import H, W, build_corpus, orient, photo
@@ -120,6 +121,21 @@ def test_draft_decoding_keeps_the_requested_size(corpus):
     # the longer side asked for: 1/8 gives 200x150, whose longer side still reaches 200
     assert decode(data, long_side=200).image.size == (200, 150)
     assert decode(data, min_side=100, long_side=300).image.size == (400, 300)
+
+
+@pytest.mark.parametrize("size", [(224, 168), (61, 300), (20, 700)])
+def test_resize_is_pillows_bicubic_and_shrink_meets_both_sides(size):
+    """`resize` (torch's uint8 kernel) gives Pillow's bicubic pixels up to rounding, down or
+    up; `shrink` reduces a full-size decode to the smallest size meeting both requests."""
+    image = make_image(600, 450, seed=5)
+    for target in (size, (900, 700)):
+        ours = resize(image, target).astype(int)
+        pillow = np.asarray(image.resize(target, Image.Resampling.BICUBIC)).astype(int)
+        assert ours.shape == pillow.shape and np.abs(ours - pillow).max() <= 1 and (ours != pillow).mean() < 0.01
+    decoded = decode(encode_image(image, "PNG"))  # no draft decoding for PNG: full size
+    small = shrink(decoded, min_side=100, long_side=120)
+    assert small.image.size == (133, 100) and (small.width, small.height) == (600, 450)
+    assert shrink(decoded, min_side=450, long_side=None) is decoded  # already the size asked for
 
 
 def outcome(data):

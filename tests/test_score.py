@@ -110,7 +110,9 @@ def test_wd14_preprocessing_equals_plain_reference(zoo, size):
     assert tagger.size == 64 and tagger.backend == "onnx"
     pixels = tagger.prepare({"image": Row(image)})["pixels"]
     assert pixels.dtype == np.uint8  # the workers hand over bytes; the floats are made batched
-    np.testing.assert_array_equal(tagger.model_input(pixels[None])[0], wd14_reference(image, 64))
+    ours, reference = tagger.model_input(pixels[None])[0], wd14_reference(image, 64)
+    # The resize is Pillow's bicubic filter in torch's uint8 kernel: only rounding may differ
+    assert np.abs(ours - reference).max() <= 1 and (ours != reference).mean() < 0.01
 
 
 def test_tag_thresholds_per_category_and_rating_apart():
