@@ -100,10 +100,10 @@ def test_kill_hash_then_resume(images, tmp_path):
     rng = random.Random(3)
     killed = 0
     parts_before = check_visible_parts(base)
-    for trial, after_parts in enumerate([0, 1, 3]):
-        ds_dir = tmp_path / f"ds{trial}"
+    for trial, after_parts in enumerate([0, 1, 2]):  # hashing 72 small images takes well under a second:
+        ds_dir = tmp_path / f"ds{trial}"  # kill early enough to land while it runs
         shutil.copytree(base, ds_dir)
-        killed += run_and_kill(["hash", str(ds_dir)], ds_dir, parts_before + after_parts, rng.uniform(0, 0.05))
+        killed += run_and_kill(["hash", str(ds_dir)], ds_dir, parts_before + after_parts, rng.uniform(0, 0.01))
         subprocess.run(curate("hash", str(ds_dir)), env=ENV, cwd=REPO, check=True, timeout=120)
         got = table(ds_dir, "stats", "image_id")
         assert got == reference, f"trial {trial}"
