@@ -55,7 +55,7 @@ def cpu_bench(args) -> dict:
     from curate.manifest import Dataset
     from models.tiny import write_zoo
     from pipelines.ingest import ingest
-    from pipelines.runner import decode_need
+    from pipelines.runner import decode_need, decode_threads
     from pipelines.score import image_stages, score
 
     width, height = map(int, args.size.split("x"))
@@ -68,7 +68,7 @@ def cpu_bench(args) -> dict:
         models = dict(clip=str(zoo["open_clip"]), tagger=f"wd14:{zoo['wd14']}", watermark=f"owlv2:{zoo['owlv2']}")
         need = decode_need(image_stages(**models))
         files = sorted((root / "images").iterdir())
-        workers = max(1, min(8, os.cpu_count() or 1))  # as the local engine
+        workers = decode_threads()  # as the local engine
 
         def bare_decode() -> float:
             started = time.perf_counter()
