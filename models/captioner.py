@@ -132,6 +132,8 @@ def make_captioner(spec: ModelSpec, max_new_tokens: int, device: str | None = No
         from models.vlm_openai import OpenAICaptioner
 
         return OpenAICaptioner(spec, max_new_tokens, **http)
+    if dtype not in (None, "auto", *DTYPES):  # said before any model loads, for every backend
+        raise SpecError(f"bad --dtype {dtype!r}: use auto, float32, float16 or bfloat16")
     if spec.scheme == "vllm":
         from models.vlm_vllm import VLLMCaptioner
 
@@ -156,6 +158,4 @@ def device_and_dtype(device: str | None, dtype: str | None):
     torch_device, torch_dtype = pick_device(device)
     if dtype in (None, "auto"):
         return torch_device, torch_dtype
-    if dtype not in DTYPES:
-        raise SpecError(f"bad --dtype {dtype!r}: use auto, float32, float16 or bfloat16")
     return torch_device, getattr(torch, DTYPES[dtype])

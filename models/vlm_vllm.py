@@ -7,7 +7,7 @@ with vllm installed to exercise it.
 """
 from __future__ import annotations
 
-from models.captioner import Captioner
+from models.captioner import DTYPES, Captioner
 from models.common import ModelError
 from models.vlm_openai import jpeg_data_url
 
@@ -19,7 +19,7 @@ class VLLMCaptioner(Captioner):
         except ImportError:
             raise ModelError("--model vllm:... needs vLLM: pip install vllm (CUDA GPU required); "
                                "or use llava:/hf: for transformers generate") from None
-        self.llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=self.dtype or "auto",
+        self.llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=DTYPES.get(self.dtype, "auto"),  # vLLM says float16, not fp16
                        limit_mm_per_prompt={"image": 1})
         self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
 

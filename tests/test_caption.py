@@ -60,6 +60,9 @@ def test_model_specs():
     for bad in ["llava", "llava:", "blip:x", "openai:http://h/v1", "openai:h:1#m"]:
         with pytest.raises(SpecError, match="--model"):
             parse_spec(bad)
+    for scheme in ("vllm:org/m", "llava:org/m"):  # every backend refuses a bad --dtype before loading
+        with pytest.raises(SpecError, match="bad --dtype 'fp8': use auto, float32, float16 or bfloat16"):
+            make_captioner(parse_spec(scheme), max_new_tokens=8, dtype="fp8")
 
 
 def test_prompt_is_part_of_the_model_key(tiny_llava):
