@@ -10,6 +10,7 @@ from curate.manifest import Dataset, DatasetError
 from curate.options import (BatchSizeOpt, DatasetArg, DeviceOpt, DtypeOpt, Engine, EngineOpt, FormatOpt, OutputOpt,
                             QuietOpt, RayAddressOpt, WhereOpt)
 from curate.progress import console, print_summary
+from pipelines.dups import DEFAULT_THRESHOLD, MAX_THRESHOLD
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn a folder of images into a training-ready dataset, and train on it.")
@@ -77,7 +78,7 @@ def write_or_fail(result, format: str, output: str | None) -> None:
 @app.command()
 def dups(
     dataset: DatasetArg,
-    threshold: Annotated[int, typer.Option("--threshold", help="Near duplicates: at most this many of the 64 phash bits differ (0-16).")] = 6,
+    threshold: Annotated[int, typer.Option("--threshold", help=f"Near duplicates: at most this many of the 64 phash bits differ (0-{MAX_THRESHOLD}).")] = DEFAULT_THRESHOLD,
     format: FormatOpt = "table",
     output: OutputOpt = None,
 ):
