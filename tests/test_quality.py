@@ -117,6 +117,14 @@ def test_import_export_ids_and_paths(dataset, tmp_path):
     assert [(r["left"], r["right"], r["winner"]) for r in table] == [
         (a["image_id"], b["image_id"], "left"), (a["image_id"], c["image_id"], "tie"), (c["image_id"], b["image_id"], "right")]
     assert table[0]["rater"] == "import:ratings.csv"
+    # importing again adds nothing; a row appended to the file (a pair judged again) is added once
+    with good.open("a") as f:
+        f.write(f"{a['image_id']},{b['image_id']},left\n")
+    said = run_cli("quality", "import", str(dataset.root), str(good)).stderr
+    assert "imported      │ 1" in said and "already_there │ 3" in said
+    run_cli("quality", "import", str(dataset.root), str(good))
+    table = load_ratings(dataset).sort_by("created_at").to_pylist()
+    assert [(r["left"], r["right"], r["winner"]) for r in table][3:] == [(a["image_id"], b["image_id"], "left")]
 
     out = tmp_path / "out.csv"
     run_cli("quality", "export", str(dataset.root), str(out))
@@ -128,7 +136,7 @@ def test_import_export_ids_and_paths(dataset, tmp_path):
     proc = run_cli("quality", "import", str(dataset.root), str(bad), check=False)
     assert proc.returncode == 2
     assert "line 3: right '/nowhere/x.jpg'" in proc.stderr and "line 3: winner 'maybe' must be left, right or tie" in proc.stderr
-    assert load_ratings(dataset).num_rows == 3  # a bad file writes nothing
+    assert load_ratings(dataset).num_rows == 4  # a bad file writes nothing
     header = tmp_path / "header.csv"
     header.write_text("a,b,who\n1,2,left\n")
     assert "missing column(s) left, right, winner" in run_cli("quality", "import", str(dataset.root), str(header), check=False).stderr

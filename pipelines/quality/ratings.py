@@ -3,13 +3,15 @@
 Every judgement from the rating page is written as its own part, so it is durable (the
 part is fsynced and renamed into place) before the page shows the next pair, and undo
 is exact: it removes the part it wrote. CSV import writes one part for the whole file,
-after every row has been checked, so a bad file writes nothing.
+after every row has been checked, so a bad file writes nothing; rows the table already
+holds are not added again, so importing a file twice counts its judgements once.
 """
 from __future__ import annotations
 
 import csv
 import getpass
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from curate.manifest import Dataset, DatasetError, now
 WINNERS = ("left", "right", "tie")
 WINNER_TARGET = {"left": 1.0, "right": 0.0, "tie": 0.5}  # P(left wins) each judgement says
 CSV_COLUMNS = ("left", "right", "winner")
+RATING_KEY = ("left", "right", "winner", "rater")  # what makes two judgements the same one
 IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -81,9 +84,23 @@ def import_csv(ds: Dataset, path: str | Path, rater: str | None = None) -> dict:
         raise ValueError(f"{path}: nothing imported; " + "; ".join(problems[:5]) + more)
     if not rows["left"]:
         raise ValueError(f"{path}: no rows under the header")
-    rows["created_at"] = [now()] * len(rows["left"])
-    ds.write_part("ratings", rows)
-    return {"imported": len(rows["left"]), **{w: rows["winner"].count(w) for w in WINNERS}}
+    rows, present = _not_yet_stored(ds, rows)
+    if rows["left"]:
+        rows["created_at"] = [now()] * len(rows["left"])
+        ds.write_part("ratings", rows)
+    return {"imported": len(rows["left"]), "already_there": present, **{w: rows["winner"].count(w) for w in WINNERS}}
+
+
+def _not_yet_stored(ds: Dataset, rows: dict[str, list]) -> tuple[dict[str, list], int]:
+    """The rows the ratings table does not hold yet, and how many it does: importing a file
+    again (or an export of this dataset) adds nothing, a file with rows appended adds those.
+    Counted per (left, right, winner, rater), so a pair judged twice is kept twice."""
+    stored = Counter(zip(*(load_ratings(ds).column(c).to_pylist() for c in RATING_KEY)))
+    keep = []
+    for key in zip(*(rows[c] for c in RATING_KEY)):
+        keep.append(stored[key] == 0)
+        stored[key] -= 1 if stored[key] else 0
+    return {c: [v for v, k in zip(values, keep) if k] for c, values in rows.items()}, keep.count(False)
 
 
 def export_csv(ds: Dataset, path: str | Path) -> int:
