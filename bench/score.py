@@ -252,8 +252,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     args = parser.parse_args()
-    if args.workers and args.size == parser.get_default("size"):
-        args.size = "4000x3000"  # a 12 MP photo
+    if args.workers:  # 12 MP photos: fewer of them
+        args.size = "4000x3000" if args.size == parser.get_default("size") else args.size
+        args.images = 8 if args.images == parser.get_default("images") else args.images
     bench = worker_bench if args.workers else real_size_bench if args.real_size else cpu_bench
     print(json.dumps(bench(args), indent=2))
 
