@@ -55,7 +55,8 @@ def cpu_bench(args) -> dict:
     from curate.manifest import Dataset
     from models.tiny import write_zoo
     from pipelines.ingest import ingest
-    from pipelines.runner import decode_need, decode_threads
+    from curate.images import decode_threads
+    from pipelines.runner import decode_need
     from pipelines.score import image_stages, score
 
     width, height = map(int, args.size.split("x"))

@@ -65,6 +65,14 @@ class Decoded:
     animated: bool
 
 
+def decode_threads() -> int:
+    """Threads to decode on locally: one per CPU this process may use. A GPU machine needs
+    them all to feed its models (a 12 MP photo is about 50 ms of CPU to decode and prepare
+    for them), and decoding and `resize` release the GIL."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(cpus))
+
+
 def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """Read a file's bytes, refusing anything that is not a regular file of sane size."""
     try:

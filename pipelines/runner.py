@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from curate.images import ImageError, decode, shrink
+from curate.images import ImageError, decode, decode_threads, shrink
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
@@ -308,14 +308,6 @@ def setup_stages(stages: list[Stage]) -> None:
     for stage in stages:
         stage.setup()
     gc.freeze()
-
-
-def decode_threads() -> int:
-    """The local engine decodes on one thread per CPU this process may use: a GPU machine
-    needs them all to feed its models (a 12 MP photo is about 50 ms of CPU to decode and
-    prepare). Decoding and torch's resizes release the GIL."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return max(1, len(cpus))
 
 
 def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address=None):
