@@ -231,7 +231,7 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     assert pa.total_allocated_bytes() < data.latents.nbytes + total_bytes / 4
 
     # With room for every group, two epochs read each group exactly once.
-    roomy = TrainData(rows, config, tokenizer(zoo), latents=LatentCache(total_bytes * 2))
+    roomy = TrainData(rows, config, tokenizer(zoo), latents=LatentCache(total_bytes * 2, ("latent", "mean", "logvar")))
     for epoch in range(2):
         for batch in roomy.plan(epoch):
             roomy.collate(batch, epoch, [tokenizer(zoo)])
@@ -245,3 +245,29 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     assert summary["last loss"] == summary["last loss"] and "val_loss" in summary
     assert trainer.val_data.latents is trainer.stable_data.latents is trainer.data.latents
     assert 0 < trainer.data.latents.nbytes <= 2 * largest_group
+
+
+def test_latents_are_resampled_per_epoch_from_stored_moments(tmp_path, zoo):
+    """encode --keep-distribution stores mean and log-variance: each epoch draws its own
+    latent, mean + std * noise seeded by (seed, epoch, image); resample_latents = false,
+    or no moments, trains on the stored sample."""
+    import numpy as np
+
+    from trainer.prompts import image_seed
+
+    ds = make_latent_dataset(tmp_path / "ds", 8, moments=True)
+    stored = {r["image_id"]: np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32)
+              for r in ds.read("latents").to_pylist()}
+    config = load_config(None, batch_size=4, validation_fraction=0)
+    rows = load_rows(ds, config)
+    data = TrainData(rows, config, tokenizer(zoo))
+    batch = data.plan(0)[0]
+    for epoch in (0, 1):
+        got = data.collate(batch, epoch, [tokenizer(zoo)])
+        for image_id, latent in zip(got["image_ids"], got["latents"].numpy()):
+            noise = np.random.default_rng([0, epoch, image_seed(image_id), 2]).standard_normal(latent.shape, np.float32)
+            np.testing.assert_allclose(latent, (stored[image_id] + 0.1 * noise) * 0.13025, rtol=1e-3, atol=1e-4)
+        assert torch.equal(got["latents"], data.collate(batch, epoch, [tokenizer(zoo)])["latents"])  # seeded
+    plain = load_config(None, batch_size=4, validation_fraction=0, resample_latents=False)
+    got = TrainData(load_rows(ds, plain), plain, tokenizer(zoo)).collate(batch, 0, [tokenizer(zoo)])
+    assert np.array_equal(got["latents"].numpy(), np.stack([stored[i] * np.float32(0.13025) for i in got["image_ids"]]))

@@ -22,11 +22,12 @@ def image_id(i: int) -> str:
 
 def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] = ((8, 8),), ranks=None,
                         seed: int = 0, vae: str = "tiny-vae", latent_parts: int = 1,
-                        rows_per_group: int | None = None) -> Dataset:
+                        rows_per_group: int | None = None, moments: bool = False) -> Dataset:
     """n images; image i gets bucket i % len(buckets) (latent h, w), tags, a caption, a rank and
     (every third) a watermark box. Latents are smooth random fields, so a UNet can fit them.
     Latents are written in `latent_parts` parts, of `rows_per_group` rows per row group if given
-    (the writer sizes groups by bytes, ~32 MiB, which small test latents never reach)."""
+    (the writer sizes groups by bytes, ~32 MiB, which small test latents never reach). With
+    `moments`, each latent is stored as its own mean, with a log-variance of log(0.01)."""
     rng = np.random.default_rng(seed)
     ds = Dataset(root, create=True)
     ids = [image_id(i) for i in range(n)]
@@ -51,7 +52,9 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         "resized_height": [gh + 8 for gh, _ in geometry], "resized_width": [gw for _, gw in geometry],
         "crop_top": [4] * n, "crop_left": [0] * n,
         "target_height": [gh for gh, _ in geometry], "target_width": [gw for _, gw in geometry],
-        "mean": [None] * n, "logvar": [None] * n, "vae": [vae] * n, "shift_factor": [None] * n}
+        "mean": latents if moments else [None] * n,
+        "logvar": [np.full_like(np.frombuffer(b, np.float16), np.log(0.01)).tobytes() for b in latents] if moments else [None] * n,
+        "vae": [vae] * n, "shift_factor": [None] * n}
     bounds = np.linspace(0, n, latent_parts + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         part = ds.write_part("latents", {k: v[lo:hi] for k, v in columns.items()})

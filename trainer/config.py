@@ -34,6 +34,9 @@ class TrainConfig:
     # to this many MiB of them stay cached per worker. A table that fits is read once per run;
     # a larger one costs about one row-group read (<= ~32 MiB) per sample in random order.
     latent_cache_mib: float = 8192.0
+    # With the VAE's moments stored (encode --keep-distribution): a fresh latent sample per
+    # image and epoch (seeded), instead of the one drawn at encoding. Without them: the stored one.
+    resample_latents: bool = True
     # run
     output: str = "runs/train"
     seed: int = 0

@@ -32,7 +32,7 @@ from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_r
 from curate.manifest import Dataset, DatasetError
 from trainer.config import TrainConfig
 from trainer.model import sdxl_time_ids
-from trainer.prompts import PromptBuilder
+from trainer.prompts import PromptBuilder, image_seed
 
 CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
 
@@ -117,28 +117,39 @@ class LatentCache:
     been evicted. `reads` counts reads from disk per group.
     """
 
-    def __init__(self, budget: int):
-        self.budget = budget
+    def __init__(self, budget: int, columns: tuple[str, ...] = ("latent",)):
+        self.budget, self.columns = budget, list(columns)
         self.nbytes = 0  # bytes of latents held now
-        self.groups: OrderedDict[tuple[str, int], pa.ChunkedArray] = OrderedDict()
+        self.groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.reads: Counter[tuple[str, int]] = Counter()
 
-    def group(self, key: tuple[str, int]) -> pa.ChunkedArray:
+    def group(self, key: tuple[str, int]) -> pa.Table:
         if key in self.groups:
             self.groups.move_to_end(key)
             return self.groups[key]
-        column = read_row_group(Path(key[0]), key[1], ["latent"]).column("latent")
+        table = read_row_group(Path(key[0]), key[1], self.columns)
         self.reads[key] += 1
-        self.groups[key] = column
-        self.nbytes += column.nbytes
+        self.groups[key] = table
+        self.nbytes += table.nbytes
         while len(self.groups) > 1 and self.nbytes > self.budget:
             self.nbytes -= self.groups.popitem(last=False)[1].nbytes
-        return column
+        return table
 
-    def latents(self, rows: list[Row]) -> list[np.ndarray]:
-        """The float16 [C, H, W] latents of `rows`, before scaling, in order."""
-        columns = {key: self.group(key) for key in dict.fromkeys((r.part, r.row_group) for r in rows)}
-        return [latent_array(columns[(r.part, r.row_group)][r.row].as_py(), r.shape) for r in rows]
+    def arrays(self, rows: list[Row]) -> dict[str, list[np.ndarray | None]]:
+        """Per cached column (latent, and mean and logvar if asked for): the float16 [C, H, W]
+        arrays of `rows`, before scaling, in order; None where a row has none."""
+        groups = {key: self.group(key) for key in dict.fromkeys((r.part, r.row_group) for r in rows)}
+        out = {}
+        for column in self.columns:
+            blobs = [groups[(r.part, r.row_group)].column(column)[r.row].as_py() for r in rows]
+            out[column] = [None if b is None else latent_array(b, r.shape) for r, b in zip(rows, blobs)]
+        return out
+
+
+def latent_cache(config: TrainConfig) -> LatentCache:
+    """The cache for a run: the moments too when latents are resampled."""
+    columns = ("latent", "mean", "logvar") if config.resample_latents else ("latent",)
+    return LatentCache(int(config.latent_cache_mib * 2**20), columns)
 
 
 def chunked(ids: list[int], n_chunks: int, bos: int, eos: int, pad: int, positions: int = 77) -> list[int]:
@@ -157,7 +168,7 @@ class TrainData:
     def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None,
                  latents: LatentCache | None = None):
         self.rows, self.config, self.tokenizer = rows, config, tokenizer
-        self.latents = latents or LatentCache(int(config.latent_cache_mib * 2**20))  # may be shared by TrainData of the same rows
+        self.latents = latents or latent_cache(config)  # may be shared by TrainData of the same rows
         self.seed = config.seed if seed is None else seed
         self.prompts = PromptBuilder(config.prompts, seed=self.seed)
         self.long_clip = tokenizer.model_max_length > 77
@@ -225,7 +236,7 @@ class TrainData:
             "image_ids": [r.image_id for r in rows],
             "prompts": [prompts[i].text for i in indices],
             "latents": torch.from_numpy(np.stack([(latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
-                                                  for r, latent in zip(rows, self.latents.latents(rows))])),
+                                                  for r, latent in zip(rows, self.latent_samples(rows, epoch))])),
             "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
             "input_ids": [torch.tensor([chunked(tokens[i], n_chunks, tok.bos_token_id, tok.eos_token_id,
                                                 tok.pad_token_id, positions) for i in indices]) for tok in tokenizers],
@@ -234,6 +245,23 @@ class TrainData:
         if self.config.mask_watermarks:
             batch["mask"] = torch.stack([watermark_mask(r) for r in rows])
         return batch
+
+
+    def latent_samples(self, rows: list[Row], epoch: int) -> list[np.ndarray]:
+        """The latents to train on: with `resample_latents` and the moments stored (encode
+        --keep-distribution), a fresh draw from the VAE's distribution for each image and
+        epoch, seeded by (seed, epoch, image); otherwise the sample stored at encoding."""
+        arrays = self.latents.arrays(rows)
+        if not self.config.resample_latents:
+            return arrays["latent"]
+        out = []
+        for r, latent, mean, logvar in zip(rows, arrays["latent"], arrays["mean"], arrays["logvar"]):
+            if mean is None or logvar is None:
+                out.append(latent)
+                continue
+            noise = np.random.default_rng([self.seed, epoch, image_seed(r.image_id), 2]).standard_normal(r.shape, np.float32)
+            out.append(mean.astype(np.float32) + np.exp(0.5 * logvar.astype(np.float32)) * noise)
+        return out
 
 
 def watermark_mask(row: Row) -> torch.Tensor:

@@ -25,7 +25,7 @@ from curate.manifest import Dataset
 from curate.progress import progress_bar
 from trainer.checkpoint import latest_checkpoint, load_state, remove_debris, save_checkpoint
 from trainer.config import TrainConfig, config_dict
-from trainer.data import LatentCache, TrainData, load_rows, split_rows
+from trainer.data import TrainData, latent_cache, load_rows, split_rows
 from trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
 from trainer.model import Models
 
@@ -49,7 +49,7 @@ class Trainer:
         self.models = Models(base, config, self.device, checkpoint)
         train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
         tokenizer = self.models.tokenizers[0]
-        latents = LatentCache(int(config.latent_cache_mib * 2**20))  # one bound on latent memory for all three sets
+        latents = latent_cache(config)  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
