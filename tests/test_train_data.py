@@ -10,7 +10,7 @@ import torch
 from tests.conftest import REPO, run_cli
 from tests.trainer_helpers import WORDS, make_latent_dataset
 from trainer.config import config_dict, load_config
-from trainer.data import CHUNK, TrainData, load_rows, split_rows, watermark_mask
+from trainer.data import TrainData, load_rows, split_rows, watermark_mask
 from trainer.losses import loss_weights
 
 
