@@ -5,7 +5,6 @@ STEPS. The demo must stay under two minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
-import io
 import shutil
 import struct
 import time

@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 from curate.manifest import Dataset, now
 from pipelines.quality import model as qm
 from pipelines.quality.pairs import PairChooser
-from pipelines.quality.ratings import export_csv, import_csv, load_embeddings, load_ratings, record
+from pipelines.quality.ratings import load_embeddings, load_ratings, record
 from pipelines.quality.simulate import SimulatedRater, simulate_ratings, write_synthetic_dataset
 
 

@@ -1,5 +1,4 @@
 import numpy as np
-import pyarrow as pa
 
 from pipelines.runner import run_stage
 from pipelines.stage import Stage
