@@ -13,7 +13,8 @@ can feed the models.
 --real-size: real-size architectures with random weights (ViT-B-32 at 224, a WD ViT-B at
 448, OWLv2 base at 960) on --device (cuda: bf16), model-only images/s per model, FLOPs per
 image (torch's FlopCounterMode) and the fraction of the bf16 peak (--peak-tflops, by
-default from the GPU's name) that this reaches.
+default from the GPU's name) that this reaches; then --workers on this machine, and the
+pass's bound: the slower of the models and the decode threads' feed.
 
     python bench/score.py [--images 96] [--size 1536x1024]
     python bench/score.py --workers [--images 8] [--size 4000x3000]
@@ -205,6 +206,7 @@ def real_size_bench(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from curate.images import decode_threads
     from models.common import pick_device
 
     device, dtype = pick_device(args.device)
@@ -235,8 +237,15 @@ def real_size_bench(args) -> dict:
             "fraction_of_bf16_peak": round(rate * flops / (peak * 1e12), 3) if peak else None}
     out["pass_model_bound_images_per_s"] = round(1 / sum(1 / r for r in rates), 1)
     out["peak_bf16_tflops"] = peak
-    out["note"] = ("model-only throughput on random inputs (decoding runs on CPU workers in parallel); the pass "
-                   "bound is all three models one after the other on one device")
+    out["note"] = ("model-only throughput on random inputs; pass_model_bound: all three models one after the other "
+                   "on one device; pass_bound: the slower of that and the decode threads' feed (per-core worker rate "
+                   "x threads, as if they scaled perfectly)")
+    # The workers' side on this machine's CPUs: the pass runs at the slower of the two.
+    workers = worker_bench(args)
+    feed = workers["worker_images_per_s_per_core"] * decode_threads()
+    out["workers"] = workers
+    out["decode_threads"] = decode_threads()
+    out["pass_bound_images_per_s"] = round(min(out["pass_model_bound_images_per_s"], feed), 1)
     return out
 
 
@@ -253,7 +262,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     args = parser.parse_args()
-    if args.workers:  # 12 MP photos: fewer of them
+    if args.workers or args.real_size:  # 12 MP photos for the workers: fewer of them
         args.size = "4000x3000" if args.size == parser.get_default("size") else args.size
         args.images = 8 if args.images == parser.get_default("images") else args.images
     bench = worker_bench if args.workers else real_size_bench if args.real_size else cpu_bench
