@@ -10,6 +10,7 @@ decoding to the smallest scale that still satisfies the consumer's size request.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import stat
@@ -221,10 +222,14 @@ def resize(image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray
     """8-bit RGB pixels resized to size (width, height) with Pillow's bicubic filter
     (antialiased when shrinking), as uint8 HWC.
 
-    Torch's uint8 kernel for that filter runs it vectorised: 2-8x faster than Pillow at the
-    sizes models take (a 960 square to 448: 2 ms against 10), within 2 levels of Pillow's
-    pixels on photos (only rounding differs; more on noise that is shrunk one way and
-    enlarged the other). It runs on the calling thread, so decode workers stay parallel."""
+    On x86 with AVX2 torch's uint8 kernel for that filter runs it vectorised: 2-8x faster
+    than Pillow at the sizes models take (a 960 square to 448: 2 ms against 10), within a
+    level of Pillow's pixels on photos (only rounding differs; more on noise that is shrunk
+    one way and enlarged the other), on the calling thread, so decode workers stay parallel.
+    Elsewhere (ARM, older x86) torch's generic kernel is slower than Pillow, which runs."""
+    if not torch_resizes_fast():
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        return np.asarray(image if image.size == tuple(size) else image.resize(size, Image.Resampling.BICUBIC))
     import torch
 
     pixels = np.asarray(image)
@@ -235,6 +240,14 @@ def resize(image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray
     x = torch.from_numpy(pixels)[None].permute(0, 3, 1, 2)
     out = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True)
     return out.permute(0, 2, 3, 1)[0].numpy()
+
+
+@functools.cache
+def torch_resizes_fast() -> bool:
+    """Whether torch runs its vectorised uint8 resize kernel here (x86 with AVX2 or AVX-512)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -124,9 +124,16 @@ def test_draft_decoding_keeps_the_requested_size(corpus):
 
 
 @pytest.mark.parametrize("size", [(224, 168), (61, 300), (20, 700)])
-def test_resize_is_pillows_bicubic_and_shrink_meets_both_sides(size):
-    """`resize` (torch's uint8 kernel) gives Pillow's bicubic pixels up to rounding, down or
-    up; `shrink` reduces a full-size decode to the smallest size meeting both requests."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_resize_is_pillows_bicubic_and_shrink_meets_both_sides(size, fast, monkeypatch):
+    """`resize` (torch's uint8 kernel, or Pillow where that is slow) gives Pillow's bicubic
+    pixels up to rounding, down or up; `shrink` reduces a full-size decode to the smallest
+    size meeting both requests."""
+    import curate.images
+
+    if fast and not curate.images.torch_resizes_fast():
+        pytest.skip("torch's vectorised uint8 resize needs x86 with AVX2")
+    monkeypatch.setattr(curate.images, "torch_resizes_fast", lambda: fast)
     image = make_image(600, 450, seed=5)
     for target in (size, (900, 700)):
         ours = resize(image, target).astype(int)
