@@ -241,10 +241,8 @@ def real_size_bench(args) -> dict:
                    "on one device; pass_bound: the slower of that and the decode threads' feed (per-core worker rate "
                    "x threads, as if they scaled perfectly)")
     # The workers' side on this machine's CPUs: the pass runs at the slower of the two.
-    workers = worker_bench(args)
-    feed = workers["worker_images_per_s_per_core"] * decode_threads()
-    out["workers"] = workers
-    out["decode_threads"] = decode_threads()
+    out["workers"], out["decode_threads"] = worker_bench(args), decode_threads()
+    feed = out["workers"]["worker_images_per_s_per_core"] * out["decode_threads"]
     out["pass_bound_images_per_s"] = round(min(out["pass_model_bound_images_per_s"], feed), 1)
     return out
 

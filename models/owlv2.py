@@ -4,10 +4,10 @@ The model is a transformers directory or hub id (google/owlv2-base-patch16-ensem
 Preprocessing as the directory's Owlv2ImageProcessor does it, in a faster order: a bicubic
 resize (`curate.images.resize`) to the model's size (960 for base) on the longer side,
 padding with black (0.0, as OWLv2 was trained) to a square at the bottom and right, both on
-uint8 pixels on the CPU workers; the normalising (the preprocessor config's mean and std) runs batched on the
-model's device. The text query is embedded once, in setup, not once per image as the
-model's forward would. The predicted boxes are relative to
-that padded square; `boxes_in_image` maps them to the original image, normalised to 0..1
+uint8 pixels on the CPU workers; the normalising (the preprocessor config's mean and std)
+runs batched on the model's device. The text query is embedded once, in setup, not once
+per image as the model's forward would. The predicted boxes are relative to that padded
+square; `boxes_in_image` maps them to the original image, normalised to 0..1
 on each axis, for any aspect ratio (the test checks it against transformers' own
 post-processing). `score` is the best box's probability; `has_watermark` is score >
 threshold, which makes `watermark` a tag in the manifest.

@@ -19,8 +19,8 @@ class VLLMCaptioner(Captioner):
         except ImportError:
             raise ModelError("--model vllm:... needs vLLM: pip install vllm (CUDA GPU required); "
                                "or use llava:/hf: for transformers generate") from None
-        self.llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=DTYPES.get(self.dtype, "auto"),  # vLLM says float16, not fp16
-                       limit_mm_per_prompt={"image": 1})
+        dtype = DTYPES.get(self.dtype, "auto")  # vLLM's names: float16, not fp16
+        self.llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=dtype, limit_mm_per_prompt={"image": 1})
         self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
 
     def prepare(self, image):

@@ -99,7 +99,8 @@ def _not_yet_stored(ds: Dataset, rows: dict[str, list]) -> tuple[dict[str, list]
     keep = []
     for key in zip(*(rows[c] for c in RATING_KEY)):
         keep.append(stored[key] == 0)
-        stored[key] -= 1 if stored[key] else 0
+        if stored[key]:
+            stored[key] -= 1  # this stored judgement is matched; a second identical row is new
     return {c: [v for v, k in zip(values, keep) if k] for c, values in rows.items()}, keep.count(False)
 
 
