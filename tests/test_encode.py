@@ -140,7 +140,6 @@ def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_
     partial = latents(ds)
     assert 0 < len(partial) < 24, "the kill should land mid-run"
     run_cli(*args)
-
     run_stage(Dataset(clean), EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), batch_size=4), show_progress=False)
     resumed, uninterrupted = latents(ds), latents(clean)
     assert Dataset(ds).read("latents").num_rows == 24  # nothing was encoded twice
@@ -151,7 +150,6 @@ def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_
 
 
 def test_ray_engine_writes_the_same_latents(dataset, vae_dir, ray_cluster):
-
     stage = EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4)
     local = run_stage(dataset, stage, show_progress=False)
     assert local.ok == 12
@@ -165,7 +163,6 @@ def test_ray_engine_writes_the_same_latents(dataset, vae_dir, ray_cluster):
 
 def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
     from safetensors.torch import load_file, save_file
-
 
     ds = ingest(tmp_path, {f"i{i}.png": make_image(280, 280, seed=i) for i in range(8)})
     pipeline = tmp_path / "pipeline"  # a full diffusers pipeline directory: the VAE is in vae/

@@ -246,7 +246,6 @@ class TrainData:
             batch["mask"] = torch.stack([watermark_mask(r) for r in rows])
         return batch
 
-
     def latent_samples(self, rows: list[Row], epoch: int) -> list[np.ndarray]:
         """The latents to train on: with `resample_latents` and the moments stored (encode
         --keep-distribution), a fresh draw from the VAE's distribution for each image and
