@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,7 +141,7 @@ def real_size_stages(folder: Path) -> list:
 
 
 def worker_bench(args) -> dict:
-    from curate.images import decode, read_file, shrink
+    from curate.images import decode, quick_gil_handoffs, read_file, shrink
     from pipelines.runner import decode_need
 
     width, height = map(int, args.size.split("x"))
@@ -160,10 +161,37 @@ def worker_bench(args) -> dict:
                 best = min(best, (time.thread_time() - started) * 1e3 / len(inputs))
             return best, out
 
+        def work(file) -> None:
+            image = shrink(decode(read_file(file), min_side=need[0], long_side=need[1]), *need)
+            for s in stages:
+                s.prepare({"image": image})
+
+        def wall_ms(busy: bool) -> float:
+            """Best of --repeats: wall ms per image of the whole work on this thread, next to a
+            thread that runs Python without pause (busy) or alone, with the pass's GIL setting."""
+            stop = threading.Event()
+
+            def spin() -> None:
+                while not stop.is_set():
+                    pass
+
+            best = float("inf")
+            with quick_gil_handoffs():
+                if busy:
+                    threading.Thread(target=spin).start()
+                for _ in range(args.repeats):
+                    started = time.perf_counter()
+                    for file in files:
+                        work(file)
+                    best = min(best, time.perf_counter() - started)
+                stop.set()
+            return best * 1e3 / len(files)
+
         decode_ms, decoded = cpu_ms(lambda f: decode(read_file(f), min_side=need[0], long_side=need[1]), files)
         shrink_ms, shrunk = cpu_ms(lambda d: shrink(d, *need), decoded)
         prepare_ms = {type(s).__name__: cpu_ms(lambda d: s.prepare({"image": d}), shrunk)[0] for s in stages}
         pass_ms = decode_ms + shrink_ms + sum(prepare_ms.values())
+        alone_ms, busy_ms = wall_ms(busy=False), wall_ms(busy=True)
         return {
             "mode": "workers", "images": len(files), "image_size": args.size,
             "jpeg_kb": round(sum(f.stat().st_size for f in files) / len(files) / 1024),
@@ -174,8 +202,12 @@ def worker_bench(args) -> dict:
             "decode_images_per_s_per_core": round(1e3 / decode_ms, 1),
             "worker_images_per_s_per_core": round(1e3 / pass_ms, 1),
             "worker_ratio": round(decode_ms / pass_ms, 3),
+            "worker_wall_ms_alone": round(alone_ms, 2), "worker_wall_ms_next_to_busy_python": round(busy_ms, 2),
+            "busy_python_slowdown": round(busy_ms / alone_ms, 3),
             "note": "CPU time of one thread per image; worker = read + decode + shrink + the three prepares, "
-                    "which is what each CPU worker of the pass does while the models run on the GPU",
+                    "which is what each CPU worker of the pass does while the models run on the GPU; "
+                    "next_to_busy_python: its wall time while another thread holds the GIL whenever it can "
+                    "(the worst the model loop's Python does to the decode threads)",
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from curate.images import MAX_FILE_BYTES, ImageError, decode, decode_threads, read_file
+from curate.images import MAX_FILE_BYTES, ImageError, decode, decode_threads, quick_gil_handoffs, read_file
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
@@ -172,7 +172,7 @@ def inspect_unit(unit: list[Candidate]) -> list[dict]:
 # ---- engines: both yield lists of rows in walk order ----------------------------------
 def _inspect_local(sources: list[str], seen: set[str]) -> Iterator[list[dict]]:
     candidates = (c for c in enumerate_sources(sources) if c.source not in seen)
-    with ThreadPoolExecutor(decode_threads()) as pool:
+    with ThreadPoolExecutor(decode_threads()) as pool, quick_gil_handoffs():
         # One chunk is always in flight while the previous one is deduplicated and written.
         pending: list = []
         for batch in _chunks(candidates, INGEST_BATCH):

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from curate.images import ImageError, decode, decode_threads, shrink
+from curate.images import ImageError, decode, decode_threads, quick_gil_handoffs, shrink
 from curate.manifest import Dataset, now
 from curate.progress import progress_bar
 from curate.schema import SCHEMAS
@@ -312,7 +312,7 @@ def setup_stages(stages: list[Stage]) -> None:
 
 def _local(ds: Dataset, stages: list[Stage], todo: list[list[str]], everything: list[str], ray_address=None):
     todo_sets = [set(t) for t in todo]
-    with ThreadPoolExecutor(decode_threads()) as pool:
+    with ThreadPoolExecutor(decode_threads()) as pool, quick_gil_handoffs():
         submitted = (([r["image_id"] for r in rows], [pool.submit(prepare_row, stages, r, todo_sets) for r in rows])
                      for rows in input_rows(ds, stages, everything))
         # Decoding starts while the models load, then stays PREFETCH batches ahead of them.

@@ -57,6 +57,23 @@ def test_pass_resumes_each_stage_on_its_own(dataset, count_decodes):
     assert len(count_decodes) == 12 and dataset.read("stats").num_rows == 12
 
 
+class SwitchIntervalSeen(MeanColour):
+    def process(self, batch):
+        self.seen.append(sys.getswitchinterval())
+        return super().process(batch)
+
+
+def test_local_pass_hands_the_gil_over_quickly_and_restores_the_setting(dataset):
+    """Decode threads wait for the GIL at every C call; at Python's 5 ms default a busy main
+    thread makes them several times slower (bench/score.py --workers: busy_python_slowdown)."""
+    before = sys.getswitchinterval()
+    stage = SwitchIntervalSeen()
+    stage.seen = []
+    run_stages(dataset, [StatsStage(), stage], show_progress=False)
+    assert stage.seen and max(stage.seen) <= 0.0005 < before
+    assert sys.getswitchinterval() == before
+
+
 def test_pass_on_ray_writes_the_same_rows(dataset, ray_cluster):
     # this test module is not importable on Ray workers: ship MeanColour by value
     ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
