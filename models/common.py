@@ -44,6 +44,7 @@ def model_dir(spec: str, needs: tuple[str, ...] = ()) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=64)  # model_key() is asked for every batch
 def model_name(spec: str) -> str:
     """How a model is named in the `model` column: a hub id as is; a directory by its name and
     a fingerprint of its files, so two different folders that share a name (two fine-tunes
@@ -55,7 +56,6 @@ def model_name(spec: str) -> str:
 FINGERPRINT_BYTES = 64 << 10
 
 
-@functools.lru_cache(maxsize=64)  # model_key() is asked for every batch
 def fingerprint(folder: str) -> str:
     """8 hex digits from every file's name, size, head and tail: cheap even for GBs of
     weights, and different for different weights (fine-tunes differ everywhere)."""
