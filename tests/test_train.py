@@ -95,6 +95,22 @@ def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl)
     assert losses(tmp_path / "killed") == expected  # every step's loss, bit for bit
 
 
+def test_the_next_micro_batch_is_built_while_one_trains(tmp_path, sdxl):
+    make_latent_dataset(tmp_path / "ds", 8)
+    config = load_config(None, output=str(tmp_path / "run"), max_steps=2, batch_size=2, gradient_accumulation=2,
+                         precision="fp32", validate_every=0, checkpoint_every=10_000, validation_fraction=0.0)
+    trainer = Trainer(tmp_path / "ds", sdxl, config)
+    trainer.train_step(0)  # micro-steps 0 and 1; micro-step 2 was handed to the thread before 1 trained
+    micro, future = trainer.next_batch
+    batch, size = future.result()
+    epoch, indices = trainer.data.batch_at(2)
+    expected = trainer.data.collate(indices, epoch, trainer.models.tokenizers)
+    assert micro == 2 and size == 2 and batch["image_ids"] == expected["image_ids"]
+    assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["input_ids"][0], expected["input_ids"][0])
+    trainer.train_step(1)
+    assert trainer.next_batch is None  # nothing is built past the last micro-step
+
+
 def test_ray_train_two_workers_match_one_process(tmp_path, sdxl, ray_cluster):
     from trainer.distributed import train_on_ray
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,12 @@ class Trainer:
         self.data.require_batches()
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
         self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer, latents=latents)
+        # The next micro-batch is built on a thread while this one trains (see batch_for). The
+        # three data sets share the latent cache and the tokenizer: one of them at a time.
+        self.batch_thread = ThreadPoolExecutor(1, thread_name_prefix="next-batch")
+        self.next_batch: tuple[int, Future] | None = None
+        self.data_lock = threading.Lock()
+        self.data_wait = 0.0  # seconds the loop waited for a batch
 
         te_lr = config.text_encoder_learning_rate or config.learning_rate
         groups = [{"params": [p for p in m.parameters() if p.requires_grad],
@@ -102,13 +110,30 @@ class Trainer:
     def micro_step(self, micro: int) -> torch.Tensor:
         """Forward and loss of this worker's share of global micro-batch `micro`."""
         c = self.config
-        epoch, indices = self.data.batch_at(micro)
-        batch = self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers)
+        batch, size = self.batch_for(micro)
         generator = torch.Generator().manual_seed(seed_for(c.seed, micro))
-        shape = (len(indices), *batch["latents"].shape[1:])
-        noise = make_noise(shape, c.offset_noise, generator)[self.rank :: self.world]
-        timesteps = torch.randint(c.timestep_min, c.timestep_max, (len(indices),), generator=generator)[self.rank :: self.world]
+        noise = make_noise((size, *batch["latents"].shape[1:]), c.offset_noise, generator)[self.rank :: self.world]
+        timesteps = torch.randint(c.timestep_min, c.timestep_max, (size,), generator=generator)[self.rank :: self.world]
         return self.loss_on(batch, noise, timesteps, c.loss)
+
+    def batch_for(self, micro: int) -> tuple[dict, int]:
+        """This worker's share of micro-batch `micro`, and the global batch's size. Reading its
+        latents (row groups from disk once the table outgrows the cache) and, once an epoch,
+        tokenizing every prompt would leave the GPU idle; so the next micro-batch is built on
+        a thread while this one trains, and the loop waits only when that is slower."""
+        pending = self.next_batch
+        future = pending[1] if pending and pending[0] == micro else self.batch_thread.submit(self.build_batch, micro)
+        more = micro + 1 < self.config.max_steps * self.config.gradient_accumulation
+        self.next_batch = (micro + 1, self.batch_thread.submit(self.build_batch, micro + 1)) if more else None
+        waited = time.perf_counter()
+        batch = future.result()
+        self.data_wait += time.perf_counter() - waited
+        return batch
+
+    def build_batch(self, micro: int) -> tuple[dict, int]:
+        with self.data_lock:
+            epoch, indices = self.data.batch_at(micro)
+            return self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers), len(indices)
 
     def sync_gradients(self) -> None:
         """Average gradients over workers (what DDP does), once per optimizer step."""
@@ -156,7 +181,8 @@ class Trainer:
         self.models.train(False)
         total, count = 0.0, 0
         for j, indices in enumerate(data.fixed_batches()):
-            batch = data.collate(indices, 0, self.models.tokenizers)
+            with self.data_lock:
+                batch = data.collate(indices, 0, self.models.tokenizers)
             generator = torch.Generator().manual_seed(seed_for(self.config.seed, salt, j))
             noise = make_noise(tuple(batch["latents"].shape), 0.0, generator)
             timesteps = torch.randint(self.config.timestep_min, self.config.timestep_max, (len(indices),), generator=generator)
@@ -220,6 +246,7 @@ class Trainer:
         samples = (self.step - start) * c.batch_size * c.gradient_accumulation
         seconds = time.perf_counter() - started
         summary = {"steps": f"{start} -> {self.step}", "samples": samples, "samples/s": round(samples / max(seconds, 1e-9), 2),
+                "waiting for data (s)": round(self.data_wait, 1),
                 "first loss": round(first, 5) if first is not None else None, "last loss": round(loss, 5),
                 **{k: round(v, 5) for k, v in metrics.items()}, "checkpoint": str(saved) if saved else None,
                 "seconds": round(seconds, 1)}
