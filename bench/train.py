@@ -7,9 +7,11 @@ The data path is what the trainer does per sample besides the model: building th
 prompt, tokenizing it, planning batches, reading latents (SDXL-size, 4x128x128 float16)
 from their Parquet row groups through the trainer's LRU cache and assembling them into
 tensors; it runs on one thread, so the figure is per core. The rows' metadata is loaded
-once per run (load_rows_per_s). The cache holds 1 of the table's row groups, so batches
-read row groups from disk as a large dataset's do: in the seeded random order nearly every
-sample of a big table costs one row-group read (~32 MiB), which row_group_mib_per_sample shows. The real-size
+once per run (load_rows_per_s). In "streaming" the cache holds 1 of the table's 2 row
+groups, so batches read row groups from disk as a table larger than the cache does; the
+windowed shuffle keeps that near one read per group and epoch, which
+row_group_mib_per_sample shows (drawing from the whole table read about one 32 MiB group
+per sample). tiny_cpu_streaming trains on a table larger than the cache. The real-size
 mode times forward + backward + AdamW of SDXL's UNet architecture (2.6B parameters) at
 1024x1024 with precomputed-size text states, and reports peak GPU memory.
 """
@@ -68,9 +70,8 @@ def data_path_with(ds, sdxl: Path, settings: dict) -> dict:
 
 def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> dict:
     """Steps/s of the tiny SDXL on CPU, and the share of that time the loop waited for its
-    batch. streaming: 4096 rows in 2048-row groups (4 MiB), a 1 MiB cache and one torch
-    thread, so every batch reads row groups (as past the cache of a big table) while the
-    model trains on the other core."""
+    batch. streaming: 4096 rows in 2048-row groups (4 MiB) past a 1 MiB cache, and one torch
+    thread, so the next batch is read on the other core while the model trains."""
     from tests.trainer_helpers import make_latent_dataset
     from trainer.config import load_config
     from trainer.train import Trainer

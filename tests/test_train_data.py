@@ -177,8 +177,8 @@ def test_sdxl_time_ids_in_diffusers_order(tmp_path, zoo):
 
 def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     """Rows hold no latents; batches read whole row groups through an LRU cache smaller than the
-    dataset, each group at most once per batch that needs it, and get exactly the latents that
-    reading the whole table into memory gives."""
+    dataset, each group at most once per batch that needs it and about once an epoch, and get
+    exactly the latents that reading the whole table into memory gives."""
     import numpy as np
     import pyarrow as pa
 
@@ -227,6 +227,11 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
         reads = data.latents.reads - before
         needed = Counter(g for batch in plan for g in {(rows[i].part, rows[i].row_group) for i in batch})
         assert set(reads) <= set(needed) and all(reads[g] <= needed[g] for g in reads)  # once per batch at most
+        # Batches come from windows of row groups that fit the cache: each group is read about
+        # once an epoch (42 reads of these 12 groups when batches drew from the whole table).
+        assert sum(reads.values()) <= len(groups)
+        assert len(plan) == data.batches_per_epoch and len({i for batch in plan for i in batch}) == 4 * len(plan)
+        assert all(len({rows[i].bucket for i in batch}) == 1 for batch in plan)
     # All the Arrow memory held now (measured by Arrow's allocator) is about the cache, far from the table's
     assert pa.total_allocated_bytes() < data.latents.nbytes + total_bytes / 4
 

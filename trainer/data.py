@@ -9,7 +9,8 @@ Every batch holds one bucket (one latent shape). Within a bucket, samples are gr
 the number of 75-token chunks their prompt needs before batching, so the padded
 lengths the model sees (75/150/225 tokens) follow the prompts' own length distribution
 instead of collapsing to the longest prompt of every batch. An epoch's plan is a pure
-function of (seed, epoch), so a resumed run sees the same batches.
+function of (seed, epoch), so a resumed run sees the same batches. A table larger than
+the latent cache is shuffled within windows of row groups that fit it (TrainData.windows).
 
 Latents are not held in memory: a Row keeps only its metadata and where its latent lives
 (part file, row group, row), and a batch reads the latent bytes when it is built, whole
@@ -111,7 +112,7 @@ class LatentCache:
     """Latent bytes read on demand, whole row groups at a time; the most recently used groups
     are kept while they fit in `budget` bytes (at least one group is always kept).
 
-    A batch of one bucket draws its rows from anywhere in the table, so it touches several
+    A batch of one bucket draws its rows from anywhere in its window, so it touches several
     row groups; each is read at most once per batch (even when a batch needs more groups than
     the cache holds), and a group that later batches need again is read again only if it has
     been evicted. `reads` counts reads from disk per group.
@@ -195,22 +196,53 @@ class TrainData:
         return max(1, min(self.max_chunks, math.ceil(len(tokens) / CHUNK)))
 
     def plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches (row indices): one bucket each, grouped by prompt chunks, in random order."""
+        """The epoch's batches (row indices): one bucket each, grouped by prompt chunks, in random
+        order within each window of row groups (see windows); rows a window leaves short of a
+        full batch go on to the next one."""
         _, tokens = self.epoch_prompts(epoch)
         rng = np.random.default_rng([self.seed, epoch, 1])
-        groups: dict[tuple, list[int]] = defaultdict(list)
+        size, plan, carried = self.config.batch_size, [], {}
+        for window in self.windows(rng):
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for i in window:
+                groups[(self.rows[i].bucket, self.chunks_needed(tokens[i]))].append(i)
+            batches, leftovers = [], defaultdict(list, carried)
+            for (bucket, _), members in sorted(groups.items()):
+                members = [members[j] for j in rng.permutation(len(members))]
+                full = len(members) // size * size
+                batches += [members[k : k + size] for k in range(0, full, size)]
+                leftovers[bucket] += members[full:]
+            carried = {}
+            for bucket, members in sorted(leftovers.items()):
+                members = [members[j] for j in rng.permutation(len(members))]
+                full = len(members) // size * size
+                batches += [members[k : k + size] for k in range(0, full, size)]
+                carried[bucket] = members[full:]
+            plan += [batches[j] for j in rng.permutation(len(batches))]
+        return plan
+
+    def windows(self, rng: np.random.Generator) -> list[list[int]]:
+        """Row indices in windows of whole row groups. A table that fits the latent cache is one
+        window. A larger one is cut into windows of row groups in random order, each filling at
+        most half the cache: an epoch then reads each group about once, where drawing batches
+        from the whole table reads about one group (up to ~32 MiB) per sample. The price is
+        a shuffle within windows of tens of thousands of images (32,000 SDXL latents at
+        1024x1024 with the default 8 GiB cache, from about 125 groups), not the whole table."""
+        by_group: dict[tuple[str, int], list[int]] = defaultdict(list)
         for i, row in enumerate(self.rows):
-            groups[(row.bucket, self.chunks_needed(tokens[i]))].append(i)
-        size, batches, leftovers = self.config.batch_size, [], defaultdict(list)
-        for (bucket, _), members in sorted(groups.items()):
-            members = [members[j] for j in rng.permutation(len(members))]
-            full = len(members) // size * size
-            batches += [members[k : k + size] for k in range(0, full, size)]
-            leftovers[bucket] += members[full:]
-        for bucket, members in sorted(leftovers.items()):
-            members = [members[j] for j in rng.permutation(len(members))]
-            batches += [members[k : k + size] for k in range(0, len(members) // size * size, size)]
-        return [batches[j] for j in rng.permutation(len(batches))]
+            by_group[(row.part, row.row_group)].append(i)
+        value_bytes = 2 * len(self.latents.columns)  # float16, per cached column
+        nbytes = {g: value_bytes * sum(math.prod(self.rows[i].shape) for i in members) for g, members in by_group.items()}
+        if sum(nbytes.values()) <= self.latents.budget:
+            return [list(range(len(self.rows)))]
+        keys, windows, used = list(by_group), [[]], 0
+        for j in rng.permutation(len(keys)):
+            if windows[-1] and used + nbytes[keys[j]] > self.latents.budget / 2:
+                windows.append([])
+                used = 0
+            windows[-1] += by_group[keys[j]]
+            used += nbytes[keys[j]]
+        return windows
 
     def fixed_batches(self) -> list[list[int]]:
         """Every row once, in batches of one bucket, in a fixed order (validation; epoch 0 prompts)."""
