@@ -97,13 +97,15 @@ class ClipEmbedder(ModelStage):
             *pil_steps, to_tensor, normalize = steps
             if "ToTensor" not in type(to_tensor).__name__ or type(normalize).__name__ != "Normalize":
                 raise ModelError(f"open_clip's transform for {self.spec} does not end in ToTensor, Normalize: {steps}")
-            pil_steps = [fast_resize(step) or step for step in pil_steps]
+            pil_steps = [FastResize.replacing(step) or step for step in pil_steps]
             self._transform = pil_steps, np.array(normalize.mean, np.float32), np.array(normalize.std, np.float32)
         return self._transform
 
     def prepare(self, row):
-        image = row["image"].image
-        for step in self.transform()[0]:
+        steps = self.transform()[0]
+        # Our resize reads the decode's pixel array (no copy out of Pillow); torchvision's steps take PIL.
+        image = row["image"].pixels() if isinstance(steps[0], FastResize) else row["image"].image
+        for step in steps:
             image = step(image)
         return {"pixels": np.asarray(image)}
 
@@ -121,23 +123,31 @@ class ClipEmbedder(ModelStage):
                 "_message": ["the embedding is not finite" if b else None for b in bad]}
 
 
-def fast_resize(step):
-    """torchvision's bicubic Resize step as `curate.images.resize` (None for any other step):
-    the same output size (an int sizes the shorter side, the longer one scaled and truncated)."""
-    from torchvision.transforms import InterpolationMode, Resize
+class FastResize:
+    """torchvision's bicubic Resize step as `curate.images.resize`, with the same output size
+    (an int sizes the shorter side, the longer one scaled and truncated). It takes a PIL image
+    or uint8 HWC pixels and gives a PIL image to the steps after it."""
 
-    if type(step) is not Resize or step.interpolation != InterpolationMode.BICUBIC or step.max_size or not step.antialias:
-        return None
-    size = [step.size] if isinstance(step.size, int) else list(step.size)
+    def __init__(self, size: list[int]):
+        self.size = size
 
-    def resized(image: Image.Image) -> Image.Image:
-        w, h = image.size
-        if len(size) == 2:
-            new = (size[1], size[0])
+    @classmethod
+    def replacing(cls, step) -> FastResize | None:
+        """The replacement for torchvision's step; None for any other step."""
+        from torchvision.transforms import InterpolationMode, Resize
+
+        if type(step) is not Resize or step.interpolation != InterpolationMode.BICUBIC or step.max_size or not step.antialias:
+            return None
+        return cls([step.size] if isinstance(step.size, int) else list(step.size))
+
+    def __call__(self, image: Image.Image | np.ndarray) -> Image.Image:
+        h, w = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
+        if len(self.size) == 2:
+            new = (self.size[1], self.size[0])
         elif w <= h:
-            new = (size[0], int(size[0] * h / w))
+            new = (self.size[0], int(self.size[0] * h / w))
         else:
-            new = (int(size[0] * w / h), size[0])
-        return image if new == (w, h) else Image.fromarray(resize(image, new))
-
-    return resized
+            new = (int(self.size[0] * w / h), self.size[0])
+        if new == (w, h):
+            return image if isinstance(image, Image.Image) else Image.fromarray(image)
+        return Image.fromarray(resize(image, new))

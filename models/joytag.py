@@ -163,7 +163,7 @@ class JoyTagger(ModelStage):
         self._categories = np.full(len(self._names), GENERAL)
 
     def prepare(self, row):
-        return {"pixels": square_resized(row["image"].image, self.size)}
+        return {"pixels": square_resized(row["image"].pixels(), self.size)}
 
     def process(self, batch):
         with torch.inference_mode():

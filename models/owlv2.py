@@ -89,7 +89,7 @@ class WatermarkDetector(ModelStage):
         scale = self.size / max(small.size)
         size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
         pixels = np.zeros((self.size, self.size, 3), np.uint8)
-        pixels[:size[1], :size[0]] = resize(small, size)
+        pixels[:size[1], :size[0]] = resize(image.pixels(), size)
         return {"pixels": pixels, "width": image.width, "height": image.height}
 
     def detect(self, pixels: np.ndarray):

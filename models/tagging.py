@@ -7,7 +7,6 @@ tag), and tag names kept as the model spells them (formatting is the trainer's j
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from curate.images import resize
 
@@ -15,17 +14,19 @@ from curate.images import resize
 GENERAL, CHARACTER, RATING = 0, 4, 9
 
 
-def pad_square(image: Image.Image) -> Image.Image:
-    """Centre the image on a white square of its longer side (as WD14 and JoyTag were trained)."""
-    side = max(image.size)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+def pad_square(pixels: np.ndarray) -> np.ndarray:
+    """Centre uint8 HWC pixels on a white square of the longer side (as WD14 and JoyTag were trained)."""
+    h, w = pixels.shape[:2]
+    side = max(h, w)
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = pixels
     return canvas
 
 
-def square_resized(image: Image.Image, size: int) -> np.ndarray:
+def square_resized(pixels: np.ndarray, size: int) -> np.ndarray:
     """The white square, bicubic to size x size (uint8 RGB pixels)."""
-    return resize(pad_square(image), (size, size))
+    return resize(pad_square(pixels), (size, size))
 
 
 def select_tags(scores: np.ndarray, names: list[str], categories: np.ndarray,

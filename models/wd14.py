@@ -82,7 +82,7 @@ class WD14Tagger(ModelStage):
 
     def prepare(self, row):
         """Pad to a white square and resize (bicubic): uint8 RGB; model_input does the rest."""
-        return {"pixels": square_resized(row["image"].image, self.size)}
+        return {"pixels": square_resized(row["image"].pixels(), self.size)}
 
     def model_input(self, pixels: np.ndarray):
         """uint8 RGB NHWC -> BGR: 0-255 floats NHWC for ONNX, normalised NCHW on the device for timm."""

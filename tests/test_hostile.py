@@ -142,6 +142,7 @@ def test_resize_is_pillows_bicubic_and_shrink_meets_both_sides(size, fast, monke
     decoded = decode(encode_image(image, "PNG"))  # no draft decoding for PNG: full size
     small = shrink(decoded, min_side=100, long_side=120)
     assert small.image.size == (133, 100) and (small.width, small.height) == (600, 450)
+    assert np.array_equal(small.pixels(), np.asarray(small.image))  # the array stages read is the image
     assert shrink(decoded, min_side=450, long_side=None) is decoded  # already the size asked for
 
 

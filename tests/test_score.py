@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import pipelines.runner as runner
+from curate.images import Decoded
 from models.common import ModelError, model_name
 from models.tagging import CHARACTER, GENERAL, RATING, select_tags
 from models.tiny import write_zoo
@@ -34,9 +35,8 @@ def originals(ds) -> dict[str, Image.Image]:
     return {r["image_id"]: Image.open(io.BytesIO(r["bytes"])).convert("RGB") for r in rows}
 
 
-class Row:  # what the runner hands prepare(): the decoded image and its full size
-    def __init__(self, image):
-        self.image, self.width, self.height = image, image.width, image.height
+def decoded(image) -> Decoded:  # what the runner hands prepare() as row["image"]
+    return Decoded(image, image.width, image.height, "PNG", "RGB", False)
 
 
 def test_model_column_tells_apart_folders_that_share_a_name(tmp_path, zoo):
@@ -108,7 +108,7 @@ def test_wd14_preprocessing_equals_plain_reference(zoo, size):
     image = make_image(*size, seed=3)
     tagger = WD14Tagger(str(zoo / "wd14"))
     assert tagger.size == 64 and tagger.backend == "onnx"
-    pixels = tagger.prepare({"image": Row(image)})["pixels"]
+    pixels = tagger.prepare({"image": decoded(image)})["pixels"]
     assert pixels.dtype == np.uint8  # the workers hand over bytes; the floats are made batched
     ours, reference = tagger.model_input(pixels[None])[0], wd14_reference(image, 64)
     # The resize is Pillow's bicubic filter in torch's uint8 kernel: only rounding may differ
@@ -173,7 +173,7 @@ def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo
     detector.setup()
     processor = Owlv2ImageProcessor.from_pretrained(zoo / "owlv2")
     image = make_image(240, 120, seed=5)  # wide: padded at the bottom
-    prepared = detector.prepare({"image": Row(image)})
+    prepared = detector.prepare({"image": decoded(image)})
     logits, boxes = detector.detect(prepared["pixels"][None])
     theirs = processor.post_process_object_detection(
         owlv2_outputs(logits, boxes), threshold=0.0, target_sizes=[(120, 240)])[0]  # (height, width)
@@ -209,7 +209,7 @@ def test_owlv2_detect_equals_the_models_own_forward(zoo, size):
     detector = WatermarkDetector(f"{zoo / 'owlv2'}")
     detector.setup()
     image = make_image(*size, seed=7)  # the longer side is the model's 96: no resize on either path
-    logits, boxes = detector.detect(detector.prepare({"image": Row(image)})["pixels"][None])
+    logits, boxes = detector.detect(detector.prepare({"image": decoded(image)})["pixels"][None])
     processor = Owlv2Processor.from_pretrained(zoo / "owlv2")
     model = Owlv2ForObjectDetection.from_pretrained(zoo / "owlv2").eval()
     inputs = processor(text=[["a watermark"]], images=image, return_tensors="pt")
@@ -263,7 +263,7 @@ def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
     stages = {"open_clip": ClipEmbedder, "wd14": WD14Tagger, "wd14_timm": WD14Tagger, "joytag": JoyTagger,
               "owlv2": WatermarkDetector}
     hub_cache(monkeypatch, tmp_path, zoo, stages)
-    image = Row(make_image(120, 80, seed=1))
+    image = decoded(make_image(120, 80, seed=1))
     for name, cls in stages.items():
         stage = cls(f"tiny/{name}")
         stage.setup()
