@@ -6,7 +6,8 @@ A stage maps images to rows of its own table:
 - `prepare(row)` runs on CPU workers, once per image: it gets the requested input columns
   and, when `decode_min_side` or `decode_long_side` is set, `row["image"]` (a
   curate.images.Decoded whose shorter side is at least `decode_min_side` and longer side
-  at least `decode_long_side`: possibly larger, never smaller unless the file is). It
+  at least `decode_long_side`: possibly larger, never smaller unless the file is; its
+  `pixels()` gives the uint8 array without a copy when the pass resized it). It
   returns model-ready values (numpy arrays of a fixed shape, numbers, strings); uint8
   pixels rather than floats, when the model can normalise them batched on its device.
 - `setup()` loads weights, once per worker, before the first batch.
