@@ -178,13 +178,15 @@ def worker_bench(args) -> dict:
             best = float("inf")
             with quick_gil_handoffs():
                 if busy:
-                    threading.Thread(target=spin).start()
-                for _ in range(args.repeats):
-                    started = time.perf_counter()
-                    for file in files:
-                        work(file)
-                    best = min(best, time.perf_counter() - started)
-                stop.set()
+                    threading.Thread(target=spin, daemon=True).start()
+                try:
+                    for _ in range(args.repeats):
+                        started = time.perf_counter()
+                        for file in files:
+                            work(file)
+                        best = min(best, time.perf_counter() - started)
+                finally:
+                    stop.set()
             return best * 1e3 / len(files)
 
         decode_ms, decoded = cpu_ms(lambda f: decode(read_file(f), min_side=need[0], long_side=need[1]), files)
