@@ -85,11 +85,13 @@ class WatermarkDetector(ModelStage):
 
     def prepare(self, row):
         image = row["image"]
-        small = image.image  # our resize: the processor's Gaussian blur + resize is ~50x slower
-        scale = self.size / max(small.size)
-        size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
+        small = image.pixels()
+        h, w = small.shape[:2]
+        scale = self.size / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
         pixels = np.zeros((self.size, self.size, 3), np.uint8)
-        pixels[:size[1], :size[0]] = resize(image.pixels(), size)
+        # our resize: the processor's Gaussian blur + resize is ~50x slower
+        pixels[:size[1], :size[0]] = resize(small, size)
         return {"pixels": pixels, "width": image.width, "height": image.height}
 
     def detect(self, pixels: np.ndarray):

@@ -32,7 +32,7 @@ class TrainConfig:
     latents_model: str | None = None  # the latents table's `model` to train on (default: every VAE's, latest per image)
     # Latents are read from disk a whole row group at a time when batches are built, and up
     # to this many MiB of them stay cached per worker. A table that fits is read once per run;
-    # a larger one costs about one row-group read (<= ~32 MiB) per sample in random order.
+    # a larger one about once an epoch, shuffled within windows of groups filling half of it.
     latent_cache_mib: float = 8192.0
     # With the VAE's moments stored (encode --keep-distribution): a fresh latent sample per
     # image and epoch (seeded), instead of the one drawn at encoding. Without them: the stored one.
