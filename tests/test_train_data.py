@@ -258,7 +258,7 @@ def test_latents_are_resampled_per_epoch_from_stored_moments(tmp_path, zoo):
     or no moments, trains on the stored sample."""
     import numpy as np
 
-    from trainer.prompts import image_seed
+    from trainer.data import image_seed
 
     ds = make_latent_dataset(tmp_path / "ds", 8, moments=True)
     stored = {r["image_id"]: np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32)

@@ -20,7 +20,9 @@ per 1024x1024 SDXL latent for the whole table.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_r
 from curate.manifest import Dataset, DatasetError
 from trainer.config import TrainConfig
 from trainer.model import sdxl_time_ids
-from trainer.prompts import PromptBuilder, image_seed
+from trainer.prompts import PromptBuilder
 
 CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
 
@@ -163,6 +165,14 @@ def chunked(ids: list[int], n_chunks: int, bos: int, eos: int, pad: int, positio
         body = ids[c * CHUNK : (c + 1) * CHUNK]
         out += [bos, *body, eos] + [pad] * (CHUNK - len(body))
     return out
+
+
+def image_seed(image_id: str) -> int:
+    """A stable number for an image id: its leading hex digits, or a sha256 of any other id
+    (never hash(): str hashes change with every process, and latent draws must not)."""
+    if re.fullmatch(r"[0-9a-f]{16,}", image_id):
+        return int(image_id[:16], 16)
+    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little") >> 1
 
 
 class TrainData:

@@ -21,16 +21,20 @@ model a new variation. The rules, each switchable in `PromptConfig`:
 """
 from __future__ import annotations
 
+import bisect
 import csv
-import hashlib
+import itertools
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
 SEPARATORS = [", ", ",", " , ", " ", ",  "]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+STANDARD_NORMAL = NormalDist()
 
 
 @dataclass
@@ -87,22 +91,18 @@ def applicable_scores(rank: int) -> list[str]:
     return [f"score_{rank}"] + [f"score_{k}_up" for k in range(1, rank + 1)]
 
 
-def image_seed(image_id: str) -> int:
-    """A stable number for an image id: its leading hex digits, or a sha256 of any other id
-    (never hash(): str hashes change with every process, and prompts must not)."""
-    if re.fullmatch(r"[0-9a-f]{16,}", image_id):
-        return int(image_id[:16], 16)
-    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little") >> 1
-
-
 class PromptBuilder:
+    """Builds prompts. Every draw is one random.Random.random() of a generator seeded with
+    (seed, epoch, image id): the only draw whose stream Python keeps across versions (its
+    shuffle, sample and gauss may change), and a tenth of the cost of a numpy Generator."""
+
     def __init__(self, config: PromptConfig, seed: int = 0):
         config.validate()
         self.config, self.seed = config, seed
         self.synonyms = load_aliases(config.aliases) if config.aliases else {}
 
-    def rng(self, image_id: str, epoch: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, epoch, image_seed(image_id)])
+    def rng(self, image_id: str, epoch: int) -> random.Random:
+        return random.Random(f"{self.seed} {epoch} {image_id}")
 
     def build(self, image_id: str, epoch: int, tags: list[str] | None, caption: str | None,
               rank: int | None = None, has_watermark: bool = False) -> Prompt:
@@ -123,8 +123,8 @@ class PromptBuilder:
         tag_text = style_join(scores + [self.mutate(rng, t) for t in chosen], style, keep=set(scores) | set(c.priority_tags))
         if source in ("caption", "both"):
             sentences = SENTENCE_END.split(caption)
-            if c.sentence_shuffle and len(sentences) > 1:
-                sentences = [sentences[i] for i in rng.permutation(len(sentences))]
+            if c.sentence_shuffle:
+                sentences = sample(rng, sentences)
             cap_text = " ".join(sentences)
             if source == "caption":  # priority tags ride along: the model must learn them from every prompt
                 kept = scores + [t for t in tags if t in c.priority_tags]
@@ -136,48 +136,61 @@ class PromptBuilder:
         text = style[0].join(p for p in parts if p)
         return Prompt(text, source, chosen, drawn, scores)
 
-    def choose_source(self, rng: np.random.Generator, has_tags: bool, has_caption: bool) -> str:
+    def choose_source(self, rng: random.Random, has_tags: bool, has_caption: bool) -> str:
         weights = {k: w for k, w in self.config.source_weights.items()
                    if (k != "tags" or has_tags) and (k != "caption" or has_caption) and (k != "both" or (has_tags and has_caption))}
         if not any(weights.values()):  # the image lacks what the weights ask for: use what it has
             return "tags" if has_tags else "caption" if has_caption else "none"
         names = sorted(weights)
-        p = np.array([weights[n] for n in names], dtype=float)
-        return names[rng.choice(len(names), p=p / p.sum())]
+        cumulative = list(itertools.accumulate(weights[n] for n in names))
+        return names[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
 
-    def pick_scores(self, rng: np.random.Generator, rank: int | None) -> list[str]:
+    def pick_scores(self, rng: random.Random, rank: int | None) -> list[str]:
         if not self.config.score_tags or rank is None:
             return []
         options = applicable_scores(int(rank))
-        n = int(rng.integers(1, min(3, len(options)) + 1))
-        return [options[i] for i in rng.choice(len(options), size=n, replace=False)]
+        return sample(rng, options, 1 + below(rng, min(3, len(options))))
 
-    def pick_tags(self, rng: np.random.Generator, tags: list[str]) -> tuple[list[str], int]:
+    def pick_tags(self, rng: random.Random, tags: list[str]) -> tuple[list[str], int]:
         c = self.config
         priority = [t for t in tags if t in c.priority_tags]
         rest = [t for t in tags if t not in c.priority_tags]
-        if c.shuffle_tags:
-            rest = [rest[i] for i in rng.permutation(len(rest))]
-        drawn = 0
+        drawn, keep = 0, len(rest)
         if c.tag_count:
-            drawn = max(1, int(round(rng.normal(c.tag_count_mean, c.tag_count_sd))))
-            rest = rest[: max(0, drawn - len(priority))]
-        chosen = priority + rest
-        if c.shuffle_tags:
-            chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+            drawn = max(1, round(c.tag_count_mean + c.tag_count_sd * STANDARD_NORMAL.inv_cdf(max(rng.random(), 1e-12))))
+            keep = max(0, drawn - len(priority))
+        if not c.shuffle_tags:
+            return priority + rest[:keep], drawn
+        chosen = sample(rng, rest, keep)
+        for t in priority:  # each at a random place: the order stays uniformly random
+            chosen.insert(below(rng, len(chosen) + 1), t)
         return chosen, drawn
 
-    def mutate(self, rng: np.random.Generator, tag: str) -> str:
+    def mutate(self, rng: random.Random, tag: str) -> str:
         options = self.synonyms.get(tag)
         if options and tag not in self.config.priority_tags and rng.random() < self.config.alias_rate:
-            return options[int(rng.integers(len(options)))]
+            return options[below(rng, len(options))]
         return tag
 
-    def pick_style(self, rng: np.random.Generator) -> tuple[str, str]:
+    def pick_style(self, rng: random.Random) -> tuple[str, str]:
         """(separator, word style): ', ' and underscores-as-spaces unless noise strikes."""
         if rng.random() < self.config.formatting_noise:
-            return SEPARATORS[int(rng.integers(len(SEPARATORS)))], ["spaces", "underscores"][int(rng.integers(2))]
+            return SEPARATORS[below(rng, len(SEPARATORS))], ["spaces", "underscores"][below(rng, 2)]
         return ", ", "spaces"
+
+
+def below(rng: random.Random, n: int) -> int:
+    return int(rng.random() * n)
+
+
+def sample(rng: random.Random, items: list, k: int | None = None) -> list:
+    """k of the items (all by default) in random order: the first k steps of a Fisher-Yates shuffle."""
+    items, n = list(items), len(items)
+    k = n if k is None else min(k, n)
+    for i in range(k):
+        j = i + below(rng, n - i)
+        items[i], items[j] = items[j], items[i]
+    return items[:k]
 
 
 def style_join(tags: list[str], style: tuple[str, str], keep: set[str]) -> str:
