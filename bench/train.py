@@ -6,7 +6,8 @@
 The data path is what the trainer does per sample besides the model: building the
 prompt, tokenizing it, planning batches, reading latents (SDXL-size, 4x128x128 float16)
 from their Parquet row groups through the trainer's LRU cache and assembling them into
-tensors; it runs on one thread, so the figure is per core. The rows' metadata is loaded
+tensors; it runs on one thread, so the figure is per core. epoch_prompts breaks down the
+once-an-epoch part (building and tokenizing every row's prompt) on prompts of realistic size. The rows' metadata is loaded
 once per run (load_rows_per_s). In "streaming" the cache holds 1 of the table's 2 row
 groups, so batches read row groups from disk as a table larger than the cache does; the
 windowed shuffle keeps that near one read per group and epoch, which
@@ -66,6 +67,49 @@ def data_path_with(ds, sdxl: Path, settings: dict) -> dict:
             "row_group_reads": sum(data.latents.reads.values()),
             "row_group_mib_per_sample": round(sum(n * group_bytes[g] for g, n in data.latents.reads.items()) / samples / 2**20, 2),
             "data_path_samples_per_s_per_core": round(samples / prompt_batch_s, 1)}
+
+
+def epoch_prompts(rows: int, tmp: Path, sdxl: Path) -> dict:
+    """An epoch's prompts, on rows with tags and captions sized like a real photo set (10-70
+    tags of 1-3 words from 20,000, 1-5 caption sentences): microseconds a prompt to build
+    them, to tokenize them with the tokenizer's own batch call (on every core) and with
+    PromptTokenizer (one core; cold: its piece cache empty), and for the whole
+    TrainData.epoch_prompts; and the bytes an epoch's prompts keep per row."""
+    import random
+
+    from tests.trainer_helpers import make_latent_dataset
+    from trainer.config import load_config
+    from trainer.data import TrainData, load_rows
+    from transformers import CLIPTokenizer
+
+    config = load_config(None)
+    loaded = load_rows(make_latent_dataset(tmp / "prompts", rows), config)
+    tokenizer = CLIPTokenizer.from_pretrained(sdxl / "tokenizer")
+    rng = random.Random(0)
+    words = sorted(w[:-4] for w in tokenizer.get_vocab()
+                   if w.endswith("</w>") and w[:-4].isascii() and w[:-4].isalpha() and len(w) > 6)
+    vocab = ["_".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(20_000)]
+    for row in loaded:
+        row.tags = rng.sample(vocab, rng.randint(10, 70))
+        row.caption = " ".join(" ".join(rng.choices(vocab, k=rng.randint(5, 15))).replace("_", " ") + "."
+                               for _ in range(rng.randint(1, 5)))
+    data = TrainData(loaded, config, tokenizer)
+
+    def timed(work) -> tuple:
+        started = time.perf_counter()
+        out = work()
+        return out, round((time.perf_counter() - started) / rows * 1e6, 1)
+
+    texts, build = timed(lambda: [data.prompts.build(r.image_id, 0, r.tags, r.caption, r.rank, r.has_watermark).text
+                                  for r in loaded])
+    _, own = timed(lambda: tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False))
+    (_, cold), (_, warm) = timed(lambda: data.tokenize(texts)), timed(lambda: data.tokenize(texts))
+    prompts, epoch = timed(lambda: data.epoch_prompts(1))
+    held = sum(a.nbytes for a in vars(prompts).values())
+    return {"rows": rows, "mean_tokens": round(float(prompts.starts[-1]) / rows, 1), "build_us": build,
+            "tokenizer_us": own, "prompt_tokenizer_cold_us": cold, "prompt_tokenizer_warm_us": warm,
+            "tokenize_speedup_warm": round(own / warm, 1), "epoch_prompts_us": epoch,
+            "bytes_held_per_prompt": round(held / rows, 1)}
 
 
 def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> dict:
@@ -140,6 +184,7 @@ def real_size(device: str, batch: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=512, help="latent rows for the data-path figure")
+    parser.add_argument("--prompt-rows", type=int, default=20_000, help="rows for the epoch-prompts figures")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--real-size", action="store_true", help="SDXL-size UNet at batch 8 in bf16 (needs a GPU)")
@@ -156,6 +201,7 @@ def main() -> None:
         else:
             sdxl = write_zoo(tmp / "zoo", ["sdxl"])["sdxl"]
             result["data_path"] = data_path(args.rows, tmp, sdxl)
+            result["epoch_prompts"] = epoch_prompts(args.prompt_rows, tmp, sdxl)
             result["tiny_cpu"] = tiny_steps(tmp, sdxl, args.steps)
             result["tiny_cpu_streaming"] = tiny_steps(tmp, sdxl, args.steps, streaming=True)
     print(json.dumps(result, indent=2))

@@ -1,9 +1,10 @@
-"""Trainer settings, data selection, batching, chunking, masks, loss weights and time ids."""
+"""Trainer settings, data selection, tokens, batching, chunking, masks, loss weights and time ids."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,13 +82,48 @@ def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
     plan = data.plan(0)
     assert len(plan) == data.batches_per_epoch == 24
     assert all(len({con_rows[i].bucket for i in batch}) == 1 for batch in plan)
-    _, tokens = data.epoch_prompts(0)
-    padded = [max(data.chunks_needed(tokens[i]) for i in batch) for batch in plan]
+    chunks = data.epoch_prompts(0).chunks
+    padded = [chunks[batch].max() for batch in plan]
     assert set(padded) == {1, 2, 3}
     assert plan == data.plan(0) and plan != data.plan(1)  # reproducible per epoch, new each epoch
     batch = data.collate(plan[0], 0, [tokenizer(zoo)])
     assert batch["input_ids"][0].shape == (4, 77 * batch["n_chunks"])
     assert batch["latents"].shape[0] == 4
+
+
+def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
+    """Every pair of ASCII characters, contractions, special tokens and non-ASCII text in a
+    prompt, and prompts as the builder makes them: the tokenizer's own ids, from an empty and
+    from a filled cache. A tokenizer whose pipeline differs (here: no lowercasing) is left
+    to do all the work itself."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.prompts import PromptBuilder, PromptConfig
+    from trainer.tokens import PromptTokenizer
+
+    chars = [chr(c) for c in range(128)]
+    texts = [a + b for a in chars for b in chars] + [f"x{a}'{b}e" for a in chars for b in "stdmrvl"]
+    texts += ["a photo, <|endoftext|>, of it's", "café au lait,  1girl", "e\u0301 \xa0smile\u3000x", ""]
+    builder = PromptBuilder(PromptConfig(formatting_noise=0.5), seed=0)
+    texts += [builder.build(f"{i:064x}", 0, [f"{w}_({i % 7})" for w in WORDS], "It's red. A cat!", rank=i % 10).text
+              for i in range(300)]
+    for name in ("sdxl", "sd15"):
+        clip = tokenizer(zoo, name)
+        want = clip(texts, add_special_tokens=False).input_ids
+        fast = PromptTokenizer(clip)
+        assert fast.pieces is not None
+        for _ in ("cold", "warm"):
+            ids, lengths = fast(texts)
+            assert [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] == want
+
+    backend = Tokenizer.from_str(tokenizer(zoo).backend_tokenizer.to_str())
+    backend.normalizer = normalizers.NFC()
+    cased = PromptTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert cased.pieces is None
+    ids, _ = cased(["Long Hair, smile"])
+    assert ids.tolist() == backend.encode("Long Hair, smile", add_special_tokens=False).ids
+    assert ids.tolist() != tokenizer(zoo)("Long Hair, smile", add_special_tokens=False).input_ids
 
 
 def test_dry_run_prints_histograms_and_examples(tmp_path, zoo):
