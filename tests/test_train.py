@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,11 +96,11 @@ def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl)
     assert losses(tmp_path / "killed") == expected  # every step's loss, bit for bit
 
 
-def test_the_next_micro_batch_is_built_while_one_trains(tmp_path, sdxl):
+def test_the_next_micro_batch_and_epoch_are_built_while_one_trains(tmp_path, sdxl):
     make_latent_dataset(tmp_path / "ds", 8)
-    config = load_config(None, output=str(tmp_path / "run"), max_steps=2, batch_size=2, gradient_accumulation=2,
+    config = load_config(None, output=str(tmp_path / "run"), max_steps=3, batch_size=2, gradient_accumulation=2,
                          precision="fp32", validate_every=0, checkpoint_every=10_000, validation_fraction=0.0)
-    trainer = Trainer(tmp_path / "ds", sdxl, config)
+    trainer = Trainer(tmp_path / "ds", sdxl, config)  # 4 micro-batches an epoch, 6 in all: epochs 0 and 1
     trainer.train_step(0)  # micro-steps 0 and 1; micro-step 2 was handed to the thread before 1 trained
     micro, future = trainer.next_batch
     batch, size = future.result()
@@ -107,8 +108,14 @@ def test_the_next_micro_batch_is_built_while_one_trains(tmp_path, sdxl):
     expected = trainer.data.collate(indices, epoch, trainer.models.tokenizers)
     assert micro == 2 and size == 2 and batch["image_ids"] == expected["image_ids"]
     assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["input_ids"][0], expected["input_ids"][0])
+    assert sorted(trainer.data.epochs) == [0, 1]  # epoch 1's prompts were started with epoch 0's first batch
+    ahead, fresh = trainer.data.epochs[1].result(), trainer.data.build_prompts(1)
+    assert np.array_equal(ahead.tokens, fresh.tokens) and np.array_equal(ahead.starts, fresh.starts)
+    assert not np.array_equal(ahead.tokens, trainer.data.epoch_prompts(0).tokens)
     trainer.train_step(1)
+    trainer.train_step(2)
     assert trainer.next_batch is None  # nothing is built past the last micro-step
+    assert sorted(trainer.data.epochs) == [0, 1]  # nor an epoch the run does not reach
 
 
 def test_ray_train_two_workers_match_one_process(tmp_path, sdxl, ray_cluster):

@@ -24,6 +24,7 @@ import hashlib
 import math
 import re
 from collections import Counter, OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,10 @@ class TrainData:
         self.tokenize = PromptTokenizer(tokenizer)
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
-        self._prompts: tuple[int, EpochPrompts] | None = None
+        # An epoch's prompts are built on their own thread, so the next epoch's can be built
+        # (prefetch) while this one trains; the two newest are kept.
+        self.prompt_thread = ThreadPoolExecutor(1, thread_name_prefix="epoch-prompts")
+        self.epochs: dict[int, Future] = {}
         self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, plan) of the last batch_at
         self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
 
@@ -210,12 +214,17 @@ class TrainData:
                              f"{len(set(r.bucket for r in self.rows))} buckets); lower batch_size")
 
     def epoch_prompts(self, epoch: int) -> EpochPrompts:
-        if self._prompts is None or self._prompts[0] != epoch:
-            self._prompts = (epoch, self.build_prompts(epoch))
-        return self._prompts[1]
+        self.prefetch(epoch)
+        return self.epochs[epoch].result()
+
+    def prefetch(self, epoch: int) -> None:
+        """Start building `epoch`'s prompts on the prompt thread, after any epoch already asked for."""
+        if epoch not in self.epochs:
+            self.epochs = {e: f for e, f in self.epochs.items() if e >= epoch - 1}
+            self.epochs[epoch] = self.prompt_thread.submit(self.build_prompts, epoch)
 
     def build_prompts(self, epoch: int) -> EpochPrompts:
-        """Every row's prompt for `epoch`, tokenized 10,000 at a time (~0.1 ms a prompt on one core)."""
+        """Every row's prompt for `epoch`, tokenized 10,000 at a time (~0.15 ms a prompt on one core)."""
         tokens, lengths, tag_counts = [], [], np.full(len(self.rows), -1, np.int16)
         for k in range(0, len(self.rows), 10_000):
             texts = []

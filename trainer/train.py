@@ -54,6 +54,7 @@ class Trainer:
         latents = latent_cache(config)  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
+        self.last_epoch = (config.max_steps * config.gradient_accumulation - 1) // self.data.batches_per_epoch
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
         self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer, latents=latents)
         # The next micro-batch is built on a thread while this one trains (see batch_for). The
@@ -118,9 +119,9 @@ class Trainer:
 
     def batch_for(self, micro: int) -> tuple[dict, int]:
         """This worker's share of micro-batch `micro`, and the global batch's size. Reading its
-        latents (row groups from disk once the table outgrows the cache) and, once an epoch,
-        tokenizing every prompt would leave the GPU idle; so the next micro-batch is built on
-        a thread while this one trains, and the loop waits only when that is slower."""
+        latents (row groups from disk once the table outgrows the cache) would leave the GPU
+        idle; so the next micro-batch is built on a thread while this one trains (and the next
+        epoch's prompts on another, see build_batch), and the loop waits only when that is slower."""
         pending = self.next_batch
         future = pending[1] if pending and pending[0] == micro else self.batch_thread.submit(self.build_batch, micro)
         more = micro + 1 < self.config.max_steps * self.config.gradient_accumulation
@@ -133,6 +134,8 @@ class Trainer:
     def build_batch(self, micro: int) -> tuple[dict, int]:
         with self.data_lock:
             epoch, indices = self.data.batch_at(micro)
+            if epoch < self.last_epoch:
+                self.data.prefetch(epoch + 1)  # built on the prompt thread while this epoch trains
             return self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers), len(indices)
 
     def sync_gradients(self) -> None:
