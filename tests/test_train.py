@@ -118,6 +118,25 @@ def test_the_next_micro_batch_and_epoch_are_built_while_one_trains(tmp_path, sdx
     assert sorted(trainer.data.epochs) == [0, 1]  # nor an epoch the run does not reach
 
 
+def test_gradients_are_averaged_a_bucket_at_a_time(tmp_path):
+    """Buckets of 1 KiB, float32 and bfloat16 mixed: every tensor gets back its own values (here
+    the sum over one gloo worker, divided by 2), in its own dtype. Across workers: the Ray test."""
+    import torch.distributed as dist
+
+    from trainer.train import all_reduce_mean
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        tensors = [torch.randn(shape, dtype=dtype) for shape, dtype in
+                   [((5,), torch.float32), ((30, 10), torch.float32), ((7,), torch.bfloat16), ((3, 3), torch.bfloat16),
+                    ((1,), torch.float32), ((300,), torch.float32), ((64,), torch.float32)]]
+        expected = [t / 2 for t in tensors]
+        all_reduce_mean(tensors, 2, bucket_bytes=1024)
+        assert all(t.dtype == e.dtype and torch.equal(t, e) for t, e in zip(tensors, expected))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ray_train_two_workers_match_one_process(tmp_path, sdxl, ray_cluster):
     from trainer.distributed import train_on_ray
 

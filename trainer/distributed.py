@@ -2,9 +2,10 @@
 
 Ray Train starts N workers and their torch.distributed process group (NCCL on GPUs,
 gloo on CPU); each worker runs the same Trainer with its rank, takes its equal share of
-every global batch, and gradients are averaged across workers before each optimizer
-step. Rank 0 writes logs and checkpoints, so on several machines --output must be a
-shared filesystem (and the dataset and base model readable from every machine).
+every global batch, and gradients are averaged across workers (in 64 MiB buckets, as DDP
+does) before each optimizer step. Rank 0 writes logs and checkpoints, so on several
+machines --output must be a shared filesystem (and the dataset and base model readable
+from every machine).
 `RAY_ADDRESS` / --ray-address joins an existing cluster; otherwise a local one starts.
 """
 from __future__ import annotations

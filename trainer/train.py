@@ -34,6 +34,28 @@ from trainer.model import Models
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def all_reduce_mean(tensors: list[torch.Tensor], world: int, bucket_bytes: int = 64 * 2**20) -> None:
+    """Average tensors over the workers in place, a bucket of up to `bucket_bytes` per all_reduce
+    (as DDP does): SDXL's UNet has 1,680 parameter tensors, and each collective call has a
+    fixed cost (tens of microseconds on NCCL) that one call per tensor pays 1,680 times."""
+    import torch.distributed as dist
+
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        if not buckets or size + t.nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.nbytes
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        flat /= world
+        for t, averaged in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(averaged.view_as(t))
+
+
 def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
 
@@ -140,14 +162,8 @@ class Trainer:
 
     def sync_gradients(self) -> None:
         """Average gradients over workers (what DDP does), once per optimizer step."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        for p in self.params:
-            if p.grad is not None:  # None on every rank alike (e.g. CLIP's last layer under SDXL's penultimate states)
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
+        if self.world > 1:  # a grad is None on every rank alike (e.g. CLIP's last layer under SDXL's penultimate states)
+            all_reduce_mean([p.grad for p in self.params if p.grad is not None], self.world)
 
     def train_step(self, step: int) -> float:
         c = self.config
