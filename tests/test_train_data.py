@@ -79,6 +79,9 @@ def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
         row.tags = [f"{w}_{j}" for j in range(i % 40 * 2 + 1) for w in WORDS[:1]]
     config = load_config(None, batch_size=4, prompts={"tag_count_mean": 40.0})
     data = TrainData(con_rows, config, tokenizer(zoo))
+    built = []
+    data.epoch_prompts(0, advance=built.append)  # the progress bar's advance, once per 10,000 rows
+    assert built == [96]
     plan = data.plan(0)
     assert len(plan) == data.batches_per_epoch == 24
     assert all(len({con_rows[i].bucket for i in batch}) == 1 for batch in plan)
