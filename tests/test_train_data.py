@@ -95,9 +95,9 @@ def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
 
 
 def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
-    """Every pair of ASCII characters, contractions, special tokens and non-ASCII text in a
-    prompt, and prompts as the builder makes them: the tokenizer's own ids, from an empty and
-    from a filled cache. A tokenizer whose pipeline differs (here: no lowercasing) is left
+    """Every pair of ASCII characters, contractions, special tokens, and Unicode that the
+    normalizer composes, lowercases or turns into spaces next to a space, and prompts as the
+    builder makes them: the tokenizer's own ids, from an empty and from a filled cache. A tokenizer whose pipeline differs (here: no lowercasing) is left
     to do all the work itself."""
     from tokenizers import Tokenizer, normalizers
     from transformers import PreTrainedTokenizerFast
@@ -107,7 +107,8 @@ def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
 
     chars = [chr(c) for c in range(128)]
     texts = [a + b for a in chars for b in chars] + [f"x{a}'{b}e" for a in chars for b in "stdmrvl"]
-    texts += ["a photo, <|endoftext|>, of it's", "café au lait,  1girl", "e\u0301 \xa0smile\u3000x", ""]
+    texts += ["a photo, <|endoftext|>, of it's", "café au lait,  1girl", "e\u0301 \xa0smile\u3000x", "",
+              "a \u0301b", "\u1100 \u1161", "İstanbul, ﬁsh, ß, Ω, Ⅻ, ½, 字 😀", " \u2009 \u200b x\x85 y "]
     builder = PromptBuilder(PromptConfig(formatting_noise=0.5), seed=0)
     texts += [builder.build(f"{i:064x}", 0, [f"{w}_({i % 7})" for w in WORDS], "It's red. A cat!", rank=i % 10).text
               for i in range(300)]
