@@ -93,8 +93,9 @@ def applicable_scores(rank: int) -> list[str]:
 
 class PromptBuilder:
     """Builds prompts. Every draw is one random.Random.random() of a generator seeded with
-    (seed, epoch, image id): the only draw whose stream Python keeps across versions (its
-    shuffle, sample and gauss may change), and a tenth of the cost of a numpy Generator."""
+    (seed, epoch, image id): the one draw whose stream Python keeps across versions (its
+    shuffle, sample and gauss may change), and a prompt costs a quarter of what it did
+    with a numpy Generator per image."""
 
     def __init__(self, config: PromptConfig, seed: int = 0):
         config.validate()
