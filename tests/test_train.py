@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
 from models.tiny import write_zoo
@@ -94,6 +95,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl)
     assert f"{complete[-1].name[5:].lstrip('0')} -> 4" in resumed.stderr  # it went on from the last checkpoint
     assert not list(checkpoints.glob(".tmp-step-*"))
     assert losses(tmp_path / "killed") == expected  # every step's loss, bit for bit
+    for weights in ("unet", "unet_ema"):  # and the final weights and their moving average
+        final = [load_file(run / "checkpoints" / "step-00000004" / weights / "diffusion_pytorch_model.safetensors")
+                 for run in (tmp_path / "straight", tmp_path / "killed")]
+        assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
 def test_the_next_micro_batch_and_epoch_are_built_while_one_trains(tmp_path, sdxl):
