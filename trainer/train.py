@@ -181,10 +181,10 @@ class Trainer:
         self.scaler.update()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None:  # one fused update for all 1,680 SDXL tensors, not a kernel launch each
             with torch.no_grad():
-                for name, p in self.models.unet.named_parameters():
-                    self.ema[name].lerp_(p.detach().float(), 1 - c.ema_decay)
+                named = list(self.models.unet.named_parameters())
+                torch._foreach_lerp_([self.ema[n] for n, _ in named], [p.detach().float() for _, p in named], 1 - c.ema_decay)
         if self.world > 1:
             import torch.distributed as dist
 
