@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
 from collections import Counter, OrderedDict, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -202,10 +203,7 @@ class TrainData:
         self.tokenize = PromptTokenizer(tokenizer)
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
-        # An epoch's prompts are built on their own thread, so the next epoch's can be built
-        # (prefetch) while this one trains; the two newest are kept.
-        self.prompt_thread = ThreadPoolExecutor(1, thread_name_prefix="epoch-prompts")
-        self.epochs: dict[int, Future] = {}
+        self.epochs: dict[int, Future] = {}  # epoch -> its prompts (see prefetch); the two newest
         self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, plan) of the last batch_at
         self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
 
@@ -219,10 +217,22 @@ class TrainData:
         return self.epochs[epoch].result()
 
     def prefetch(self, epoch: int, advance: Callable[[int], None] | None = None) -> None:
-        """Start building `epoch`'s prompts on the prompt thread, after any epoch already asked for."""
-        if epoch not in self.epochs:
-            self.epochs = {e: f for e, f in self.epochs.items() if e >= epoch - 1}
-            self.epochs[epoch] = self.prompt_thread.submit(self.build_prompts, epoch, advance)
+        """Start building `epoch`'s prompts on a thread of their own, after the epochs already
+        asked for, so that the next epoch's are built while this one trains. A daemon thread:
+        a process that exits (Ctrl-C, an error) does not wait minutes for prompts nobody uses."""
+        if epoch in self.epochs:
+            return
+        earlier, future = list(self.epochs.values()), Future()
+
+        def build() -> None:
+            wait(earlier)  # one build at a time
+            try:
+                future.set_result(self.build_prompts(epoch, advance))
+            except BaseException as e:
+                future.set_exception(e)
+
+        self.epochs = {e: f for e, f in self.epochs.items() if e >= epoch - 1} | {epoch: future}
+        threading.Thread(target=build, name=f"prompts-epoch-{epoch}", daemon=True).start()
 
     def build_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
         """Every row's prompt for `epoch`, tokenized 10,000 at a time (~0.15 ms a prompt on one
