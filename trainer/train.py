@@ -157,7 +157,7 @@ class Trainer:
         with self.data_lock:
             epoch, indices = self.data.batch_at(micro)
             if epoch < self.last_epoch:
-                self.data.prefetch(epoch + 1)  # built on the prompt thread while this epoch trains
+                self.data.prefetch(epoch + 1)  # built on a thread of its own while this epoch trains
             return self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers), len(indices)
 
     def sync_gradients(self) -> None:
