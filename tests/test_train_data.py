@@ -120,6 +120,10 @@ def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
         for _ in ("cold", "warm"):
             ids, lengths = fast(texts)
             assert [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] == want
+        full = PromptTokenizer(clip)
+        full.max_pieces = 100  # the cache stops growing; pieces past it are encoded each time
+        ids, lengths = full(texts)
+        assert len(full.pieces) == 100 and [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] == want
 
     backend = Tokenizer.from_str(tokenizer(zoo).backend_tokenizer.to_str())
     backend.normalizer = normalizers.NFC()

@@ -32,6 +32,8 @@ CLIP_SPECIALS = {"<|startoftext|>", "<|endoftext|>"}
 class PromptTokenizer:
     """Content token ids (no BOS/EOS, no truncation) of prompts, for a transformers tokenizer."""
 
+    max_pieces = 1_000_000  # ~250 MB: captions full of one-off pieces (file names, numbers) stop filling it
+
     def __init__(self, tokenizer):
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: encode changes no state, so threads may share it
         self.pieces: dict[str, list[int]] | None = {} if is_clip_bpe(self.backend) else None
@@ -49,7 +51,9 @@ class PromptTokenizer:
             for piece in text.split(" "):
                 known = self.pieces.get(piece)
                 if known is None:
-                    known = self.pieces[piece] = self.backend.encode(piece, add_special_tokens=False).ids
+                    known = self.backend.encode(piece, add_special_tokens=False).ids
+                    if len(self.pieces) < self.max_pieces:
+                        self.pieces[piece] = known
                 flat += known
             lengths.append(len(flat) - before)
         return np.array(flat, self.dtype), np.array(lengths, np.int64)
