@@ -203,6 +203,10 @@ def score(
     quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory (from `curate quality fit`): ranks 0-9 from the CLIP embeddings.")] = None,
     tagger: Annotated[Optional[str], typer.Option("--tagger", help="wd14:MODEL or joytag:MODEL (a directory or hub id).")] = None,
     watermark: Annotated[Optional[str], typer.Option("--watermark", help="owlv2:MODEL, the watermark detector (a directory or hub id).")] = None,
+    general_threshold: Annotated[Optional[float], typer.Option("--general-threshold", min=0, max=1, help="Keep general tags over this probability (default: WD14 0.35, JoyTag 0.4).")] = None,
+    character_threshold: Annotated[Optional[float], typer.Option("--character-threshold", min=0, max=1, help="WD14: keep character tags over this probability (default 0.85).")] = None,
+    watermark_threshold: Annotated[Optional[float], typer.Option("--watermark-threshold", min=0, max=1, help="Boxes (and has_watermark) over this score (default 0.1).")] = None,
+    watermark_query: Annotated[Optional[str], typer.Option("--watermark-query", help='What OWLv2 looks for (default "a watermark").')] = None,
     where: WhereOpt = None, engine: EngineOpt = Engine.local, ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
@@ -214,7 +218,9 @@ def score(
     try:
         summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark, where=where,
                               engine=engine.value, ray_address=ray_address, device=device,
-                              batch_size=batch_size, show_progress=not quiet)
+                              batch_size=batch_size, show_progress=not quiet,
+                              general_threshold=general_threshold, character_threshold=character_threshold,
+                              watermark_threshold=watermark_threshold, watermark_query=watermark_query)
     except (ModelError, DatasetError) as e:
         fail(str(e))
     for summary in summaries:

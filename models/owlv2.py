@@ -58,6 +58,8 @@ class WatermarkDetector(ModelStage):
     def __init__(self, spec: str = DEFAULT_OWLV2, device: str | None = None, batch_size: int | None = None,
                  threshold: float = 0.1, query: str = QUERY):
         super().__init__(spec, device, batch_size)
+        if not query.strip():
+            raise ModelError("the watermark query is empty; say what to look for, e.g. \"a watermark\"")
         self.threshold, self.query = threshold, query
         folder = model_dir(spec, ("config.json",))
         config = json.loads((folder / "config.json").read_text())

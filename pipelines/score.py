@@ -21,8 +21,18 @@ def parse_choice(option: str, value: str, families: tuple[str, ...]) -> tuple[st
     return name, spec or None
 
 
-def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size=None) -> list:
-    """The stages of the image pass, in the order they appear in the summary."""
+def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size=None, *,
+                 general_threshold=None, character_threshold=None, watermark_threshold=None,
+                 watermark_query=None) -> list:
+    """The stages of the image pass, in the order they appear in the summary.
+
+    A setting left as None keeps the model family's default (WD14 general 0.35 and
+    character 0.85, JoyTag 0.4, OWLv2 0.1 for "a watermark").
+    """
+    if not tagger and (general_threshold is not None or character_threshold is not None):
+        raise ModelError("--general-threshold and --character-threshold set a tagger's thresholds; give --tagger too")
+    if not watermark and (watermark_threshold is not None or watermark_query is not None):
+        raise ModelError("--watermark-threshold and --watermark-query set the detector; give --watermark too")
     stages = []
     if clip:
         from models.clip import ClipEmbedder
@@ -33,26 +43,38 @@ def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size
         if name == "wd14":
             from models.wd14 import DEFAULT_WD14, WD14Tagger
 
-            stages.append(WD14Tagger(spec or DEFAULT_WD14, device, batch_size))
+            stages.append(WD14Tagger(spec or DEFAULT_WD14, device, batch_size,
+                                     **settings(general=general_threshold, character=character_threshold)))
         else:
             from models.joytag import DEFAULT_JOYTAG, JoyTagger
 
-            stages.append(JoyTagger(spec or DEFAULT_JOYTAG, device, batch_size))
+            if character_threshold is not None:
+                raise ModelError("--character-threshold: JoyTag has one threshold for all its tags; "
+                                 "use --general-threshold")
+            stages.append(JoyTagger(spec or DEFAULT_JOYTAG, device, batch_size,
+                                    **settings(threshold=general_threshold)))
     if watermark:
         _, spec = parse_choice("--watermark", watermark, DETECTORS)
         from models.owlv2 import DEFAULT_OWLV2, WatermarkDetector
 
-        stages.append(WatermarkDetector(spec or DEFAULT_OWLV2, device, batch_size))
+        stages.append(WatermarkDetector(spec or DEFAULT_OWLV2, device, batch_size,
+                                        **settings(threshold=watermark_threshold, query=watermark_query)))
     return stages
 
 
+def settings(**given) -> dict:
+    """The settings the user gave; the rest keep the model's own defaults."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=None, engine="local",
-          ray_address=None, device=None, batch_size=None, show_progress=True) -> list[Summary]:
+          ray_address=None, device=None, batch_size=None, show_progress=True, **model_settings) -> list[Summary]:
+    """Run the pass; model_settings are image_stages' thresholds and query."""
     if not (clip or quality or tagger or watermark):
         raise ModelError("nothing to score: give --clip, --quality, --tagger and/or --watermark")
     if engine == "local":
         pick_device(device)  # a device that is not here fails now, not after the input is chosen
-    stages = image_stages(clip, tagger, watermark, device, batch_size)
+    stages = image_stages(clip, tagger, watermark, device, batch_size, **model_settings)
     ranker = None
     if quality:
         from models.quality import QualityRanker

@@ -293,6 +293,32 @@ def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
     assert proc.returncode == 2 and "unknown model family 'foo'" in said(proc) and "wd14:MODEL or joytag:MODEL" in said(proc)
 
 
+def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
+    ds = str(dataset.root)
+    run_cli("score", ds, "--tagger", f"wd14:{zoo / 'wd14'}", "--general-threshold", "0.2",
+            "--character-threshold", "0.5", "--watermark", f"owlv2:{zoo / 'owlv2'}",
+            "--watermark-threshold", "0", "--watermark-query", "a logo", "--quiet")
+    score(dataset, tagger=f"wd14:{zoo / 'wd14'}", show_progress=False)  # the defaults, beside them
+    wd14 = model_name(str(zoo / "wd14"))
+    rows = dataset.query("SELECT model, count(*) AS n, sum(len(tags)) AS tags, min(list_min(tag_scores)) AS lowest "
+                         "FROM tags GROUP BY model ORDER BY model").to_pylist()
+    assert [r["model"] for r in rows] == [f"wd14:{wd14}@general=0.2,character=0.5",
+                                          f"wd14:{wd14}@general=0.35,character=0.85"]
+    assert rows[0]["n"] == rows[1]["n"] == 12 and rows[0]["tags"] > rows[1]["tags"]
+    assert 0.2 < rows[0]["lowest"] < 0.35
+    marks = dataset.query("SELECT model, count(*) FILTER (has_watermark) AS marked FROM watermarks "
+                          "GROUP BY model").to_pylist()
+    assert marks == [{"model": f"owlv2:{model_name(str(zoo / 'owlv2'))}@query=a logo,threshold=0.0", "marked": 12}]
+    for kwargs, message in [({"tagger": f"joytag:{zoo / 'joytag'}", "character_threshold": 0.5},
+                             "JoyTag has one threshold for all its tags; use --general-threshold"),
+                            ({"clip": str(zoo / "open_clip"), "general_threshold": 0.5}, "give --tagger too"),
+                            ({"watermark": f"owlv2:{zoo / 'owlv2'}", "watermark_query": " "}, "the watermark query is empty")]:
+        with pytest.raises(ModelError, match=message):
+            score(dataset, **kwargs, show_progress=False)
+    proc = run_cli("score", ds, "--tagger", "wd14", "--general-threshold", "35", check=False)
+    assert proc.returncode == 2 and "--general-threshold" in said(proc) and "should be less than or equal" in said(proc)
+
+
 def test_ray_engine_writes_the_same_rows(dataset, zoo, ray_cluster):
     models = dict(clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}", watermark=f"owlv2:{zoo / 'owlv2'}")
     score(dataset, **models, show_progress=False)
