@@ -62,6 +62,8 @@ def test_rank_0_and_where_are_left_out(tmp_path):
     ds = make_latent_dataset(tmp_path / "ds", 10, ranks=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
     rows = load_rows(ds, load_config(None))
     assert len(rows) == 8 and all(r.rank > 0 for r in rows)
+    objects = {id(t) for r in rows for t in r.tags}  # one object per distinct tag, however many rows have it
+    assert len(objects) == len({t for r in rows for t in r.tags}) < sum(len(r.tags) for r in rows)
     assert {r.rank for r in load_rows(ds, load_config(None, where="rank >= 5"))} == {5, 6, 7, 8}
     assert len(load_rows(ds, load_config(None, keep_rank_0=True))) == 10
     with pytest.raises(ValueError, match="bad where"):
