@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import REPO, run_cli
 from tests.trainer_helpers import WORDS, make_latent_dataset
+import trainer.epoch_prompts
 from trainer.config import config_dict, load_config
 from trainer.data import TrainData, load_rows, split_rows, watermark_mask
 from trainer.losses import loss_weights
@@ -96,13 +97,31 @@ def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
     assert batch["latents"].shape[0] == 4
 
 
+def test_prompt_worker_processes_build_the_same_prompts(tmp_path, zoo, monkeypatch):
+    monkeypatch.setattr(trainer.epoch_prompts, "PROMPT_SPAN", 16)
+    rows = load_rows(make_latent_dataset(tmp_path / "ds", 100), load_config(None))
+    serial = TrainData(rows, load_config(None, prompt_workers=1), tokenizer(zoo)).build_prompts(3)
+    parallel = TrainData(rows, load_config(None, prompt_workers=3), tokenizer(zoo))
+    built = []
+    prompts = parallel.build_prompts(3, built.append)
+    assert built == [16] * 6 + [4]  # in row order, one advance per span
+    for name in ("tokens", "starts", "chunks", "tag_counts"):
+        assert np.array_equal(getattr(prompts, name), getattr(serial, name)), name
+    assert parallel.tokenize.pieces == {}  # the workers did the work, each with its own piece cache
+    for row in rows:
+        row.tags = [3]  # not a tag: the workers fail, and the trainer says so
+    with pytest.raises(RuntimeError, match=r"a prompt worker stopped \(exit code 1\)"):
+        parallel.build_prompts(4)
+    with pytest.raises(ValueError, match="prompt_workers must be 0"):
+        load_config(None, prompt_workers=-1)
+
+
 def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
     """Every pair of ASCII characters, contractions, special tokens, and Unicode that the
     normalizer composes, lowercases or turns into spaces next to a space, and prompts as the
     builder makes them: the tokenizer's own ids, from an empty and from a filled cache. A tokenizer whose pipeline differs (here: no lowercasing) is left
     to do all the work itself."""
     from tokenizers import Tokenizer, normalizers
-    from transformers import PreTrainedTokenizerFast
 
     from trainer.prompts import PromptBuilder, PromptConfig
     from trainer.tokens import PromptTokenizer
@@ -117,19 +136,19 @@ def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
     for name in ("sdxl", "sd15"):
         clip = tokenizer(zoo, name)
         want = clip(texts, add_special_tokens=False).input_ids
-        fast = PromptTokenizer(clip)
+        fast = PromptTokenizer(clip.backend_tokenizer)
         assert fast.pieces is not None
         for _ in ("cold", "warm"):
             ids, lengths = fast(texts)
             assert [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] == want
-        full = PromptTokenizer(clip)
+        full = PromptTokenizer(clip.backend_tokenizer)
         full.max_pieces = 100  # the cache stops growing; pieces past it are encoded each time
         ids, lengths = full(texts)
         assert len(full.pieces) == 100 and [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] == want
 
     backend = Tokenizer.from_str(tokenizer(zoo).backend_tokenizer.to_str())
     backend.normalizer = normalizers.NFC()
-    cased = PromptTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend))
+    cased = PromptTokenizer(backend)
     assert cased.pieces is None
     ids, _ = cased(["Long Hair, smile"])
     assert ids.tolist() == backend.encode("Long Hair, smile", add_special_tokens=False).ids

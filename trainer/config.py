@@ -37,6 +37,9 @@ class TrainConfig:
     # With the VAE's moments stored (encode --keep-distribution): a fresh latent sample per
     # image and epoch (seeded), instead of the one drawn at encoding. Without them: the stored one.
     resample_latents: bool = True
+    # Processes that build an epoch's prompts (0: half the cores, at most 8). A prompt takes
+    # ~0.1 ms on one core, minutes for a million rows, and the first epoch's come before step 1.
+    prompt_workers: int = 0
     # run
     output: str = "runs/train"
     seed: int = 0
@@ -91,6 +94,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.prompt_workers < 0:
+            raise ValueError(f"prompt_workers must be 0 (half the cores) or more, got {self.prompt_workers}")
         if self.latent_cache_mib <= 0:
             raise ValueError(f"latent_cache_mib must be above 0, got {self.latent_cache_mib}")
         if self.batch_size % self.workers:

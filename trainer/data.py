@@ -38,11 +38,10 @@ import torch
 from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
 from curate.manifest import Dataset, DatasetError
 from trainer.config import TrainConfig
+from trainer.epoch_prompts import CHUNK, EpochPrompts, build_epoch, default_workers
 from trainer.model import sdxl_time_ids
 from trainer.prompts import PromptBuilder
 from trainer.tokens import PromptTokenizer
-
-CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
 
 # Everything but the latent: what a Row keeps in memory
 ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",
@@ -187,20 +186,6 @@ def image_seed(image_id: str) -> int:
     return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little") >> 1
 
 
-@dataclass
-class EpochPrompts:
-    """An epoch's prompts, as the content tokens (no BOS/EOS) of every row in one array:
-    row i's are tokens[starts[i]:starts[i + 1]]. About 200 bytes a prompt, where a Prompt
-    object and an array per prompt took ~1.8 KB (GBs for a bigASP-size table)."""
-    tokens: np.ndarray
-    starts: np.ndarray
-    chunks: np.ndarray  # 75-token chunks each row's prompt takes (1..max_chunks)
-    tag_counts: np.ndarray  # image tags in each prompt, -1 for a prompt without tags (the dry-run report)
-
-    def tokens_of(self, i: int) -> np.ndarray:
-        return self.tokens[self.starts[i] : self.starts[i + 1]]
-
-
 class TrainData:
     def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None,
                  latents: LatentCache | None = None):
@@ -208,7 +193,7 @@ class TrainData:
         self.latents = latents or latent_cache(config)  # may be shared by TrainData of the same rows
         self.seed = config.seed if seed is None else seed
         self.prompts = PromptBuilder(config.prompts, seed=self.seed)
-        self.tokenize = PromptTokenizer(tokenizer)
+        self.tokenize = PromptTokenizer(tokenizer.backend_tokenizer)
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
         self.epochs: dict[int, Future] = {}  # epoch -> its prompts (see prefetch); the two newest
@@ -243,25 +228,8 @@ class TrainData:
         threading.Thread(target=build, name=f"prompts-epoch-{epoch}", daemon=True).start()
 
     def build_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
-        """Every row's prompt for `epoch`, tokenized 10,000 at a time (~0.15 ms a prompt on one
-        core); advance(rows) after each 10,000."""
-        tokens, lengths, tag_counts = [], [], np.full(len(self.rows), -1, np.int16)
-        for k in range(0, len(self.rows), 10_000):
-            texts = []
-            for i, r in enumerate(self.rows[k : k + 10_000], start=k):
-                prompt = self.prompts.build(r.image_id, epoch, r.tags, r.caption, r.rank, r.has_watermark)
-                texts.append(prompt.text)
-                if prompt.source in ("tags", "both"):
-                    tag_counts[i] = len(prompt.tags)
-            ids, counts = self.tokenize(texts)  # long prompts are chunked, not truncated
-            tokens.append(ids)
-            lengths.append(counts)
-            if advance:
-                advance(len(texts))
-        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        chunks = np.clip(-(-lengths // CHUNK), 1, self.max_chunks).astype(np.uint8)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        return EpochPrompts(np.concatenate(tokens) if tokens else np.zeros(0, np.uint16), starts, chunks, tag_counts)
+        return build_epoch(self.rows, epoch, self.prompts, self.tokenize, self.max_chunks,
+                           self.config.prompt_workers or default_workers(), advance)
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The epoch's batches (row indices): one bucket each, grouped by prompt chunks, in random

@@ -30,12 +30,13 @@ CLIP_SPECIALS = {"<|startoftext|>", "<|endoftext|>"}
 
 
 class PromptTokenizer:
-    """Content token ids (no BOS/EOS, no truncation) of prompts, for a transformers tokenizer."""
+    """Content token ids (no BOS/EOS, no truncation) of prompts, for a tokenizers.Tokenizer
+    (a transformers tokenizer's backend_tokenizer)."""
 
     max_pieces = 1_000_000  # ~250 MB: captions full of one-off pieces (file names, numbers) stop filling it
 
-    def __init__(self, tokenizer):
-        self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: encode changes no state, so threads may share it
+    def __init__(self, backend):
+        self.backend = backend  # the Rust tokenizer: encode changes no state, so threads may share it
         self.pieces: dict[str, list[int]] | None = {} if is_clip_bpe(self.backend) else None
         self.dtype = np.uint16 if self.backend.get_vocab_size() <= 2**16 else np.int32
 
