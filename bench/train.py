@@ -74,8 +74,8 @@ def epoch_prompts(rows: int, tmp: Path, sdxl: Path) -> dict:
     tags of 1-3 words from 20,000, 1-5 caption sentences): microseconds a prompt to build
     them, to tokenize them with the tokenizer's own batch call (on every core) and with
     PromptTokenizer (one core; cold: its piece cache empty), and for the whole
-    TrainData.epoch_prompts of a first epoch (piece caches cold) on one core and with forked
-    prompt workers; and the bytes an epoch's prompts keep per row."""
+    TrainData.epoch_prompts of a first epoch (piece caches cold) on one core and in prompt
+    worker processes; and the bytes an epoch's prompts keep per row."""
     import random
 
     from tests.trainer_helpers import make_latent_dataset
@@ -107,14 +107,14 @@ def epoch_prompts(rows: int, tmp: Path, sdxl: Path) -> dict:
     _, own = timed(lambda: tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False))
     (_, cold), (_, warm) = timed(lambda: data.tokenize(texts)), timed(lambda: data.tokenize(texts))
     workers = max(2, default_workers())
-    serial, forked = (TrainData(loaded, load_config(None, prompt_workers=n), tokenizer) for n in (1, workers))
+    serial, parallel = (TrainData(loaded, load_config(None, prompt_workers=n), tokenizer) for n in (1, workers))
     prompts, epoch = timed(lambda: serial.epoch_prompts(0))  # a first epoch: piece caches cold
-    _, forked_us = timed(lambda: forked.epoch_prompts(0))
+    _, parallel_us = timed(lambda: parallel.epoch_prompts(0))
     held = sum(a.nbytes for a in vars(prompts).values())
     return {"rows": rows, "mean_tokens": round(float(prompts.starts[-1]) / rows, 1), "build_us": build,
             "tokenizer_us": own, "prompt_tokenizer_cold_us": cold, "prompt_tokenizer_warm_us": warm,
             "tokenize_speedup_warm": round(own / warm, 1), "epoch_prompts_us": epoch,
-            f"epoch_prompts_{workers}_workers_us": forked_us, "bytes_held_per_prompt": round(held / rows, 1)}
+            f"epoch_prompts_{workers}_workers_us": parallel_us, "bytes_held_per_prompt": round(held / rows, 1)}
 
 
 def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> dict:
