@@ -106,6 +106,7 @@ def test_the_next_micro_batch_and_epoch_are_built_while_one_trains(tmp_path, sdx
     config = load_config(None, output=str(tmp_path / "run"), max_steps=3, batch_size=2, gradient_accumulation=2,
                          precision="fp32", validate_every=0, checkpoint_every=10_000, validation_fraction=0.0)
     trainer = Trainer(tmp_path / "ds", sdxl, config)  # 4 micro-batches an epoch, 6 in all: epochs 0 and 1
+    assert list(trainer.data.epochs) == [0]  # the first epoch's prompts were started before the models loaded
     trainer.train_step(0)  # micro-steps 0 and 1; micro-step 2 was handed to the thread before 1 trained
     micro, future = trainer.next_batch
     batch, size = future.result()

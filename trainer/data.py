@@ -197,6 +197,7 @@ class TrainData:
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
         self.epochs: dict[int, Future] = {}  # epoch -> its prompts (see prefetch); the two newest
+        self.built: dict[int, int] = {}  # epoch -> rows whose prompts are built so far
         self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, plan) of the last batch_at
         self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
 
@@ -206,10 +207,20 @@ class TrainData:
                              f"{len(set(r.bucket for r in self.rows))} buckets); lower batch_size")
 
     def epoch_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
-        self.prefetch(epoch, advance)
-        return self.epochs[epoch].result()
+        """`epoch`'s prompts, waiting for their build (started now or by an earlier prefetch);
+        advance(rows) follows the build's progress."""
+        self.prefetch(epoch)
+        future, shown = self.epochs[epoch], 0
+        while advance:
+            finished = not wait([future], timeout=0.2).not_done
+            if self.built[epoch] > shown:
+                advance(self.built[epoch] - shown)
+                shown = self.built[epoch]
+            if finished:
+                break
+        return future.result()
 
-    def prefetch(self, epoch: int, advance: Callable[[int], None] | None = None) -> None:
+    def prefetch(self, epoch: int) -> None:
         """Start building `epoch`'s prompts on a thread of their own, after the epochs already
         asked for, so that the next epoch's are built while this one trains. A daemon thread:
         a process that exits (Ctrl-C, an error) does not wait minutes for prompts nobody uses."""
@@ -217,14 +228,18 @@ class TrainData:
             return
         earlier, future = list(self.epochs.values()), Future()
 
+        def progress(rows: int) -> None:
+            self.built[epoch] += rows
+
         def build() -> None:
             wait(earlier)  # one build at a time
             try:
-                future.set_result(self.build_prompts(epoch, advance))
+                future.set_result(self.build_prompts(epoch, progress))
             except BaseException as e:
                 future.set_exception(e)
 
         self.epochs = {e: f for e, f in self.epochs.items() if e >= epoch - 1} | {epoch: future}
+        self.built[epoch] = 0
         threading.Thread(target=build, name=f"prompts-epoch-{epoch}", daemon=True).start()
 
     def build_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:

@@ -1,21 +1,18 @@
 """`curate train --dry-run`: what the batches and prompts will look like, without a model."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from curate.manifest import Dataset
 from curate.progress import console, print_summary
 from trainer.config import TrainConfig
 from trainer.data import TrainData, dry_run_report, load_rows, split_rows
+from trainer.model import pipeline_tokenizer
 
 
 def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1) -> dict:
-    from transformers import CLIPTokenizer
-
-    if not (Path(base) / "tokenizer").is_dir():
-        raise ValueError(f"{base} has no tokenizer/ folder; --base takes a diffusers pipeline directory")
+    tokenizer = pipeline_tokenizer(base)
     train_rows, val_rows = split_rows(load_rows(ds, config), config)
-    data = TrainData(train_rows, config, CLIPTokenizer.from_pretrained(Path(base) / "tokenizer"))
+    data = TrainData(train_rows, config, tokenizer)
     data.require_batches()
     report = dry_run_report(data, epochs)
     total = report["batches"]

@@ -23,6 +23,17 @@ def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int]
     return list(original_size + crop_top_left + target_size)
 
 
+def pipeline_tokenizer(base: str | Path):
+    """The (first) CLIP tokenizer of a diffusers pipeline directory: what prompts are built
+    with. Loading it alone lets the prompts start before the models load."""
+    from transformers import CLIPTokenizer
+
+    base = Path(base)
+    if not (base / "model_index.json").is_file() or not (base / "tokenizer").is_dir():
+        raise ValueError(f"{base} is not a diffusers pipeline directory (no model_index.json or no tokenizer/)")
+    return CLIPTokenizer.from_pretrained(base / "tokenizer")
+
+
 class Models:
     def __init__(self, base: str | Path, config: TrainConfig, device: torch.device, checkpoint: Path | None = None):
         """Frozen parts from base; trained parts from the checkpoint when resuming."""

@@ -29,7 +29,7 @@ from trainer.checkpoint import latest_checkpoint, load_state, remove_debris, sav
 from trainer.config import TrainConfig, config_dict
 from trainer.data import TrainData, latent_cache, load_rows, split_rows
 from trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
-from trainer.model import Models
+from trainer.model import Models, pipeline_tokenizer
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -70,12 +70,15 @@ class Trainer:
         if resume and checkpoint is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
         torch.manual_seed(config.seed)
-        self.models = Models(base, config, self.device, checkpoint)
+        tokenizer = pipeline_tokenizer(base)
         train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
-        tokenizer = self.models.tokenizers[0]
         latents = latent_cache(config)  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
+        # The first epoch's prompts are built (in worker processes) while the models load
+        start = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
+        self.data.prefetch(start * config.gradient_accumulation // self.data.batches_per_epoch)
+        self.models = Models(base, config, self.device, checkpoint)
         self.last_epoch = (config.max_steps * config.gradient_accumulation - 1) // self.data.batches_per_epoch
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
         self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer, latents=latents)
@@ -237,8 +240,8 @@ class Trainer:
 
             writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start + 1 if start else None)
         try:
-            # The first epoch's prompts are built before its first step (later ones while
-            # the epoch before trains): minutes for a large table, so they get their own bar.
+            # The first epoch's prompts (started while the models loaded; later ones build
+            # while the epoch before trains): minutes for a large table, so they get a bar.
             epoch = start * c.gradient_accumulation // self.data.batches_per_epoch
             with progress_bar(f"prompts, epoch {epoch}", len(self.data.rows), enabled=show_progress and lead) as advance:
                 self.data.epoch_prompts(epoch, advance)
