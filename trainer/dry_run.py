@@ -1,7 +1,6 @@
 """`curate train --dry-run`: what the batches and prompts will look like, without a model."""
 from __future__ import annotations
 
-
 from curate.manifest import Dataset
 from curate.progress import console, print_summary
 from trainer.config import TrainConfig
