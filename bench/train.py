@@ -8,9 +8,9 @@ prompt, tokenizing it, planning batches, reading latents (SDXL-size, 4x128x128 f
 from their Parquet row groups through the trainer's LRU cache and assembling them into
 tensors; it runs on one thread, so the figure is per core. epoch_prompts breaks down the
 once-an-epoch part (building and tokenizing every row's prompt) on prompts of realistic
-size. The rows' metadata is loaded once per run (load_rows_per_s). In "streaming" the cache holds 1 of the table's 2 row
-groups, so batches read row groups from disk as a table larger than the cache does; the
-windowed shuffle keeps that near one read per group and epoch, which
+size. The rows' metadata is loaded once per run (load_rows_per_s). In "streaming" the
+cache holds 1 of the table's 2 row groups, so batches read row groups from disk as a table
+larger than the cache does; the windowed shuffle keeps that near one read per group and epoch, which
 row_group_mib_per_sample shows (drawing from the whole table read about one 32 MiB group
 per sample). tiny_cpu_streaming trains on a table larger than the cache. The real-size
 mode times forward + backward + AdamW of SDXL's UNet architecture (2.6B parameters) at

@@ -31,6 +31,11 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved after, from its name (step-NNNNNNNN), without loading it."""
+    return int(checkpoint.name.removeprefix("step-"))
+
+
 def remove_debris(output: Path) -> None:
     for tmp in checkpoints_dir(output).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)

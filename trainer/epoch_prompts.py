@@ -101,7 +101,7 @@ def in_workers(n: int, setup: tuple, tasks: Iterator[tuple[int, list[RowText]]])
     try:
         busy = []
         for proc in procs:
-            pickle.dump(setup, proc.stdin)
+            send(proc, setup)
             task = next(tasks, None)
             if task is not None:
                 send(proc, task)
@@ -122,8 +122,8 @@ def in_workers(n: int, setup: tuple, tasks: Iterator[tuple[int, list[RowText]]])
             proc.wait()
 
 
-def send(proc: subprocess.Popen, task) -> None:
-    pickle.dump(task, proc.stdin, pickle.HIGHEST_PROTOCOL)
+def send(proc: subprocess.Popen, message) -> None:
+    pickle.dump(message, proc.stdin, pickle.HIGHEST_PROTOCOL)
     proc.stdin.flush()
 
 

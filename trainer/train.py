@@ -25,7 +25,7 @@ import torch
 
 from curate.manifest import Dataset
 from curate.progress import progress_bar
-from trainer.checkpoint import latest_checkpoint, load_state, remove_debris, save_checkpoint
+from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_state, remove_debris, save_checkpoint
 from trainer.config import TrainConfig, config_dict
 from trainer.data import TrainData, latent_cache, load_rows, split_rows
 from trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
@@ -76,8 +76,7 @@ class Trainer:
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
         # The first epoch's prompts are built (in worker processes) while the models load
-        start = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
-        self.data.prefetch(start * config.gradient_accumulation // self.data.batches_per_epoch)
+        self.data.prefetch(self.epoch_at(checkpoint_step(checkpoint) if checkpoint else 0))
         self.models = Models(base, config, self.device, checkpoint)
         self.last_epoch = (config.max_steps * config.gradient_accumulation - 1) // self.data.batches_per_epoch
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
@@ -109,6 +108,10 @@ class Trainer:
             self.step = state["step"]
             if self.ema is not None and ema is not None:
                 self.ema = {n: t.float() for n, t in ema.items()}
+
+    def epoch_at(self, step: int) -> int:
+        """The epoch of optimizer step `step`'s first micro-batch."""
+        return step * self.config.gradient_accumulation // self.data.batches_per_epoch
 
     def lr_factor(self, step: int) -> float:
         c = self.config
@@ -242,7 +245,7 @@ class Trainer:
         try:
             # The first epoch's prompts (started while the models loaded; later ones build
             # while the epoch before trains): minutes for a large table, so they get a bar.
-            epoch = start * c.gradient_accumulation // self.data.batches_per_epoch
+            epoch = self.epoch_at(start)
             with progress_bar(f"prompts, epoch {epoch}", len(self.data.rows), enabled=show_progress and lead) as advance:
                 self.data.epoch_prompts(epoch, advance)
             with progress_bar("train", c.max_steps - start, enabled=show_progress and lead) as advance:
