@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from curate.demo import synthetic_image  # noqa: E402
-from models.captioner import make_captioner, parse_spec  # noqa: E402
-from models.tiny_llava import build_tokenizer  # noqa: E402
+from curate.cli.demo import synthetic_image  # noqa: E402
+from curate.models.captioner import make_captioner, parse_spec  # noqa: E402
+from curate.models.tiny_llava import build_tokenizer  # noqa: E402
 
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -34,7 +34,9 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def measure(captioner, imgs, prompt: str, batch_size: int) -> dict:
-    prepared = [captioner.prepare(i) for i in imgs]
+    from curate.images import Decoded
+
+    prepared = [captioner.preprocess(Decoded(i, i.width, i.height, "PNG", "RGB", False))["input"] for i in imgs]
     captioner.caption(prepared[:batch_size], [prompt] * min(batch_size, len(prepared)))  # warm-up
     captioner.generated_tokens = 0
     started = time.perf_counter()
@@ -53,19 +55,19 @@ def fix_length(model, new_tokens: int) -> None:
 
 
 def tiny(args) -> dict:
-    from curate.manifest import Dataset
-    from models.tiny import write_zoo
-    from pipelines.caption import CaptionStage
-    from pipelines.ingest import ingest
-    from pipelines.runner import run_stage
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.caption import CaptionStage
+    from curate.pipelines.executor import run
+    from curate.pipelines.ingest import ingest
+    from curate.store import Dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     llava = write_zoo(work / "zoo", ["llava"])["llava"]
-    captioner = make_captioner(parse_spec(f"llava:{llava}"), args.new_tokens, device=args.device)
-    captioner.load()
-    fix_length(captioner.model, args.new_tokens)
+    captioner = make_captioner(parse_spec(f"llava:{llava}"), max_new_tokens=args.new_tokens)
+    captioner.load(args.device)
+    fix_length(captioner._model, args.new_tokens)
     imgs = images(args.images)
-    result = {"model": "tiny random-weight LLaVA (models/tiny_llava.py)", "device": str(captioner.torch_device),
+    result = {"model": "tiny random-weight LLaVA (models/tiny_llava.py)", "device": str(captioner._device),
               "new_tokens": args.new_tokens,
               "batched": measure(captioner, imgs, "Describe the image.", args.batch_size),
               "batch_1": measure(captioner, imgs, "Describe the image.", 1)}
@@ -79,7 +81,7 @@ def tiny(args) -> dict:
     ingest([str(src)], ds, show_progress=False)
     stage = CaptionStage(f"llava:{llava}", "Describe the image.", args.new_tokens, batch_size=args.batch_size,
                          device=args.device)
-    summary = run_stage(ds, stage, show_progress=False)
+    summary = run(ds, stage, show_progress=False)[0]
     result["stage_end_to_end"] = {"images": summary.done, "seconds": round(summary.seconds, 2),
                                   "images_per_s": summary.as_dict()["images_per_s"], "note": "includes model load"}
     return result
@@ -88,10 +90,16 @@ def tiny(args) -> dict:
 def real_size(args) -> dict:
     """LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 + Llama-2-7B), random weights, fp16."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from models.tiny_llava import CHAT_TEMPLATE
+    from curate.models.tiny_llava import CHAT_TEMPLATE
 
     tokenizer = build_tokenizer()
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336},
@@ -113,15 +121,15 @@ def real_size(args) -> dict:
     imgs = images(args.images)
     result = {"model": "LLaVA-1.5-7B architecture, random weights", "new_tokens": args.new_tokens}
 
-    captioner = make_captioner(parse_spec(f"llava:{work}"), args.new_tokens, device=args.device, dtype="float16")
-    captioner.torch_device, captioner.torch_dtype = torch.device(args.device), torch.float16
+    captioner = make_captioner(parse_spec(f"llava:{work}"), max_new_tokens=args.new_tokens)
+    captioner._device, captioner._dtype = torch.device(args.device), torch.float16
     with torch.device(args.device):
         torch.set_default_dtype(torch.float16)
         model = LlavaForConditionalGeneration(config).eval()
         torch.set_default_dtype(torch.float32)
-    captioner.model, captioner.processor = model, processor
-    captioner.pad_id, captioner.system = tokenizer.pad_token_id, None
-    captioner.inference_mode = torch.inference_mode
+    captioner._model, captioner._processor = model, processor
+    captioner._pad_id, captioner._system = tokenizer.pad_token_id, None
+    captioner._inference_mode = torch.inference_mode
     tokenizer.padding_side = "left"
     fix_length(model, args.new_tokens)
     result["transformers_batched"] = measure(captioner, imgs, "Describe the image.", args.batch_size)

@@ -38,15 +38,15 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090
 
 
 def tiny_cpu(n_images: int) -> dict:
-    from curate.buckets import parse_bucket_set, plan_crop, choose_bucket
-    from curate.demo import synthetic_image
+    from curate.buckets import choose_bucket, parse_bucket_set, plan_crop
+    from curate.cli.demo import synthetic_image
     from curate.images import decode
-    from curate.manifest import Dataset
-    from models.tiny import write_zoo
-    from models.vae import VaeSpec
-    from pipelines.encode import EncodeStage, crop_pixels, image_seed
-    from pipelines.ingest import ingest
-    from pipelines.runner import run_stage
+    from curate.models.tiny import write_zoo
+    from curate.models.vae import Vae
+    from curate.pipelines.encode import EncodeStage, crop_pixels, image_seed
+    from curate.pipelines.executor import run
+    from curate.pipelines.ingest import ingest
+    from curate.store import Dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     rng = np.random.default_rng(0)
@@ -68,7 +68,7 @@ def tiny_cpu(n_images: int) -> dict:
         crop_pixels(decode(r["bytes"], min(crop.resized_width, crop.resized_height)).image, crop)
     bare = len(rows) / (time.perf_counter() - started)
 
-    stage = EncodeStage([VaeSpec(vae)], buckets, device="cpu")
+    stage = EncodeStage([Vae(vae)], buckets, device="cpu")
     # the model alone: the VAE on already prepared crops, one at a time as encode runs on CPU
     stage.setup()
     prepared = [stage.prepare(dict(r)) for r in rows]
@@ -76,7 +76,7 @@ def tiny_cpu(n_images: int) -> dict:
     for r, p in zip(rows, prepared):
         stage.process({"image_id": [r["image_id"]], **{k: [v] if k != "pixels" else np.stack([v]) for k, v in p.items()}})
     vae_only = len(rows) / (time.perf_counter() - started)
-    summary = run_stage(ds, EncodeStage([VaeSpec(vae)], buckets, device="cpu"), show_progress=False)
+    summary = run(ds, EncodeStage([Vae(vae)], buckets, device="cpu"), show_progress=False)[0]
     encode_rate = summary.ok / summary.seconds
 
     table = ds.read("latents")

@@ -25,11 +25,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curate.images import decode  # noqa: E402
-from curate.manifest import Dataset  # noqa: E402
-from pipelines.ingest import ingest  # noqa: E402
-from pipelines.ray_engine import init_ray  # noqa: E402
-from pipelines.runner import run_stage  # noqa: E402
-from pipelines.stats import StatsStage  # noqa: E402
+from curate.pipelines.executor import run  # noqa: E402
+from curate.pipelines.ingest import ingest  # noqa: E402
+from curate.pipelines.ray_executor import init_ray  # noqa: E402
+from curate.pipelines.stats import StatsStage  # noqa: E402
+from curate.store import Dataset  # noqa: E402
 
 
 def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -134,14 +134,14 @@ def main() -> None:
             # (marginal) rate, the figure that matters at scale, next to the plain rate.
             warm = Dataset(tmp / f"warm-{engine}", create=True)  # first use: Ray starts its workers
             ingest([str(p) for p in paths[:4]], warm, show_progress=False, engine=engine)
-            run_stage(warm, StatsStage(), engine=engine, show_progress=False)
+            run(warm, StatsStage(), engine=engine, show_progress=False)
             small = Dataset(tmp / f"small-{engine}", create=True)
             k = max(1, n // 4)
             t_ingest_small = timed(lambda: ingest([str(p) for p in paths[:k]], small, show_progress=False, engine=engine))
-            t_hash_small = timed(lambda: run_stage(small, StatsStage(), engine=engine, show_progress=False))
+            t_hash_small = timed(lambda: run(small, StatsStage(), engine=engine, show_progress=False))
             ds = Dataset(tmp / f"ds-{engine}", create=True)
             t_ingest = timed(lambda: ingest([str(tmp / "images")], ds, show_progress=False, engine=engine))
-            t_hash = timed(lambda: run_stage(ds, StatsStage(), engine=engine, show_progress=False))
+            t_hash = timed(lambda: run(ds, StatsStage(), engine=engine, show_progress=False))
             # None when noise (other load on the machine) made the small run the slower one.
             marginal_ingest = (n - k) / (t_ingest - t_ingest_small) if t_ingest > t_ingest_small else None
             marginal_hash = (n - k) / (t_hash - t_hash_small) if t_hash > t_hash_small else None

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.manifest import Dataset, now  # noqa: E402
-from pipelines.quality import model as qm  # noqa: E402
-from pipelines.quality.pairs import PairChooser  # noqa: E402
-from pipelines.quality.ratings import load_embeddings  # noqa: E402
-from pipelines.quality.simulate import SimulatedRater, simulate_ratings, write_synthetic_dataset  # noqa: E402
+from curate.pipelines.quality import model as qm  # noqa: E402
+from curate.pipelines.quality.pairs import PairChooser  # noqa: E402
+from curate.pipelines.quality.ratings import load_embeddings  # noqa: E402
+from curate.pipelines.quality.simulate import SimulatedRater, simulate_ratings, write_synthetic_dataset  # noqa: E402
+from curate.store import Dataset, now  # noqa: E402
 
 CHECKPOINTS = [100, 250, 500, 750, 1000, 1500, 2000, 3000]
 TARGETS = [0.70, 0.75, 0.80, 0.825, 0.85]
@@ -56,7 +56,7 @@ def needed(curve: dict[int, float], target: float) -> int | None:
 def fit_spearman(n_images, dim, decay, judgements, quality_seed):
     from scipy.stats import spearmanr
 
-    from pipelines.quality.fit import FitSettings, fit_quality
+    from curate.pipelines.quality.fit import FitSettings, fit_quality
 
     with tempfile.TemporaryDirectory() as tmp:
         ds = Dataset(Path(tmp) / "ds", create=True)
@@ -65,7 +65,7 @@ def fit_spearman(n_images, dim, decay, judgements, quality_seed):
         ds.write_part("ratings", {"left": left, "right": right, "winner": winner, "rater": ["sim"] * len(left),
                                   "created_at": [now()] * len(left)})
         report = fit_quality(ds, Path(tmp) / "head", FitSettings(), show_progress=False)
-        from models.quality_head import load_head
+        from curate.models.quality_head import load_head
 
         head, _ = load_head(Path(tmp) / "head")
         found, vectors = load_embeddings(ds, "synthetic-clip")

@@ -43,7 +43,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 def write_images(folder: Path, n: int, width: int, height: int) -> None:
     import numpy as np
 
-    from curate.demo import synthetic_image
+    from curate.cli.demo import synthetic_image
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
@@ -53,13 +53,12 @@ def write_images(folder: Path, n: int, width: int, height: int) -> None:
 
 
 def cpu_bench(args) -> dict:
-    from curate.images import decode, read_file
-    from curate.manifest import Dataset
-    from models.tiny import write_zoo
-    from pipelines.ingest import ingest
-    from curate.images import decode_threads
-    from pipelines.runner import decode_need
-    from pipelines.score import image_stages, score
+    from curate.images import decode, decode_threads, read_file
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.executor import decode_need
+    from curate.pipelines.ingest import ingest
+    from curate.pipelines.score import image_stages, score
+    from curate.store import Dataset
 
     width, height = map(int, args.size.split("x"))
     root = Path(tempfile.mkdtemp(prefix="bench-score-"))
@@ -117,16 +116,16 @@ def cpu_bench(args) -> dict:
 
 
 def real_size_stages(folder: Path) -> list:
-    """The pass's stages at real input sizes. prepare() reads only the configs, so no weights
+    """The pass's model adapters at real input sizes. preprocess() reads only the configs, so no weights
     are made: open_clip's own ViT-B-32 config, a WD14 ONNX whose graph only declares its
     448 input, an OWLv2 config at 960."""
     import onnx
     from onnx import TensorProto, helper
 
-    from models.clip import ClipEmbedder
-    from models.owlv2 import WatermarkDetector
-    from models.tiny_scoring import write_selected_tags
-    from models.wd14 import WD14Tagger
+    from curate.models.clip import Clip
+    from curate.models.owlv2 import OWLv2
+    from curate.models.tiny_scoring import write_selected_tags
+    from curate.models.wd14 import WD14
 
     (folder / "wd14").mkdir(parents=True)
     pixels = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 448, 448, 3])
@@ -136,13 +135,12 @@ def real_size_stages(folder: Path) -> list:
     write_selected_tags(folder / "wd14" / "selected_tags.csv")
     (folder / "owlv2").mkdir()
     (folder / "owlv2" / "config.json").write_text(json.dumps({"model_type": "owlv2", "vision_config": {"image_size": 960}}))
-    return [ClipEmbedder("ViT-B-32:laion2b_s34b_b79k"), WD14Tagger(str(folder / "wd14")),
-            WatermarkDetector(str(folder / "owlv2"))]
+    return [Clip("ViT-B-32:laion2b_s34b_b79k"), WD14(str(folder / "wd14")), OWLv2(str(folder / "owlv2"))]
 
 
 def worker_bench(args) -> dict:
     from curate.images import decode, quick_gil_handoffs, read_file, shrink
-    from pipelines.runner import decode_need
+    from curate.pipelines.executor import decode_need
 
     width, height = map(int, args.size.split("x"))
     root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
@@ -164,7 +162,7 @@ def worker_bench(args) -> dict:
         def work(file) -> None:
             image = shrink(decode(read_file(file), min_side=need[0], long_side=need[1]), *need)
             for s in stages:
-                s.prepare({"image": image})
+                s.preprocess(image)
 
         def wall_ms(busy: bool) -> float:
             """Best of --repeats: wall ms per image of the whole work on this thread, next to a
@@ -191,7 +189,7 @@ def worker_bench(args) -> dict:
 
         decode_ms, decoded = cpu_ms(lambda f: decode(read_file(f), min_side=need[0], long_side=need[1]), files)
         shrink_ms, shrunk = cpu_ms(lambda d: shrink(d, *need), decoded)
-        prepare_ms = {type(s).__name__: cpu_ms(lambda d: s.prepare({"image": d}), shrunk)[0] for s in stages}
+        prepare_ms = {type(s).__name__: cpu_ms(lambda d: s.preprocess(d), shrunk)[0] for s in stages}
         pass_ms = decode_ms + shrink_ms + sum(prepare_ms.values())
         alone_ms, busy_ms = wall_ms(busy=False), wall_ms(busy=True)
         return {
@@ -240,10 +238,10 @@ def real_size_bench(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from curate.devices import choose
     from curate.images import decode_threads
-    from models.common import pick_device
 
-    device, dtype = pick_device(args.device)
+    device, dtype = choose(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     out = {"device": name, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "models": {}}

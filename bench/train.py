@@ -43,9 +43,10 @@ def data_path(rows: int, tmp: Path, sdxl: Path) -> dict:
 
 
 def data_path_with(ds, sdxl: Path, settings: dict) -> dict:
-    from trainer.config import load_config
-    from trainer.data import TrainData, load_rows
     from transformers import CLIPTokenizer
+
+    from curate.trainer.config import load_config
+    from curate.trainer.data import TrainData, load_rows
 
     rows = ds.read("latents", ["image_id"]).num_rows
     config = load_config(None, batch_size=8, **settings)
@@ -78,11 +79,12 @@ def epoch_prompts(rows: int, tmp: Path, sdxl: Path) -> dict:
     worker processes; and the bytes an epoch's prompts keep per row."""
     import random
 
-    from tests.trainer_helpers import make_latent_dataset
-    from trainer.config import load_config
-    from trainer.data import TrainData, load_rows
-    from trainer.epoch_prompts import default_workers
     from transformers import CLIPTokenizer
+
+    from curate.trainer.config import load_config
+    from curate.trainer.data import TrainData, load_rows
+    from curate.trainer.epoch_prompts import default_workers
+    from tests.trainer_helpers import make_latent_dataset
 
     config = load_config(None)
     loaded = load_rows(make_latent_dataset(tmp / "prompts", rows), config)
@@ -121,9 +123,9 @@ def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> di
     """Steps/s of the tiny SDXL on CPU, and the share of that time the loop waited for its
     batch. streaming: 4096 rows in 2048-row groups (4 MiB) past a 1 MiB cache, and one torch
     thread, so the next batch is read on the other core while the model trains."""
+    from curate.trainer.config import load_config
+    from curate.trainer.train import Trainer
     from tests.trainer_helpers import make_latent_dataset
-    from trainer.config import load_config
-    from trainer.train import Trainer
 
     name = "streaming" if streaming else "tiny"
     if streaming:
@@ -194,7 +196,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--real-size", action="store_true", help="SDXL-size UNet at batch 8 in bf16 (needs a GPU)")
     args = parser.parse_args()
-    from models.tiny import write_zoo
+    from curate.models.tiny import write_zoo
 
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

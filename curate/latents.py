@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.manifest import Dataset
+from curate.store import Dataset
 
 CONDITIONING = ["original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"]
 DEFAULT_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "shift_factor", *CONDITIONING]

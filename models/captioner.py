@@ -1,6 +1,6 @@
-"""One interface for every captioning backend, and the `--model` spec that picks one.
+"""One adapter interface for every captioning backend, and the `--model` spec that picks one.
 
-A spec is `SCHEME:TARGET`:
+A spec is `SCHEME:TARGET`, the scheme a caption family of curate.models.families:
 
     llava:DIR_OR_HUB_ID          LLaVA family through transformers (llava-hf/llava-1.5-7b-hf, ...)
     joycaption:DIR_OR_HUB_ID     LLaVA-format JoyCaption (fancyfeast/llama-joycaption-beta-one-hf-llava)
@@ -10,25 +10,23 @@ A spec is `SCHEME:TARGET`:
     vllm:DIR_OR_HUB_ID           vLLM's offline engine, when vllm is installed
     openai:BASE_URL#MODEL        an OpenAI-compatible server (vLLM, Ollama, LM Studio, ...)
 
-A hub id in the transformers schemes may carry `@REVISION`. A captioner object keeps
-settings only (it pickles to Ray workers); `load()` brings up the model once per worker;
-`caption(images, prompts)` returns one raw output per image: a string, or a
-`CaptionError` for that image alone.
+A hub id in the transformers schemes may carry `@REVISION`. A directory alone (no scheme)
+is recognised from its config.json. A captioner keeps settings only (it pickles to Ray
+workers); `load()` brings up the model once per worker; `caption(images, prompts)` returns
+one raw output per image: a string, or a `CaptionError` for that image alone.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from models.common import ModelError, model_name
+from curate.models.common import Adapter, ModelError, model_name
+from curate.models.families import family, of_task
 
-DEFAULT_PROMPT = "Write a detailed description of this image in a few sentences."
-JOYCAPTION_PROMPT = "Write a long descriptive caption for this image in a formal tone."
 JOYCAPTION_SYSTEM = "You are a helpful image captioner."
-FLORENCE_PROMPT = "<MORE_DETAILED_CAPTION>"
-MOONDREAM_PROMPT = "caption:normal"  # moondream's own caption() call; any other prompt goes to query()
 MOONDREAM_REVISION = "2025-01-09"
 
 
@@ -38,6 +36,9 @@ class CaptionError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+    def __reduce__(self):  # pickles (to and from Ray workers) with both arguments
+        return CaptionError, (self.code, str(self))
 
 
 class SpecError(ModelError):
@@ -51,32 +52,31 @@ class ModelSpec:
     revision: str | None = None  # hub revision (transformers schemes, moondream)
     model_name: str | None = None  # openai: the served model's name
 
-    def __str__(self) -> str:
-        """How the spec is named in the `model` column: a hub id as is, a directory by its name."""
+    def weights(self) -> str:
+        """How the weights are named in the `model` value: a hub id as is, a directory by its name."""
         if self.scheme == "openai":
-            return f"openai:{self.target}#{self.model_name}"
-        return f"{self.scheme}:{model_name(self.target)}" + (f"@{self.revision}" if self.revision else "")
+            return f"{self.target}#{self.model_name}"
+        return model_name(self.target) + (f"@{self.revision}" if self.revision else "")
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.weights()}"
 
 
-SCHEMES = {
-    "llava": "LLaVA family (llava-hf checkpoints) through transformers",
-    "joycaption": "LLaVA-format JoyCaption through transformers",
-    "hf": "any transformers image-text-to-text model (SmolVLM, Qwen2.5-VL, LLaVA-NeXT, ...)",
-    "florence2": "Florence-2 through transformers (prompt = a task token)",
-    "moondream": "moondream2 through its remote code (transformers 4.x only)",
-    "vllm": "vLLM's offline engine (pip install vllm; GPU)",
-    "openai": "an OpenAI-compatible chat-completions server",
-}
-EXAMPLES = ("llava:llava-hf/llava-1.5-7b-hf, llava:./models/tiny/llava, joycaption:fancyfeast/llama-joycaption-beta-one-hf-llava, "
-            "hf:HuggingFaceTB/SmolVLM-256M-Instruct, moondream:vikhyatk/moondream2@2025-01-09, "
-            "openai:http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf")
+EXAMPLES = ("llava:llava-hf/llava-1.5-7b-hf, llava:./models/tiny/llava, ./models/tiny/llava, "
+            "joycaption:fancyfeast/llama-joycaption-beta-one-hf-llava, hf:HuggingFaceTB/SmolVLM-256M-Instruct, "
+            "moondream:vikhyatk/moondream2@2025-01-09, openai:http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf")
+# config.json's model_type -> the scheme that loads it, for a directory given without one
+MODEL_TYPES = {"llava": "llava", "florence2": "florence2", "moondream1": "moondream"}
 
 
 def parse_spec(text: str) -> ModelSpec:
+    schemes = [f.name for f in of_task("caption")]
     scheme, sep, rest = text.partition(":")
-    if not sep or scheme not in SCHEMES or not rest:
+    if scheme not in schemes and Path(text).expanduser().is_dir():
+        scheme, sep, rest = recognise(Path(text).expanduser()), ":", text
+    if not sep or scheme not in schemes or not rest:
         raise SpecError(f"bad --model {text!r}: expected SCHEME:TARGET with SCHEME one of "
-                        f"{', '.join(SCHEMES)}; for example {EXAMPLES}")
+                        f"{', '.join(schemes)}, or a model directory; for example {EXAMPLES}")
     if scheme == "openai":
         url, _, name = rest.partition("#")
         if not url.startswith(("http://", "https://")) or not name:
@@ -94,68 +94,49 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(scheme, target, revision or None)
 
 
-def default_prompt(spec: ModelSpec) -> str:
-    return {"joycaption": JOYCAPTION_PROMPT, "florence2": FLORENCE_PROMPT, "moondream": MOONDREAM_PROMPT}.get(
-        spec.scheme, DEFAULT_PROMPT)
+def recognise(folder: Path) -> str:
+    """The caption scheme for a model directory, from its config.json: LLaVA, Florence-2 and
+    moondream by their model_type; any other image-text-to-text model through `hf`."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise SpecError(f"bad --model {str(folder)!r}: the directory has no readable config.json, so its model "
+                        f"family is unknown; name it as SCHEME:{folder} (for example llava:{folder})") from None
+    return MODEL_TYPES.get(config.get("model_type"), "hf")
 
 
-class Captioner:
+class Captioner(Adapter):
     """Settings in __init__, weights in load(), one raw output per image in caption()."""
 
     uses_gpu = True  # a Ray actor of this captioner asks for a GPU when the cluster has one
+    batch_size = 16
+    decode_min_side = 768  # enough for every captioner's input size (LLaVA 336, SigLIP 384-448, Qwen dynamic)
 
-    def __init__(self, spec: ModelSpec, max_new_tokens: int, device: str | None = None, dtype: str | None = None):
-        self.spec, self.max_new_tokens, self.device, self.dtype = spec, max_new_tokens, device, dtype
+    def __init__(self, spec: ModelSpec, prompt: str | None = None, max_new_tokens: int | None = None, **settings):
+        self.family = spec.scheme
+        super().__init__(spec.target, prompt=prompt, max_new_tokens=max_new_tokens, **settings)
+        self.spec = spec
+        self.prompt, self.max_new_tokens = self.settings["prompt"], self.settings["max_new_tokens"]
+        if not self.prompt.strip():
+            raise ModelError("the prompt is empty")
         self.generated_tokens = 0  # counted by backends that know it, for the benchmark
 
-    def __getstate__(self) -> dict:
-        """Pickle settings only: a loaded captioner still ships to Ray workers, which load their own model."""
-        settings = {"spec", "max_new_tokens", "device", "dtype", "generated_tokens"} | set(getattr(self, "settings", ()))
-        return {k: v for k, v in vars(self).items() if k in settings}
+    def model_value(self) -> str:
+        return family(self.family).model_value(self.spec.weights(), self.settings)
 
-    def load(self) -> None:
-        raise NotImplementedError
-
-    def prepare(self, image: Image.Image):
+    def preprocess(self, image) -> dict:
         """CPU side, once per image, before batching: by default a copy no larger than needed."""
-        image = image.copy()
-        image.thumbnail((1024, 1024), Image.Resampling.BICUBIC)
-        return image
+        small = image.image.copy()
+        small.thumbnail((1024, 1024), Image.Resampling.BICUBIC)
+        return {"input": small}
+
+    def forward(self, batch: dict) -> dict:
+        return {"raw": self.caption(list(batch["input"]), [self.prompt] * len(batch["input"]))}
 
     def caption(self, images: list, prompts: list[str]) -> list[str | CaptionError]:
         raise NotImplementedError
 
 
-def make_captioner(spec: ModelSpec, max_new_tokens: int, device: str | None = None, dtype: str | None = None,
-                   **http) -> Captioner:
-    if spec.scheme == "openai":
-        from models.vlm_openai import OpenAICaptioner
-
-        return OpenAICaptioner(spec, max_new_tokens, **http)
-    if dtype not in (None, "auto", *DTYPES):  # said before any model loads, for every backend
-        raise SpecError(f"bad --dtype {dtype!r}: use auto, float32, float16 or bfloat16")
-    if spec.scheme == "vllm":
-        from models.vlm_vllm import VLLMCaptioner
-
-        return VLLMCaptioner(spec, max_new_tokens, device, dtype)
-    from models.vlm_transformers import MoondreamCaptioner, TransformersCaptioner
-
-    cls = MoondreamCaptioner if spec.scheme == "moondream" else TransformersCaptioner
-    return cls(spec, max_new_tokens, device, dtype)
-
-
-# ---- device and dtype ------------------------------------------------------------------
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def device_and_dtype(device: str | None, dtype: str | None):
-    """models.common.pick_device's choice (cuda in bf16/fp16, cpu in fp32) unless --dtype says otherwise."""
-    import torch
-
-    from models.common import pick_device
-
-    torch_device, torch_dtype = pick_device(device)
-    if dtype in (None, "auto"):
-        return torch_device, torch_dtype
-    return torch_device, getattr(torch, DTYPES[dtype])
+def make_captioner(spec: ModelSpec, **settings) -> Captioner:
+    """The adapter of the spec's family, with its settings (prompt, max_new_tokens, ...)."""
+    return family(spec.scheme).load_adapter()(spec, **settings)

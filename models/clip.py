@@ -1,4 +1,4 @@
-"""CLIP image embedder (open_clip): L2-normalised embeddings, stored as float16.
+"""CLIP image embedder (open_clip): L2-normalised embeddings, as float16.
 
 The model is an open_clip name (`ViT-B-32:laion2b_s34b_b79k`, open_clip's own registry),
 a hub id of an open_clip repo (`laion/CLIP-ViT-B-32-laion2B-s34B-b79K`: open_clip_config.json
@@ -15,27 +15,24 @@ import numpy as np
 from PIL import Image
 
 from curate.images import resize
-from models.common import ModelError, ModelStage, model_dir, model_name, normalised_nchw
+from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
 
-DEFAULT_CLIP = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"  # bigASP used CLIP-B
 CONFIG = "open_clip_config.json"
 
 
-class ClipEmbedder(ModelStage):
-    table = "embeddings"
+class Clip(Adapter):
+    family = "open_clip"
     batch_size = 64
 
-    def __init__(self, spec: str = DEFAULT_CLIP, device: str | None = None, batch_size: int | None = None):
-        super().__init__(spec, device, batch_size)
+    def __init__(self, weights: str | None = None):
+        super().__init__(weights)
+        self.spec = self.weights
         config = self._config()
         self.image_size = config["image_size"]
         if config["preprocess"].get("resize_mode") == "longest":  # fitted inside the square, padded
             self.decode_long_side = self.image_size
         else:  # resized on the shorter side and cropped (or squashed)
             self.decode_min_side = self.image_size
-
-    def model_key(self) -> str:
-        return f"open_clip:{model_name(self.spec)}"
 
     def _builtin(self) -> tuple[str, str | None] | None:
         """(name, pretrained tag) when spec names a model in open_clip's own registry."""
@@ -74,10 +71,10 @@ class ClipEmbedder(ModelStage):
         except (RuntimeError, FileNotFoundError, ValueError) as e:
             raise ModelError(f"cannot load open_clip model {self.spec!r}: {e}") from None
 
-    def setup(self) -> None:
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         import torch
 
-        self._device, self._dtype = self.model_device()
+        self._device, self._dtype = device_or_error(device, dtype)
         precision = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}[self._dtype]
         self._model, _ = self._create(self._device, precision)
         self._model.eval()
@@ -101,15 +98,15 @@ class ClipEmbedder(ModelStage):
             self._transform = pil_steps, np.array(normalize.mean, np.float32), np.array(normalize.std, np.float32)
         return self._transform
 
-    def prepare(self, row):
+    def preprocess(self, image):
         steps = self.transform()[0]
         # Our resize reads the decode's pixel array (no copy out of Pillow); torchvision's steps take PIL.
-        image = row["image"].pixels() if isinstance(steps[0], FastResize) else row["image"].image
+        image = image.pixels() if isinstance(steps[0], FastResize) else image.image
         for step in steps:
             image = step(image)
         return {"pixels": np.asarray(image)}
 
-    def process(self, batch):
+    def forward(self, batch):
         import torch
 
         pixels = normalised_nchw(batch["pixels"], *self.transform()[1:], self._device, self._dtype)

@@ -1,4 +1,10 @@
-"""What every model adapter shares: finding weights, choosing a device, and staying picklable.
+"""What every model adapter shares: the adapter interface, finding weights, naming them.
+
+An adapter is a model family's plain code, and no stage: settings in `__init__` (it
+pickles to Ray workers), weights in `load(device, dtype)`, `preprocess(image)` on CPU
+workers (uint8 pixels of the size it says it needs), and `forward(batch)`, which runs the
+model on a batch and gives its output columns. The stages in `curate.pipelines` wrap
+adapters; the adapters know nothing of stages, tables or runs.
 
 Weights are named by a local directory or a hub id. A hub id is resolved to the local
 directory of its files (huggingface_hub's cache, downloaded there when a network exists),
@@ -8,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.stage import Stage
+from curate.models.families import family
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -70,11 +75,6 @@ def fingerprint(folder: str) -> str:
     return digest.hexdigest()[:8]
 
 
-def cpu_share() -> int:
-    """Threads a CPU model may use next to the decode threads."""
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
 def normalised_nchw(pixels: np.ndarray, mean, std, device, dtype):
     """A batch of uint8 NHWC pixels (as CPU workers prepare them: 4x fewer bytes than
     floats) -> (x / 255 - mean) / std as contiguous NCHW on the model's device, in its dtype."""
@@ -87,47 +87,48 @@ def normalised_nchw(pixels: np.ndarray, mean, std, device, dtype):
     return x.mul_(scale[:, None, None]).sub_(shift[:, None, None]).to(dtype)
 
 
-def pick_device(device: str | None):
-    """(torch device, dtype): cuda in bf16 (fp16 where bf16 is missing) when present, cpu in fp32."""
-    import torch
+class Adapter:
+    """A model family's adapter (see the module's docstring). `family` names its declaration
+    in curate.models.families; `decode_min_side` / `decode_long_side` say what preprocess
+    needs from the decoder (shorter / longer side at least), None when it takes no image."""
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelError(f"--device {device}: no CUDA device here; use --device cpu")
-        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dev, torch.float32
+    family: str = ""
+    decode_min_side: int | None = None
+    decode_long_side: int | None = None
 
+    def __init__(self, weights: str | None = None, **settings):
+        declared = family(self.family)
+        self.weights = weights or declared.weights
+        if not self.weights:
+            raise ModelError(f"{self.family}: name the weights (a directory or a hub id); there is no default")
+        try:
+            self.settings = declared.resolve(**settings)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
 
-class ModelStage(Stage):
-    """A stage with weights. Attributes set in setup() or lazily start with `_` and are
-    left out when the stage is pickled to Ray workers (they load their own)."""
+    def model_value(self) -> str:
+        """The `model` column of the rows this adapter's output makes."""
+        return family(self.family).model_value(model_name(self.weights), self.settings)
 
-    num_gpus = 0
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+        raise NotImplementedError
 
-    def __init__(self, spec: str, device: str | None = None, batch_size: int | None = None):
-        self.spec, self.device = spec, device
-        if batch_size:
-            self.batch_size = batch_size
-        # On Ray a model actor asks for a GPU unless told to use the CPU (on a cluster
-        # without GPUs the runner asks for none).
-        self.num_gpus = 0 if device == "cpu" else 1
+    def preprocess(self, image) -> dict:
+        raise NotImplementedError
 
-    def model_device(self):
-        """(device, dtype) for setup(). On CPU torch gets half the cores, because the runner's
-        decode threads use the rest: oversubscribed, torch's spinning threads ran the tiny
-        pass at half speed on 2 cores."""
-        device, dtype = pick_device(self.device)
-        if device.type == "cpu":
-            import torch
+    def forward(self, batch: dict) -> dict:
+        raise NotImplementedError
 
-            torch.set_num_threads(cpu_share())
-        return device, dtype
-
-    def __getstate__(self):
+    def __getstate__(self) -> dict:
+        """Settings only: what load() made (named with a leading `_`) stays in its process."""
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def device_or_error(device: str | None, dtype: str | None = None, gpu_dtype: str | None = None):
+    """curate.devices.choose, with its refusal said as a ModelError."""
+    from curate.devices import DeviceError, choose
+
+    try:
+        return choose(device, dtype, gpu_dtype)
+    except DeviceError as e:
+        raise ModelError(str(e)) from None

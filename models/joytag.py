@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import ModelError, ModelStage, model_dir, model_name, normalised_nchw
-from models.tagging import GENERAL, square_resized, tag_columns
+from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.tagging import GENERAL, square_resized, tag_columns
 
-DEFAULT_JOYTAG = "fpgaminer/joytag"
 FILES = ("config.json", "model.safetensors", "top_tags.txt")
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -142,30 +141,26 @@ def load_joytag(folder) -> tuple[JoyTagViT, list[str]]:
     return model.eval(), tags
 
 
-class JoyTagger(ModelStage):
-    table = "tags"
+class JoyTag(Adapter):
+    family = "joytag"
     batch_size = 32
 
-    def __init__(self, spec: str = DEFAULT_JOYTAG, device: str | None = None, batch_size: int | None = None,
-                 threshold: float = 0.4):
-        super().__init__(spec, device, batch_size)
-        self.threshold = threshold
-        config = json.loads((model_dir(spec, FILES) / "config.json").read_text())
+    def __init__(self, weights: str | None = None, threshold: float | None = None):
+        super().__init__(weights, threshold=threshold)
+        self.spec, self.threshold = self.weights, self.settings["threshold"]
+        config = json.loads((model_dir(self.spec, FILES) / "config.json").read_text())
         self.size = self.decode_long_side = config["image_size"]  # padded to a square
 
-    def model_key(self) -> str:
-        return f"joytag:{model_name(self.spec)}@threshold={self.threshold}"
-
-    def setup(self) -> None:
-        self._device, self._dtype = self.model_device()
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+        self._device, self._dtype = device_or_error(device, dtype)
         model, self._names = load_joytag(model_dir(self.spec, FILES))
         self._model = model.to(self._device, self._dtype)
         self._categories = np.full(len(self._names), GENERAL)
 
-    def prepare(self, row):
-        return {"pixels": square_resized(row["image"].pixels(), self.size)}
+    def preprocess(self, image):
+        return {"pixels": square_resized(image.pixels(), self.size)}
 
-    def process(self, batch):
+    def forward(self, batch):
         with torch.inference_mode():
             logits = self._model(normalised_nchw(batch["pixels"], CLIP_MEAN, CLIP_STD, self._device, self._dtype))
         probs = torch.sigmoid(logits.float()).cpu().numpy()

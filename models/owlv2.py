@@ -20,10 +20,8 @@ import numpy as np
 from scipy.special import expit
 
 from curate.images import resize
-from models.common import ModelError, ModelStage, model_dir, model_name, normalised_nchw
+from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
 
-DEFAULT_OWLV2 = "google/owlv2-base-patch16-ensemble"
-QUERY = "a watermark"
 MAX_BOXES = 16  # the most confident boxes kept per image
 
 
@@ -51,30 +49,26 @@ def boxes_in_image(logits: np.ndarray, pred_boxes: np.ndarray, width: int, heigh
     return {"score": best, "has_watermark": best > threshold, "boxes": boxes}
 
 
-class WatermarkDetector(ModelStage):
-    table = "watermarks"
+class OWLv2(Adapter):
+    family = "owlv2"
     batch_size = 8
 
-    def __init__(self, spec: str = DEFAULT_OWLV2, device: str | None = None, batch_size: int | None = None,
-                 threshold: float = 0.1, query: str = QUERY):
-        super().__init__(spec, device, batch_size)
-        if not query.strip():
+    def __init__(self, weights: str | None = None, query: str | None = None, threshold: float | None = None):
+        super().__init__(weights, query=query, threshold=threshold)
+        self.spec, self.query, self.threshold = self.weights, self.settings["query"], self.settings["threshold"]
+        if not self.query.strip():
             raise ModelError("the watermark query is empty; say what to look for, e.g. \"a watermark\"")
-        self.threshold, self.query = threshold, query
-        folder = model_dir(spec, ("config.json",))
+        folder = model_dir(self.spec, ("config.json",))
         config = json.loads((folder / "config.json").read_text())
         if config.get("model_type") != "owlv2":
-            raise ModelError(f"{spec} is a {config.get('model_type')!r} model, not OWLv2")
+            raise ModelError(f"{self.spec} is a {config.get('model_type')!r} model, not OWLv2")
         self.size = self.decode_long_side = config["vision_config"].get("image_size", 960)  # padded to a square
 
-    def model_key(self) -> str:
-        return f"owlv2:{model_name(self.spec)}@query={self.query},threshold={self.threshold}"
-
-    def setup(self) -> None:
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         import torch
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-        self._device, self._dtype = self.model_device()
+        self._device, self._dtype = device_or_error(device, dtype)
         folder = model_dir(self.spec)
         preprocess = json.loads((folder / "preprocessor_config.json").read_text())
         self._mean, self._std = preprocess["image_mean"], preprocess["image_std"]
@@ -85,8 +79,7 @@ class WatermarkDetector(ModelStage):
             pooled = owl.text_model(**{k: v.to(self._device) for k, v in text.items()}).pooler_output
             self._query = torch.nn.functional.normalize(owl.text_projection(pooled), dim=-1)
 
-    def prepare(self, row):
-        image = row["image"]
+    def preprocess(self, image):
         small = image.pixels()
         h, w = small.shape[:2]
         scale = self.size / max(w, h)
@@ -111,7 +104,7 @@ class WatermarkDetector(ModelStage):
             boxes = model.box_predictor(features, feature_map)
         return logits.float().cpu().numpy(), boxes.float().cpu().numpy()
 
-    def process(self, batch):
+    def forward(self, batch):
         logits, boxes = self.detect(batch["pixels"])
         rows = [boxes_in_image(lg, bx, w, h, self.threshold)
                 for lg, bx, w, h in zip(logits, boxes, batch["width"], batch["height"])]

@@ -1,51 +1,37 @@
-"""Quality ranks: the project's rank head (models/quality_head.py) over stored CLIP embeddings.
+"""Quality ranks: the project's rank head (models/quality_head.py) on stored CLIP embeddings.
 
-It reads the embeddings table, not images: the head names the embedder it was trained on,
-and only that embedder's rows are scored, so a head never sees embeddings of another model.
+It takes embeddings, not images: the head names the embedder it was trained on, and the
+stage around it feeds only that embedder's rows, so a head never sees another model's.
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
-import pyarrow.compute as pc
 
-from models.common import ModelError, ModelStage
-from models.quality_head import load_head
+from curate.models.common import Adapter, ModelError, device_or_error
+from curate.models.quality_head import load_head
 
 
-class QualityRanker(ModelStage):
-    table = "quality"
-    source = "embeddings"
-    columns = ("image_id", "model", "status", "embedding")
+class QualityHead(Adapter):
+    family = "quality"
     batch_size = 1024
 
-    def __init__(self, head_dir: str, device: str | None = None, batch_size: int | None = None):
-        super().__init__(head_dir, device, batch_size)
+    def __init__(self, weights: str | None = None):
+        super().__init__(weights)
         try:
-            _, meta = load_head(head_dir)
+            _, meta = load_head(self.weights)
         except (ValueError, OSError) as e:
             raise ModelError(str(e)) from None
-        self.embedder = meta["embedder"]
-        weights = (Path(head_dir) / "head.safetensors").read_bytes()
-        self.key = f"{Path(head_dir).resolve().name}:{hashlib.sha256(weights).hexdigest()[:12]}"
+        self.embedder = meta["embedder"]  # the embeddings table's `model` it ranks
 
-    def model_key(self) -> str:
-        return self.key  # the head's name and a digest of its weights: a refitted head scores anew
-
-    def source_filter(self):
-        return (pc.field("model") == self.embedder) & (pc.field("status") == "ok")
-
-    def setup(self) -> None:
-        self._device, _ = self.model_device()
-        head, _ = load_head(self.spec, expect_embedder=self.embedder)
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+        self._device, _ = device_or_error(device)
+        head, _ = load_head(self.weights, expect_embedder=self.embedder)
         self._head = head.to(self._device)
 
-    def prepare(self, row):
-        return {"embedding": np.asarray(row["embedding"], dtype=np.float32)}
+    def preprocess(self, embedding) -> dict:
+        return {"embedding": np.asarray(embedding, dtype=np.float32)}
 
-    def process(self, batch):
+    def forward(self, batch):
         import torch
 
         with torch.inference_mode():

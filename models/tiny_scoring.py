@@ -9,8 +9,6 @@ import gzip
 import json
 from pathlib import Path
 
-from models.tiny import family
-
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_CLIP = {
@@ -38,13 +36,22 @@ def write_clip_bpe(folder: Path) -> None:
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}))
 
 
+def write_laion_aesthetic(target: Path) -> None:
+    """The LAION aesthetic predictor's published file: a torch state dict, random weights."""
+    import torch
+
+    from curate.models.aesthetic import WEIGHTS_FILE, AestheticPredictor
+
+    torch.manual_seed(0)
+    torch.save(AestheticPredictor().state_dict(), target / WEIGHTS_FILE)
+
+
 def save_weights(model, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
 
 
-@family("open_clip")
 def write_open_clip(folder: Path) -> None:
     """Like laion/CLIP-ViT-B-32-laion2B-s34B-b79K: open_clip_config.json + open_clip_model.safetensors."""
     import open_clip
@@ -58,22 +65,20 @@ def write_open_clip(folder: Path) -> None:
     write_clip_bpe(folder)
 
 
-@family("quality_head")
 def write_quality_head(folder: Path) -> None:
-    """A rank head for the tiny open_clip's embeddings (written beside it if missing), in the project's own format."""
+    """A rank head for the embeddings of the tiny open_clip beside it, in the project's own format."""
     import torch
 
-    from models.clip import ClipEmbedder
-    from models.quality_head import RankHead, save_head
-    from models.tiny import write_zoo
+    from curate.models.clip import Clip
+    from curate.models.quality_head import RankHead, save_head
 
-    clip_dir = write_zoo(folder.parent, ["open_clip"])["open_clip"]
+    clip_dir = folder.parent / "open_clip"
 
     torch.manual_seed(0)
     head = RankHead(TINY_CLIP["embed_dim"], hidden=(16,))
     with torch.no_grad():  # random embeddings of random images are close: amplify so ranks spread
         head.net[0].weight.mul_(30)
-    save_head(folder, head, embedder=ClipEmbedder(str(clip_dir)).model_key())
+    save_head(folder, head, embedder=Clip(str(clip_dir)).model_value())
 
 
 # A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).
@@ -97,7 +102,6 @@ def n_tags() -> int:
     return len(RATING_TAGS) + len(GENERAL_TAGS) + len(CHARACTER_TAGS)
 
 
-@family("wd14")
 def write_wd14(folder: Path) -> None:
     """Like SmilingWolf/wd-vit-tagger-v3's ONNX export: model.onnx (input [batch, S, S, 3]
     float BGR 0-255, output [batch, tags] sigmoid) + selected_tags.csv."""
@@ -135,7 +139,6 @@ def write_wd14(folder: Path) -> None:
     write_selected_tags(folder / "selected_tags.csv")
 
 
-@family("wd14_timm")
 def write_wd14_timm(folder: Path) -> None:
     """Like the timm layout of SmilingWolf/wd-vit-tagger-v3: config.json + model.safetensors + selected_tags.csv."""
     import timm
@@ -160,12 +163,11 @@ def write_wd14_timm(folder: Path) -> None:
     write_selected_tags(folder / "selected_tags.csv")
 
 
-@family("joytag")
 def write_joytag(folder: Path) -> None:
     """Like fpgaminer/joytag: config.json ({"class": "ViT", ...}) + model.safetensors + top_tags.txt."""
     import torch
 
-    from models.joytag import JoyTagViT
+    from curate.models.joytag import JoyTagViT
 
     tags = GENERAL_TAGS + CHARACTER_TAGS  # JoyTag has no rating outputs
     config = {"class": "ViT", "n_tags": len(tags), "image_size": TINY_TAGGER_SIZE, "num_blocks": 2, "patch_size": 16,
@@ -182,7 +184,6 @@ def write_joytag(folder: Path) -> None:
     (folder / "top_tags.txt").write_text("\n".join(tags) + "\n")
 
 
-@family("owlv2")
 def write_owlv2(folder: Path) -> None:
     """Like google/owlv2-base-patch16-ensemble: a transformers directory (config.json,
     model.safetensors, preprocessor_config.json, CLIP tokenizer files), built offline."""

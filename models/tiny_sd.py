@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-from models.tiny import family, tiny_vae
-
 CLIP_VOCAB = 49408
 BOS, EOS = 49406, 49407
 
@@ -33,6 +31,26 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
     units = list(bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def tiny_vae(scaling_factor: float = 0.13025):
+    """AutoencoderKL with the SDXL VAE's interface: 3 downsamplings (factor 8), 4 latent
+    channels, SDXL's scaling factor (SD1.5's is 0.18215); a few channels, random weights.
+    The one tiny VAE: the `vae` family and the tiny SDXL / SD1.5 pipelines use it."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        sample_size=1024, scaling_factor=scaling_factor, force_upcast=True,
+    )
+
+
+def write_vae(target: Path) -> None:
+    """The tiny VAE alone, in the diffusers layout."""
+    tiny_vae().save_pretrained(target, safe_serialization=True)
 
 
 def write_tokenizer(folder: Path, positions: int = 77, pad_token: str = "<|endoftext|>") -> None:
@@ -72,7 +90,6 @@ SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_
              "prediction_type": "epsilon", "steps_offset": 1}
 
 
-@family("sdxl")
 def write_tiny_sdxl(target: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -89,7 +106,6 @@ def write_tiny_sdxl(target: Path) -> None:
     set_component(target, "tokenizer_2", ["transformers", "CLIPTokenizer"])
 
 
-@family("sd15")
 def write_tiny_sd15(target: Path, positions: int = 77) -> None:
     """positions=248 gives a long-context CLIP text encoder (Long-CLIP, as in XLLsd)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline

@@ -3,55 +3,102 @@
 A spec is `SOURCE[@DTYPE]`. SOURCE is a hub id (`stabilityai/sdxl-vae`,
 `madebyollin/sdxl-vae-fp16-fix`) or a directory holding either the VAE itself
 (config.json + diffusion_pytorch_model.safetensors) or a whole pipeline with the VAE in
-its `vae/` subfolder. DTYPE is fp32, fp16 or bf16; without it: fp32 on CPU; on a GPU
+its `vae/` subfolder. DTYPE is fp32, fp16 or bf16; without it (auto): fp32 on CPU; on a GPU
 bf16, or fp16 when the VAE's config says it needs no upcast (the fp16-fix VAE). The
 original SDXL VAE overflows in fp16 (its config sets force_upcast); bf16 has fp32's range.
+
+`forward` takes uint8 crops (NHWC) and gives the latent distribution's mean and log-variance.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from models.common import model_name
+import numpy as np
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names: torch loads only when a VAE does
-ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "auto": None} | {k: k for k in DTYPES}
+from curate.devices import DeviceError, dtype_name, short_name
+from curate.models.common import Adapter, device_or_error, model_name
 
 
 class VaeError(ValueError):
     """A VAE spec that cannot be loaded; the message says what to give instead."""
 
 
-@dataclass(frozen=True)
-class VaeSpec:
-    source: str
-    dtype: str | None = None  # None: chosen by device and config
+class Vae(Adapter):
+    family = "vae"
+
+    def __init__(self, weights: str | None = None, dtype: str | None = None):
+        try:
+            dtype = dtype_name(dtype)
+        except DeviceError as e:
+            raise VaeError(f"{e} (for the VAE {weights!r})") from None
+        super().__init__(weights, dtype=dtype or "auto")
+        self.source, self.dtype = self.weights, dtype  # dtype None: chosen by device and config
 
     @classmethod
-    def parse(cls, spec: str, default_dtype: str | None = None) -> "VaeSpec":
+    def parse(cls, spec: str, default_dtype: str | None = None) -> Vae:
         """`SOURCE[@DTYPE]`; default_dtype (e.g. from --dtype) applies when there is no @DTYPE."""
         source, _, dtype = spec.strip().rpartition("@") if "@" in spec else (spec.strip(), "", "")
         if not source:
             raise VaeError(f"empty VAE in {spec!r}: give a hub id or a directory, optionally @fp32, @fp16 or @bf16")
-        dtype = dtype or default_dtype or "auto"
-        if dtype not in ALIASES:
-            raise VaeError(f"unknown dtype {dtype!r} for {source!r}: use fp32, fp16, bf16 (or float32, float16, bfloat16, auto)")
-        return cls(source, ALIASES[dtype])
+        return cls(source, dtype or default_dtype)
 
-    def __str__(self) -> str:
+    def name(self) -> str:
+        """How the VAE is named in `model` values: its weights, and the dtype when one was asked for."""
         return model_name(self.source) + (f"@{self.dtype}" if self.dtype else "")
 
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+        self._vae, self.used_dtype = load_vae(self, device)
 
-def load_vae(spec: VaeSpec, device: str):
-    """Returns (AutoencoderKL in eval mode on device, the dtype name it runs in)."""
-    import torch
+    @property
+    def config(self):
+        """The loaded VAE's config (scaling and shift factors, latent channels)."""
+        return self._vae.config
+
+    def forward(self, batch: dict) -> dict:
+        """uint8 NHWC crops -> {"mean", "logvar"} of the latent distribution (torch tensors)."""
+        import torch
+
+        vae = self._vae
+        # torchvision's ToTensor + Normalize(0.5, 0.5), op for op, on a contiguous NCHW tensor
+        # (memory layout changes CPU conv results): encoding a crop "the usual way" gives
+        # these latents bit for bit.
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).contiguous()
+        x = pixels.float().div(255).sub(0.5).div(0.5).to(vae.device, vae.dtype)
+        with torch.inference_mode():
+            mean, logvar = (_moments_one_by_one if vae.device.type == "cpu" else _moments)(vae, x)
+        return {"mean": mean, "logvar": logvar}
+
+
+def load_vae(spec: Vae, device: str | None):
+    """Returns (AutoencoderKL in eval mode on device, the short name of the dtype it runs in)."""
     from diffusers import AutoencoderKL
 
     source, kwargs = _locate(spec.source)
     config = AutoencoderKL.load_config(source, **kwargs)
-    dtype = spec.dtype or default_dtype(device, config)
-    vae = AutoencoderKL.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[dtype]), **kwargs)
-    return vae.to(device).eval().requires_grad_(False), dtype
+    # With no dtype asked for, a VAE that needs no upcast runs in fp16 on a GPU.
+    dev, torch_dtype = device_or_error(device, spec.dtype, gpu_dtype=None if config.get("force_upcast", True) else "fp16")
+    vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
+    return vae.to(dev).eval().requires_grad_(False), short_name(torch_dtype)
+
+
+def _moments(vae, x):
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.logvar
+
+
+def _moments_one_by_one(vae, x):
+    """CPU conv rounding depends on the batch and on the thread count: one image at a time on
+    one thread makes a latent the same whatever its batch-mates, engine or machine (the
+    decode threads keep the other cores busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        moments = [_moments(vae, x[k:k + 1]) for k in range(len(x))]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
 
 
 def _locate(source: str) -> tuple[str, dict]:
@@ -75,9 +122,3 @@ def _locate(source: str) -> tuple[str, dict]:
             errors.append(str(e).splitlines()[0])
     raise VaeError(f"cannot load VAE {source!r}: not a local directory, and the hub gave: {errors[0]} "
                    "(offline? download it once, or pass a local directory)")
-
-
-def default_dtype(device: str, config) -> str:
-    if not str(device).startswith("cuda"):
-        return "fp32"
-    return "bf16" if config.get("force_upcast", True) else "fp16"

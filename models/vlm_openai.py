@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from models.captioner import CaptionError, Captioner
+from curate.models.captioner import Captioner, CaptionError
 
 JPEG_QUALITY = 90
 MAX_SIDE = 1024  # servers resize to their own input size; no need to send more pixels
@@ -40,24 +40,24 @@ def jpeg_data_url(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class OpenAICaptioner(Captioner):
+class OpenAI(Captioner):
     uses_gpu = False  # the GPU is on the server
 
-    def __init__(self, spec, max_new_tokens: int, concurrency: int = 8, timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 0.5):
-        super().__init__(spec, max_new_tokens)
+    def __init__(self, spec, prompt: str | None = None, max_new_tokens: int | None = None, **http):
+        super().__init__(spec, prompt, max_new_tokens, **http)
         url = urlsplit(spec.target)
         self.scheme, self.host, self.port = url.scheme, url.hostname, url.port
         self.path = url.path.rstrip("/") + "/chat/completions"
-        self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
-        self.settings = ("scheme", "host", "port", "path", "concurrency", "timeout", "retries", "backoff", "settings")
+        self.concurrency, self.timeout = self.settings["concurrency"], self.settings["timeout"]
+        self.retries, self.backoff = self.settings["retries"], self.settings["backoff"]
+        self.batch_size = max(self.batch_size, self.concurrency)  # a batch is one wave of concurrent requests
 
-    def load(self) -> None:
-        self.api_key = os.environ.get("OPENAI_API_KEY")  # sent only to the configured host
-        self.lock = threading.Lock()
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+        self._api_key = os.environ.get("OPENAI_API_KEY")  # sent only to the configured host
+        self._lock = threading.Lock()
 
-    def prepare(self, image: Image.Image) -> str:
-        return jpeg_data_url(image)
+    def preprocess(self, image) -> dict:
+        return {"input": jpeg_data_url(image.image)}
 
     def caption(self, images: list[str], prompts: list[str]) -> list[str | CaptionError]:
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(images)))) as pool:
@@ -87,8 +87,8 @@ class OpenAICaptioner(Captioner):
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         conn = cls(self.host, self.port, timeout=self.timeout)
         headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         try:
             conn.request("POST", self.path, body, headers)
             reply = conn.getresponse()
@@ -114,6 +114,6 @@ class OpenAICaptioner(Captioner):
             raise CaptionError("bad_output", f"reply content is not text: {str(content)[:300]}")
         tokens = (reply.get("usage") or {}).get("completion_tokens")
         if isinstance(tokens, int):
-            with self.lock:
+            with self._lock:
                 self.generated_tokens += tokens
         return content

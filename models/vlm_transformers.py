@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.captioner import JOYCAPTION_SYSTEM, MOONDREAM_PROMPT, Captioner, device_and_dtype
-from models.common import ModelError
+from curate.models.captioner import JOYCAPTION_SYSTEM, Captioner
+from curate.models.common import ModelError, device_or_error
+from curate.models.families import MOONDREAM_PROMPT
 
 
 def _load_error(spec, e: Exception) -> ModelError:
@@ -22,38 +23,38 @@ def _load_error(spec, e: Exception) -> ModelError:
                         "(config.json, weights, processor and tokenizer files)")
 
 
-class TransformersCaptioner(Captioner):
-    def load(self) -> None:
+class Transformers(Captioner):
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.torch_device, self.torch_dtype = device_and_dtype(self.device, self.dtype)
+        self._device, self._dtype = device_or_error(device, dtype)
         try:
-            self.processor = AutoProcessor.from_pretrained(self.spec.target, revision=self.spec.revision)
+            self._processor = AutoProcessor.from_pretrained(self.spec.target, revision=self.spec.revision)
             model = AutoModelForImageTextToText.from_pretrained(self.spec.target, revision=self.spec.revision,
-                                                                dtype=self.torch_dtype)
+                                                                dtype=self._dtype)
         except (OSError, ValueError, KeyError) as e:
             raise _load_error(self.spec, e) from None
-        self.model = model.to(self.torch_device).eval()
-        tokenizer = getattr(self.processor, "tokenizer", None)
+        self._model = model.to(self._device).eval()
+        tokenizer = getattr(self._processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # generation continues from the right end of every row
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            self.pad_id = tokenizer.pad_token_id
-        self.system = JOYCAPTION_SYSTEM if self.spec.scheme == "joycaption" else None
-        self.inference_mode = torch.inference_mode
+            self._pad_id = tokenizer.pad_token_id
+        self._system = JOYCAPTION_SYSTEM if self.spec.scheme == "joycaption" else None
+        self._inference_mode = torch.inference_mode
 
     def prompt_text(self, prompt: str) -> str:
         """The model's own chat template around one image and the prompt; Florence-2 takes the bare prompt."""
-        if not getattr(self.processor, "chat_template", None):
+        if not getattr(self._processor, "chat_template", None):
             return prompt
-        image_token = getattr(self.processor, "image_token", None)
-        if self.system:  # JoyCaption's template takes plain-string turns and places the image itself
-            messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
+        image_token = getattr(self._processor, "image_token", None)
+        if self._system:  # JoyCaption's template takes plain-string turns and places the image itself
+            messages = [{"role": "system", "content": self._system}, {"role": "user", "content": prompt}]
         else:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if image_token and image_token not in text:
             text = text.replace(prompt, f"{image_token}\n{prompt}", 1)
         return text
@@ -62,19 +63,19 @@ class TransformersCaptioner(Captioner):
         rendered = {p: self.prompt_text(p) for p in set(prompts)}  # a batch usually shares one prompt
         texts = [rendered[p] for p in prompts]
         # One image list per prompt: SmolVLM/Idefics3 need the nesting, the rest flatten it.
-        inputs = self.processor(images=[[image] for image in images], text=texts, padding=True, return_tensors="pt")
-        inputs = {k: (v.to(self.torch_device, self.torch_dtype) if v.is_floating_point() else v.to(self.torch_device))
+        inputs = self._processor(images=[[image] for image in images], text=texts, padding=True, return_tensors="pt")
+        inputs = {k: (v.to(self._device, self._dtype) if v.is_floating_point() else v.to(self._device))
                   for k, v in inputs.items()}
-        with self.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        with self._inference_mode():
+            out = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
         # Decoder-only models echo the prompt; encoder-decoders (Florence-2) return only new tokens.
-        new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
-        if getattr(self, "pad_id", None) is not None:
-            self.generated_tokens += int((new != self.pad_id).sum())
-        return self.processor.batch_decode(new, skip_special_tokens=True)
+        new = out if self._model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+        if getattr(self, "_pad_id", None) is not None:
+            self.generated_tokens += int((new != self._pad_id).sum())
+        return self._processor.batch_decode(new, skip_special_tokens=True)
 
 
-class MoondreamCaptioner(Captioner):
+class Moondream(Captioner):
     """moondream2 (vikhyatk/moondream2) through its remote code, at a pinned revision.
 
     Its code builds the model the transformers 4 way; transformers 5 constructs models on
@@ -84,7 +85,7 @@ class MoondreamCaptioner(Captioner):
     The model has no batched API: images are captioned one by one.
     """
 
-    def load(self) -> None:
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         import transformers
 
         major = int(transformers.__version__.split(".")[0])
@@ -95,13 +96,13 @@ class MoondreamCaptioner(Captioner):
                                "server (moondream-station, vLLM) and use --model openai:URL#NAME")
         from transformers import AutoModelForCausalLM
 
-        self.torch_device, dtype = device_and_dtype(self.device, self.dtype)
+        self._device, torch_dtype = device_or_error(device, dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(self.spec.target, revision=self.spec.revision, trust_remote_code=True,
-                                                         torch_dtype=dtype)
+                                                         torch_dtype=torch_dtype)
         except (OSError, ValueError) as e:
             raise _load_error(self.spec, e) from None
-        self.model = model.to(self.torch_device).eval()
+        self._model = model.to(self._device).eval()
 
     def caption(self, images: list, prompts: list[str]) -> list[str]:
         settings = {"max_tokens": self.max_new_tokens}
@@ -109,7 +110,7 @@ class MoondreamCaptioner(Captioner):
         for image, prompt in zip(images, prompts):
             if prompt.startswith("caption:"):  # caption:short / caption:normal / caption:long
                 length = prompt.partition(":")[2] or MOONDREAM_PROMPT.partition(":")[2]
-                out.append(self.model.caption(image, length=length, settings=settings)["caption"])
+                out.append(self._model.caption(image, length=length, settings=settings)["caption"])
             else:
-                out.append(self.model.query(image, prompt, settings=settings)["answer"])
+                out.append(self._model.query(image, prompt, settings=settings)["answer"])
         return out

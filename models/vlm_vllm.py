@@ -7,29 +7,31 @@ with vllm installed to exercise it.
 """
 from __future__ import annotations
 
-from models.captioner import DTYPES, Captioner
-from models.common import ModelError
-from models.vlm_openai import jpeg_data_url
+from curate.devices import DTYPES, dtype_name
+from curate.models.captioner import Captioner
+from curate.models.common import ModelError
+from curate.models.vlm_openai import jpeg_data_url
 
 
-class VLLMCaptioner(Captioner):
-    def load(self) -> None:
+class VLLM(Captioner):
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
             raise ModelError("--model vllm:... needs vLLM: pip install vllm (CUDA GPU required); "
                                "or use llava:/hf: for transformers generate") from None
-        dtype = DTYPES.get(self.dtype, "auto")  # vLLM's names: float16, not fp16
-        self.llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=dtype, limit_mm_per_prompt={"image": 1})
-        self.params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+        short = dtype_name(dtype)
+        name = DTYPES[short] if short else "auto"  # vLLM's names: float16, not fp16
+        self._llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=name, limit_mm_per_prompt={"image": 1})
+        self._params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
 
-    def prepare(self, image):
-        return jpeg_data_url(image)  # the same inline JPEG data URL the HTTP backend sends
+    def preprocess(self, image):
+        return {"input": jpeg_data_url(image.image)}  # the same inline JPEG data URL the HTTP backend sends
 
     def caption(self, images: list[str], prompts: list[str]) -> list[str]:
         conversations = [[{"role": "user", "content": [{"type": "text", "text": p},
                                                        {"type": "image_url", "image_url": {"url": url}}]}]
                          for url, p in zip(images, prompts)]
-        outputs = self.llm.chat(conversations, self.params, use_tqdm=False)
+        outputs = self._llm.chat(conversations, self._params, use_tqdm=False)
         self.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
         return [o.outputs[0].text for o in outputs]

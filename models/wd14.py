@@ -13,10 +13,10 @@ import json
 
 import numpy as np
 
-from models.common import ModelError, ModelStage, cpu_share, model_dir, model_name, normalised_nchw
-from models.tagging import CHARACTER, GENERAL, square_resized, tag_columns
+from curate.devices import model_threads
+from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.tagging import CHARACTER, GENERAL, square_resized, tag_columns
 
-DEFAULT_WD14 = "SmilingWolf/wd-vit-tagger-v3"
 TAGS_CSV = "selected_tags.csv"
 
 
@@ -28,15 +28,15 @@ def read_tags(path) -> tuple[list[str], np.ndarray]:
     return [r["name"] for r in rows], np.array([int(r["category"]) for r in rows])
 
 
-class WD14Tagger(ModelStage):
-    table = "tags"
+class WD14(Adapter):
+    family = "wd14"
     batch_size = 32
 
-    def __init__(self, spec: str = DEFAULT_WD14, device: str | None = None, batch_size: int | None = None,
-                 general: float = 0.35, character: float = 0.85):
-        super().__init__(spec, device, batch_size)
-        self.thresholds = {GENERAL: general, CHARACTER: character}
-        folder = model_dir(spec, (TAGS_CSV,))
+    def __init__(self, weights: str | None = None, general: float | None = None, character: float | None = None):
+        super().__init__(weights, general=general, character=character)
+        self.spec = self.weights
+        self.thresholds = {GENERAL: self.settings["general"], CHARACTER: self.settings["character"]}
+        folder = model_dir(self.spec, (TAGS_CSV,))
         if (folder / "model.onnx").is_file():
             import onnx
 
@@ -48,23 +48,19 @@ class WD14Tagger(ModelStage):
             self.pretrained_cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
             self.size = self.pretrained_cfg["input_size"][-1]
         else:
-            raise ModelError(f"{spec} has neither model.onnx nor config.json + model.safetensors (timm)")
+            raise ModelError(f"{self.spec} has neither model.onnx nor config.json + model.safetensors (timm)")
         self.decode_long_side = self.size  # padded to a square: the longer side must reach `size`
 
-    def model_key(self) -> str:
-        g, c = self.thresholds[GENERAL], self.thresholds[CHARACTER]
-        return f"wd14:{model_name(self.spec)}@general={g},character={c}"
-
-    def setup(self) -> None:
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         folder = model_dir(self.spec, (TAGS_CSV,))
         self._names, self._categories = read_tags(folder / TAGS_CSV)
-        self._device, self._dtype = self.model_device()
+        self._device, self._dtype = device_or_error(device, dtype)
         if self.backend == "onnx":
             import onnxruntime as ort
 
             providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else []
             options = ort.SessionOptions()
-            options.intra_op_num_threads = cpu_share()  # the rest of the cores decode
+            options.intra_op_num_threads = model_threads()  # the rest of the cores decode
             self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
                                                  providers=providers + ["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
@@ -80,9 +76,9 @@ class WD14Tagger(ModelStage):
             return self._session.get_outputs()[0].shape[-1]
         return self._model.num_classes
 
-    def prepare(self, row):
+    def preprocess(self, image):
         """Pad to a white square and resize (bicubic): uint8 RGB; model_input does the rest."""
-        return {"pixels": square_resized(row["image"].pixels(), self.size)}
+        return {"pixels": square_resized(image.pixels(), self.size)}
 
     def model_input(self, pixels: np.ndarray):
         """uint8 RGB NHWC -> BGR: 0-255 floats NHWC for ONNX, normalised NCHW on the device for timm."""
@@ -101,5 +97,5 @@ class WD14Tagger(ModelStage):
             logits = self._model(self.model_input(pixels))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
-    def process(self, batch):
+    def forward(self, batch):
         return tag_columns(self.probabilities(batch["pixels"]), self._names, self._categories, self.thresholds)

@@ -9,14 +9,13 @@ symbols, a repetition loop) is an error row (`bad_output`), not a crash.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 
-from models.captioner import CaptionError, default_prompt, make_captioner, parse_spec
-from pipelines.stage import Stage
-
-DECODE_MIN_SIDE = 768  # enough for every captioner's input size (LLaVA 336, SigLIP 384-448, Qwen dynamic)
+from curate.devices import DeviceError, dtype_name
+from curate.models.captioner import CaptionError, make_captioner, parse_spec
+from curate.models.common import ModelError
+from curate.pipelines.stage import ModelStage, Resources
 
 # Chatty openings VLMs put before the actual description; removed repeatedly from the start.
 _NOUN = r"(?:image|picture|photo|photograph|illustration|artwork|painting|drawing|scene|render(?:ing)?|screenshot)"
@@ -86,44 +85,25 @@ def garbage_reason(text: str) -> str | None:
     return None
 
 
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode()).hexdigest()[:12]
-
-
-class CaptionStage(Stage):
-    table = "captions"
-    decode_min_side = DECODE_MIN_SIDE
-    batch_size = 16
+class CaptionStage(ModelStage):
+    """A captioner's raw outputs, cleaned; the raw output is kept beside the clean one."""
 
     def __init__(self, model: str, prompt: str | None = None, max_new_tokens: int = 160, *, batch_size: int | None = None,
                  device: str | None = None, dtype: str | None = None, max_chars: int | None = None, **http):
-        self.spec = parse_spec(model)  # SpecError here: a bad --model fails before any work
-        self.prompt = prompt if prompt is not None else default_prompt(self.spec)
-        if not self.prompt.strip():
-            raise ValueError("the prompt is empty")
-        self.max_new_tokens = max_new_tokens
-        self.max_chars = max_chars
-        self.batch_size = batch_size or self.batch_size
-        if self.spec.scheme == "openai" and not batch_size:  # a batch is one wave of concurrent requests
-            self.batch_size = max(self.batch_size, http.get("concurrency", 0))
-        self.captioner = make_captioner(self.spec, max_new_tokens, device, dtype, **http)
-        self.num_gpus = 1 if self.captioner.uses_gpu and device != "cpu" else 0
-
-    def model_key(self) -> str:
-        # The prompt and the token limit change the output, so each pair is its own work;
-        # batch size, device and dtype do not enter the key (resume across them).
-        return f"{self.spec}|prompt={prompt_id(self.prompt)}|max_new_tokens={self.max_new_tokens}"
-
-    def setup(self) -> None:
-        self.captioner.load()
-
-    def prepare(self, row):
-        return {"input": self.captioner.prepare(row["image"].image)}
+        spec = parse_spec(model)  # SpecError here: a bad --model fails before any work
+        try:
+            dtype_name(dtype)  # said before any model loads, for every backend
+        except DeviceError as e:
+            raise ModelError(str(e)) from None
+        captioner = make_captioner(spec, prompt=prompt, max_new_tokens=max_new_tokens, **http)
+        super().__init__(captioner, device, batch_size, dtype)
+        self.captioner, self.prompt, self.max_chars = captioner, captioner.prompt, max_chars
+        if not captioner.uses_gpu:
+            self.resources = Resources(self.resources.cpus, gpus=0)
 
     def process(self, batch):
-        n = len(batch["image_id"])
-        outputs = self.captioner.caption(list(batch["input"]), [self.prompt] * n)
-        rows = {"prompt": [self.prompt] * n, "caption": [], "raw": [], "_error": [], "_message": []}
+        outputs = self.captioner.forward(batch)["raw"]
+        rows = {"prompt": [self.prompt] * len(outputs), "caption": [], "raw": [], "_error": [], "_message": []}
         for out in outputs:
             caption, error, message = None, None, None
             if isinstance(out, CaptionError):

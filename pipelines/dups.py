@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from curate.manifest import Dataset
 from curate.schema import SCHEMAS
+from curate.store import Dataset
 
 DEFAULT_THRESHOLD = 6  # of 64 bits: re-encodes and small resizes land within it; unrelated images ~32 apart
 MAX_THRESHOLD = 16  # beyond this, bands are so narrow that almost everything is compared

@@ -19,8 +19,10 @@ from PIL import Image
 
 from curate.buckets import BucketSet, choose_bucket, plan_crop, too_small_reason
 from curate.images import ImageError, decode
-from models.vae import VaeSpec, load_vae
-from pipelines.stage import Stage
+from curate.models.common import model_name
+from curate.models.families import model_value
+from curate.models.vae import Vae
+from curate.pipelines.stage import Stage, model_resources
 
 
 def image_seed(seed: int, image_id: str, purpose: str) -> int:
@@ -35,17 +37,18 @@ class EncodeStage(Stage):
     decode_min_side = None  # prepare decodes: each image at the size its own bucket needs
     batch_size = 8
 
-    def __init__(self, vaes: list[VaeSpec], bucket_set: BucketSet, crop: str = "random", seed: int = 0,
+    def __init__(self, vaes: list[Vae], bucket_set: BucketSet, crop: str = "random", seed: int = 0,
                  keep_distribution: bool = False, allow_upscale: bool = False, device: str | None = None,
                  batch_size: int | None = None):
         self.vaes, self.bucket_set, self.crop, self.seed = list(vaes), bucket_set, crop, seed
         self.keep_distribution, self.allow_upscale, self.device = keep_distribution, allow_upscale, device
         self.batch_size = batch_size or self.batch_size
-        self.num_gpus = 0 if device == "cpu" else 1
+        self.resources = model_resources(device)
 
     def model_key(self) -> str:
-        key = f"vae={','.join(map(str, self.vaes))};set={self.bucket_set.name};crop={self.crop};seed={self.seed}"
-        return key + (";upscale" if self.allow_upscale else "") + (";dist" if self.keep_distribution else "")
+        return model_value("vae", "+".join(model_name(v.source) for v in self.vaes), {
+            "dtype": "+".join(v.dtype or "auto" for v in self.vaes), "set": self.bucket_set.name, "crop": self.crop,
+            "seed": self.seed, "upscale": self.allow_upscale, "distribution": self.keep_distribution})
 
     # ---- CPU side ----------------------------------------------------------------
     def prepare(self, row):
@@ -69,29 +72,19 @@ class EncodeStage(Stage):
 
     # ---- model side --------------------------------------------------------------
     def setup(self) -> None:
-        import torch
-
-        self._device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._models = [load_vae(spec, self._device) for spec in self.vaes]
-        channels = {vae.config.latent_channels for vae, _ in self._models}
+        for vae in self.vaes:
+            vae.load(self.device)
+        channels = {vae.config.latent_channels for vae in self.vaes}
         if len(channels) > 1:
             raise ValueError(f"mixed VAEs must share latent channels, got {sorted(channels)}")
 
     def process(self, batch):
         import torch
 
-        index = batch["vae_index"][0]
-        vae, dtype = self._models[index]
-        # torchvision's ToTensor + Normalize(0.5, 0.5), op for op, on a contiguous NCHW tensor
-        # (memory layout changes CPU conv results): encoding a crop "the usual way" gives
-        # these latents bit for bit.
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).contiguous()
-        x = pixels.float().div(255).sub(0.5).div(0.5).to(self._device, vae.dtype)
+        vae = self.vaes[batch["vae_index"][0]]
+        moments = vae.forward(batch)
+        mean, logvar = moments["mean"], moments["logvar"]
         with torch.inference_mode():
-            if self._device == "cpu":
-                mean, logvar = _moments_one_by_one(vae, x)
-            else:
-                mean, logvar = _moments(vae, x)
             noise = torch.stack([seeded_noise(mean.shape[1:], image_seed(self.seed, i, "noise"))
                                  for i in batch["image_id"]])
             latent = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
@@ -112,9 +105,10 @@ class EncodeStage(Stage):
                  "crop_top", "crop_left", "target_height", "target_width")
         out.update({name: [int(v) for v in batch[name]] for name in names})
         n = len(latent16)
-        out["scaling_factor"] = [float(vae.config.scaling_factor)] * n
-        out["shift_factor"] = [vae.config.get("shift_factor")] * n
-        out["vae"] = [f"{self.vaes[index].source}@{dtype}"] * n
+        config = vae.config
+        out["scaling_factor"] = [float(config.scaling_factor)] * n
+        out["shift_factor"] = [config.get("shift_factor")] * n
+        out["vae"] = [f"{model_name(vae.source)}@{vae.used_dtype}"] * n
         return out
 
 
@@ -123,26 +117,6 @@ def seeded_noise(shape, seed: int):
     import torch
 
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
-
-
-def _moments(vae, x):
-    dist = vae.encode(x).latent_dist
-    return dist.mean, dist.logvar
-
-
-def _moments_one_by_one(vae, x):
-    """CPU conv rounding depends on the batch and on the thread count: one image at a time on
-    one thread makes a latent the same whatever its batch-mates, engine or machine (the
-    decode threads keep the other cores busy)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        moments = [_moments(vae, x[k:k + 1]) for k in range(len(x))]
-    finally:
-        torch.set_num_threads(threads)
-    return torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
 
 
 def crop_pixels(image: Image.Image, crop) -> np.ndarray:

@@ -7,33 +7,29 @@ image extension or its first bytes sniff as an image. Each candidate becomes an 
 image_id and only the first copy stores bytes. Sources already in the table are skipped,
 so ingesting again adds only what is new.
 
-Reading and validating files is the slow part: `--engine local` runs it on a thread
-pool, `--engine ray` as Ray Data tasks (a chunk of files, or one whole tar shard, per
-task). Deduplication and writing stay on the driver, in the order the sources were
-walked, so both engines write the same rows and a killed run resumes to the same table.
+Ingest is the executor's source stage: the driver walks the sources and names each
+candidate (a path, or a tar member's archive, offset and size; nothing is read yet),
+CPU workers read, hash and validate them (`prepare`), and the driver, in walk order,
+keeps the bytes of each image's first copy only (`commit`), so both engines write the
+same rows and a killed run resumes to the same table.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
-import time
-import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curate.images import MAX_FILE_BYTES, ImageError, decode, decode_threads, quick_gil_handoffs, read_file
-from curate.manifest import Dataset, now
-from curate.progress import progress_bar
+from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
+from curate.pipelines.executor import Summary, run
+from curate.pipelines.stage import Stage
 from curate.schema import SCHEMAS
-from pipelines.ray_engine import RAY_TASK_RETRIES, init_ray
-from pipelines.runner import PART_ROWS, PartWriter
+from curate.store import Dataset, now
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
@@ -41,16 +37,14 @@ IMAGE_EXTENSIONS = {
 }
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-INGEST_BATCH = min(64, PART_ROWS)  # candidates per unit of work (and per part at most)
+INGEST_BATCH = 64  # candidates per unit of work
 
 
-@dataclass
-class Candidate:
-    source: str  # how the row names it: a path, or archive.tar::member
-    path: str | None = None  # read from disk in a worker
-    data: bytes | None = None  # already read (tar members)
-    error: ImageError | None = None  # already failed (unsafe tar member)
-    archive: str | None = None  # a whole tar archive, expanded by the worker (Ray engine)
+def candidate(source: str, **where) -> dict:
+    """An input row: how the table names it (a path, or archive.tar::member) and where its
+    bytes are: `path`; `archive`, `offset` and `size` (a member of an uncompressed tar);
+    `data` (a member of a compressed tar, read while walking it); or `error` (code, message)."""
+    return {"source": source, **where}
 
 
 def display_name(path: str | bytes) -> str:
@@ -86,71 +80,95 @@ def check_sources(sources: list[str]) -> None:
         raise FileNotFoundError(f"source does not exist: {', '.join(missing)}")
 
 
-def enumerate_sources(sources: list[str], expand_tars: bool = True) -> Iterator[Candidate]:
+def enumerate_sources(sources: list[str]) -> Iterator[dict]:
     """Every candidate in walk order (sorted names), so two runs see the same order."""
     for src in sources:
         p = os.path.abspath(src)
         if os.path.isdir(p) and not os.path.islink(p):
-            yield from _walk(p, expand_tars)
+            yield from _walk(p)
         elif is_tar(p):
-            yield from _tar(p, expand_tars)
+            yield from tar_members(p)
         else:
-            yield Candidate(display_name(p), path=p)
+            yield candidate(display_name(p), path=p)
 
 
-def _walk(root: str, expand_tars: bool) -> Iterator[Candidate]:
+def _walk(root: str) -> Iterator[dict]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         # A directory named like an image is an entry users expect to hear about.
         for d in dirnames:
             if is_candidate(d):
-                yield Candidate(display_name(os.path.join(dirpath, d)), path=os.path.join(dirpath, d))
+                yield candidate(display_name(os.path.join(dirpath, d)), path=os.path.join(dirpath, d))
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
             if is_tar(full):
-                yield from _tar(full, expand_tars)
+                yield from tar_members(full)
             elif is_candidate(name) or (os.path.isfile(full) and sniffs_as_image(full)):
-                yield Candidate(display_name(full), path=full)
+                yield candidate(display_name(full), path=full)
 
 
-def _tar(archive: str, expand: bool) -> Iterator[Candidate]:
-    if expand:
-        yield from tar_members(archive)
-    else:
-        yield Candidate(display_name(archive) + "::", archive=archive)
-
-
-def tar_members(archive: str) -> Iterator[Candidate]:
-    """Image members of a tar, read in order; nothing is ever extracted to disk."""
+def tar_members(archive: str) -> Iterator[dict]:
+    """Image members of a tar, in order; nothing is ever extracted to disk. Only headers are
+    read here: a member of an uncompressed tar is read later, by offset, where it is checked."""
     prefix = display_name(archive) + "::"
     try:
+        compressed = not _plain_tar(archive)
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 name = display_name(member.name)
                 if not is_candidate(name):
                     continue
                 if os.path.isabs(member.name) or ".." in Path(member.name).parts:
-                    yield Candidate(prefix + name, error=ImageError("unsafe_path", "tar member escapes the archive"))
+                    yield candidate(prefix + name, error=("unsafe_path", "tar member escapes the archive"))
                 elif not member.isfile():
-                    yield Candidate(prefix + name, error=ImageError("not_regular_file", "tar member is not a regular file"))
+                    yield candidate(prefix + name, error=("not_regular_file", "tar member is not a regular file"))
                 elif member.size > MAX_FILE_BYTES:
-                    yield Candidate(prefix + name, error=ImageError("too_large", f"{member.size} bytes is over the cap"))
-                else:
+                    yield candidate(prefix + name, error=("too_large", f"{member.size} bytes is over the cap"))
+                elif compressed or member.issparse():
                     f = tar.extractfile(member)
-                    yield Candidate(prefix + name, data=f.read() if f else b"")
+                    yield candidate(prefix + name, data=f.read() if f else b"")
+                else:
+                    yield candidate(prefix + name, archive=archive, offset=member.offset_data, size=member.size)
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield Candidate(prefix, error=ImageError("unreadable", f"tar archive: {e}"))
+        yield candidate(prefix, error=("unreadable", f"tar archive: {e}"))
 
 
-def inspect_candidate(c: Candidate) -> dict:
-    """Read, hash and validate one candidate; returns an images row (bytes included)."""
-    row = {"source": c.source, "image_id": None, "bytes": None, "size_bytes": None, "width": None,
-           "height": None, "format": None, "mode": None, "animated": None,
-           "status": "ok", "error": None, "message": None, "created_at": now()}
+def _plain_tar(archive: str) -> bool:
+    """Whether the archive is an uncompressed tar (whose members can be read by offset)."""
     try:
-        if c.error:
-            raise c.error
-        data = c.data if c.data is not None else read_file(c.path)
+        with tarfile.open(archive, "r:"):
+            return True
+    except tarfile.TarError:
+        return False
+
+
+def read_member(archive: str, offset: int, size: int) -> bytes:
+    """A member of an uncompressed tar, by its data offset and size."""
+    try:
+        with open(archive, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        raise ImageError("unreadable", f"tar archive: {e.strerror or e}") from None
+    if len(data) != size:
+        raise ImageError("truncated", f"the archive ends {size - len(data)} bytes into this member")
+    return data
+
+
+def inspect(c: dict) -> dict:
+    """Read, hash and validate one candidate; returns an images row (bytes included)."""
+    row = {"source": c["source"], "image_id": None, "bytes": None, "size_bytes": None, "width": None,
+           "height": None, "format": None, "mode": None, "animated": None,
+           "status": "ok", "error": None, "message": None}
+    try:
+        if c.get("error"):
+            raise ImageError(*c["error"])
+        if c.get("data") is not None:
+            data = c["data"]
+        elif c.get("archive"):
+            data = read_member(c["archive"], c["offset"], c["size"])
+        else:
+            data = read_file(c["path"])
         row["size_bytes"] = len(data)
         row["image_id"] = hashlib.sha256(data).hexdigest() if data else None
         d = decode(data, min_side=1)  # full validation; JPEGs at 1/8 scale for speed
@@ -160,114 +178,69 @@ def inspect_candidate(c: Candidate) -> dict:
     return row
 
 
-def inspect_unit(unit: list[Candidate]) -> list[dict]:
-    """Rows for a unit of work: a chunk of files, or one tar archive expanded here."""
-    rows = []
-    for c in unit:
-        members = tar_members(c.archive) if c.archive else [c]
-        rows.extend(inspect_candidate(m) for m in members)
-    return rows
+class IngestStage(Stage):
+    """The source stage: candidates in, one images row each; exact duplicates store bytes once."""
 
+    table = "images"
+    source = None
+    key = "source"
+    batch_size = INGEST_BATCH
+    ordered = True  # the first copy of an image, in walk order, keeps the bytes
 
-# ---- engines: both yield lists of rows in walk order ----------------------------------
-def _inspect_local(sources: list[str], seen: set[str]) -> Iterator[list[dict]]:
-    candidates = (c for c in enumerate_sources(sources) if c.source not in seen)
-    with ThreadPoolExecutor(decode_threads()) as pool, quick_gil_handoffs():
-        # One chunk is always in flight while the previous one is deduplicated and written.
-        pending: list = []
-        for batch in _chunks(candidates, INGEST_BATCH):
-            pending.append([pool.submit(inspect_candidate, c) for c in batch])
-            if len(pending) > 1:
-                yield [f.result() for f in pending.pop(0)]
-        for futures in pending:
-            yield [f.result() for f in futures]
+    def __init__(self, sources: list[str]):
+        self.sources = list(sources)
+        self.counts: Counter = Counter()
 
+    def model_key(self) -> str:
+        return "ingest"
 
-def _work_units(sources: list[str], seen: set[str]) -> Iterator[list[Candidate]]:
-    chunk: list[Candidate] = []
-    for c in enumerate_sources(sources, expand_tars=False):
-        if c.archive:  # a tar shard is one unit; its members already seen are dropped later
-            if chunk:
-                yield chunk
-                chunk = []
-            yield [c]
-        elif c.source not in seen:
-            chunk.append(c)
-            if len(chunk) == INGEST_BATCH:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+    def inputs(self, ds: Dataset) -> Iterator[dict]:
+        # Only light columns: the table may hold a terabyte of bytes. Every ok image_id has
+        # its bytes in the first row that names it, and parts land in order, so "has an ok
+        # row" means "stored".
+        existing = ds.read("images", ["source", "image_id", "status"])
+        seen = set(existing.column("source").to_pylist())
+        self._stored = {i for i, s in zip(existing.column("image_id").to_pylist(),
+                                          existing.column("status").to_pylist()) if s == "ok"}
+        del existing
+        for c in enumerate_sources(self.sources):
+            if c["source"] not in seen:
+                seen.add(c["source"])
+                yield c
 
+    def prepare(self, row: dict) -> dict:
+        return inspect(row)
 
-def _inspect_units(batch: pa.Table) -> pa.Table:
-    """Ray Data task: inspect the pickled units of a batch."""
-    rows = [row for blob in batch.column("unit").to_pylist() for row in inspect_unit(pickle.loads(blob))]
-    return pa.Table.from_pylist(rows, schema=SCHEMAS["images"])
+    def process(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k != self.key}
 
+    def rows(self, ids: list[str], columns: dict) -> pa.Table:
+        n = len(ids)
+        if "_error" in columns:  # prepare failed outright (a bug): an error row naming the source
+            columns = {"status": ["error"] * n, "error": columns["_error"], "message": columns["_message"]}
+        columns = {**columns, "source": ids, "created_at": [now()] * n}
+        schema = SCHEMAS["images"]
+        return pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
 
-def _inspect_ray(sources: list[str], seen: set[str], ray_address: str | None) -> Iterator[list[dict]]:
-    ray = init_ray(ray_address)
-    # Units are pickled: paths may hold bytes that are not UTF-8, which Arrow strings cannot.
-    units = [{"unit": pickle.dumps(u)} for u in _work_units(sources, seen)]
-    if not units:
-        return
-    data = ray.data.from_items(units, override_num_blocks=len(units))
-    with warnings.catch_warnings():  # max_retries has no named parameter in map_batches yet
-        warnings.simplefilter("ignore", DeprecationWarning)
-        data = data.map_batches(_inspect_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                                max_retries=RAY_TASK_RETRIES)
-    context = ray.data.DataContext.get_current()
-    preserve = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # dedupe keeps the first copy in walk order
-    try:
-        for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
-            yield batch.to_pylist()
-    finally:
-        context.execution_options.preserve_order = preserve
+    def commit(self, rows: pa.Table) -> pa.Table:
+        """Drop the bytes of an image already stored (an exact duplicate keeps its source only)."""
+        ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
+        keep = []
+        for image_id, st in zip(ids, status):
+            duplicate = st == "ok" and image_id in self._stored
+            keep.append(not duplicate)
+            if st == "ok":
+                self._stored.add(image_id)
+            if duplicate:
+                self.counts["duplicate"] += 1
+        if all(keep):
+            return rows
+        data = rows.column("bytes")
+        return rows.set_column(rows.schema.get_field_index("bytes"), "bytes",
+                               pc.if_else(pa.array(keep), data, pa.nulls(len(rows), data.type)))
 
 
 def ingest(sources: list[str], ds: Dataset, show_progress: bool = True, engine: str = "local",
-           ray_address: str | None = None) -> dict:
-    started = time.perf_counter()
+           ray_address: str | None = None) -> Summary:
     check_sources(sources)
-    # Only light columns: the table may hold a terabyte of bytes. Every ok image_id has
-    # its bytes in the first row that names it, and parts land in order, so "has an ok
-    # row" means "stored".
-    existing = ds.read("images", ["source", "image_id", "status"])
-    seen_sources: set[str] = set(existing.column("source").to_pylist())
-    stored_ids = {i for i, s in zip(existing.column("image_id").to_pylist(), existing.column("status").to_pylist())
-                  if s == "ok"}
-    del existing
-
-    counts: Counter = Counter()
-    rows_in_order = _inspect_local(sources, seen_sources) if engine == "local" else \
-        _inspect_ray(sources, seen_sources, ray_address)
-    with progress_bar("ingest", None, enabled=show_progress) as advance, PartWriter(ds, "images") as writer:
-        for rows in rows_in_order:
-            rows = [r for r in rows if r["source"] not in seen_sources]
-            for row in rows:
-                if row["status"] == "ok":
-                    if row["image_id"] in stored_ids:
-                        row["bytes"] = None  # an exact duplicate: keep the source, not the bytes again
-                        counts["duplicate"] += 1
-                    stored_ids.add(row["image_id"])
-                counts[row["status"] if row["status"] == "ok" else row["error"]] += 1
-                seen_sources.add(row["source"])
-            if rows:
-                writer.add(pa.Table.from_pylist(rows, schema=SCHEMAS["images"]))
-            advance(len(rows))
-    counts_dict = dict(counts)
-    counts_dict["seconds"] = round(time.perf_counter() - started, 2)
-    return counts_dict
-
-
-def _chunks(items, n):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return run(ds, IngestStage(sources), engine=engine, ray_address=ray_address, show_progress=show_progress)[0]

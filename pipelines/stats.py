@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from pipelines.stage import Stage
+from curate.pipelines.stage import Stage
 
 STATS_SIDE = 256  # statistics are computed on a copy at most this size
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,15 +11,17 @@ import time
 import pyarrow.compute as pc
 import pytest
 
-from models.captioner import SpecError, make_captioner, parse_spec
-from pipelines.caption import CaptionStage, clean_caption, garbage_reason
-from pipelines.runner import run_stage
-from tests.conftest import REPO, make_image, run_cli
+from curate.images import decode
+from curate.models.captioner import SpecError, make_captioner, parse_spec
+from curate.models.common import ModelError
+from curate.pipelines.caption import CaptionStage, clean_caption, garbage_reason
+from curate.pipelines.executor import run
+from tests.conftest import REPO, encode_image, make_image, run_cli
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
-    from models.tiny import write_zoo
+    from curate.models.tiny import write_zoo
 
     return write_zoo(tmp_path_factory.mktemp("zoo"), ["llava"])["llava"]
 
@@ -61,8 +64,8 @@ def test_model_specs():
         with pytest.raises(SpecError, match="--model"):
             parse_spec(bad)
     for scheme in ("vllm:org/m", "llava:org/m"):  # every backend refuses a bad --dtype before loading
-        with pytest.raises(SpecError, match="bad --dtype 'fp8': use auto, float32, float16 or bfloat16"):
-            make_captioner(parse_spec(scheme), max_new_tokens=8, dtype="fp8")
+        with pytest.raises(ModelError, match="bad --dtype 'fp8': use auto, float32, float16 or bfloat16"):
+            CaptionStage(scheme, None, 8, dtype="fp8")
 
 
 def test_prompt_is_part_of_the_model_key(tiny_llava):
@@ -74,9 +77,10 @@ def test_prompt_is_part_of_the_model_key(tiny_llava):
 
 # ---- the tiny LLaVA --------------------------------------------------------------------
 def test_batched_captions_equal_unbatched(tiny_llava):
-    captioner = make_captioner(parse_spec(f"llava:{tiny_llava}"), max_new_tokens=12, device="cpu")
-    captioner.load()
-    images = [captioner.prepare(make_image(60 + 17 * i, 90 - 9 * i, seed=i)) for i in range(6)]
+    captioner = make_captioner(parse_spec(f"llava:{tiny_llava}"), max_new_tokens=12)
+    captioner.load("cpu")
+    images = [captioner.preprocess(decode(encode_image(make_image(60 + 17 * i, 90 - 9 * i, seed=i), "PNG")))["input"]
+              for i in range(6)]
     # prompts of different lengths, so the batch really is left-padded
     prompts = ["Describe the image.", "Write a long detailed description of this picture.", "Caption."] * 2
     batched = captioner.caption(images, prompts)
@@ -89,9 +93,9 @@ def test_batched_captions_equal_unbatched(tiny_llava):
 @pytest.fixture
 def demo_dataset(tmp_path):
     """The demo's image set (odd modes, animated, EXIF-rotated, broken files), small."""
-    from curate.demo import write_demo_images
-    from curate.manifest import Dataset
-    from pipelines.ingest import ingest
+    from curate.cli.demo import write_demo_images
+    from curate.pipelines.ingest import ingest
+    from curate.store import Dataset
 
     write_demo_images(tmp_path / "demo", n=24)
     ds = Dataset(tmp_path / "demo-ds", create=True)
@@ -116,7 +120,7 @@ def test_caption_command_on_the_demo_set_records_prompt_and_resumes(demo_dataset
             assert r["caption"] is None and r["raw"] and garbage_reason(clean_caption(r["raw"]))
     again = run_cli("caption", str(ds.root), "--model", model, "--prompt", "Describe the image.",
                     "--max-new-tokens", "10", "-q")
-    assert "│ todo         │ 0" in again.stderr
+    assert re.search(r"│ todo +│ 0 ", again.stdout)  # the summary, on stdout
     assert ds.read("captions").num_rows == len(ids)
     # a new prompt is new work; --where picks the input
     prompt_file = tmp_path / "prompt.txt"
@@ -131,18 +135,18 @@ def test_caption_command_on_the_demo_set_records_prompt_and_resumes(demo_dataset
 
 def test_engines_write_the_same_captions(dataset, tiny_llava, ray_cluster):
     stage = CaptionStage(f"llava:{tiny_llava}", "Describe the image.", 8, batch_size=4)
-    run_stage(dataset, stage, show_progress=False)
+    run(dataset, stage, show_progress=False)[0]
     local = {r["image_id"]: (r["status"], r["caption"]) for r in dataset.read("captions").to_pylist()}
     for part in dataset.parts("captions"):
         part.unlink()
-    summary = run_stage(dataset, stage, engine="ray", show_progress=False)
+    summary = run(dataset, stage, engine="ray", show_progress=False)[0]
     assert summary.todo == 12
     assert {r["image_id"]: (r["status"], r["caption"]) for r in dataset.read("captions").to_pylist()} == local
 
 
 def test_kill_9_mid_run_then_rerun_captions_each_image_once(dataset, tiny_llava):
     # Small parts (4 rows) so a kill lands between parts; otherwise the same command a user runs.
-    driver = ("import sys, pipelines.runner as r; r.PART_ROWS = 4; from curate.cli import app; "
+    driver = ("import sys, curate.store as s; s.PART_ROWS = 4; from curate.cli.app import app; "
               "sys.argv[0] = 'curate'; app()")
     args = ["caption", str(dataset.root), "--model", f"llava:{tiny_llava}", "--max-new-tokens", "48",
             "--batch-size", "2", "-q"]

@@ -18,11 +18,11 @@ from torchvision.transforms import Normalize
 from torchvision.transforms.functional import to_tensor
 
 from curate.buckets import parse_bucket_set
-from curate.manifest import Dataset
-from models.common import model_name
-from models.vae import VaeSpec, load_vae
-from pipelines.encode import EncodeStage, image_seed, seeded_noise
-from pipelines.runner import run_stage
+from curate.models.common import model_name
+from curate.models.vae import Vae, load_vae
+from curate.pipelines.encode import EncodeStage, image_seed, seeded_noise
+from curate.pipelines.executor import run
+from curate.store import Dataset
 from tests.conftest import REPO, encode_image, make_image, run_cli
 
 SMALL = "rule:step=64,max_area=65536,min_area=40000"  # 128x512 .. 256x256 .. 512x128: fast on CPU
@@ -32,7 +32,7 @@ COLUMNS = ["image_id", "model", "status", "error", "latent", "shape", "original_
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from models.tiny import write_zoo
+    from curate.models.tiny import write_zoo
 
     return str(write_zoo(tmp_path_factory.mktemp("zoo"), ["vae"])["vae"])
 
@@ -73,7 +73,7 @@ def test_stored_latent_equals_encoding_the_crop_directly(tmp_path, vae_dir):
     assert (tall["original_width"], tall["original_height"], tall["target_width"], tall["target_height"]) == (150, 420, 128, 384)
     assert list(wide["shape"]) == [4, 192 // 8, 320 // 8] and list(tall["shape"]) == [4, 384 // 8, 128 // 8]
 
-    vae, _ = load_vae(VaeSpec(vae_dir), "cpu")
+    vae, _ = load_vae(Vae(vae_dir), "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as encode runs on CPU: the thread count changes conv rounding
     try:
@@ -93,7 +93,7 @@ def check_direct_encoding(vae, vae_dir, rows):
         assert np.array_equal(np.frombuffer(r["mean"], np.float16).reshape(shape), dist.mean[0].half().numpy())
         sample = dist.mean[0] + dist.std[0] * seeded_noise(shape, image_seed(3, r["image_id"], "noise"))
         assert np.array_equal(np.frombuffer(r["latent"], np.float16).reshape(shape), sample.half().numpy())
-        assert r["scaling_factor"] == pytest.approx(0.13025) and r["vae"] == f"{vae_dir}@fp32"
+        assert r["scaling_factor"] == pytest.approx(0.13025) and r["vae"] == f"{model_name(vae_dir)}@fp32"
 
 
 @pytest.mark.parametrize("size", [(1600, 900), (900, 1600)])
@@ -101,7 +101,7 @@ def test_crop_box_maps_back_to_the_source_region(size):
     """A JPEG big enough for draft decoding: the pixels fed to the VAE are the stored box of the source."""
     width, height = size
     source = gradient(width, height)
-    stage = EncodeStage([VaeSpec("unused")], parse_bucket_set("sd15"), seed=7)
+    stage = EncodeStage([Vae("unused")], parse_bucket_set("sd15"), seed=7)
     image_id = "ab" * 32
     p = stage.prepare({"image_id": image_id, "bytes": encode_image(source, "JPEG", quality=95),
                        "width": width, "height": height})
@@ -127,8 +127,8 @@ def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_
     shutil.copytree(ds, clean)
     args = ["encode", str(ds), "--vae", vae_dir, "--set", SMALL, "--batch-size", "4", "-q"]
     # The same command, with parts written every 4 rows so a kill lands between parts.
-    code = ("import sys, pipelines.runner as r; r.PART_ROWS = 4; sys.argv = ['curate'] + sys.argv[1:]; "
-            "from curate.cli import app; app()")
+    code = ("import sys, curate.store as s; s.PART_ROWS = 4; sys.argv = ['curate'] + sys.argv[1:]; "
+            "from curate.cli.app import app; app()")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = ds / "tables" / "latents"
@@ -140,7 +140,7 @@ def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_
     partial = latents(ds)
     assert 0 < len(partial) < 24, "the kill should land mid-run"
     run_cli(*args)
-    run_stage(Dataset(clean), EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), batch_size=4), show_progress=False)
+    run(Dataset(clean), EncodeStage([Vae(vae_dir)], parse_bucket_set(SMALL), batch_size=4), show_progress=False)[0]
     resumed, uninterrupted = latents(ds), latents(clean)
     assert Dataset(ds).read("latents").num_rows == 24  # nothing was encoded twice
     assert resumed.keys() == uninterrupted.keys()
@@ -150,14 +150,14 @@ def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_
 
 
 def test_ray_engine_writes_the_same_latents(dataset, vae_dir, ray_cluster):
-    stage = EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4)
-    local = run_stage(dataset, stage, show_progress=False)
+    stage = EncodeStage([Vae(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4)
+    local = run(dataset, stage, show_progress=False)[0]
     assert local.ok == 12
     first = latents(dataset.root)
     for part in dataset.parts("latents"):
         part.unlink()
-    summary = run_stage(dataset, EncodeStage([VaeSpec(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4),
-                        engine="ray", show_progress=False)
+    summary = run(dataset, EncodeStage([Vae(vae_dir)], parse_bucket_set(SMALL), crop="center", batch_size=4),
+                        engine="ray", show_progress=False)[0]
     assert summary.ok == 12 and latents(dataset.root) == first
 
 
@@ -168,12 +168,12 @@ def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
     pipeline = tmp_path / "pipeline"  # a full diffusers pipeline directory: the VAE is in vae/
     shutil.copytree(vae_dir, pipeline / "vae")
     (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    mixed = EncodeStage([VaeSpec(vae_dir), VaeSpec(str(pipeline), "bf16")], parse_bucket_set(SMALL), batch_size=8)
+    mixed = EncodeStage([Vae(vae_dir), Vae(str(pipeline), "bf16")], parse_bucket_set(SMALL), batch_size=8)
     mixed.process = _one_vae_per_batch(mixed.process)
-    run_stage(Dataset(ds), mixed, show_progress=False)
+    run(Dataset(ds), mixed, show_progress=False)[0]
     rows = latents(ds)
     assert all(r["status"] == "ok" for r in rows.values())
-    assert {r["vae"] for r in rows.values()} == {f"{vae_dir}@fp32", f"{pipeline}@bf16"}
+    assert {r["vae"] for r in rows.values()} == {f"{model_name(vae_dir)}@fp32", f"{model_name(str(pipeline))}@bf16"}
     # A VAE whose outputs overflow float16: every latent is rejected with a reason, none stored.
     broken = tmp_path / "broken"
     shutil.copytree(vae_dir, broken)
@@ -181,7 +181,7 @@ def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
     weights = {k: v * 1e6 if k.startswith("encoder.conv_out") else v for k, v in weights.items()}
     save_file(weights, broken / "diffusion_pytorch_model.safetensors")
     run_cli("encode", str(ds), "--vae", str(broken), "--set", SMALL, "-q")
-    bad = [r for r in Dataset(ds).read("latents").to_pylist() if r["model"].startswith(f"vae={model_name(str(broken))}")]
+    bad = [r for r in Dataset(ds).read("latents").to_pylist() if r["model"].startswith(f"vae:{model_name(str(broken))}@")]
     assert len(bad) == 8 and {r["error"] for r in bad} == {"bad_output"} and all(r["latent"] is None for r in bad)
     assert "NaN or Inf" in bad[0]["message"]
 
@@ -208,8 +208,8 @@ def test_latent_parts_stream_in_row_groups_of_bounded_size(tmp_path):
     """SDXL 1024x1024 latents are 128 KiB each: a part of 600 holds several row groups, each <= ~32 MiB."""
     import pyarrow.parquet as pq
 
-    from curate.manifest import ROW_GROUP_BYTES, now
     from curate.schema import SCHEMAS
+    from curate.store import ROW_GROUP_BYTES, now
 
     ds = Dataset(tmp_path / "ds", create=True)
     n = 600
@@ -223,8 +223,8 @@ def test_latent_parts_stream_in_row_groups_of_bounded_size(tmp_path):
 
 def test_latents_stream_back_one_row_group_at_a_time(tmp_path):
     from curate.latents import latent_array, latent_row_groups
-    from curate.manifest import ROW_GROUP_BYTES, now
     from curate.schema import SCHEMAS
+    from curate.store import ROW_GROUP_BYTES, now
 
     ds = Dataset(tmp_path / "ds", create=True)
     n, shape = 300, [4, 128, 128]

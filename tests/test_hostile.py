@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import encode_image, make_image, run_cli
+from hostile import H, W, build_corpus, orient, photo
 from PIL import Image
 
 from curate.images import ImageError, decode, read_file, resize, shrink
-from curate.manifest import Dataset
-from conftest import encode_image, make_image, run_cli
-from hostile import H, W, build_corpus, orient, photo
+from curate.store import Dataset
 
 ESCAPES = ["escape_curate_test.jpg", "abs_escape_curate_test.jpg", "up_curate_test.png"]
 

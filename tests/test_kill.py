@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, encode_image, make_image
 
-from curate.manifest import Dataset
+from curate.store import Dataset
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "CURATE_PART_ROWS": "8"}  # a part every 8 rows
 

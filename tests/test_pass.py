@@ -4,10 +4,10 @@ import sys
 import numpy as np
 import pytest
 
-import pipelines.runner as runner
-from pipelines.runner import run_stage, run_stages
-from pipelines.stage import Stage
-from pipelines.stats import StatsStage
+import curate.pipelines.rows as pass_rows
+from curate.pipelines.executor import run
+from curate.pipelines.stage import Stage
+from curate.pipelines.stats import StatsStage
 
 
 class MeanColour(Stage):
@@ -36,13 +36,13 @@ def count_decodes(monkeypatch):
         calls.append(min_side)
         return real(data, min_side, **kw)
 
-    real = runner.decode
-    monkeypatch.setattr(runner, "decode", counting)
+    real = pass_rows.decode
+    monkeypatch.setattr(pass_rows, "decode", counting)
     return calls
 
 
 def test_pass_decodes_once_for_all_stages(dataset, count_decodes):
-    summaries = run_stages(dataset, [StatsStage(), MeanColour()], show_progress=False)
+    summaries = run(dataset, [StatsStage(), MeanColour()], show_progress=False)
     assert [s.ok for s in summaries] == [12, 12]
     assert len(count_decodes) == 12  # not 24
     assert set(count_decodes) == {96}  # the larger of the two stages' needs
@@ -50,9 +50,9 @@ def test_pass_decodes_once_for_all_stages(dataset, count_decodes):
 
 
 def test_pass_resumes_each_stage_on_its_own(dataset, count_decodes):
-    run_stage(dataset, StatsStage(), show_progress=False)
+    run(dataset, StatsStage(), show_progress=False)[0]
     count_decodes.clear()
-    stats, colour = run_stages(dataset, [StatsStage(), MeanColour()], show_progress=False)
+    stats, colour = run(dataset, [StatsStage(), MeanColour()], show_progress=False)
     assert stats.todo == 0 and colour.ok == 12
     assert len(count_decodes) == 12 and dataset.read("stats").num_rows == 12
 
@@ -69,7 +69,7 @@ def test_local_pass_hands_the_gil_over_quickly_and_restores_the_setting(dataset)
     before = sys.getswitchinterval()
     stage = SwitchIntervalSeen()
     stage.seen = []
-    run_stages(dataset, [StatsStage(), stage], show_progress=False)
+    run(dataset, [StatsStage(), stage], show_progress=False)
     assert stage.seen and max(stage.seen) <= 0.0005 < before
     assert sys.getswitchinterval() == before
 
@@ -78,11 +78,11 @@ def test_pass_on_ray_writes_the_same_rows(dataset, ray_cluster):
     # this test module is not importable on Ray workers: ship MeanColour by value
     ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     columns = ["image_id", "model", "status", "embedding"]
-    run_stages(dataset, [StatsStage(), MeanColour()], show_progress=False)
+    run(dataset, [StatsStage(), MeanColour()], show_progress=False)
     local = dataset.read("embeddings").select(columns).sort_by("image_id")
     for part in dataset.parts("embeddings") + dataset.parts("stats"):
         part.unlink()
-    summaries = run_stages(dataset, [StatsStage(), MeanColour()], engine="ray", show_progress=False)
+    summaries = run(dataset, [StatsStage(), MeanColour()], engine="ray", show_progress=False)
     assert [s.ok for s in summaries] == [12, 12]
     assert dataset.read("embeddings").select(columns).sort_by("image_id").equals(local)
     assert dataset.read("stats").num_rows == 12

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from curate.trainer.prompts import SENTENCE_END, PromptBuilder, PromptConfig, applicable_scores, fit_tag_count
 from tests.conftest import run_cli
-from trainer.prompts import SENTENCE_END, PromptBuilder, PromptConfig, applicable_scores, fit_tag_count
 
 N = 10_000
 TAGS = [f"tag_{i:03d}" for i in range(300)]

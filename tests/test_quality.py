@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from curate.pipelines.quality import model as qm
+from curate.pipelines.quality.pairs import PairChooser
+from curate.pipelines.quality.ratings import load_embeddings, load_ratings, record
+from curate.pipelines.quality.simulate import SimulatedRater, simulate_ratings, write_synthetic_dataset
+from curate.store import Dataset, now
 from tests.conftest import run_cli
-from curate.manifest import Dataset, now
-from pipelines.quality import model as qm
-from pipelines.quality.pairs import PairChooser
-from pipelines.quality.ratings import load_embeddings, load_ratings, record
-from pipelines.quality.simulate import SimulatedRater, simulate_ratings, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def synthetic(tmp_path_factory):
 
 
 def test_fit_recovers_hidden_ranking(synthetic, tmp_path):
-    from models.quality_head import load_head
-    from pipelines.quality.fit import FitSettings, fit_quality
+    from curate.models.quality_head import load_head
+    from curate.pipelines.quality.fit import FitSettings, fit_quality
 
     ds, ids, quality = synthetic
     report = fit_quality(ds, tmp_path / "head", FitSettings(), show_progress=False)
@@ -55,7 +55,7 @@ def test_fit_cli_reports_and_rejects_bad_flags(synthetic, tmp_path):
     bad = run_cli("quality", "fit", str(ds.root), "--binning", "median", check=False)
     assert bad.returncode == 2 and "'width' or 'quantile'" in bad.stderr
     done = run_cli("quality", "fit", str(ds.root), "--binning", "quantile", "--rounds", "20", "--sample", "1000", "-q")
-    assert "pair_model_accuracy" in done.stderr and "rank 9" in done.stderr
+    assert "pair_model_accuracy" in done.stdout and "rank 9" in done.stdout
     meta = json.loads((ds.root / "heads" / "quality" / "head.json").read_text())
     assert meta["fit"]["rank_histogram"] == [100] * 10  # quantile bins: equal counts
     assert meta["embedder"] == "synthetic-clip"
@@ -76,8 +76,8 @@ def test_chooser_covers_every_image_before_repeating_and_undoes(tmp_path):
 
 
 def test_uncertain_pairs_beat_random_pairs():
-    from pipelines.quality.pairs import fit_bradley_terry
-    from pipelines.quality.simulate import synthetic_embeddings
+    from curate.pipelines.quality.pairs import fit_bradley_terry
+    from curate.pipelines.quality.simulate import synthetic_embeddings
 
     emb, quality = synthetic_embeddings(2000, 32, seed=5)
     ids = [f"{i:064x}" for i in range(2000)]
@@ -120,7 +120,7 @@ def test_import_export_ids_and_paths(dataset, tmp_path):
     # importing again adds nothing; a row appended to the file (a pair judged again) is added once
     with good.open("a") as f:
         f.write(f"{a['image_id']},{b['image_id']},left\n")
-    said = run_cli("quality", "import", str(dataset.root), str(good)).stderr
+    said = run_cli("quality", "import", str(dataset.root), str(good)).stdout
     assert "imported      │ 1" in said and "already_there │ 3" in said
     run_cli("quality", "import", str(dataset.root), str(good))
     table = load_ratings(dataset).sort_by("created_at").to_pylist()
@@ -151,8 +151,8 @@ def test_record_refuses_unknown_winner(dataset):
 def test_laion_aesthetic_baseline_loads_published_layout(tmp_path):
     import torch
 
-    from models.aesthetic import WEIGHTS_FILE, aesthetic_scores, load_aesthetic
-    from models.tiny import write_zoo
+    from curate.models.aesthetic import WEIGHTS_FILE, aesthetic_scores, load_aesthetic
+    from curate.models.tiny import write_zoo
 
     zoo = write_zoo(tmp_path / "zoo", ["laion-aesthetic"])["laion-aesthetic"]
     state = torch.load(zoo / WEIGHTS_FILE, weights_only=True)
@@ -170,8 +170,8 @@ def test_laion_aesthetic_baseline_loads_published_layout(tmp_path):
 
 
 def test_fit_compares_against_aesthetic_baseline(tmp_path):
-    from models.tiny import write_zoo
-    from pipelines.quality.fit import FitSettings, fit_quality
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.quality.fit import FitSettings, fit_quality
 
     ds = Dataset(tmp_path / "l14", create=True)
     ids, quality = write_synthetic_dataset(ds, 300, dim=768, seed=2, embedder="ViT-L-14")
@@ -190,8 +190,8 @@ def test_fit_compares_against_aesthetic_baseline(tmp_path):
 
 def test_end_to_end_import_fit_score_with_tiny_zoo(dataset, tmp_path):
     """ingest -> score --clip -> quality import -> quality fit -> score --quality: every ok image ranked."""
-    from models.tiny import write_zoo
-    from pipelines.score import score
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.score import score
 
     clip = write_zoo(tmp_path / "zoo", ["open_clip"])["open_clip"]
     score(dataset, clip=str(clip), show_progress=False)  # in-process: the CLI for it is test_score's
@@ -208,7 +208,7 @@ def test_end_to_end_import_fit_score_with_tiny_zoo(dataset, tmp_path):
     run_cli("quality", "import", str(dataset.root), str(tmp_path / "ratings.csv"))
     head = tmp_path / "head"
     fit = run_cli("quality", "fit", str(dataset.root), "--output", str(head), "--holdout", "0.25", "-q")
-    assert "head_accuracy" in fit.stderr and (head / "head.json").is_file()
+    assert "head_accuracy" in fit.stdout and (head / "head.json").is_file()
     run_cli("score", str(dataset.root), "--quality", str(head), "-q")
     ranked = dataset.query("SELECT image_id, rank FROM quality WHERE status = 'ok'").to_pylist()
     assert sorted(r["image_id"] for r in ranked) == [i["image_id"] for i in images]

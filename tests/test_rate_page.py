@@ -11,12 +11,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-from pipelines.quality.ratings import load_ratings
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+from curate.pipelines.quality.ratings import load_ratings
+from tests.conftest import CHROMIUM_ARGS, REPO
 
 
 @pytest.fixture
@@ -68,7 +64,7 @@ def request(port: int, method: str, path: str, body: dict | None = None, **heade
         conn.close()
 
 
-def test_rating_page_with_keyboard(dataset, rating_server):
+def test_rating_page_with_keyboard(dataset, rating_server, chromium):
     from playwright.sync_api import sync_playwright
 
     port, proc = rating_server
@@ -78,7 +74,7 @@ def test_rating_page_with_keyboard(dataset, rating_server):
         return [(r["left"], r["right"], r["winner"], r["rater"]) for r in load_ratings(dataset).sort_by("created_at").to_pylist()]
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
@@ -146,7 +142,7 @@ def test_rate_binds_where_told(dataset):
         assert listening_addresses(port) == ["00000000"]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
-        assert "anyone who can reach this machine" in err and "judgements this session" in err
+        assert "anyone who can reach this machine" in err and "judgements this session" in out  # warning; summary
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,8 +1,8 @@
 import numpy as np
 
-from pipelines.runner import run_stage
-from pipelines.stage import Stage
-from pipelines.stats import StatsStage
+from curate.pipelines.executor import run
+from curate.pipelines.stage import Stage
+from curate.pipelines.stats import StatsStage
 
 COLUMNS = ["image_id", "model", "status", "error", "phash", "brightness", "sharpness", "colorfulness", "entropy"]
 
@@ -12,9 +12,9 @@ def table(ds):
 
 
 def test_stats_resume_does_nothing_twice(dataset):
-    first = run_stage(dataset, StatsStage(), show_progress=False)
+    first = run(dataset, StatsStage(), show_progress=False)[0]
     assert first.ok == 12 and not first.errors
-    again = run_stage(dataset, StatsStage(), show_progress=False)
+    again = run(dataset, StatsStage(), show_progress=False)[0]
     assert again.todo == 0
     assert table(dataset).num_rows == 12
 
@@ -45,7 +45,7 @@ class FragileStage(Stage):
 
 def test_one_bad_image_fails_alone(dataset):
     ids = dataset.select_ids()
-    summary = run_stage(dataset, FragileStage(ids[0], ids[1]), show_progress=False)
+    summary = run(dataset, FragileStage(ids[0], ids[1]), show_progress=False)[0]
     assert summary.ok == len(ids) - 2
     assert summary.errors == {"prepare_failed": 1, "process_failed": 1}
     rows = {r["image_id"]: r for r in dataset.read("stats").to_pylist()}
@@ -79,7 +79,7 @@ class KeyedStage(Stage):
 
 def test_local_engine_fills_batches_of_one_key(dataset):
     stage = KeyedStage()
-    summary = run_stage(dataset, stage, show_progress=False)
+    summary = run(dataset, stage, show_progress=False)[0]
     assert summary.ok == 12
     assert all(len(set(keys)) == 1 for keys in stage.batches)
     # batches are filled across input batches: at most one partial batch per key

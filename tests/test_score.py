@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import pipelines.runner as runner
+import curate.pipelines.rows as pass_rows
 from curate.images import Decoded
-from models.common import ModelError, model_name
-from models.tagging import CHARACTER, GENERAL, RATING, select_tags
-from models.tiny import write_zoo
-from pipelines.score import score
+from curate.models.common import ModelError, model_name
+from curate.models.tagging import CHARACTER, GENERAL, RATING, select_tags
+from curate.models.tiny import write_zoo
+from curate.pipelines.score import score
 from tests.conftest import make_image, run_cli
 
 
@@ -71,7 +71,7 @@ def test_clip_batched_embeddings_equal_open_clip_per_image(dataset, zoo):
 
 
 def test_quality_ranks_stored_embeddings_and_refuses_another_embedder(dataset, zoo, tmp_path):
-    from models.quality_head import RankHead, load_head, save_head
+    from curate.models.quality_head import RankHead, load_head, save_head
 
     embeddings, quality = score(dataset, clip=str(zoo / "open_clip"), quality=str(zoo / "quality_head"),
                                 show_progress=False)
@@ -103,12 +103,12 @@ def wd14_reference(image: Image.Image, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("size", [(150, 90), (90, 151)])
 def test_wd14_preprocessing_equals_plain_reference(zoo, size):
-    from models.wd14 import WD14Tagger
+    from curate.models.wd14 import WD14
 
     image = make_image(*size, seed=3)
-    tagger = WD14Tagger(str(zoo / "wd14"))
+    tagger = WD14(str(zoo / "wd14"))
     assert tagger.size == 64 and tagger.backend == "onnx"
-    pixels = tagger.prepare({"image": decoded(image)})["pixels"]
+    pixels = tagger.preprocess(decoded(image))["pixels"]
     assert pixels.dtype == np.uint8  # the workers hand over bytes; the floats are made batched
     ours, reference = tagger.model_input(pixels[None])[0], wd14_reference(image, 64)
     # The resize is Pillow's bicubic filter in torch's uint8 kernel: only rounding may differ
@@ -128,7 +128,7 @@ def test_tag_thresholds_per_category_and_rating_apart():
 def test_wd14_pass_stores_what_onnxruntime_says(dataset, zoo):
     import onnxruntime as ort
 
-    from models.wd14 import read_tags
+    from curate.models.wd14 import read_tags
 
     [summary] = score(dataset, tagger=f"wd14:{zoo / 'wd14'}", show_progress=False)
     assert summary.ok == 12 and summary.model == f"wd14:{model_name(str(zoo / 'wd14'))}@general=0.35,character=0.85"
@@ -167,13 +167,13 @@ def owlv2_outputs(logits, boxes):
 def test_owlv2_boxes_equal_transformers_postprocessing_on_a_non_square_image(zoo):
     from transformers import Owlv2ImageProcessor
 
-    from models.owlv2 import WatermarkDetector, boxes_in_image, corners_in_image
+    from curate.models.owlv2 import OWLv2, boxes_in_image, corners_in_image
 
-    detector = WatermarkDetector(f"{zoo / 'owlv2'}")
-    detector.setup()
+    detector = OWLv2(f"{zoo / 'owlv2'}")
+    detector.load()
     processor = Owlv2ImageProcessor.from_pretrained(zoo / "owlv2")
     image = make_image(240, 120, seed=5)  # wide: padded at the bottom
-    prepared = detector.prepare({"image": decoded(image)})
+    prepared = detector.preprocess(decoded(image))
     logits, boxes = detector.detect(prepared["pixels"][None])
     theirs = processor.post_process_object_detection(
         owlv2_outputs(logits, boxes), threshold=0.0, target_sizes=[(120, 240)])[0]  # (height, width)
@@ -204,12 +204,12 @@ def test_owlv2_detect_equals_the_models_own_forward(zoo, size):
     the directory's processor and the model's full forward give."""
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-    from models.owlv2 import WatermarkDetector
+    from curate.models.owlv2 import OWLv2
 
-    detector = WatermarkDetector(f"{zoo / 'owlv2'}")
-    detector.setup()
+    detector = OWLv2(f"{zoo / 'owlv2'}")
+    detector.load()
     image = make_image(*size, seed=7)  # the longer side is the model's 96: no resize on either path
-    logits, boxes = detector.detect(detector.prepare({"image": decoded(image)})["pixels"][None])
+    logits, boxes = detector.detect(detector.preprocess(decoded(image))["pixels"][None])
     processor = Owlv2Processor.from_pretrained(zoo / "owlv2")
     model = Owlv2ForObjectDetection.from_pretrained(zoo / "owlv2").eval()
     inputs = processor(text=[["a watermark"]], images=image, return_tensors="pt")
@@ -221,8 +221,8 @@ def test_owlv2_detect_equals_the_models_own_forward(zoo, size):
 
 def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, monkeypatch):
     sides = []
-    real = runner.decode
-    monkeypatch.setattr(runner, "decode", lambda data, min_side=None, **kw: sides.append((min_side, kw.get("long_side")))
+    real = pass_rows.decode
+    monkeypatch.setattr(pass_rows, "decode", lambda data, min_side=None, **kw: sides.append((min_side, kw.get("long_side")))
                         or real(data, min_side, **kw))
     summaries = score(dataset, clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}",
                       watermark=f"owlv2:{zoo / 'owlv2'}", batch_size=4, show_progress=False)
@@ -254,26 +254,25 @@ def hub_cache(monkeypatch, tmp_path, zoo, families):
 
 
 def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
-    from models.clip import ClipEmbedder
-    from models.joytag import JoyTagger
-    from models.owlv2 import WatermarkDetector
-    from models.quality import QualityRanker
-    from models.wd14 import WD14Tagger
+    from curate.models.clip import Clip
+    from curate.models.joytag import JoyTag
+    from curate.models.owlv2 import OWLv2
+    from curate.models.quality import QualityHead
+    from curate.models.wd14 import WD14
 
-    stages = {"open_clip": ClipEmbedder, "wd14": WD14Tagger, "wd14_timm": WD14Tagger, "joytag": JoyTagger,
-              "owlv2": WatermarkDetector}
-    hub_cache(monkeypatch, tmp_path, zoo, stages)
+    adapters = {"open_clip": Clip, "wd14": WD14, "wd14_timm": WD14, "joytag": JoyTag, "owlv2": OWLv2}
+    hub_cache(monkeypatch, tmp_path, zoo, adapters)
     image = decoded(make_image(120, 80, seed=1))
-    for name, cls in stages.items():
-        stage = cls(f"tiny/{name}")
-        stage.setup()
-        prepared = stage.prepare({"image": image})
-        out = stage.process({k: ([v] if np.isscalar(v) else np.asarray(v)[None]) for k, v in prepared.items()})
+    for name, cls in adapters.items():
+        adapter = cls(f"tiny/{name}")
+        adapter.load()
+        prepared = adapter.preprocess(image)
+        out = adapter.forward({k: ([v] if np.isscalar(v) else np.asarray(v)[None]) for k, v in prepared.items()})
         assert all(len(v) == 1 for v in out.values()), name
-        assert stage.model_key().split(":", 1)[1].startswith(f"tiny/{name}")
-    QualityRanker(str(zoo / "quality_head")).setup()  # the project's own format: a directory, never a hub id
+        assert adapter.model_value().split(":", 1)[1].startswith(f"tiny/{name}")
+    QualityHead(str(zoo / "quality_head")).load()  # the project's own format: a directory, never a hub id
     with pytest.raises(ModelError, match="cannot get 'tiny/missing' from the hub"):
-        ClipEmbedder("tiny/missing")
+        Clip("tiny/missing")
 
 
 def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from curate.manifest import DatasetError
-from curate.sqlout import write_result
+from curate.cli.output import write_result
+from curate.store import DatasetError
 
 QUERY = "SELECT source, width, height, sources FROM manifest ORDER BY source"
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from curate.models.tiny import write_zoo
+from curate.trainer.config import config_dict, config_from_dict, load_config
+from curate.trainer.train import Trainer, run_training
 from tests.conftest import REPO, run_cli
-from models.tiny import write_zoo
 from tests.trainer_helpers import make_latent_dataset, probe_gradients
-from trainer.config import config_dict, config_from_dict, load_config
-from trainer.train import Trainer, run_training
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl)
     StableDiffusionXLPipeline.from_pretrained(complete[-1])  # the previous checkpoint is intact
 
     resumed = run_cli("train", str(ds.root), "--base", str(sdxl), "--config", str(toml), "--resume", "-q")
-    assert f"{complete[-1].name[5:].lstrip('0')} -> 4" in resumed.stderr  # it went on from the last checkpoint
+    assert f"{complete[-1].name[5:].lstrip('0')} -> 4" in resumed.stdout  # it went on from the last checkpoint
     assert not list(checkpoints.glob(".tmp-step-*"))
     assert losses(tmp_path / "killed") == expected  # every step's loss, bit for bit
     for weights in ("unet", "unet_ema"):  # and the final weights and their moving average
@@ -129,7 +129,7 @@ def test_gradients_are_averaged_a_bucket_at_a_time(tmp_path):
     the sum over one gloo worker, divided by 2), in its own dtype. Across workers: the Ray test."""
     import torch.distributed as dist
 
-    from trainer.train import all_reduce_mean
+    from curate.trainer.train import all_reduce_mean
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
@@ -144,7 +144,7 @@ def test_gradients_are_averaged_a_bucket_at_a_time(tmp_path):
 
 
 def test_ray_train_two_workers_match_one_process(tmp_path, sdxl, ray_cluster):
-    from trainer.distributed import train_on_ray
+    from curate.trainer.distributed import train_on_ray
 
     ds = make_latent_dataset(tmp_path / "ds", 8)
     config = load_config(None, output=str(tmp_path / "single"), batch_size=4, precision="fp32", validate_every=0,

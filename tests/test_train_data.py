@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+import curate.trainer.epoch_prompts
+from curate.trainer.config import config_dict, load_config
+from curate.trainer.data import TrainData, load_rows, split_rows, watermark_mask
+from curate.trainer.losses import loss_weights
 from tests.conftest import REPO, run_cli
 from tests.trainer_helpers import WORDS, make_latent_dataset
-import trainer.epoch_prompts
-from trainer.config import config_dict, load_config
-from trainer.data import TrainData, load_rows, split_rows, watermark_mask
-from trainer.losses import loss_weights
 
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
-    from models.tiny import write_zoo
+    from curate.models.tiny import write_zoo
 
     return write_zoo(tmp_path_factory.mktemp("zoo"), ["sdxl", "sd15"])
 
@@ -98,7 +98,7 @@ def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
 
 
 def test_prompt_worker_processes_build_the_same_prompts(tmp_path, zoo, monkeypatch):
-    monkeypatch.setattr(trainer.epoch_prompts, "PROMPT_SPAN", 16)
+    monkeypatch.setattr(curate.trainer.epoch_prompts, "PROMPT_SPAN", 16)
     rows = load_rows(make_latent_dataset(tmp_path / "ds", 100), load_config(None))
     serial = TrainData(rows, load_config(None, prompt_workers=1), tokenizer(zoo)).build_prompts(3)
     parallel = TrainData(rows, load_config(None, prompt_workers=3), tokenizer(zoo))
@@ -123,8 +123,8 @@ def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
     to do all the work itself."""
     from tokenizers import Tokenizer, normalizers
 
-    from trainer.prompts import PromptBuilder, PromptConfig
-    from trainer.tokens import PromptTokenizer
+    from curate.trainer.prompts import PromptBuilder, PromptConfig
+    from curate.trainer.tokens import PromptTokenizer
 
     chars = [chr(c) for c in range(128)]
     texts = [a + b for a in chars for b in chars] + [f"x{a}'{b}e" for a in chars for b in "stdmrvl"]
@@ -157,7 +157,7 @@ def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
 
 def test_dry_run_prints_histograms_and_examples(tmp_path, zoo):
     ds = make_latent_dataset(tmp_path / "ds", 12)
-    out = run_cli("train", str(ds.root), "--base", str(zoo["sdxl"]), "--dry-run").stderr
+    out = run_cli("train", str(ds.root), "--base", str(zoo["sdxl"]), "--dry-run").stdout  # the report
     assert "padded prompt length per batch" in out and "75" in out
     assert "tags per tag prompt" in out
     for rule in ("shuffle_tags", "tag_count", "score_tags", "sentence_shuffle", "ucg", "all on"):
@@ -165,8 +165,8 @@ def test_dry_run_prints_histograms_and_examples(tmp_path, zoo):
 
 
 def test_long_prompts_go_in_chunks_and_long_clip_reads_248(tmp_path, zoo):
-    from models.tiny_sd import write_tiny_sd15
-    from trainer.model import Models
+    from curate.models.tiny_sd import write_tiny_sd15
+    from curate.trainer.model import Models
 
     ds = make_latent_dataset(tmp_path / "ds", 4)
     rows = load_rows(ds, load_config(None))
@@ -207,7 +207,7 @@ def test_loss_weights_equal_reference_formulas():
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 1, 10, 100, 400, 700, 999])
     snr = compute_snr(scheduler, t)
-    from trainer.losses import snr as our_snr
+    from curate.trainer.losses import snr as our_snr
 
     assert torch.allclose(our_snr(scheduler.alphas_cumprod, t), snr)
     gamma = 5.0
@@ -247,10 +247,10 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     import numpy as np
     import pyarrow as pa
 
-    from curate.manifest import now
     from curate.latents import read_row_group
-    from trainer.data import LatentCache
-    from trainer.train import Trainer
+    from curate.store import now
+    from curate.trainer.data import LatentCache
+    from curate.trainer.train import Trainer
 
     ds = make_latent_dataset(tmp_path / "ds", 48, buckets=[(32, 32), (32, 24)], latent_parts=3, rows_per_group=4)
     # A newer encode of four images, each after a failed row: the trainer must take the newer
@@ -323,7 +323,7 @@ def test_latents_are_resampled_per_epoch_from_stored_moments(tmp_path, zoo):
     or no moments, trains on the stored sample."""
     import numpy as np
 
-    from trainer.data import image_seed
+    from curate.trainer.data import image_seed
 
     ds = make_latent_dataset(tmp_path / "ds", 8, moments=True)
     stored = {r["image_id"]: np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from curate.manifest import Dataset, now
+from curate.store import Dataset, now
 
 WORDS = ["smile", "long_hair", "red_eyes", "outdoors", "sky", "cloud", "tree", "portrait", "blue_dress", "hat",
          "looking_at_viewer", "sitting", "standing", "water", "city", "night", "sun", "grass", "flower", "book"]
@@ -79,8 +79,8 @@ def probe_gradients(settings: dict) -> None:
     then the ordinary training run."""
     import ray.train
 
-    from trainer.config import config_from_dict
-    from trainer.train import Trainer
+    from curate.trainer.config import config_from_dict
+    from curate.trainer.train import Trainer
 
     context = ray.train.get_context()
     trainer = Trainer(settings["dataset"], settings["base"], config_from_dict(settings["config"]),

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.prompts import PromptConfig
+import tomllib
+
+from curate.trainer.prompts import PromptConfig
 
 CHOICES = {
     "precision": ("fp16", "bf16", "fp32"),

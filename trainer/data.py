@@ -36,12 +36,12 @@ import pyarrow as pa
 import torch
 
 from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
-from curate.manifest import Dataset, DatasetError
-from trainer.config import TrainConfig
-from trainer.epoch_prompts import CHUNK, EpochPrompts, build_epoch, default_workers
-from trainer.model import sdxl_time_ids
-from trainer.prompts import PromptBuilder
-from trainer.tokens import PromptTokenizer
+from curate.store import Dataset, DatasetError
+from curate.trainer.config import TrainConfig
+from curate.trainer.epoch_prompts import CHUNK, EpochPrompts, build_epoch, default_workers
+from curate.trainer.model import sdxl_time_ids
+from curate.trainer.prompts import PromptBuilder
+from curate.trainer.tokens import PromptTokenizer
 
 # Everything but the latent: what a Row keeps in memory
 ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",

@@ -10,14 +10,14 @@ from every machine).
 """
 from __future__ import annotations
 
-from trainer.config import TrainConfig, config_dict, config_from_dict
+from curate.trainer.config import TrainConfig, config_dict, config_from_dict
 
 
 def worker_loop(settings: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from trainer.train import run_training
+    from curate.trainer.train import run_training
 
     context = ray.train.get_context()
     summary = run_training(settings["dataset"], settings["base"], config_from_dict(settings["config"]), settings["resume"],

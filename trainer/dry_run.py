@@ -1,11 +1,11 @@
 """`curate train --dry-run`: what the batches and prompts will look like, without a model."""
 from __future__ import annotations
 
-from curate.manifest import Dataset
-from curate.progress import console, print_summary
-from trainer.config import TrainConfig
-from trainer.data import TrainData, dry_run_report, load_rows, split_rows
-from trainer.model import pipeline_tokenizer
+from curate.progress import print_summary, report
+from curate.store import Dataset
+from curate.trainer.config import TrainConfig
+from curate.trainer.data import TrainData, dry_run_report, load_rows, split_rows
+from curate.trainer.model import pipeline_tokenizer
 
 
 def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1) -> dict:
@@ -13,19 +13,19 @@ def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1) -> dic
     train_rows, val_rows = split_rows(load_rows(ds, config), config)
     data = TrainData(train_rows, config, tokenizer)
     data.require_batches()
-    report = dry_run_report(data, epochs)
-    total = report["batches"]
+    result = dry_run_report(data, epochs)
+    total = result["batches"]
     section(f"dry run: {len(train_rows)} training rows, {len(val_rows)} held out, {data.batches_per_epoch} batches of "
             f"{config.batch_size} per epoch", {"buckets (C, H, W)": sorted({r.bucket for r in train_rows})})
     section("padded prompt length per batch (tokens: batches, share)",
-            {k: f"{v} ({v / total:.0%})" for k, v in report["padded_lengths"].items()})
-    section("tags per tag prompt (count: prompts)", report["tag_counts"])
-    console.print("[bold]example prompt per rule[/bold] (each rule alone, then all as configured)")
-    for rule, text in report["examples"].items():
-        console.print(f"  [cyan]{rule:>16}[/cyan]  {text!r}", highlight=False, soft_wrap=True)
-    return report
+            {k: f"{v} ({v / total:.0%})" for k, v in result["padded_lengths"].items()})
+    section("tags per tag prompt (count: prompts)", result["tag_counts"])
+    report.print("[bold]example prompt per rule[/bold] (each rule alone, then all as configured)")
+    for rule, text in result["examples"].items():
+        report.print(f"  [cyan]{rule:>16}[/cyan]  {text!r}", highlight=False, soft_wrap=True)
+    return result
 
 
 def section(title: str, rows: dict) -> None:
-    console.print(f"[bold]{title}[/bold]", soft_wrap=True)
+    report.print(f"[bold]{title}[/bold]", soft_wrap=True)
     print_summary("", rows)

@@ -17,13 +17,12 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from trainer.prompts import PromptBuilder
-from trainer.tokens import PromptTokenizer
+from curate.trainer.prompts import PromptBuilder
+from curate.trainer.tokens import PromptTokenizer
 
 PROMPT_SPAN = 10_000  # rows per tokenizer call, progress update and worker task
 CHUNK = 75  # content tokens per CLIP chunk; with BOS and EOS a chunk is 77 positions
@@ -94,8 +93,7 @@ def in_workers(n: int, setup: tuple, tasks: Iterator[tuple[int, list[RowText]]])
     """build_span of each task in n worker processes, results in task order. Each worker has
     one task at a time, handed out in turn, so results come back in the same turn (and no
     pipe fills up while its reader waits on another)."""
-    root = str(Path(__file__).resolve().parents[1])
-    code = f"import sys; sys.path.insert(0, {root!r}); from trainer.epoch_prompts import serve; serve()"
+    code = "from curate.trainer.epoch_prompts import serve; serve()"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
              for _ in range(n)]
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import TrainConfig
+from curate.trainer.config import TrainConfig
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> list[int]:

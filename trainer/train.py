@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from curate.manifest import Dataset
+from curate.devices import choose
 from curate.progress import progress_bar
-from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_state, remove_debris, save_checkpoint
-from trainer.config import TrainConfig, config_dict
-from trainer.data import TrainData, latent_cache, load_rows, split_rows
-from trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
-from trainer.model import Models, pipeline_tokenizer
+from curate.store import Dataset
+from curate.trainer.checkpoint import checkpoint_step, latest_checkpoint, load_state, remove_debris, save_checkpoint
+from curate.trainer.config import TrainConfig, config_dict
+from curate.trainer.data import TrainData, latent_cache, load_rows, split_rows
+from curate.trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
+from curate.trainer.model import Models, pipeline_tokenizer
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,7 +66,7 @@ class Trainer:
                  rank: int = 0, world: int = 1, device: torch.device | None = None):
         self.config, self.rank, self.world = config, rank, world
         self.output = Path(config.output)
-        self.device = device or torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device or choose(config.device)[0]  # the run's precision is its own setting
         checkpoint = latest_checkpoint(self.output) if resume else None
         if resume and checkpoint is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from curate.manifest import Dataset, DatasetError
+from curate.models.quality_head import RANKS, save_head
+from curate.pipelines.quality import model as qm
+from curate.pipelines.quality.ratings import WINNER_TARGET, choose_embedder, load_embeddings, load_ratings
 from curate.progress import progress_bar
-from models.quality_head import RANKS, save_head
-from pipelines.quality import model as qm
-from pipelines.quality.ratings import WINNER_TARGET, choose_embedder, load_embeddings, load_ratings
+from curate.store import Dataset, DatasetError
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _fit(ds: Dataset, output: Path, settings: FitSettings, show_progress: bool) 
         "settings": {k: v for k, v in asdict(s).items() if k != "embedder"},
     }
     if s.baseline:
-        from models.aesthetic import aesthetic_scores, load_aesthetic
+        from curate.models.aesthetic import aesthetic_scores, load_aesthetic
 
         predictor = load_aesthetic(s.baseline)
         report["aesthetic_baseline_accuracy"] = _acc(aesthetic_scores(predictor, side(held, left_ids)),

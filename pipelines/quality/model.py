@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.quality_head import RANKS, RankHead
+from curate.models.quality_head import RANKS, RankHead
 
 # ELO defaults. bigASP does not publish its settings, so these are chess's: K=32 on the
 # 400-point logistic scale, everyone starting at 1500. 50 Swiss rounds let the best and

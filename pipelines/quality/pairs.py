@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.quality.ratings import WINNER_TARGET
+from curate.pipelines.quality.ratings import WINNER_TARGET
+
 MIN_JUDGEMENTS_TO_FIT = 20
 
 

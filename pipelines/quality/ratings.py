@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.manifest import Dataset, DatasetError, now
+from curate.store import Dataset, DatasetError, now
 
 WINNERS = ("left", "right", "tie")
 WINNER_TARGET = {"left": 1.0, "right": 0.0, "tie": 0.5}  # P(left wins) each judgement says

@@ -22,9 +22,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from curate.images import decode
-from curate.manifest import Dataset
-from pipelines.quality import ratings as rt
-from pipelines.quality.pairs import PairChooser
+from curate.pipelines.quality import ratings as rt
+from curate.pipelines.quality.pairs import PairChooser
+from curate.store import Dataset
 
 PAGE = Path(__file__).with_name("rate.html")
 WEB_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.quality.pairs import PairChooser
+from curate.pipelines.quality.pairs import PairChooser
 
 
 def synthetic_embeddings(n: int, dim: int = 64, seed: int = 0, noise: float = 0.3,
@@ -56,7 +56,7 @@ def write_synthetic_dataset(ds, n: int, dim: int = 64, seed: int = 0, embedder: 
     (ids, hidden quality). Lets fit be judged against a ranking we know."""
     import hashlib
 
-    from curate.manifest import now
+    from curate.store import now
 
     embeddings, quality = synthetic_embeddings(n, dim, seed, decay=decay)
     ids = [hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest() for i in range(n)]
@@ -81,13 +81,13 @@ def demo_quality_loop(ds, clip_dir, head_dir, csv_path, n_ratings: int = 400, se
     """
     from scipy.stats import spearmanr
 
-    from models.clip import ClipEmbedder
-    from pipelines.quality.fit import FitSettings, fit_quality
-    from pipelines.quality.ratings import import_csv, load_embeddings
-    from pipelines.score import score
+    from curate.models.clip import Clip
+    from curate.pipelines.quality.fit import FitSettings, fit_quality
+    from curate.pipelines.quality.ratings import import_csv, load_embeddings
+    from curate.pipelines.score import score
 
     ids = ds.select_ids()
-    embedder = ClipEmbedder(str(clip_dir)).model_key()
+    embedder = Clip(str(clip_dir)).model_value()
     found, vectors = load_embeddings(ds, embedder, ids)
     if len(found) < len(ids):
         score(ds, clip=str(clip_dir), show_progress=False)

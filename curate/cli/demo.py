@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 from PIL import Image
 
-from curate.manifest import Dataset
-from curate.progress import console, print_summary
+from curate.progress import print_summary, quiet_loaders, report
+from curate.store import Dataset
 
 N_IMAGES = 240
 
@@ -107,33 +107,33 @@ def step_images(demo: Demo) -> None:
 
 
 def step_ingest(demo: Demo) -> None:
-    from pipelines.ingest import ingest
+    from curate.pipelines.ingest import ingest
 
-    print_summary("ingest", ingest([str(demo.images)], demo.ds))
+    print_summary("ingest", ingest([str(demo.images)], demo.ds).report())
 
 
 def step_hash(demo: Demo) -> None:
-    from pipelines.runner import run_stage
-    from pipelines.stats import StatsStage
+    from curate.pipelines.executor import run
+    from curate.pipelines.stats import StatsStage
 
-    print_summary("hash", run_stage(demo.ds, StatsStage(), engine=demo.engine).as_dict())
+    print_summary("hash", run(demo.ds, StatsStage(), engine=demo.engine)[0].report())
 
 
 def step_dups(demo: Demo) -> None:
-    from curate.sqlout import write_result
-    from pipelines.dups import DEFAULT_THRESHOLD, duplicate_groups
+    from curate.cli.output import write_result
+    from curate.pipelines.dups import DEFAULT_THRESHOLD, duplicate_groups
 
-    console.print(f"[dim]$ curate dups {demo.root / 'dataset'} --threshold {DEFAULT_THRESHOLD}[/dim]")
+    report.print(f"[dim]$ curate dups {demo.root / 'dataset'} --threshold {DEFAULT_THRESHOLD}[/dim]")
     groups = duplicate_groups(demo.ds, DEFAULT_THRESHOLD)
     write_result(groups.set_column(2, "image_id", pa.compute.utf8_slice_codeunits(groups.column("image_id"), 0, 12)),
                  "table", None)
 
 
 def step_info(demo: Demo) -> None:
-    from curate.sqlout import write_result
-    from pipelines.dups import dataset_info, image_summary
+    from curate.cli.output import write_result
+    from curate.pipelines.dups import dataset_info, image_summary
 
-    console.print(f"[dim]$ curate info {demo.root / 'dataset'}[/dim]")
+    report.print(f"[dim]$ curate info {demo.root / 'dataset'}[/dim]")
     write_result(dataset_info(demo.ds), "table", None)
     print_summary("dataset", image_summary(demo.ds))
 
@@ -144,16 +144,16 @@ CAPTION_WHERE = "image_id < '4'"
 
 
 def step_caption(demo: Demo) -> None:
-    from models.tiny import write_zoo
-    from pipelines.caption import CaptionStage
-    from pipelines.runner import run_stage
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.caption import CaptionStage
+    from curate.pipelines.executor import run
 
     llava = write_zoo(demo.root / "models", ["llava"])["llava"]
     stage = CaptionStage(f"llava:{llava}", "Describe the image.", max_new_tokens=12, batch_size=16, device="cpu")
-    console.print(f"[dim]$ curate caption {demo.root / 'dataset'} --model llava:{llava} --prompt 'Describe the image.' "
+    report.print(f"[dim]$ curate caption {demo.root / 'dataset'} --model llava:{llava} --prompt 'Describe the image.' "
                   f'--max-new-tokens 12 --where "{CAPTION_WHERE}"[/dim]')
-    print_summary("caption (random weights: word salad)", run_stage(demo.ds, stage, engine=demo.engine,
-                                                                   where=CAPTION_WHERE).as_dict())
+    print_summary("caption (random weights: word salad)",
+                  run(demo.ds, stage, engine=demo.engine, where=CAPTION_WHERE)[0].report())
 
 
 SCORING_FAMILIES = ["open_clip", "quality_head", "wd14", "owlv2"]
@@ -161,15 +161,15 @@ SCORING_FAMILIES = ["open_clip", "quality_head", "wd14", "owlv2"]
 
 def step_score(demo: Demo) -> None:
     """The scoring pass with the tiny zoo: CLIP + WD14 + OWLv2 from one decode, then quality ranks."""
-    from models.tiny import write_zoo
-    from pipelines.score import score
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.score import score
 
     zoo = write_zoo(demo.root / "models", SCORING_FAMILIES)
-    console.print(f"[dim]$ curate score {demo.root / 'dataset'} --clip {zoo['open_clip']} --quality {zoo['quality_head']} "
+    report.print(f"[dim]$ curate score {demo.root / 'dataset'} --clip {zoo['open_clip']} --quality {zoo['quality_head']} "
                   f"--tagger wd14:{zoo['wd14']} --watermark owlv2:{zoo['owlv2']}[/dim]")
     for summary in score(demo.ds, clip=str(zoo["open_clip"]), quality=str(zoo["quality_head"]),
                          tagger=f"wd14:{zoo['wd14']}", watermark=f"owlv2:{zoo['owlv2']}", engine=demo.engine):
-        print_summary(f"score: {summary.stage}", summary.as_dict())
+        print_summary(f"score: {summary.stage}", summary.report())
 
 
 DEMO_BUCKETS = "rule:step=64,min_area=40000,max_area=65536"  # ~256x256: the demo's images are small
@@ -178,19 +178,19 @@ DEMO_BUCKETS = "rule:step=64,min_area=40000,max_area=65536"  # ~256x256: the dem
 def step_encode(demo: Demo) -> None:
     """Buckets and latents with the tiny VAE, at a small bucket set so it stays fast on CPU."""
     from curate.buckets import parse_bucket_set
-    from curate.sqlout import write_result
-    from models.tiny import write_zoo
-    from models.vae import VaeSpec
-    from pipelines.buckets import assign_buckets
-    from pipelines.encode import EncodeStage
-    from pipelines.runner import run_stage
+    from curate.cli.output import write_result
+    from curate.models.tiny import write_zoo
+    from curate.models.vae import Vae
+    from curate.pipelines.buckets import assign_buckets
+    from curate.pipelines.encode import EncodeStage
+    from curate.pipelines.executor import run
 
     vae = write_zoo(demo.root / "models", ["vae"])["vae"]
     buckets = parse_bucket_set(DEMO_BUCKETS)
-    console.print(f"[dim]$ curate encode {demo.root / 'dataset'} --vae {vae} --set {DEMO_BUCKETS}[/dim]")
-    print_summary("buckets", assign_buckets(demo.ds, buckets, show_progress=False).as_dict())
-    stage = EncodeStage([VaeSpec(str(vae))], buckets, device="cpu", batch_size=16)
-    print_summary("encode", run_stage(demo.ds, stage, engine=demo.engine).as_dict())
+    report.print(f"[dim]$ curate encode {demo.root / 'dataset'} --vae {vae} --set {DEMO_BUCKETS}[/dim]")
+    print_summary("buckets", assign_buckets(demo.ds, buckets, show_progress=False).report())
+    stage = EncodeStage([Vae(str(vae))], buckets, device="cpu", batch_size=16)
+    print_summary("encode", run(demo.ds, stage, engine=demo.engine)[0].report())
     write_result(demo.ds.sql("SELECT target_width || 'x' || target_height AS bucket, count(*) AS latents, "
                              "any_value(shape) AS shape FROM latents WHERE status = 'ok' GROUP BY ALL ORDER BY latents DESC"),
                  "table", None)
@@ -210,23 +210,23 @@ QUERIES = [
 
 
 def step_queries(demo: Demo) -> None:
-    from curate.sqlout import write_result
+    from curate.cli.output import write_result
 
     for title, sql in QUERIES:
-        console.print(f"\n[bold]{title}[/bold]\n[dim]$ curate sql {demo.root / 'dataset'} \"{sql}\"[/dim]")
+        report.print(f"\n[bold]{title}[/bold]\n[dim]$ curate sql {demo.root / 'dataset'} \"{sql}\"[/dim]")
         write_result(demo.ds.sql(sql), "table", None)
 
 
 def step_quality(demo: Demo) -> None:
     """The quality head loop (`curate quality`) with simulated ratings, on the tiny CLIP."""
-    from models.tiny import write_zoo
-    from pipelines.quality.simulate import demo_quality_loop
+    from curate.models.tiny import write_zoo
+    from curate.pipelines.quality.simulate import demo_quality_loop
 
     clip = write_zoo(demo.root / "models", ["open_clip"])["open_clip"]
     print_summary("quality: simulated ratings -> import -> fit -> score --quality",
                   demo_quality_loop(demo.ds, clip, demo.root / "dataset" / "heads" / "quality", demo.root / "ratings.csv"))
-    console.print("[dim]$ curate sql DS \"SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest GROUP BY rank ORDER BY rank\"[/dim]")
-    from curate.sqlout import write_result
+    report.print("[dim]$ curate sql DS \"SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest GROUP BY rank ORDER BY rank\"[/dim]")
+    from curate.cli.output import write_result
 
     write_result(demo.ds.sql("SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest "
                              "GROUP BY rank ORDER BY rank"), "table", None)
@@ -241,23 +241,25 @@ def step_train(demo: Demo) -> None:
     """A few training steps of the tiny SDXL on the demo's latents; the checkpoint then draws an image."""
     from diffusers import StableDiffusionXLPipeline
 
-    from models.tiny import write_zoo
-    from trainer.config import load_config
-    from trainer.dry_run import dry_run
-    from trainer.train import run_training
+    from curate.models.tiny import write_zoo
+    from curate.trainer.config import load_config
+    from curate.trainer.dry_run import dry_run
+    from curate.trainer.train import run_training
 
     base = write_zoo(demo.root / "models", ["sdxl"])["sdxl"]
     config = load_config(None, output=str(demo.root / "run"), **DEMO_TRAIN)
     settings = " ".join(f"{k}={v}" for k, v in DEMO_TRAIN.items())
-    console.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output} --dry-run[/dim]")
+    report.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output} --dry-run[/dim]")
     dry_run(demo.ds, str(base), config)
-    console.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output}  # {settings}[/dim]")
+    report.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output}  # {settings}[/dim]")
     summary = run_training(str(demo.root / "dataset"), str(base), config, show_progress=False)
     print_summary("train", summary)
+    quiet_loaders()  # diffusers is imported now: its own bars off
     pipe = StableDiffusionXLPipeline.from_pretrained(summary["checkpoint"])
+    pipe.set_progress_bar_config(disable=True)
     image = pipe("score_7, smile", num_inference_steps=2, height=64, width=64).images[0]
     image.save(demo.root / "run" / "sample.png")
-    console.print(f"the checkpoint loads into StableDiffusionXLPipeline: {demo.root / 'run' / 'sample.png'} (random weights: noise)")
+    report.print(f"the checkpoint loads into StableDiffusionXLPipeline: {demo.root / 'run' / 'sample.png'} (random weights: noise)")
 
 
 STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_quality, step_encode, step_info,
@@ -270,7 +272,7 @@ def run_demo(root: Path, engine: str = "local") -> Demo:
     demo = Demo(root, engine)
     for step in STEPS:
         name = step.__name__.removeprefix("step_")
-        console.rule(f"[bold]{name}")
+        report.rule(f"[bold]{name}")
         started = time.perf_counter()
         step(demo)
         demo.timings[name] = round(time.perf_counter() - started, 1)

@@ -5,26 +5,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from curate.manifest import DatasetError
-from curate.options import DatasetArg, QuietOpt, WhereOpt
+from curate.cli.common import DatasetArg, QuietOpt, WhereOpt, fail, open_dataset
 from curate.progress import console, print_summary
+from curate.store import DatasetError
 
 quality_app = typer.Typer(no_args_is_help=True, help="The quality head: head-to-head ratings -> pair model -> ELO -> 10 ranks.")
 
 EmbedderOpt = Annotated[Optional[str], typer.Option("--embedder", help="The embeddings table's `model` to use (default: the only one there).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for pair choice, splits, tournament and training.")]
-
-
-def _fail(message: str):
-    from curate.cli import fail
-
-    fail(message)
-
-
-def _open(path: str):
-    from curate.cli import open_dataset
-
-    return open_dataset(path)
 
 
 @quality_app.command()
@@ -38,11 +26,11 @@ def rate(
     seed: SeedOpt = 0,
 ):
     """Open a local web page that shows two images; pick the better one with the keyboard."""
-    from pipelines.quality.pairs import PairChooser
-    from pipelines.quality.ratings import choose_embedder, embedders, load_embeddings
-    from pipelines.quality.server import RatingSession, serve
+    from curate.pipelines.quality.pairs import PairChooser
+    from curate.pipelines.quality.ratings import choose_embedder, embedders, load_embeddings
+    from curate.pipelines.quality.server import RatingSession, serve
 
-    ds = _open(dataset)
+    ds = open_dataset(dataset)
     try:
         ids = ds.select_ids(where)
         vectors = None
@@ -54,7 +42,7 @@ def rate(
         session = RatingSession(ds, PairChooser(ids, vectors, seed=seed), rater)
         server = serve(session, host, port)
     except (DatasetError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     bound_host, bound_port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the images and rate[/yellow]")
@@ -86,16 +74,16 @@ def fit(
     """Train the pair model, run the ELO tournament, bin into 10 ranks, train and save the rank head."""
     from pathlib import Path
 
-    from pipelines.quality.fit import FitSettings, fit_quality
+    from curate.pipelines.quality.fit import FitSettings, fit_quality
 
-    ds = _open(dataset)
+    ds = open_dataset(dataset)
     out = Path(output) if output else ds.root / "heads" / "quality"
     settings = FitSettings(embedder=embedder, k=k, rounds=rounds, sample=sample, binning=binning,
                            holdout=holdout, seed=seed, where=where, baseline=baseline)
     try:
         report = fit_quality(ds, out, settings, show_progress=not quiet)
     except (DatasetError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     histogram = report.pop("rank_histogram")
     report.pop("settings")
     print_summary(f"quality fit -> {out}", report)
@@ -110,13 +98,13 @@ def import_(
     rater: Annotated[Optional[str], typer.Option("--rater", help="Rater for rows without a rater column (default: import:FILE).")] = None,
 ):
     """Add head-to-head judgements from a CSV file (all rows are checked first; a bad file writes nothing)."""
-    from pipelines.quality.ratings import import_csv
+    from curate.pipelines.quality.ratings import import_csv
 
-    ds = _open(dataset)
+    ds = open_dataset(dataset)
     try:
         counts = import_csv(ds, file, rater)
     except (ValueError, UnicodeDecodeError) as e:
-        _fail(str(e))
+        fail(str(e))
     print_summary(f"quality import {file}", counts)
 
 
@@ -126,7 +114,7 @@ def export(
     file: Annotated[str, typer.Argument(help="CSV to write: left,right,winner,rater,created_at (image ids).")],
 ):
     """Write every judgement to a CSV file that `curate quality import` reads."""
-    from pipelines.quality.ratings import export_csv
+    from curate.pipelines.quality.ratings import export_csv
 
-    ds = _open(dataset)
+    ds = open_dataset(dataset)
     print_summary(f"quality export -> {file}", {"judgements": export_csv(ds, file)})

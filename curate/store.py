@@ -1,8 +1,9 @@
-"""The dataset directory: tables of append-only Parquet parts, and SQL over them.
+"""The dataset store: a directory of tables of append-only Parquet parts, and SQL over them.
 
 A part becomes visible atomically: it is written under a temporary name and renamed to
 `part-*.parquet` only when complete, so a reader never sees half a part, and a process
-killed anywhere leaves at most a temporary file that the next writer removes.
+killed anywhere leaves at most a temporary file that the next writer removes. `PartWriter`
+buffers a run's rows into parts of a bounded size and age, so a kill loses little work.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ TMP_PREFIX = ".tmp-"
 ROW_GROUP_ROWS = 1024
 ROW_GROUP_BYTES = 32 << 20  # fewer rows per group when rows are big (image bytes, SDXL latents): readers stream groups
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+# Rows per part: bounds the work lost to a kill (CURATE_PART_ROWS overrides it, e.g. in tests).
+PART_ROWS = int(os.environ.get("CURATE_PART_ROWS", "2048"))
+PART_SECONDS = 60.0  # and so does time, for slow stages
+PART_BYTES = 256 << 20
 # Columns that hold already-compressed media (image files): zstd, dictionary encoding and
 # min/max statistics would burn CPU on them to save nothing.
 RAW_COLUMNS = {"images": {"bytes"}}
@@ -271,3 +276,37 @@ def manifest_view_sql() -> str:
         "FROM images WHERE status = 'ok' GROUP BY image_id) "
         f"SELECT {', '.join(selects)} FROM img {' '.join(joins)}"
     )
+
+
+class PartWriter:
+    """Buffers rows of one table and writes a part every PART_ROWS rows, PART_BYTES bytes or
+    PART_SECONDS seconds; what is buffered is written on exit, also on Ctrl-C."""
+
+    def __init__(self, ds: Dataset, table: str):
+        self.ds, self.table = ds, table
+        self.buffer: list[pa.Table] = []
+        self.rows = 0
+        self.bytes = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.rows += table.num_rows
+        self.bytes += table.nbytes
+        if self.rows >= PART_ROWS or self.bytes >= PART_BYTES or time.monotonic() - self.last_flush > PART_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            rows = pa.concat_tables(self.buffer)
+            for start in range(0, rows.num_rows, PART_ROWS):  # a model batch can be larger than a part
+                self.ds.write_part(self.table, rows.slice(start, PART_ROWS))
+        self.buffer, self.rows, self.bytes = [], 0, 0
+        self.last_flush = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None or exc_type is KeyboardInterrupt:
+            self.flush()  # finished rows are kept even on Ctrl-C

@@ -1,0 +1,72 @@
+"""The package as users get it: one import package, a wheel that lives beside other projects'
+top-level names, the demo writing the rows it always wrote, and reports on stdout."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from conftest import REPO, need, run_cli
+from demo_tables import demo_tables
+
+FIXTURE = Path(__file__).parent / "fixtures" / "demo_tables"
+LOADER_BARS = ("Loading weights", "Writing model shards", "Loading pipeline components", "Fetching")
+
+
+def assert_demo_tables_unchanged(demo_root: Path) -> None:
+    tables = demo_tables(demo_root)
+    assert sorted(tables) == sorted(p.stem for p in FIXTURE.glob("*.parquet"))
+    for name, table in tables.items():
+        expected = pq.read_table(FIXTURE / f"{name}.parquet")
+        assert table.schema == expected.schema, name
+        for column in expected.column_names:
+            assert table.column(column).to_pylist() == expected.column(column).to_pylist(), (name, column)
+
+
+def test_demo_writes_the_rows_it_always_wrote(tmp_path):
+    """The demo's tables, read with DuckDB, equal those main wrote before the layout change
+    (the fixture; `model` values since then in their one format)."""
+    proc = run_cli("demo", str(tmp_path / "demo"), timeout=600)
+    assert_demo_tables_unchanged(tmp_path / "demo")
+    said = " ".join(proc.stdout.split())  # rich wraps titles to the table's width
+    assert "demo: seconds per step" in said and "score: embeddings" in said  # the report, on stdout
+    assert not any(bar in proc.stderr for bar in LOADER_BARS), proc.stderr[-2000:]
+
+
+def test_readme_lists_every_model_family_as_declared():
+    from curate.models.families import markdown_table
+
+    assert markdown_table() in (REPO / "README.md").read_text()
+
+
+def test_wheel_is_one_package_that_lives_beside_coqui_trainer(tmp_path):
+    """The wheel holds one top-level package, `curate`; installed next to Coqui's `trainer`
+    (a top-level package of that name), `curate train --help` and `curate demo` work."""
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+                           capture_output=True, text=True, timeout=600)
+    need(built.returncode == 0, f"cannot build the wheel (no package index here?): {built.stderr.strip()[-300:]}")
+    (wheel,) = wheels.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"curate"}
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["curate"]
+    assert "curate/pipelines/quality/rate.html" in names
+
+    venv = tmp_path / "venv"  # the heavy dependencies come from this environment
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel), "trainer"], capture_output=True,
+                         text=True, timeout=900)
+    need(pip.returncode == 0, f"cannot install Coqui's trainer from the package index: {pip.stderr.strip()[-300:]}")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import curate, trainer; print(curate.__file__); "
+                            "print(trainer.__file__)"], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    assert all(line.startswith(str(venv)) for line in where.stdout.split()), where.stdout
+    curate = str(venv / "bin" / "curate")
+    subprocess.run([curate, "train", "--help"], capture_output=True, env=env, cwd=tmp_path, check=True, timeout=120)
+    demo = subprocess.run([curate, "demo", "demo"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert_demo_tables_unchanged(tmp_path / "demo")
