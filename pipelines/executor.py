@@ -113,8 +113,8 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
     passed: set = set()  # keys any stage has done, for the progress bar
     with progress_bar(label, total, enabled=show_progress) as advance, ExitStack() as stack:
         writers = {s.table: stack.enter_context(PartWriter(ds, s.table)) for s in stages}
-        for results in results:
-            for k, table in results:
+        for batch in results:
+            for k, table in batch:
                 keys = table.column(stages[k].key).to_pylist()
                 if repeats:
                     table, keys = _first_rows(table, keys, written[k])
@@ -130,7 +130,7 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
                 summaries[k].ok += status.count("ok")
                 summaries[k].errors.update(e for st, e in zip(status, table.column("error").to_pylist()) if st != "ok")
     for stage, summary in zip(stages, summaries):
-        summary.counts.update(getattr(stage, "counts", {}))
+        summary.counts.update(stage.counts())
 
 
 def _first_rows(table: pa.Table, keys: list, written: set) -> tuple[pa.Table, list]:

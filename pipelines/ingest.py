@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -189,7 +188,7 @@ class IngestStage(Stage):
 
     def __init__(self, sources: list[str]):
         self.sources = list(sources)
-        self.counts: Counter = Counter()
+        self._duplicates = 0
 
     def model_key(self) -> str:
         return "ingest"
@@ -222,6 +221,9 @@ class IngestStage(Stage):
         schema = SCHEMAS["images"]
         return pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
 
+    def counts(self) -> dict[str, int]:
+        return {"duplicate": self._duplicates} if self._duplicates else {}
+
     def commit(self, rows: pa.Table) -> pa.Table:
         """Drop the bytes of an image already stored (an exact duplicate keeps its source only)."""
         ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
@@ -231,8 +233,7 @@ class IngestStage(Stage):
             keep.append(not duplicate)
             if st == "ok":
                 self._stored.add(image_id)
-            if duplicate:
-                self.counts["duplicate"] += 1
+            self._duplicates += duplicate
         if all(keep):
             return rows
         data = rows.column("bytes")

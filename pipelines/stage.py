@@ -122,6 +122,10 @@ class Stage:
     def commit(self, rows: pa.Table) -> pa.Table:
         return rows
 
+    def counts(self) -> dict[str, int]:
+        """What the stage counted beyond ok rows and errors (ingest: duplicates), for the summary."""
+        return {}
+
 
 def column_array(values, type_: pa.DataType, n: int) -> pa.Array:
     """One output column as Arrow: None (not produced: nulls), a 2-D numpy array for a list
