@@ -143,8 +143,9 @@ def real_size(args) -> dict:
         return result
     llm = LLM(model=str(work), load_format="dummy", dtype="float16", limit_mm_per_prompt={"image": 1})
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True)
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        add_generation_prompt=True, tokenize=False)
     requests = [{"prompt": prompt, "multi_modal_data": {"image": img}} for img in imgs]
     llm.generate(requests[:2], params, use_tqdm=False)
     started = time.perf_counter()
@@ -162,7 +163,8 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
     parser.add_argument("--images", type=int, default=None, help="images to caption (default 48 tiny, 64 real-size)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per image (default 16 tiny, 64 real-size)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens generated per image (default 16 tiny, 64 real-size)")
     args = parser.parse_args()
     if args.real_size:
         import torch

@@ -74,7 +74,8 @@ def tiny_cpu(n_images: int) -> dict:
     prepared = [stage.prepare(dict(r)) for r in rows]
     started = time.perf_counter()
     for r, p in zip(rows, prepared):
-        stage.process({"image_id": [r["image_id"]], **{k: [v] if k != "pixels" else np.stack([v]) for k, v in p.items()}})
+        stage.process({"image_id": [r["image_id"]],
+                       **{k: [v] if k != "pixels" else np.stack([v]) for k, v in p.items()}})
     vae_only = len(rows) / (time.perf_counter() - started)
     summary = run(ds, EncodeStage([Vae(vae)], buckets, device="cpu"), show_progress=False)[0]
     encode_rate = summary.ok / summary.seconds
@@ -108,7 +109,8 @@ def tiny_cpu(n_images: int) -> dict:
     return {
         "mode": "tiny VAE on CPU (random weights, synthetic ~1 MP JPEGs, sd15 buckets)",
         "images": n_images, "latents": len(latents), "latent_shapes": sorted({str(s) for s in shapes}),
-        "bytes_per_latent": {"raw_float16": round(raw / len(latents)), "parquet_zstd_shard": round(shard_bytes / len(latents)),
+        "bytes_per_latent": {"raw_float16": round(raw / len(latents)),
+                             "parquet_zstd_shard": round(shard_bytes / len(latents)),
                              "gzip_per_file": round(gz_bytes / len(latents)),
                              "shard_vs_raw": round(shard_bytes / raw, 3), "gzip_vs_raw": round(gz_bytes / raw, 3),
                              "note": "shard bytes include every column (sizes, crop, ids), not only the latent"},
@@ -116,7 +118,8 @@ def tiny_cpu(n_images: int) -> dict:
         "images_per_s": {"encode_pass": round(encode_rate, 1), "bare_decode_resize_crop": round(bare, 1),
                          "vae_only": round(vae_only, 1), "encode_vs_bare": round(encode_rate / bare, 3),
                          "encode_vs_serial_sum": round(encode_rate * (1 / bare + 1 / vae_only), 3),
-                         "note": "encode_vs_serial_sum > 1: decoding overlaps the VAE (threads); the VAE runs on one CPU thread"},
+                         "note": "encode_vs_serial_sum > 1: decoding overlaps the VAE (threads); "
+                                 "the VAE runs on one CPU thread"},
     }
 
 
@@ -145,7 +148,8 @@ def real_size(device: str, batch_size: int, steps: int, peak_tflops: float | Non
     peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     achieved = rate * flops_per_image / 1e12
     return {"mode": f"SDXL VAE encoder architecture, random bf16 weights, {size}x{size}", "device": name,
-            "batch_size": batch_size, "images_per_s": round(rate, 2), "gflops_per_image": round(flops_per_image / 1e9, 1),
+            "batch_size": batch_size, "images_per_s": round(rate, 2),
+            "gflops_per_image": round(flops_per_image / 1e9, 1),
             "achieved_tflops": round(achieved, 2), "peak_tflops": peak,
             "fraction_of_flop_bound": round(achieved / peak, 3) if peak else None}
 

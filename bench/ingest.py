@@ -137,7 +137,8 @@ def main() -> None:
             run(warm, StatsStage(), engine=engine, show_progress=False)
             small = Dataset(tmp / f"small-{engine}", create=True)
             k = max(1, n // 4)
-            t_ingest_small = timed(lambda: ingest([str(p) for p in paths[:k]], small, show_progress=False, engine=engine))
+            t_ingest_small = timed(lambda: ingest([str(p) for p in paths[:k]], small, show_progress=False,
+                                                  engine=engine))
             t_hash_small = timed(lambda: run(small, StatsStage(), engine=engine, show_progress=False))
             ds = Dataset(tmp / f"ds-{engine}", create=True)
             t_ingest = timed(lambda: ingest([str(tmp / "images")], ds, show_progress=False, engine=engine))

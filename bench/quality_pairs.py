@@ -104,8 +104,10 @@ def main():
         results[strategy] = {"accuracy_by_ratings": mean,
                              "ratings_needed": {str(t): needed(mean, t) for t in TARGETS}}
     for strategy in results:
-        results[strategy]["fit_with_2000_ratings"] = fit_spearman(args.images, args.dim, args.decay, first_judgements[strategy], 1)
-    print(json.dumps({"benchmark": "quality_pairs", "images": args.images, "embedding_dim": args.dim, "variance_decay": args.decay,
+        results[strategy]["fit_with_2000_ratings"] = fit_spearman(args.images, args.dim, args.decay,
+                                                                  first_judgements[strategy], 1)
+    print(json.dumps({"benchmark": "quality_pairs", "images": args.images, "embedding_dim": args.dim,
+                      "variance_decay": args.decay,
                       "rater_error": 0.1, "seeds": args.seeds, "test_pairs": len(test_pairs),
                       "accuracy": "pair model vs hidden quality on fresh random pairs (noise-free truth)",
                       **results, "seconds": round(time.perf_counter() - started, 1)}, indent=2))

@@ -134,7 +134,8 @@ def real_size_stages(folder: Path) -> list:
     onnx.save(helper.make_model(graph), str(folder / "wd14" / "model.onnx"))
     write_selected_tags(folder / "wd14" / "selected_tags.csv")
     (folder / "owlv2").mkdir()
-    (folder / "owlv2" / "config.json").write_text(json.dumps({"model_type": "owlv2", "vision_config": {"image_size": 960}}))
+    (folder / "owlv2" / "config.json").write_text(json.dumps({"model_type": "owlv2",
+                                                              "vision_config": {"image_size": 960}}))
     return [Clip("ViT-B-32:laion2b_s34b_b79k"), WD14(str(folder / "wd14")), OWLv2(str(folder / "owlv2"))]
 
 
@@ -196,7 +197,8 @@ def worker_bench(args) -> dict:
             "mode": "workers", "images": len(files), "image_size": args.size,
             "jpeg_kb": round(sum(f.stat().st_size for f in files) / len(files) / 1024),
             "decode_min_side": need[0], "decode_long_side": need[1],
-            "decoded_size": "x".join(map(str, decoded[0].image.size)), "shrunk_size": "x".join(map(str, shrunk[0].image.size)),
+            "decoded_size": "x".join(map(str, decoded[0].image.size)),
+            "shrunk_size": "x".join(map(str, shrunk[0].image.size)),
             "cpu_ms_per_image": {"read_and_decode": round(decode_ms, 2), "shrink": round(shrink_ms, 2),
                                  **{f"prepare_{k}": round(v, 2) for k, v in prepare_ms.items()}},
             "decode_images_per_s_per_core": round(1e3 / decode_ms, 1),

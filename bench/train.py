@@ -66,7 +66,8 @@ def data_path_with(ds, sdxl: Path, settings: dict) -> dict:
     return {"rows": rows, "latent_shape": list(loaded[0].shape), "load_rows_per_s": round(rows / load_s, 1),
             "row_groups": len({(r.part, r.row_group) for r in loaded}), "latent_cache_mib": config.latent_cache_mib,
             "row_group_reads": sum(data.latents.reads.values()),
-            "row_group_mib_per_sample": round(sum(n * group_bytes[g] for g, n in data.latents.reads.items()) / samples / 2**20, 2),
+            "row_group_mib_per_sample": round(sum(n * group_bytes[g] for g, n in data.latents.reads.items())
+                                              / samples / 2**20, 2),
             "data_path_samples_per_s_per_core": round(samples / prompt_batch_s, 1)}
 
 

@@ -53,4 +53,5 @@ def quiet_loaders() -> None:
     for name in ("huggingface_hub.utils", "transformers.utils.logging", "diffusers.utils.logging"):
         module = sys.modules.get(name)  # already imported: tell it directly as well
         if module is not None:
-            module.disable_progress_bars() if hasattr(module, "disable_progress_bars") else module.disable_progress_bar()
+            (module.disable_progress_bars() if hasattr(module, "disable_progress_bars")
+             else module.disable_progress_bar())

@@ -134,7 +134,8 @@ MANIFEST_COLUMNS: dict[str, list[str]] = {
     "quality": ["quality.rank"],
     # OWLv2's verdict joins the tags as `watermark`, so prompts and filters see one tag list.
     "tags": [
-        "CASE WHEN watermarks.has_watermark AND NOT list_contains(coalesce(tags.tags, CAST([] AS VARCHAR[])), 'watermark') "
+        "CASE WHEN watermarks.has_watermark "
+        "AND NOT list_contains(coalesce(tags.tags, CAST([] AS VARCHAR[])), 'watermark') "
         "THEN list_append(coalesce(tags.tags, CAST([] AS VARCHAR[])), 'watermark') ELSE tags.tags END AS tags",
         "tags.rating",
     ],

@@ -69,7 +69,8 @@ class Dataset:
         if create:
             self.tables_dir.mkdir(parents=True, exist_ok=True)
         elif not self.tables_dir.is_dir():
-            raise DatasetError(f"{self.root} is not a curate dataset (no tables/ folder); run `curate ingest SRC {root}` first")
+            raise DatasetError(f"{self.root} is not a curate dataset (no tables/ folder); "
+                               f"run `curate ingest SRC {root}` first")
 
     # ---- parts -------------------------------------------------------------------
     def table_dir(self, name: str) -> Path:
@@ -162,7 +163,8 @@ class Dataset:
             parts = self.parts(name)
             if parts:
                 files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{files}], union_by_name=true)')
+                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
+                                  f'FROM read_parquet([{files}], union_by_name=true)')
             else:
                 cols = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in schema)
                 statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')

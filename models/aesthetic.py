@@ -18,7 +18,8 @@ from torch import nn
 
 WEIGHTS_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 EMBEDDING_DIM = 768  # CLIP ViT-L/14
-SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128), "layers.6": (16, 64), "layers.7": (1, 16)}
+SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128), "layers.6": (16, 64),
+          "layers.7": (1, 16)}
 
 
 class AestheticPredictor(nn.Module):
@@ -45,14 +46,16 @@ def weights_path(path: str | Path) -> Path:
 def load_aesthetic(path: str | Path) -> AestheticPredictor:
     file = weights_path(path)
     if not file.is_file():
-        raise ValueError(f"no aesthetic predictor weights at {file}; give the published {WEIGHTS_FILE} or a folder holding it")
+        raise ValueError(f"no aesthetic predictor weights at {file}; give the published {WEIGHTS_FILE} "
+                         "or a folder holding it")
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     expected = {f"{name}.{part}" for name in SHAPES for part in ("weight", "bias")}
     if not isinstance(state, dict) or set(state) != expected:
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{file} is not a LAION aesthetic predictor state dict: expected keys {sorted(expected)}, found {found}")
+        raise ValueError(f"{file} is not a LAION aesthetic predictor state dict: expected keys {sorted(expected)}, "
+                         f"found {found}")
     model = AestheticPredictor(state["layers.0.weight"].shape[1])
     for name, shape in SHAPES.items():
         got = tuple(state[f"{name}.weight"].shape)

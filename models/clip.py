@@ -65,7 +65,8 @@ class Clip(Adapter):
         builtin = self._builtin()
         try:
             if builtin:
-                return open_clip.create_model_and_transforms(builtin[0], pretrained=builtin[1], device=device, precision=dtype)[::2]
+                return open_clip.create_model_and_transforms(builtin[0], pretrained=builtin[1], device=device,
+                                                             precision=dtype)[::2]
             local = f"local-dir:{model_dir(self.spec, (CONFIG,))}"
             return open_clip.create_model_and_transforms(local, device=device, precision=dtype)[::2]
         except (RuntimeError, FileNotFoundError, ValueError) as e:
@@ -133,7 +134,8 @@ class FastResize:
         """The replacement for torchvision's step; None for any other step."""
         from torchvision.transforms import InterpolationMode, Resize
 
-        if type(step) is not Resize or step.interpolation != InterpolationMode.BICUBIC or step.max_size or not step.antialias:
+        if (type(step) is not Resize or step.interpolation != InterpolationMode.BICUBIC or step.max_size
+                or not step.antialias):
             return None
         return cls([step.size] if isinstance(step.size, int) else list(step.size))
 

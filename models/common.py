@@ -83,7 +83,8 @@ def normalised_nchw(pixels: np.ndarray, mean, std, device, dtype):
     pixels = np.require(pixels, requirements="W")  # a single image straight from PIL is read-only
     x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous().float()
     scale = torch.as_tensor(1 / (255 * np.asarray(std, np.float64)), dtype=torch.float32, device=x.device)
-    shift = torch.as_tensor(np.asarray(mean, np.float64) / np.asarray(std, np.float64), dtype=torch.float32, device=x.device)
+    shift = torch.as_tensor(np.asarray(mean, np.float64) / np.asarray(std, np.float64), dtype=torch.float32,
+                            device=x.device)
     return x.mul_(scale[:, None, None]).sub_(shift[:, None, None]).to(dtype)
 
 

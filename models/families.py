@@ -55,7 +55,8 @@ class Family:
         names = {s.name for s in self.settings}
         unknown = sorted(set(given) - names)
         if unknown:
-            raise ValueError(f"{self.name} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(names)) or 'none'}")
+            raise ValueError(f"{self.name} has no setting {unknown[0]!r}; its settings: "
+                             f"{', '.join(sorted(names)) or 'none'}")
         return {s.name: s.default if given.get(s.name) is None else s.type(given[s.name]) for s in self.settings}
 
     def model_value(self, weights: str, settings: dict) -> str:
@@ -72,7 +73,8 @@ class Family:
         return getattr(importlib.import_module(module), name)
 
 
-def _caption(name: str, weights: str, prompt: str, note: str, adapter: str = "curate.models.vlm_transformers:Transformers",
+def _caption(name: str, weights: str, prompt: str, note: str,
+             adapter: str = "curate.models.vlm_transformers:Transformers",
              extra: tuple[Setting, ...] = ()) -> Family:
     settings = (Setting("prompt", prompt, "the instruction sent with each image", prompt_id),
                 Setting("max_new_tokens", 160, "generation limit per caption")) + extra
@@ -143,5 +145,6 @@ def markdown_table() -> str:
     lines = ["| family | task | default weights | settings (defaults) | note |", "| --- | --- | --- | --- | --- |"]
     for f in FAMILIES.values():
         settings = ", ".join(f"{s.name}={s.default!r}" for s in f.settings) or "-"
-        lines.append(f"| `{f.name}` | {f.task} | {f'`{f.weights}`' if f.weights else '(give one)'} | {settings} | {f.note} |")
+        lines.append(f"| `{f.name}` | {f.task} | {f'`{f.weights}`' if f.weights else '(give one)'} | {settings} | "
+                     f"{f.note} |")
     return "\n".join(lines)

@@ -43,7 +43,8 @@ class ChannelLayerNorm(nn.Module):  # LayerNorm over the channels of an NCHW map
 
 
 class ConvStem(nn.Module):
-    """JoyTag's stem spec, e.g. 'conv:c=64;ln;conv:c=128;ln;...': conv (k=3, s=2, p=1 by default), ln, bn, relu, gelu."""
+    """JoyTag's stem spec, e.g. 'conv:c=64;ln;conv:c=128;ln;...':
+    conv (k=3, s=2, p=1 by default), ln, bn, relu, gelu."""
 
     def __init__(self, spec: str):
         super().__init__()
@@ -52,7 +53,8 @@ class ConvStem(nn.Module):
             kind, _, opts = item.partition(":")
             o = dict(kv.split("=") for kv in opts.split(",")) if opts else {}
             if kind == "conv":
-                layers.append(nn.Conv2d(channels, int(o["c"]), int(o.get("k", 3)), int(o.get("s", 2)), int(o.get("p", 1))))
+                layers.append(nn.Conv2d(channels, int(o["c"]), int(o.get("k", 3)), int(o.get("s", 2)),
+                                        int(o.get("p", 1))))
                 channels = int(o["c"])
             elif kind == "ln":
                 layers.append(ChannelLayerNorm(channels))
@@ -79,7 +81,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         b, n, d = x.shape
-        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv_proj(self.norm1(x)).split(d, -1))
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.qkv_proj(self.norm1(x)).split(d, -1))
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + self.skip_init1(self.out_proj(attn))
         return x + self.skip_init2(self.mlp.linear2(F.gelu(self.mlp.linear1(self.norm2(x)))))
@@ -97,10 +100,12 @@ class JoyTagViT(nn.Module):
                  num_heads: int, use_sine: bool, layerscale_init: float | None = None, head_mean_after: bool = False,
                  cnn_stem: str | None = None, **training_only):
         super().__init__()
-        self.image_size, self.patch_size, self.use_sine, self.head_mean_after = image_size, patch_size, use_sine, head_mean_after
+        self.image_size, self.patch_size, self.use_sine, self.head_mean_after = (
+            image_size, patch_size, use_sine, head_mean_after)
         if layerscale_init is None:  # CaiT's rule, as JoyTag
             layerscale_init = 1e-1 if num_blocks <= 18 else 1e-5 if num_blocks <= 24 else 1e-6
-        self.patch_embeddings = nn.Conv2d(3, d_model, patch_size, patch_size) if cnn_stem is None else ConvStem(cnn_stem)
+        self.patch_embeddings = (nn.Conv2d(3, d_model, patch_size, patch_size) if cnn_stem is None
+                                 else ConvStem(cnn_stem))
         self.pos_embedding = nn.Module()
         if not use_sine:
             seq = (image_size // patch_size) ** 2

@@ -96,7 +96,8 @@ class OWLv2(Adapter):
 
         model = self._model
         with torch.inference_mode():
-            feature_map, _ = model.image_embedder(normalised_nchw(pixels, self._mean, self._std, self._device, self._dtype))
+            feature_map, _ = model.image_embedder(normalised_nchw(pixels, self._mean, self._std, self._device,
+                                                                  self._dtype))
             n, h, w, d = feature_map.shape
             features = feature_map.reshape(n, h * w, d)
             query = self._query.expand(n, 1, -1)

@@ -46,7 +46,8 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    prompt_words = "USER ASSISTANT : write describe caption detailed description image picture few sentences long short for this".split()
+    prompt_words = ("USER ASSISTANT : write describe caption detailed description image picture few sentences long "
+                    "short for this").split()
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL + WORDS + prompt_words))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
@@ -69,7 +70,8 @@ def write_tiny_llava(target: Path, seed: int = 0) -> None:
     )
 
     tokenizer = build_tokenizer()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)

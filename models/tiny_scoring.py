@@ -122,7 +122,8 @@ def write_wd14(folder: Path) -> None:
         helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("Mul", ["nchw", "scale"], ["unit"]),
         helper.make_node("Sub", ["unit", "half"], ["centred"]),
-        helper.make_node("Conv", ["centred", "patch_w"], ["patches"], kernel_shape=[patch, patch], strides=[patch, patch]),
+        helper.make_node("Conv", ["centred", "patch_w"], ["patches"], kernel_shape=[patch, patch],
+                         strides=[patch, patch]),
         helper.make_node("ReduceMean", ["patches"], ["pooled4"], axes=[2, 3], keepdims=1),
         helper.make_node("Flatten", ["pooled4"], ["pooled"], axis=1),
         helper.make_node("Gemm", ["pooled", "head_w", "head_b"], ["logits"]),
@@ -202,7 +203,8 @@ def write_owlv2(folder: Path) -> None:
         model.class_head.logit_shift.bias.fill_(-4.4)
     model.save_pretrained(folder)
     write_clip_bpe(folder)
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=16)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
+                              model_max_length=16)
     image_processor = Owlv2ImageProcessor(size={"height": TINY_OWLV2_SIZE, "width": TINY_OWLV2_SIZE})
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     # transformers 5 saves processor_config.json; the published repo has preprocessor_config.json

@@ -29,7 +29,8 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     units = list(bytes_to_unicode().values())
-    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = (units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
+             + ["<|startoftext|>", "<|endoftext|>"])
     return {token: i for i, token in enumerate(vocab)}, merges
 
 
@@ -58,7 +59,8 @@ def write_tokenizer(folder: Path, positions: int = 77, pad_token: str = "<|endof
     vocab, merges = clip_bpe()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": positions, "do_lower_case": True,
               "clean_up_tokenization_spaces": True, "errors": "replace", **special}
@@ -68,9 +70,10 @@ def write_tokenizer(folder: Path, positions: int = 77, pad_token: str = "<|endof
 def text_encoder(with_projection: bool, positions: int = 77, hidden: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
-                            num_hidden_layers=3, max_position_embeddings=positions, projection_dim=hidden,
-                            bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1, hidden_act="quick_gelu")
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=positions,
+                            projection_dim=hidden, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1,
+                            hidden_act="quick_gelu")
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
@@ -113,7 +116,8 @@ def write_tiny_sd15(target: Path, positions: int = 77) -> None:
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(0.18215), text_encoder=text_encoder(False, positions), tokenizer=None,
-        unet=tiny_unet(32, sdxl=False), scheduler=PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False),
+        unet=tiny_unet(32, sdxl=False),
+        scheduler=PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(target)
     write_tokenizer(target / "tokenizer", positions=positions)

@@ -76,7 +76,8 @@ def load_vae(spec: Vae, device: str | None):
     source, kwargs = _locate(spec.source)
     config = AutoencoderKL.load_config(source, **kwargs)
     # With no dtype asked for, a VAE that needs no upcast runs in fp16 on a GPU.
-    dev, torch_dtype = device_or_error(device, spec.dtype, gpu_dtype=None if config.get("force_upcast", True) else "fp16")
+    dev, torch_dtype = device_or_error(device, spec.dtype,
+                                       gpu_dtype=None if config.get("force_upcast", True) else "fp16")
     vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
     return vae.to(dev).eval().requires_grad_(False), short_name(torch_dtype)
 

@@ -98,8 +98,8 @@ class Moondream(Captioner):
 
         self._device, torch_dtype = device_or_error(device, dtype)
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.spec.target, revision=self.spec.revision, trust_remote_code=True,
-                                                         torch_dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.spec.target, revision=self.spec.revision,
+                                                         trust_remote_code=True, torch_dtype=torch_dtype)
         except (OSError, ValueError) as e:
             raise _load_error(self.spec, e) from None
         self._model = model.to(self._device).eval()

@@ -22,7 +22,8 @@ class VLLM(Captioner):
                                "or use llava:/hf: for transformers generate") from None
         short = dtype_name(dtype)
         name = DTYPES[short] if short else "auto"  # vLLM's names: float16, not fp16
-        self._llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=name, limit_mm_per_prompt={"image": 1})
+        self._llm = LLM(model=self.spec.target, revision=self.spec.revision, dtype=name,
+                        limit_mm_per_prompt={"image": 1})
         self._params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
 
     def preprocess(self, image):

@@ -41,7 +41,8 @@ class WD14(Adapter):
             import onnx
 
             self.backend = "onnx"
-            dims = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+            dims = (onnx.load(str(folder / "model.onnx"), load_external_data=False)
+                    .graph.input[0].type.tensor_type.shape.dim)
             self.size = dims[1].dim_value  # NHWC
         elif (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
             self.backend = "timm"
@@ -69,7 +70,8 @@ class WD14(Adapter):
 
             self._model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(self._device, self._dtype)
         if len(self._names) != self._outputs():
-            raise ModelError(f"{self.spec}: {TAGS_CSV} lists {len(self._names)} tags, the model outputs {self._outputs()}")
+            raise ModelError(f"{self.spec}: {TAGS_CSV} lists {len(self._names)} tags, the model outputs "
+                             f"{self._outputs()}")
 
     def _outputs(self) -> int:
         if self.backend == "onnx":

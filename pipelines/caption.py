@@ -22,7 +22,8 @@ _NOUN = r"(?:image|picture|photo|photograph|illustration|artwork|painting|drawin
 _VERB = r"(?:shows|depicts|features|displays|presents|showcases|captures|portrays|contains|illustrates|is of)"
 PREAMBLES = [re.compile(p, re.IGNORECASE) for p in (
     r"^(?:sure|certainly|of course|okay|ok)\b[,!.:]*\s*",
-    r"^here(?:'s| is) (?:a|an|the) (?:detailed |brief |short )?(?:description|caption)(?: of (?:the|this) " + _NOUN + r")?\s*[:.]?\s*",
+    r"^here(?:'s| is) (?:a|an|the) (?:detailed |brief |short )?(?:description|caption)"
+    r"(?: of (?:the|this) " + _NOUN + r")?\s*[:.]?\s*",
     r"^(?:the|this) " + _NOUN + r" (?:you provided |you've provided )?" + _VERB + r"\s+",
     r"^(?:this|it) (?:is|appears to be|seems to be) (?:a|an) " + _NOUN + r" (?:of|showing|depicting|featuring)\s+",
     r"^(?:in|within) (?:the|this) " + _NOUN + r",?\s+(?:we (?:can )?see|you can see|there (?:is|are))?\s*",
@@ -88,8 +89,9 @@ def garbage_reason(text: str) -> str | None:
 class CaptionStage(ModelStage):
     """A captioner's raw outputs, cleaned; the raw output is kept beside the clean one."""
 
-    def __init__(self, model: str, prompt: str | None = None, max_new_tokens: int = 160, *, batch_size: int | None = None,
-                 device: str | None = None, dtype: str | None = None, max_chars: int | None = None, **http):
+    def __init__(self, model: str, prompt: str | None = None, max_new_tokens: int = 160, *,
+                 batch_size: int | None = None, device: str | None = None, dtype: str | None = None,
+                 max_chars: int | None = None, **http):
         spec = parse_spec(model)  # SpecError here: a bad --model fails before any work
         try:
             dtype_name(dtype)  # said before any model loads, for every backend

@@ -108,7 +108,8 @@ def dataset_info(ds: Dataset) -> pa.Table:
             size = sum(p.stat().st_size for p in parts)
             if "status" not in schema.names:
                 n = query(f'SELECT count(*) AS n FROM "{name}"')[0]["n"]
-                out.append({"table": name, "model": None, "rows": n, "ok": None, "errors": "", "parts": len(parts), "mb": size})
+                out.append({"table": name, "model": None, "rows": n, "ok": None, "errors": "", "parts": len(parts),
+                            "mb": size})
                 continue
             model = "model" if "model" in schema.names else "NULL"
             counts = query(
@@ -134,5 +135,6 @@ def image_summary(ds: Dataset) -> dict:
     """Headline numbers for `curate info`."""
     return ds.query(
         "SELECT count(DISTINCT image_id) FILTER (WHERE status = 'ok') AS images, count(*) AS sources, "
-        "count(*) FILTER (WHERE status = 'ok') - count(DISTINCT image_id) FILTER (WHERE status = 'ok') AS exact_duplicates, "
+        "count(*) FILTER (WHERE status = 'ok') - count(DISTINCT image_id) FILTER (WHERE status = 'ok') "
+        "AS exact_duplicates, "
         "count(*) FILTER (WHERE status <> 'ok') AS errors FROM images").to_pylist()[0]

@@ -95,7 +95,8 @@ class EncodeStage(Stage):
         for k in range(len(latent16)):
             finite = bool(np.isfinite(latent16[k]).all())
             out["_error"].append(None if finite else "bad_output")
-            out["_message"].append(None if finite else "the VAE gave NaN or Inf (fp16 overflow? use @bf16 or the fp16-fix VAE)")
+            out["_message"].append(None if finite else "the VAE gave NaN or Inf (fp16 overflow? "
+                                                       "use @bf16 or the fp16-fix VAE)")
             out["latent"].append(latent16[k].tobytes() if finite else None)  # never store a broken latent
             out["shape"].append(list(latent16[k].shape))
             keep = self.keep_distribution and finite

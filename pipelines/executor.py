@@ -150,7 +150,8 @@ def _local(ds: Dataset, stages: list[Stage], todo: list, everything: list[str] |
     batches = input_rows(ds, stages, everything)
     if decode_need(stages) is None and all(s.source is not None for s in stages):
         # Nothing to decode (sizes, embeddings): preparing is cheaper than handing rows to threads.
-        prepared = (([r[stages[0].key] for r in rows], [prepare_row(stages, r, todo) for r in rows]) for rows in batches)
+        prepared = (([r[stages[0].key] for r in rows], [prepare_row(stages, r, todo) for r in rows])
+                    for rows in batches)
         setup_stages(stages)
         yield from regroup(stages, prepared)
         return

@@ -103,7 +103,8 @@ def _input(ray, ds: Dataset, stages: list[Stage], everything: list[str] | None, 
         return ray.data.from_items(rows, override_num_blocks=-(-len(rows) // batch_size))
     parts = [str(p) for p in ds.parts(stages[0].source)]
     data = ray.data.read_parquet(parts).select_columns(input_columns(stages))  # pushed down into the read
-    data = data.map_batches(_keep_todo, fn_kwargs={"stages": stages, "todo_ref": [ray.put(pa.array(everything, pa.string()))]},
+    data = data.map_batches(_keep_todo,
+                            fn_kwargs={"stages": stages, "todo_ref": [ray.put(pa.array(everything, pa.string()))]},
                             batch_format="pyarrow", batch_size=None)
     # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
     # batch so decoding spreads over every core.

@@ -52,7 +52,8 @@ def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size
     if tagger:
         name, spec = parse_choice("--tagger", tagger, "tag")
         if name == "joytag" and character_threshold is not None:
-            raise ModelError("--character-threshold: JoyTag has one threshold for all its tags; use --general-threshold")
+            raise ModelError("--character-threshold: JoyTag has one threshold for all its tags; "
+                             "use --general-threshold")
         settings = ({"general": general_threshold, "character": character_threshold} if name == "wd14"
                     else {"threshold": general_threshold})
         adapters.append(family(name).load_adapter()(spec, **settings))

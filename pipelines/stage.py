@@ -116,7 +116,8 @@ class Stage:
             "message": pa.array(columns.get("_message", [None] * n), pa.string()),
             "created_at": pa.repeat(pa.scalar(now(), schema.field("created_at").type), n),
         }
-        return pa.Table.from_arrays([arrays[f.name] if f.name in arrays else column_array(columns.get(f.name), f.type, n)
+        return pa.Table.from_arrays([arrays[f.name] if f.name in arrays
+                                     else column_array(columns.get(f.name), f.type, n)
                                      for f in schema], schema=schema)
 
     def commit(self, rows: pa.Table) -> pa.Table:

@@ -30,5 +30,6 @@ def demo_tables(demo_root: Path) -> dict[str, pa.Table]:
                 select.append(f"replace(\"{c}\", '{root}/', '') AS \"{c}\"")
             else:
                 select.append(f'"{c}"')
-        out[folder.name] = con.sql(f"SELECT {', '.join(select)} FROM read_parquet({files}) ORDER BY ALL").to_arrow_table()
+        out[folder.name] = con.sql(f"SELECT {', '.join(select)} FROM read_parquet({files}) "
+                                   "ORDER BY ALL").to_arrow_table()
     return out

@@ -79,9 +79,11 @@ def make_handler(args, log):
             if args.mode == "malformed":
                 return self.reply(200, MALFORMED[int(entry["image"], 16) % len(MALFORMED)])
             time.sleep(args.delay if args.mode != "slow" else 0)
-            caption = f"The image shows a picture {entry['image'][:8]} of {entry['size'][0]} by {entry['size'][1]} pixels.\n\n"
+            caption = (f"The image shows a picture {entry['image'][:8]} of {entry['size'][0]} by {entry['size'][1]} "
+                       "pixels.\n\n")
             reply = {"id": "cmpl-1", "object": "chat.completion", "model": entry["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": caption}, "finish_reason": "stop"}],
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": caption},
+                                  "finish_reason": "stop"}],
                      "usage": {"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22}}
             self.reply(200, json.dumps(reply).encode())
 

@@ -58,7 +58,8 @@ def test_custom_file_and_bad_sets(tmp_path):
     path.write_text("# mine\n640x384\n384x640  # portrait\n512x512\n")
     assert parse_bucket_set(str(path)).buckets == ((640, 384), (384, 640), (512, 512))
     (tmp_path / "bad.txt").write_text("640 by 384\n")
-    for spec, says in [("sdxxl", "sdxl, sd15"), ("rule:stride=64", "known keys"), (str(tmp_path / "bad.txt"), "WIDTHxHEIGHT"),
+    for spec, says in [("sdxxl", "sdxl, sd15"), ("rule:stride=64", "known keys"),
+                       (str(tmp_path / "bad.txt"), "WIDTHxHEIGHT"),
                        ("rule:max_area=100", "no buckets")]:
         with pytest.raises(BucketSetError, match=says):
             parse_bucket_set(spec)
@@ -87,7 +88,8 @@ def test_buckets_command(tmp_path):
     run_cli("buckets", str(ds), "--set", spec, "-q")
     run_cli("buckets", str(ds), "--set", spec, "--allow-upscale", "--where", "width < 150", "-q")
     rows = run_cli("sql", str(ds), "SELECT regexp_extract(source, '(\\w+).png', 1) AS name, model, b.status, b.error, "
-                   "bucket_width, bucket_height, b.message FROM buckets b JOIN images USING (image_id) ORDER BY name, model",
+                   "bucket_width, bucket_height, b.message FROM buckets b JOIN images USING (image_id) "
+                   "ORDER BY name, model",
                    "--format", "json").stdout
     got = {(r["name"], r["model"].endswith("+upscale")): r for r in map(json.loads, rows.splitlines())}
     assert (got["land", False]["bucket_width"], got["land", False]["bucket_height"]) == (320, 192)

@@ -151,7 +151,8 @@ def test_kill_9_mid_run_then_rerun_captions_each_image_once(dataset, tiny_llava)
     args = ["caption", str(dataset.root), "--model", f"llava:{tiny_llava}", "--max-new-tokens", "48",
             "--batch-size", "2", "-q"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", driver, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", driver, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not dataset.parts("captions") and time.monotonic() < deadline and proc.poll() is None:

@@ -55,7 +55,8 @@ def test_captions_concurrently_inline_and_cleaned(dataset, tmp_path, monkeypatch
     assert len(log) == 12  # one request per image, nothing twice
     assert max(e["in_flight"] for e in log) > 1  # requests overlapped
     assert {e["path"] for e in log} == {"/v1/chat/completions"}
-    assert {(e["model"], e["prompt"], e["max_tokens"], e["auth"]) for e in log} == {("tiny-vlm", "Describe it.", 40, "Bearer sk-test")}
+    assert {(e["model"], e["prompt"], e["max_tokens"], e["auth"]) for e in log} == {
+        ("tiny-vlm", "Describe it.", 40, "Bearer sk-test")}
     assert {e["data_url_header"] for e in log} == {"data:image/jpeg;base64"}
     rows = captions(dataset)
     assert len(rows) == 12

@@ -65,7 +65,8 @@ def test_near_groups_match_brute_force(dataset):
 
 def test_info(dataset):
     run(dataset, StatsStage(), show_progress=False)[0]
-    rows = {r["table"]: r for r in map(json.loads, run_cli("info", str(dataset.root), "--format", "json").stdout.splitlines())}
+    rows = {r["table"]: r
+            for r in map(json.loads, run_cli("info", str(dataset.root), "--format", "json").stdout.splitlines())}
     assert rows["images"]["rows"] == 14 and rows["images"]["ok"] == 13
     assert rows["images"]["errors"] == "unidentified: 1"
     assert rows["stats"]["model"] == "stats-v1" and rows["stats"]["rows"] == 12

@@ -41,7 +41,8 @@ def ingest(tmp_path, images: dict) -> Path:
     src, ds = tmp_path / "src", tmp_path / "ds"
     src.mkdir()
     for name, img in images.items():
-        (src / name).write_bytes(encode_image(img, "PNG" if name.endswith(".png") else "JPEG", **({} if name.endswith(".png") else {"quality": 95})))
+        (src / name).write_bytes(encode_image(img, "PNG" if name.endswith(".png") else "JPEG",
+                                              **({} if name.endswith(".png") else {"quality": 95})))
     run_cli("ingest", str(src), str(ds), "-q")
     return ds
 
@@ -67,10 +68,12 @@ def test_stored_latent_equals_encoding_the_crop_directly(tmp_path, vae_dir):
     wide, tall = by_name["wide"], by_name["tall"]
     # 360x200 -> bucket 320x192 (w x h): scaled to 346x192, cut along the width only
     assert (wide["original_width"], wide["original_height"]) == (360, 200)
-    assert (wide["resized_width"], wide["resized_height"], wide["target_width"], wide["target_height"]) == (346, 192, 320, 192)
+    assert (wide["resized_width"], wide["resized_height"],
+            wide["target_width"], wide["target_height"]) == (346, 192, 320, 192)
     assert wide["crop_top"] == 0 and 0 < wide["crop_left"] <= 26
     # 150x420 -> bucket 128x384: scaled to 137x384, cut along the width
-    assert (tall["original_width"], tall["original_height"], tall["target_width"], tall["target_height"]) == (150, 420, 128, 384)
+    assert (tall["original_width"], tall["original_height"],
+            tall["target_width"], tall["target_height"]) == (150, 420, 128, 384)
     assert list(wide["shape"]) == [4, 192 // 8, 320 // 8] and list(tall["shape"]) == [4, 384 // 8, 128 // 8]
 
     vae, _ = load_vae(Vae(vae_dir), "cpu")
@@ -84,8 +87,10 @@ def test_stored_latent_equals_encoding_the_crop_directly(tmp_path, vae_dir):
 
 def check_direct_encoding(vae, vae_dir, rows):
     for r in rows:
-        img = Image.open(r["source"]).convert("RGB").resize((r["resized_width"], r["resized_height"]), Image.Resampling.LANCZOS)
-        img = img.crop((r["crop_left"], r["crop_top"], r["crop_left"] + r["target_width"], r["crop_top"] + r["target_height"]))
+        img = Image.open(r["source"]).convert("RGB").resize((r["resized_width"], r["resized_height"]),
+                                                            Image.Resampling.LANCZOS)
+        img = img.crop((r["crop_left"], r["crop_top"], r["crop_left"] + r["target_width"],
+                        r["crop_top"] + r["target_height"]))
         x = Normalize([0.5], [0.5])(to_tensor(img))[None]  # the usual way, as diffusers' training scripts do
         with torch.inference_mode():
             dist = vae.encode(x).latent_dist
@@ -112,7 +117,8 @@ def test_crop_box_maps_back_to_the_source_region(size):
 
     crop = Crop(p["resized_width"], p["resized_height"], p["crop_left"], p["crop_top"], tw, th)
     box = crop.source_box(width, height)
-    expected = np.asarray(source.crop(tuple(round(v) for v in box)).resize((tw, th), Image.Resampling.LANCZOS), np.float32)
+    expected = np.asarray(source.crop(tuple(round(v) for v in box)).resize((tw, th), Image.Resampling.LANCZOS),
+                          np.float32)
     assert np.abs(p["pixels"].astype(np.float32) - expected).mean() < 2.0
     # the gradient itself says where the crop starts: red is x, green is y
     assert p["pixels"][:, :4, 0].mean() == pytest.approx(box[0] / (width - 1) * 255, abs=3)
@@ -130,7 +136,8 @@ def test_kill_9_mid_encode_then_rerun_equals_an_uninterrupted_run(tmp_path, vae_
     code = ("import sys, curate.store as s; s.PART_ROWS = 4; sys.argv = ['curate'] + sys.argv[1:]; "
             "from curate.cli.app import app; app()")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     parts = ds / "tables" / "latents"
     deadline = time.monotonic() + 120
     while not list(parts.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
@@ -181,7 +188,8 @@ def test_mixed_vaes_and_nan_latents(tmp_path, vae_dir):
     weights = {k: v * 1e6 if k.startswith("encoder.conv_out") else v for k, v in weights.items()}
     save_file(weights, broken / "diffusion_pytorch_model.safetensors")
     run_cli("encode", str(ds), "--vae", str(broken), "--set", SMALL, "-q")
-    bad = [r for r in Dataset(ds).read("latents").to_pylist() if r["model"].startswith(f"vae:{model_name(str(broken))}@")]
+    bad = [r for r in Dataset(ds).read("latents").to_pylist()
+           if r["model"].startswith(f"vae:{model_name(str(broken))}@")]
     assert len(bad) == 8 and {r["error"] for r in bad} == {"bad_output"} and all(r["latent"] is None for r in bad)
     assert "NaN or Inf" in bad[0]["message"]
 
@@ -215,7 +223,8 @@ def test_latent_parts_stream_in_row_groups_of_bounded_size(tmp_path):
     n = 600
     rows = {f.name: [None] * n for f in SCHEMAS["latents"]}
     rows.update(image_id=[str(i) for i in range(n)], model=["m"] * n, status=["ok"] * n, created_at=[now()] * n,
-                latent=[np.random.default_rng(i).standard_normal(4 * 128 * 128).astype(np.float16).tobytes() for i in range(n)])
+                latent=[np.random.default_rng(i).standard_normal(4 * 128 * 128).astype(np.float16).tobytes()
+                        for i in range(n)])
     meta = pq.read_metadata(ds.write_part("latents", rows))
     assert meta.num_row_groups >= 3
     assert all(meta.row_group(k).total_byte_size <= ROW_GROUP_BYTES * 1.1 for k in range(meta.num_row_groups))

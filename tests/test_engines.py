@@ -34,7 +34,8 @@ def test_engines_write_the_same_tables(tmp_path, image_dir, ray_cluster):
     local, ray = Dataset(tmp_path / "local", create=True), Dataset(tmp_path / "ray", create=True)
     counts_local = ingest(sources, local, show_progress=False)
     counts_ray = ingest(sources, ray, show_progress=False, engine="ray")
-    assert (counts_local.ok, counts_local.errors, counts_local.counts) == (counts_ray.ok, counts_ray.errors, counts_ray.counts)
+    assert ((counts_local.ok, counts_local.errors, counts_local.counts)
+            == (counts_ray.ok, counts_ray.errors, counts_ray.counts))
     assert rows(local, "images", "source") == rows(ray, "images", "source")
     assert counts_local.ok > 30 and counts_local.counts["duplicate"] >= 3  # the hostile copies of one JPEG
 

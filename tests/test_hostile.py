@@ -75,7 +75,8 @@ def test_hostile_names_survive_sql(corpus):
     ds_dir = root / "ds"
     if not ds_dir.exists():
         run_cli("ingest", str(root / "corpus"), str(ds_dir), "-q", timeout=120)
-    out = run_cli("sql", str(ds_dir), "SELECT source FROM images WHERE source LIKE '%DROP TABLE%'", "--format", "json").stdout
+    out = run_cli("sql", str(ds_dir), "SELECT source FROM images WHERE source LIKE '%DROP TABLE%'",
+                  "--format", "json").stdout
     assert "it's \\\"quoted\\\"; DROP TABLE images; --.jpg" in out
     out = run_cli("sql", str(ds_dir), "SELECT count(*) AS n FROM images WHERE source LIKE '%caf\\xe9_\\xff.jpg'",
                   "--format", "csv").stdout

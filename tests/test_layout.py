@@ -63,7 +63,8 @@ def test_wheel_is_one_package_that_lives_beside_coqui_trainer(tmp_path):
     need(pip.returncode == 0, f"cannot install Coqui's trainer from the package index: {pip.stderr.strip()[-300:]}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import curate, trainer; print(curate.__file__); "
-                            "print(trainer.__file__)"], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+                            "print(trainer.__file__)"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           check=True)
     assert all(line.startswith(str(venv)) for line in where.stdout.split()), where.stdout
     curate = str(venv / "bin" / "curate")
     subprocess.run([curate, "train", "--help"], capture_output=True, env=env, cwd=tmp_path, check=True, timeout=120)

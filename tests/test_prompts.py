@@ -82,10 +82,12 @@ def test_rules_switch_off():
                        sentence_shuffle=False, source_weights={"tags": 1, "caption": 0, "both": 0})
     p = PromptBuilder(off).build("cd" * 32, 0, ["long_hair", "smile", "red_eyes"], "x", rank=9)
     assert p.text == "long hair, smile, red eyes" and p.scores == []
-    cap = PromptConfig(ucg=0, score_tags=False, sentence_shuffle=False, source_weights={"tags": 0, "caption": 1, "both": 0})
+    cap = PromptConfig(ucg=0, score_tags=False, sentence_shuffle=False,
+                       source_weights={"tags": 0, "caption": 1, "both": 0})
     text = "First one. Second one. Third one."
     assert PromptBuilder(cap).build("ef" * 32, 0, ["a"], text).text == text
-    shuffled = {PromptBuilder(PromptConfig(ucg=0, score_tags=False, source_weights={"tags": 0, "caption": 1, "both": 0}))
+    shuffled = {PromptBuilder(PromptConfig(ucg=0, score_tags=False,
+                                           source_weights={"tags": 0, "caption": 1, "both": 0}))
                 .build(i, 0, ["a"], text).text for i in ids(20)}
     assert len(shuffled) > 1
     assert all(set(SENTENCE_END.split(s)) == set(SENTENCE_END.split(text)) for s in shuffled)

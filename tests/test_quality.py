@@ -115,7 +115,8 @@ def test_import_export_ids_and_paths(dataset, tmp_path):
     run_cli("quality", "import", str(dataset.root), str(good))
     table = load_ratings(dataset).sort_by("created_at").to_pylist()
     assert [(r["left"], r["right"], r["winner"]) for r in table] == [
-        (a["image_id"], b["image_id"], "left"), (a["image_id"], c["image_id"], "tie"), (c["image_id"], b["image_id"], "right")]
+        (a["image_id"], b["image_id"], "left"), (a["image_id"], c["image_id"], "tie"),
+        (c["image_id"], b["image_id"], "right")]
     assert table[0]["rater"] == "import:ratings.csv"
     # importing again adds nothing; a row appended to the file (a pair judged again) is added once
     with good.open("a") as f:
@@ -129,17 +130,20 @@ def test_import_export_ids_and_paths(dataset, tmp_path):
     out = tmp_path / "out.csv"
     run_cli("quality", "export", str(dataset.root), str(out))
     exported = list(csv.DictReader(out.open()))
-    assert [(r["left"], r["right"], r["winner"]) for r in exported] == [(r["left"], r["right"], r["winner"]) for r in table]
+    assert ([(r["left"], r["right"], r["winner"]) for r in exported]
+            == [(r["left"], r["right"], r["winner"]) for r in table])
 
     bad = tmp_path / "bad.csv"
     bad.write_text(f"left,right,winner\n{a['image_id']},{b['image_id']},left\n{a['image_id']},/nowhere/x.jpg,maybe\n")
     proc = run_cli("quality", "import", str(dataset.root), str(bad), check=False)
     assert proc.returncode == 2
-    assert "line 3: right '/nowhere/x.jpg'" in proc.stderr and "line 3: winner 'maybe' must be left, right or tie" in proc.stderr
+    assert ("line 3: right '/nowhere/x.jpg'" in proc.stderr
+            and "line 3: winner 'maybe' must be left, right or tie" in proc.stderr)
     assert load_ratings(dataset).num_rows == 4  # a bad file writes nothing
     header = tmp_path / "header.csv"
     header.write_text("a,b,who\n1,2,left\n")
-    assert "missing column(s) left, right, winner" in run_cli("quality", "import", str(dataset.root), str(header), check=False).stderr
+    assert "missing column(s) left, right, winner" in run_cli("quality", "import", str(dataset.root), str(header),
+                                                              check=False).stderr
 
 
 def test_record_refuses_unknown_winner(dataset):
@@ -184,7 +188,8 @@ def test_fit_compares_against_aesthetic_baseline(tmp_path):
                               "winner": [rater.judge(*p) for p in pairs[3:]], "rater": ["sim"] * 97,
                               "created_at": [now()] * 97})
     zoo = write_zoo(tmp_path / "zoo", ["laion-aesthetic"])["laion-aesthetic"]
-    report = fit_quality(ds, tmp_path / "head", FitSettings(baseline=str(zoo), rounds=10, head_epochs=5), show_progress=False)
+    report = fit_quality(ds, tmp_path / "head", FitSettings(baseline=str(zoo), rounds=10, head_epochs=5),
+                         show_progress=False)
     assert 0 <= report["aesthetic_baseline_accuracy"] <= 1 and report["pairs_held_out"] == 20
 
 

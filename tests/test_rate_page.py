@@ -23,7 +23,8 @@ def rating_server(dataset):
                              "--rater", "tester"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # the server prints its address once it listens
-        assert line.startswith("rating page: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.startswith("rating page: http://127.0.0.1:"), (
+            line, proc.stderr.read() if proc.poll() is not None else "")
         yield port_of(line), proc
     finally:
         if proc.poll() is None:
@@ -71,7 +72,8 @@ def test_rating_page_with_keyboard(dataset, rating_server, chromium):
     assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, loopback only by default
 
     def rows():
-        return [(r["left"], r["right"], r["winner"], r["rater"]) for r in load_ratings(dataset).sort_by("created_at").to_pylist()]
+        return [(r["left"], r["right"], r["winner"], r["rater"])
+                for r in load_ratings(dataset).sort_by("created_at").to_pylist()]
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -81,7 +83,8 @@ def test_rating_page_with_keyboard(dataset, rating_server, chromium):
             # wait for both images: the left one may finish after the right one
             page.wait_for_function("() => document.body.dataset.pair && "
                                    "['left', 'right'].every(id => document.getElementById(id).complete)")
-            assert page.evaluate("document.getElementById('left').naturalWidth > 0 && document.getElementById('right').naturalWidth > 0")
+            assert page.evaluate("document.getElementById('left').naturalWidth > 0 && "
+                                 "document.getElementById('right').naturalWidth > 0")
 
             def press(key: str) -> tuple[str, str]:
                 """Press a key; wait for the next pair; return the pair that was on show."""
@@ -99,7 +102,8 @@ def test_rating_page_with_keyboard(dataset, rating_server, chromium):
             skipped = press(" ")
             # a skip saves nothing and counts nothing (press() already waited for a new pair)
             assert len(rows()) == 3 and skipped not in [r[:2] for r in rows()]
-            assert page.evaluate("document.body.dataset.rated") == "3" and "3 judgements" in page.inner_text("#progress")
+            assert (page.evaluate("document.body.dataset.rated") == "3"
+                    and "3 judgements" in page.inner_text("#progress"))
             page.keyboard.press("Backspace")  # undo removes the tie and shows its pair again
             page.wait_for_function("() => document.body.dataset.rated === '2'")
             assert page.evaluate("document.body.dataset.pair") == ":".join(third)
@@ -118,7 +122,8 @@ def test_rating_page_with_keyboard(dataset, rating_server, chromium):
         status, body = request(port, "GET", path)
         assert status == 404 and b"root:" not in body, path
     state = json.loads(request(port, "GET", "/api/state")[1])
-    assert request(port, "POST", "/api/judge", {"left": state["right"], "right": state["left"], "winner": "left"})[0] == 409
+    assert request(port, "POST", "/api/judge",
+                   {"left": state["right"], "right": state["left"], "winner": "left"})[0] == 409
     assert request(port, "POST", "/api/judge", {**state, "winner": "both"})[0] == 400
     # a page on another site: a rebound domain name, or a form post that is not JSON
     assert request(port, "GET", f"/image/{ok_id}", Host="evil.example:80")[0] == 403

@@ -222,7 +222,8 @@ def test_owlv2_detect_equals_the_models_own_forward(zoo, size):
 def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, monkeypatch):
     sides = []
     real = pass_rows.decode
-    monkeypatch.setattr(pass_rows, "decode", lambda data, min_side=None, **kw: sides.append((min_side, kw.get("long_side")))
+    monkeypatch.setattr(pass_rows, "decode",
+                        lambda data, min_side=None, **kw: sides.append((min_side, kw.get("long_side")))
                         or real(data, min_side, **kw))
     summaries = score(dataset, clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}",
                       watermark=f"owlv2:{zoo / 'owlv2'}", batch_size=4, show_progress=False)
@@ -285,11 +286,13 @@ def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
     for flags, message in [(["--clip", str(zoo / "open_clip"), "--device", "tpu"], "'tpu' is not a device; use cuda"),
                            (["--clip", str(zoo / "nowhere")], "neither a directory nor a hub id"),
                            (["--clip", "ViT-B-32"], "name its weights too, as ViT-B-32:TAG"),
-                           (["--tagger", f"joytag:{zoo / 'wd14'}"], "lacks config.json, model.safetensors, top_tags.txt")]:
+                           (["--tagger", f"joytag:{zoo / 'wd14'}"],
+                            "lacks config.json, model.safetensors, top_tags.txt")]:
         with pytest.raises(ModelError, match=message):
             score(dataset, **{f[2:]: v for f, v in zip(flags[::2], flags[1::2])}, show_progress=False)
     proc = run_cli("score", ds, "--tagger", "foo:x", check=False)
-    assert proc.returncode == 2 and "unknown model family 'foo'" in said(proc) and "wd14:MODEL or joytag:MODEL" in said(proc)
+    assert (proc.returncode == 2 and "unknown model family 'foo'" in said(proc)
+            and "wd14:MODEL or joytag:MODEL" in said(proc))
 
 
 def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
@@ -311,7 +314,8 @@ def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
     for kwargs, message in [({"tagger": f"joytag:{zoo / 'joytag'}", "character_threshold": 0.5},
                              "JoyTag has one threshold for all its tags; use --general-threshold"),
                             ({"clip": str(zoo / "open_clip"), "general_threshold": 0.5}, "give --tagger too"),
-                            ({"watermark": f"owlv2:{zoo / 'owlv2'}", "watermark_query": " "}, "the watermark query is empty")]:
+                            ({"watermark": f"owlv2:{zoo / 'owlv2'}", "watermark_query": " "},
+                             "the watermark query is empty")]:
         with pytest.raises(ModelError, match=message):
             score(dataset, **kwargs, show_progress=False)
     proc = run_cli("score", ds, "--tagger", "wd14", "--general-threshold", "35", check=False)
@@ -321,7 +325,8 @@ def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
 def test_ray_engine_writes_the_same_rows(dataset, zoo, ray_cluster):
     models = dict(clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}", watermark=f"owlv2:{zoo / 'owlv2'}")
     score(dataset, **models, show_progress=False)
-    tables = {"embeddings": ["image_id", "model", "status", "embedding"], "tags": ["image_id", "model", "tags", "rating"],
+    tables = {"embeddings": ["image_id", "model", "status", "embedding"],
+              "tags": ["image_id", "model", "tags", "rating"],
               "watermarks": ["image_id", "model", "has_watermark", "boxes"]}
     local = {t: dataset.read(t).select(c).sort_by("image_id") for t, c in tables.items()}
     for table in tables:

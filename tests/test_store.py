@@ -11,7 +11,8 @@ def test_ingest_counts_duplicates_and_errors(dataset):
     assert images.num_rows == 14
     status = dict(zip(images.column("source").to_pylist(), images.column("error").to_pylist()))
     assert [e for e in status.values() if e] == ["unidentified"]
-    ok = dataset.query("SELECT count(*) AS n, count(DISTINCT image_id) AS ids FROM images WHERE status='ok'").to_pylist()[0]
+    ok = dataset.query("SELECT count(*) AS n, count(DISTINCT image_id) AS ids FROM images "
+                       "WHERE status='ok'").to_pylist()[0]
     assert ok == {"n": 13, "ids": 12}
     # the duplicate keeps its source but not a second copy of the bytes
     stored = dataset.query("SELECT count(*) AS n FROM images WHERE bytes IS NOT NULL").to_pylist()[0]["n"]

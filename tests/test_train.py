@@ -73,7 +73,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl)
     toml.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in resume_config(tmp_path / "killed").items()))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "curate", "train", str(ds.root), "--base", str(sdxl),
-                             "--config", str(toml), "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--config", str(toml), "-q"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 240
     try:
@@ -113,7 +114,8 @@ def test_the_next_micro_batch_and_epoch_are_built_while_one_trains(tmp_path, sdx
     epoch, indices = trainer.data.batch_at(2)
     expected = trainer.data.collate(indices, epoch, trainer.models.tokenizers)
     assert micro == 2 and size == 2 and batch["image_ids"] == expected["image_ids"]
-    assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["input_ids"][0], expected["input_ids"][0])
+    assert (torch.equal(batch["latents"], expected["latents"])
+            and torch.equal(batch["input_ids"][0], expected["input_ids"][0]))
     assert sorted(trainer.data.epochs) == [0, 1]  # epoch 1's prompts were started with epoch 0's first batch
     ahead, fresh = trainer.data.epochs[1].result(), trainer.data.build_prompts(1)
     assert np.array_equal(ahead.tokens, fresh.tokens) and np.array_equal(ahead.starts, fresh.starts)
@@ -173,11 +175,13 @@ def test_sd15_with_every_option_trains_and_loads(tmp_path):
     common = dict(max_steps=2, batch_size=2, prediction_type="v_prediction", zero_terminal_snr=True, loss="debiased",
                   offset_noise=0.1, timestep_min=500, timestep_max=1000, mask_watermarks=True, ema_decay=0.5,
                   gradient_checkpointing=True, validation_fraction=0.25, validate_every=2, checkpoint_every=2)
-    bf16 = run_training(str(tmp_path / "ds"), str(sd15), load_config(None, output=str(tmp_path / "bf16"), precision="bf16",
-                        **common | {"max_steps": 1, "validate_every": 0}), show_progress=False)
+    bf16 = run_training(str(tmp_path / "ds"), str(sd15),
+                        load_config(None, output=str(tmp_path / "bf16"), precision="bf16",
+                                    **common | {"max_steps": 1, "validate_every": 0}), show_progress=False)
     assert bf16["last loss"] == bf16["last loss"] < 10  # finite
     output = tmp_path / "fp16"
-    summary = run_training(str(tmp_path / "ds"), str(sd15), load_config(None, output=str(output), precision="fp16", **common),
+    summary = run_training(str(tmp_path / "ds"), str(sd15),
+                           load_config(None, output=str(output), precision="fp16", **common),
                            show_progress=False)
     assert all(v == v and v < 10 for k, v in summary.items() if "loss" in k), summary  # finite
     assert "val_loss" in summary and "stable_train_loss" in summary
@@ -215,5 +219,6 @@ def test_a_checkpoint_is_a_base_for_the_next_run(tmp_path, sdxl):
                           max_steps=1, batch_size=4, precision="fp32", validate_every=0), show_progress=False)
     saved = tmp_path / "b" / "checkpoints" / "step-00000001"
     assert second["checkpoint"] == str(saved)
-    assert sorted(p.name for p in saved.iterdir()) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2",
-                                                     "tokenizer", "tokenizer_2", "training_state", "unet", "vae"]
+    assert sorted(p.name for p in saved.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                     "text_encoder_2", "tokenizer", "tokenizer_2", "training_state",
+                                                     "unet", "vae"]

@@ -119,8 +119,8 @@ def test_prompt_worker_processes_build_the_same_prompts(tmp_path, zoo, monkeypat
 def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):
     """Every pair of ASCII characters, contractions, special tokens, and Unicode that the
     normalizer composes, lowercases or turns into spaces next to a space, and prompts as the
-    builder makes them: the tokenizer's own ids, from an empty and from a filled cache. A tokenizer whose pipeline differs (here: no lowercasing) is left
-    to do all the work itself."""
+    builder makes them: the tokenizer's own ids, from an empty and from a filled cache. A
+    tokenizer whose pipeline differs (here: no lowercasing) is left to do all the work itself."""
     from tokenizers import Tokenizer, normalizers
 
     from curate.trainer.prompts import PromptBuilder, PromptConfig
@@ -262,7 +262,8 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
 
     stored = {}
     for r in ds.read("latents").to_pylist():  # the in-memory reference: the latest ok row per image
-        if r["status"] == "ok" and (r["image_id"] not in stored or r["created_at"] >= stored[r["image_id"]]["created_at"]):
+        if r["status"] == "ok" and (r["image_id"] not in stored
+                                    or r["created_at"] >= stored[r["image_id"]]["created_at"]):
             stored[r["image_id"]] = r
     total_bytes = sum(len(r["latent"]) for r in stored.values())
 
@@ -284,7 +285,8 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
             got = data.collate(batch, epoch, [tokenizer(zoo)])
             expected = [stored[i] for i in got["image_ids"]]
             assert torch.equal(got["latents"], torch.from_numpy(np.stack(
-                [(np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32) - (r["shift_factor"] or 0.0))
+                [(np.frombuffer(r["latent"], np.float16).reshape(r["shape"]).astype(np.float32)
+                  - (r["shift_factor"] or 0.0))
                  * r["scaling_factor"]
                  for r in expected])))
             assert data.latents.nbytes == sum(c.nbytes for c in data.latents.groups.values())
@@ -308,8 +310,8 @@ def test_latents_stream_from_row_groups_through_a_bounded_cache(tmp_path, zoo):
     assert roomy.latents.reads == Counter(dict.fromkeys(groups, 1))
 
     # The trainer shares one bounded cache between training, validation and stable-train sets.
-    run = load_config(None, output=str(tmp_path / "run"), batch_size=4, latent_cache_mib=2 * largest_group / 2**20, max_steps=2,
-                      precision="fp32", validate_every=2, validation_fraction=0.1, checkpoint_every=100)
+    run = load_config(None, output=str(tmp_path / "run"), batch_size=4, latent_cache_mib=2 * largest_group / 2**20,
+                      max_steps=2, precision="fp32", validate_every=2, validation_fraction=0.1, checkpoint_every=100)
     trainer = Trainer(ds.root, zoo["sdxl"], run)
     summary = trainer.run(show_progress=False)
     assert summary["last loss"] == summary["last loss"] and "val_loss" in summary

@@ -53,7 +53,8 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         "crop_top": [4] * n, "crop_left": [0] * n,
         "target_height": [gh for gh, _ in geometry], "target_width": [gw for _, gw in geometry],
         "mean": latents if moments else [None] * n,
-        "logvar": [np.full_like(np.frombuffer(b, np.float16), np.log(0.01)).tobytes() for b in latents] if moments else [None] * n,
+        "logvar": ([np.full_like(np.frombuffer(b, np.float16), np.log(0.01)).tobytes() for b in latents]
+                   if moments else [None] * n),
         "vae": [vae] * n, "shift_factor": [None] * n}
     bounds = np.linspace(0, n, latent_parts + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -64,7 +65,8 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
     ds.write_part("tags", stage | {"model": ["wd14"] * n, "tags": tags, "tag_scores": [[0.9] * len(x) for x in tags],
                                    "rating": ["general"] * n, "rating_score": [0.9] * n})
     ds.write_part("captions", stage | {"model": ["vlm"] * n, "prompt": ["describe"] * n, "raw": [None] * n,
-                                       "caption": [f"A picture number {i}. It has {len(tags[i])} things in it." for i in range(n)]})
+                                       "caption": [f"A picture number {i}. It has {len(tags[i])} things in it."
+                                                   for i in range(n)]})
     ranks = ranks if ranks is not None else [int(r) for r in rng.integers(1, 10, n)]
     ds.write_part("quality", stage | {"model": ["head"] * n, "rank": ranks, "probs": [[0.1] * 10] * n})
     marked = [i % 3 == 0 for i in range(n)]

@@ -100,15 +100,18 @@ class TrainConfig:
         if self.latent_cache_mib <= 0:
             raise ValueError(f"latent_cache_mib must be above 0, got {self.latent_cache_mib}")
         if self.batch_size % self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers}): each worker takes an equal share of every batch")
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers}): "
+                             "each worker takes an equal share of every batch")
         if not 0 <= self.timestep_min < self.timestep_max <= 1000:
-            raise ValueError(f"need 0 <= timestep_min < timestep_max <= 1000, got {self.timestep_min}, {self.timestep_max}")
+            raise ValueError("need 0 <= timestep_min < timestep_max <= 1000, "
+                             f"got {self.timestep_min}, {self.timestep_max}")
         if not 1 <= self.max_chunks <= 3:
             raise ValueError(f"max_chunks must be 1, 2 or 3, got {self.max_chunks}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ValueError("zero_terminal_snr needs prediction_type = 'v_prediction' (epsilon is undefined at the last timestep)")
+            raise ValueError("zero_terminal_snr needs prediction_type = 'v_prediction' "
+                             "(epsilon is undefined at the last timestep)")
         self.prompts.validate()
 
 
@@ -132,7 +135,8 @@ def _apply(target, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(prefix + k for k in known)}"
+            hint = (f"did you mean '{prefix}{close[0]}'?" if close
+                    else f"known keys: {', '.join(prefix + k for k in known)}")
             raise ValueError(f"unknown setting '{prefix}{key}'; {hint}")
         if dataclasses.is_dataclass(getattr(target, key)):
             if not isinstance(value, dict):

@@ -99,16 +99,19 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
         for r in group.to_pylist():  # write order: of two rows created at the same time, the later one wins
             image_id = r["image_id"]
             if image_id in by_id and (image_id not in latest or r["created_at"] >= latest[image_id][0]):
-                latest[image_id] = (r["created_at"], make_row(r, by_id[image_id], parts.setdefault(r["part"], r["part"])))
+                latest[image_id] = (r["created_at"],
+                                    make_row(r, by_id[image_id], parts.setdefault(r["part"], r["part"])))
     rows = [row for _, row in latest.values()]
     if not rows:
-        raise ValueError("no rows to train on: no ok latents among the chosen images (run `curate encode`, check --where)")
+        raise ValueError("no rows to train on: no ok latents among the chosen images "
+                         "(run `curate encode`, check --where)")
     return sorted(rows, key=lambda r: r.image_id)
 
 
 def make_row(r: dict, text: dict, part: str) -> Row:
     """A Row from a latents record (with its position) and its image's manifest text."""
-    return Row(r["image_id"], tuple(r["shape"]), part, r["row_group"], r["row"], r["scaling_factor"], r["shift_factor"] or 0.0,
+    return Row(r["image_id"], tuple(r["shape"]), part, r["row_group"], r["row"], r["scaling_factor"],
+               r["shift_factor"] or 0.0,
                tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
                                    (r["target_height"], r["target_width"]))),
                (r["resized_height"], r["resized_width"]), text["tags"], text["caption"], text["rank"],
@@ -283,7 +286,8 @@ class TrainData:
         for i, row in enumerate(self.rows):
             by_group[(row.part, row.row_group)].append(i)
         value_bytes = 2 * len(self.latents.columns)  # float16, per cached column
-        nbytes = {g: value_bytes * sum(math.prod(self.rows[i].shape) for i in members) for g, members in by_group.items()}
+        nbytes = {g: value_bytes * sum(math.prod(self.rows[i].shape) for i in members)
+                  for g, members in by_group.items()}
         if sum(nbytes.values()) <= self.latents.budget:
             return [list(range(len(self.rows)))]
         keys, windows, used = list(by_group), [[]], 0
@@ -320,8 +324,9 @@ class TrainData:
             "latents": torch.from_numpy(np.stack([(latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
                                                   for r, latent in zip(rows, self.latent_samples(rows, epoch))])),
             "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
-            "input_ids": [torch.tensor([chunked(prompts.tokens_of(i).tolist(), n_chunks, tok.bos_token_id, tok.eos_token_id,
-                                                tok.pad_token_id, positions) for i in indices]) for tok in tokenizers],
+            "input_ids": [torch.tensor([chunked(prompts.tokens_of(i).tolist(), n_chunks, tok.bos_token_id,
+                                                tok.eos_token_id, tok.pad_token_id, positions) for i in indices])
+                          for tok in tokenizers],
             "n_chunks": n_chunks,
         }
         if self.config.mask_watermarks:
@@ -340,7 +345,8 @@ class TrainData:
             if mean is None or logvar is None:
                 out.append(latent)
                 continue
-            noise = np.random.default_rng([self.seed, epoch, image_seed(r.image_id), 2]).standard_normal(r.shape, np.float32)
+            noise = (np.random.default_rng([self.seed, epoch, image_seed(r.image_id), 2])
+                     .standard_normal(r.shape, np.float32))
             out.append(mean.astype(np.float32) + np.exp(0.5 * logvar.astype(np.float32)) * noise)
         return out
 
@@ -386,15 +392,19 @@ def rule_examples(data: TrainData) -> dict[str, str]:
     off = dataclasses.replace(data.config.prompts, ucg=0.0, tag_count=False, shuffle_tags=False, alias_rate=0.0,
                               formatting_noise=0.0, score_tags=False, sentence_shuffle=False,
                               source_weights={"tags": 1.0, "caption": 0.0, "both": 0.0})
-    rules = {"all off": {}, "shuffle_tags": {"shuffle_tags": True}, "tag_count": {"tag_count": True, "shuffle_tags": True},
-             "aliases": {"alias_rate": 1.0}, "formatting_noise": {"formatting_noise": 1.0}, "score_tags": {"score_tags": True},
+    rules = {"all off": {}, "shuffle_tags": {"shuffle_tags": True},
+             "tag_count": {"tag_count": True, "shuffle_tags": True},
+             "aliases": {"alias_rate": 1.0}, "formatting_noise": {"formatting_noise": 1.0},
+             "score_tags": {"score_tags": True},
              "caption": {"source_weights": {"tags": 0.0, "caption": 1.0, "both": 0.0}},
              "both": {"source_weights": {"tags": 0.0, "caption": 0.0, "both": 1.0}},
-             "sentence_shuffle": {"sentence_shuffle": True, "source_weights": {"tags": 0.0, "caption": 1.0, "both": 0.0}},
+             "sentence_shuffle": {"sentence_shuffle": True,
+                                  "source_weights": {"tags": 0.0, "caption": 1.0, "both": 0.0}},
              "ucg": {"ucg": 1.0}, "all on": None}
     examples = {}
     for name, change in rules.items():
         config = data.config.prompts if change is None else dataclasses.replace(off, **change)
-        p = PromptBuilder(config, seed=data.seed).build(row.image_id, 0, row.tags, row.caption, row.rank, row.has_watermark)
+        p = PromptBuilder(config, seed=data.seed).build(row.image_id, 0, row.tags, row.caption, row.rank,
+                                                        row.has_watermark)
         examples[name] = p.text
     return examples

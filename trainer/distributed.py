@@ -20,8 +20,8 @@ def worker_loop(settings: dict) -> None:
     from curate.trainer.train import run_training
 
     context = ray.train.get_context()
-    summary = run_training(settings["dataset"], settings["base"], config_from_dict(settings["config"]), settings["resume"],
-                           rank=context.get_world_rank(), world=context.get_world_size(),
+    summary = run_training(settings["dataset"], settings["base"], config_from_dict(settings["config"]),
+                           settings["resume"], rank=context.get_world_rank(), world=context.get_world_size(),
                            device=ray.train.torch.get_device(), show_progress=settings["show_progress"])
     ray.train.report({"steps": summary["steps"]})
 

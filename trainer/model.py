@@ -18,7 +18,8 @@ import torch
 from curate.trainer.config import TrainConfig
 
 
-def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> list[int]:
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> list[int]:
     """As diffusers' StableDiffusionXLPipeline._get_add_time_ids: original, crop, target; height before width."""
     return list(original_size + crop_top_left + target_size)
 
@@ -63,7 +64,8 @@ class Models:
         self.prediction_type = config.prediction_type or base_scheduler.get("prediction_type", "epsilon")
         self.scheduler = DDPMScheduler.from_pretrained(self.base / "scheduler", prediction_type=self.prediction_type,
                                                        rescale_betas_zero_snr=config.zero_terminal_snr)
-        components = {"unet": self.unet, "text_encoder": self.text_encoders[0], "text_encoder_2": self.text_encoders[-1]}
+        components = {"unet": self.unet, "text_encoder": self.text_encoders[0],
+                      "text_encoder_2": self.text_encoders[-1]}
         self.trained = {name: components[name] for name in sorted(trained)}
         for model in [self.unet, *self.text_encoders]:
             model.requires_grad_(any(model is m for m in self.trained.values()))

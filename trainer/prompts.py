@@ -58,7 +58,8 @@ class PromptConfig:
                 raise ValueError(f"prompts.{name} must be between 0 and 1, got {getattr(self, name)}")
         bad = set(self.source_weights) - {"tags", "caption", "both"}
         if bad or any(w < 0 for w in self.source_weights.values()) or not any(self.source_weights.values()):
-            raise ValueError(f"prompts.source_weights takes non-negative weights for tags, caption and both (not all 0), got {self.source_weights}")
+            raise ValueError("prompts.source_weights takes non-negative weights for tags, caption and both "
+                             f"(not all 0), got {self.source_weights}")
         if self.tag_count_sd < 0:
             raise ValueError(f"prompts.tag_count_sd must be >= 0, got {self.tag_count_sd}")
         if self.aliases and not Path(self.aliases).is_file():
@@ -121,7 +122,8 @@ class PromptBuilder:
         if source in ("tags", "both"):
             chosen, drawn = self.pick_tags(rng, tags)
         style = self.pick_style(rng)
-        tag_text = style_join(scores + [self.mutate(rng, t) for t in chosen], style, keep=set(scores) | set(c.priority_tags))
+        tag_text = style_join(scores + [self.mutate(rng, t) for t in chosen], style,
+                              keep=set(scores) | set(c.priority_tags))
         if source in ("caption", "both"):
             sentences = SENTENCE_END.split(caption)
             if c.sentence_shuffle:
@@ -139,7 +141,8 @@ class PromptBuilder:
 
     def choose_source(self, rng: random.Random, has_tags: bool, has_caption: bool) -> str:
         weights = {k: w for k, w in self.config.source_weights.items()
-                   if (k != "tags" or has_tags) and (k != "caption" or has_caption) and (k != "both" or (has_tags and has_caption))}
+                   if (k != "tags" or has_tags) and (k != "caption" or has_caption)
+                   and (k != "both" or (has_tags and has_caption))}
         if not any(weights.values()):  # the image lacks what the weights ask for: use what it has
             return "tags" if has_tags else "caption" if has_caption else "none"
         names = sorted(weights)

@@ -93,8 +93,8 @@ class Trainer:
         groups = [{"params": [p for p in m.parameters() if p.requires_grad],
                    "lr": config.learning_rate if name == "unet" else te_lr} for name, m in self.models.trained.items()]
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=config.grad_scaler_init,
                                            enabled=config.precision == "fp16")
@@ -169,7 +169,8 @@ class Trainer:
 
     def sync_gradients(self) -> None:
         """Average gradients over workers (what DDP does), once per optimizer step."""
-        if self.world > 1:  # a grad is None on every rank alike (e.g. CLIP's last layer under SDXL's penultimate states)
+        if self.world > 1:
+            # a grad is None on every rank alike (e.g. CLIP's last layer under SDXL's penultimate states)
             all_reduce_mean([p.grad for p in self.params if p.grad is not None], self.world)
 
     def train_step(self, step: int) -> float:
@@ -191,7 +192,8 @@ class Trainer:
         if self.ema is not None:  # one fused update for all 1,680 SDXL tensors, not a kernel launch each
             with torch.no_grad():
                 named = list(self.models.unet.named_parameters())
-                torch._foreach_lerp_([self.ema[n] for n, _ in named], [p.detach().float() for _, p in named], 1 - c.ema_decay)
+                torch._foreach_lerp_([self.ema[n] for n, _ in named], [p.detach().float() for _, p in named],
+                                     1 - c.ema_decay)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -211,7 +213,8 @@ class Trainer:
                 batch = data.collate(indices, 0, self.models.tokenizers)
             generator = torch.Generator().manual_seed(seed_for(self.config.seed, salt, j))
             noise = make_noise(tuple(batch["latents"].shape), 0.0, generator)
-            timesteps = torch.randint(self.config.timestep_min, self.config.timestep_max, (len(indices),), generator=generator)
+            timesteps = torch.randint(self.config.timestep_min, self.config.timestep_max, (len(indices),),
+                                      generator=generator)
             total += self.loss_on(batch, noise, timesteps, "mse").item() * len(indices)
             count += len(indices)
         return total / max(count, 1)
@@ -227,7 +230,8 @@ class Trainer:
         updates = {"prediction_type": m.prediction_type}
         if self.config.zero_terminal_snr:
             updates |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "lr_schedule": self.lr_schedule.state_dict(),
                  "scaler": self.scaler.state_dict(), "config": config_dict(self.config)}
         return save_checkpoint(self.output, self.step, m, state, self.ema, updates, self.config.keep_checkpoints)
 
@@ -247,7 +251,8 @@ class Trainer:
             # The first epoch's prompts (started while the models loaded; later ones build
             # while the epoch before trains): minutes for a large table, so they get a bar.
             epoch = self.epoch_at(start)
-            with progress_bar(f"prompts, epoch {epoch}", len(self.data.rows), enabled=show_progress and lead) as advance:
+            with progress_bar(f"prompts, epoch {epoch}", len(self.data.rows),
+                              enabled=show_progress and lead) as advance:
                 self.data.epoch_prompts(epoch, advance)
             with progress_bar("train", c.max_steps - start, enabled=show_progress and lead) as advance:
                 for step in range(start, c.max_steps):
@@ -261,7 +266,8 @@ class Trainer:
                         if self.step % c.log_every == 0 or self.step == c.max_steps:
                             writer.add_scalar("train/loss", loss, self.step)
                             writer.add_scalar("train/lr", lr, self.step)
-                            writer.add_scalar("train/grad_scale", self.scaler.get_scale() if self.scaler.is_enabled() else 1.0, self.step)
+                            writer.add_scalar("train/grad_scale",
+                                              self.scaler.get_scale() if self.scaler.is_enabled() else 1.0, self.step)
                         if c.validate_every and (self.step % c.validate_every == 0 or self.step == c.max_steps):
                             metrics = self.validate()
                             for key, value in metrics.items():
@@ -276,7 +282,8 @@ class Trainer:
                 writer.close()
         samples = (self.step - start) * c.batch_size * c.gradient_accumulation
         seconds = time.perf_counter() - started
-        summary = {"steps": f"{start} -> {self.step}", "samples": samples, "samples/s": round(samples / max(seconds, 1e-9), 2),
+        summary = {"steps": f"{start} -> {self.step}", "samples": samples,
+                "samples/s": round(samples / max(seconds, 1e-9), 2),
                 "waiting for data (s)": round(self.data_wait, 1),
                 "first loss": round(first, 5) if first is not None else None, "last loss": round(loss, 5),
                 **{k: round(v, 5) for k, v in metrics.items()}, "checkpoint": str(saved) if saved else None,

@@ -115,7 +115,8 @@ def write_or_fail(result, format: str, output: str | None) -> None:
 def dups(
     dataset: DatasetArg,
     threshold: Annotated[int, typer.Option("--threshold", help="Near duplicates: at most this many of the 64 phash "
-                                                               f"bits differ (0-{MAX_THRESHOLD}).")] = DEFAULT_THRESHOLD,
+                                                               "bits differ "
+                                                               f"(0-{MAX_THRESHOLD}).")] = DEFAULT_THRESHOLD,
     format: FormatOpt = "table",
     output: OutputOpt = None,
 ):
@@ -166,7 +167,8 @@ def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engin
 
 BucketSetOpt = Annotated[str, typer.Option("--set", help="Bucket set: sdxl, sd15, rule:step=64,min_area=..,max_area=..,"
                                                          "min_ratio=..,max_ratio=.., or a file of WIDTHxHEIGHT lines.")]
-UpscaleOpt = Annotated[bool, typer.Option("--allow-upscale", help="Let images smaller than a bucket be scaled up into it.")]
+UpscaleOpt = Annotated[bool, typer.Option("--allow-upscale", help="Let images smaller than a bucket "
+                                                                  "be scaled up into it.")]
 
 
 class CropMode(str, Enum):
@@ -202,11 +204,12 @@ def buckets(dataset: DatasetArg, set_: BucketSetOpt = "sdxl", where: WhereOpt = 
 @app.command()
 def encode(
     dataset: DatasetArg,
-    vae: Annotated[Optional[str], typer.Option("--vae", help="VAE hub id or directory (a VAE, or a pipeline with vae/), "
-                                                             "optionally @fp32, @fp16 or @bf16; e.g. "
+    vae: Annotated[Optional[str], typer.Option("--vae", help="VAE hub id or directory (a VAE, or a pipeline "
+                                                             "with vae/), optionally @fp32, @fp16 or @bf16; e.g. "
                                                              f"{family('vae').weights}.")] = None,
     mixed_vae: Annotated[Optional[str], typer.Option("--mixed-vae", help="Comma-separated VAEs (same syntax as --vae); "
-                                                                         "each image gets one, chosen by seed.")] = None,
+                                                                         "each image gets one, "
+                                                                         "chosen by seed.")] = None,
     set_: BucketSetOpt = "sdxl",
     where: WhereOpt = None,
     crop: Annotated[CropMode, typer.Option("--crop", help="random (seeded per image) or center.")] = CropMode.random,
@@ -247,8 +250,9 @@ def score(
     clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model for embeddings: a directory, a hub id "
                                                                f"({family('open_clip').weights}) or an open_clip name "
                                                                "(ViT-B-32:openai).")] = None,
-    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory (from `curate quality "
-                                                                     "fit`): ranks 0-9 from the CLIP embeddings.")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory "
+                                                                     "(from `curate quality fit`): ranks 0-9 from "
+                                                                     "the CLIP embeddings.")] = None,
     tagger: Annotated[Optional[str], typer.Option("--tagger", help=f"{weights_help('tag')}; MODEL a directory or a "
                                                                    "hub id.")] = None,
     watermark: Annotated[Optional[str], typer.Option("--watermark", help=f"{weights_help('watermark')}: the watermark "
@@ -399,7 +403,8 @@ def prompts_fit(corpus: Annotated[str, typer.Argument(help="A text file of real 
 @app.command()
 def train(
     dataset: DatasetArg,
-    base: Annotated[str, typer.Option("--base", help="The base model: a diffusers pipeline directory (SDXL or SD1.5).")],
+    base: Annotated[str, typer.Option("--base", help="The base model: a diffusers pipeline directory "
+                                                     "(SDXL or SD1.5).")],
     config: Annotated[Optional[str], typer.Option("--config", help="train.toml with any setting (docs/train.toml lists "
                                                                    "them all).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Run directory: checkpoints/, tensorboard/, "

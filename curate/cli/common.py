@@ -18,10 +18,14 @@ class Engine(str, Enum):
 
 
 DatasetArg = Annotated[str, typer.Argument(help="The dataset directory.")]
-WhereOpt = Annotated[Optional[str], typer.Option("--where", help="SQL predicate over the `manifest` view choosing the input, e.g. \"rank >= 5 AND NOT has_watermark\".")]
-EngineOpt = Annotated[Engine, typer.Option("--engine", help="local: in-process; ray: Ray Data (CPU tasks feeding model actors).")]
-RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing Ray cluster (default: start a local one).")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per model batch (default: the model's own).")]
+WhereOpt = Annotated[Optional[str], typer.Option("--where", help="SQL predicate over the `manifest` view choosing the "
+                                                                 "input, e.g. \"rank >= 5 AND NOT has_watermark\".")]
+EngineOpt = Annotated[Engine, typer.Option("--engine", help="local: in-process; "
+                                                            "ray: Ray Data (CPU tasks feeding model actors).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing "
+                                                      "Ray cluster (default: start a local one).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per model batch "
+                                                                                 "(default: the model's own).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when present).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP + ".")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

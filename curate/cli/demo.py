@@ -47,7 +47,8 @@ def synthetic_image(rng: np.random.Generator, width: int, height: int) -> Image.
     arr = np.empty((height, width, 3), np.float32)
     for c in range(3):
         fx, fy = rng.uniform(0.2, 6, 2)
-        arr[..., c] = base[c] + 90 * np.sin(x / width * fx * np.pi + rng.uniform(0, 6)) * np.cos(y / height * fy * np.pi)
+        arr[..., c] = (base[c] + 90 * np.sin(x / width * fx * np.pi + rng.uniform(0, 6))
+                       * np.cos(y / height * fy * np.pi))
     for _ in range(rng.integers(1, 6)):
         cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(5, max(width, height) / 3)
         arr[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
@@ -85,7 +86,8 @@ def write_demo_images(folder: Path, n: int = N_IMAGES, seed: int = 0) -> None:
     (folder / "notes.png").write_bytes(b"<html>not an image</html>")
     good = (folder / "batch1" / "img0001.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 90000, 90000, 8, 2, 0, 0, 0))
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n"
+                                     + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 90000, 90000, 8, 2, 0, 0, 0))
                                      + _png_chunk(b"IEND", b""))  # declares 8 gigapixels, holds none
     # odd but valid: every one must decode to sensible RGB
     odd = synthetic_image(rng, 300, 200)
@@ -165,8 +167,8 @@ def step_score(demo: Demo) -> None:
     from curate.pipelines.score import score
 
     zoo = write_zoo(demo.root / "models", SCORING_FAMILIES)
-    report.print(f"[dim]$ curate score {demo.root / 'dataset'} --clip {zoo['open_clip']} --quality {zoo['quality_head']} "
-                  f"--tagger wd14:{zoo['wd14']} --watermark owlv2:{zoo['owlv2']}[/dim]")
+    report.print(f"[dim]$ curate score {demo.root / 'dataset'} --clip {zoo['open_clip']} "
+                  f"--quality {zoo['quality_head']} --tagger wd14:{zoo['wd14']} --watermark owlv2:{zoo['owlv2']}[/dim]")
     for summary in score(demo.ds, clip=str(zoo["open_clip"]), quality=str(zoo["quality_head"]),
                          tagger=f"wd14:{zoo['wd14']}", watermark=f"owlv2:{zoo['owlv2']}", engine=demo.engine):
         print_summary(f"score: {summary.stage}", summary.report())
@@ -192,20 +194,25 @@ def step_encode(demo: Demo) -> None:
     stage = EncodeStage([Vae(str(vae))], buckets, device="cpu", batch_size=16)
     print_summary("encode", run(demo.ds, stage, engine=demo.engine)[0].report())
     write_result(demo.ds.sql("SELECT target_width || 'x' || target_height AS bucket, count(*) AS latents, "
-                             "any_value(shape) AS shape FROM latents WHERE status = 'ok' GROUP BY ALL ORDER BY latents DESC"),
+                             "any_value(shape) AS shape FROM latents WHERE status = 'ok' "
+                             "GROUP BY ALL ORDER BY latents DESC"),
                  "table", None)
 
 
 QUERIES = [
-    ("Errors by code", "SELECT error, count(*) AS files FROM images WHERE status = 'error' GROUP BY error ORDER BY files DESC"),
-    ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL ORDER BY images DESC"),
-    ("Sources that are exact duplicates", "SELECT image_id[:12] AS image, sources FROM manifest WHERE len(sources) > 1"),
+    ("Errors by code", "SELECT error, count(*) AS files FROM images WHERE status = 'error' GROUP BY error "
+     "ORDER BY files DESC"),
+    ("Images by format and mode", "SELECT format, mode, count(*) AS images FROM manifest GROUP BY ALL "
+     "ORDER BY images DESC"),
+    ("Sources that are exact duplicates", "SELECT image_id[:12] AS image, sources FROM manifest "
+     "WHERE len(sources) > 1"),
     ("A few captions", "SELECT source, caption FROM manifest WHERE caption IS NOT NULL ORDER BY source LIMIT 3"),
-    ("Blurriest images", "SELECT source, round(sharpness::DOUBLE, 1) AS sharpness FROM manifest ORDER BY sharpness LIMIT 3"),
-    ("Images per quality rank (random tiny head)", "SELECT rank, count(*) AS images, count_if(has_watermark) AS watermarked "
-     "FROM manifest GROUP BY rank ORDER BY rank"),
-    ("Most frequent tags (random tiny tagger)", "SELECT tag, count(*) AS images FROM (SELECT unnest(tags) AS tag FROM manifest) "
-     "GROUP BY tag ORDER BY images DESC, tag LIMIT 5"),
+    ("Blurriest images", "SELECT source, round(sharpness::DOUBLE, 1) AS sharpness FROM manifest "
+     "ORDER BY sharpness LIMIT 3"),
+    ("Images per quality rank (random tiny head)", "SELECT rank, count(*) AS images, count_if(has_watermark) "
+     "AS watermarked FROM manifest GROUP BY rank ORDER BY rank"),
+    ("Most frequent tags (random tiny tagger)", "SELECT tag, count(*) AS images "
+     "FROM (SELECT unnest(tags) AS tag FROM manifest) GROUP BY tag ORDER BY images DESC, tag LIMIT 5"),
 ]
 
 
@@ -224,8 +231,10 @@ def step_quality(demo: Demo) -> None:
 
     clip = write_zoo(demo.root / "models", ["open_clip"])["open_clip"]
     print_summary("quality: simulated ratings -> import -> fit -> score --quality",
-                  demo_quality_loop(demo.ds, clip, demo.root / "dataset" / "heads" / "quality", demo.root / "ratings.csv"))
-    report.print("[dim]$ curate sql DS \"SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest GROUP BY rank ORDER BY rank\"[/dim]")
+                  demo_quality_loop(demo.ds, clip, demo.root / "dataset" / "heads" / "quality",
+                                    demo.root / "ratings.csv"))
+    report.print("[dim]$ curate sql DS \"SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness "
+                 "FROM manifest GROUP BY rank ORDER BY rank\"[/dim]")
     from curate.cli.output import write_result
 
     write_result(demo.ds.sql("SELECT rank, count(*) AS images, round(avg(brightness), 2) AS brightness FROM manifest "
@@ -251,7 +260,8 @@ def step_train(demo: Demo) -> None:
     settings = " ".join(f"{k}={v}" for k, v in DEMO_TRAIN.items())
     report.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output} --dry-run[/dim]")
     dry_run(demo.ds, str(base), config)
-    report.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} --output {config.output}  # {settings}[/dim]")
+    report.print(f"[dim]$ curate train {demo.root / 'dataset'} --base {base} "
+                 f"--output {config.output}  # {settings}[/dim]")
     summary = run_training(str(demo.root / "dataset"), str(base), config, show_progress=False)
     print_summary("train", summary)
     quiet_loaders()  # diffusers is imported now: its own bars off
@@ -259,7 +269,8 @@ def step_train(demo: Demo) -> None:
     pipe.set_progress_bar_config(disable=True)
     image = pipe("score_7, smile", num_inference_steps=2, height=64, width=64).images[0]
     image.save(demo.root / "run" / "sample.png")
-    report.print(f"the checkpoint loads into StableDiffusionXLPipeline: {demo.root / 'run' / 'sample.png'} (random weights: noise)")
+    report.print(f"the checkpoint loads into StableDiffusionXLPipeline: {demo.root / 'run' / 'sample.png'} "
+                 "(random weights: noise)")
 
 
 STEPS = [step_images, step_ingest, step_hash, step_dups, step_score, step_caption, step_quality, step_encode, step_info,

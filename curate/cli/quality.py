@@ -9,19 +9,23 @@ from curate.cli.common import DatasetArg, QuietOpt, WhereOpt, fail, open_dataset
 from curate.progress import console, print_summary
 from curate.store import DatasetError
 
-quality_app = typer.Typer(no_args_is_help=True, help="The quality head: head-to-head ratings -> pair model -> ELO -> 10 ranks.")
+quality_app = typer.Typer(no_args_is_help=True, help="The quality head: head-to-head ratings -> pair model -> ELO -> "
+                                                     "10 ranks.")
 
-EmbedderOpt = Annotated[Optional[str], typer.Option("--embedder", help="The embeddings table's `model` to use (default: the only one there).")]
+EmbedderOpt = Annotated[Optional[str], typer.Option("--embedder", help="The embeddings table's `model` to use "
+                                                                       "(default: the only one there).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for pair choice, splits, tournament and training.")]
 
 
 @quality_app.command()
 def rate(
     dataset: DatasetArg,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; the default is this machine only.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; "
+                                                     "the default is this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8765,
     where: WhereOpt = None,
-    rater: Annotated[Optional[str], typer.Option("--rater", help="Your name in the ratings table (default: the login name).")] = None,
+    rater: Annotated[Optional[str], typer.Option("--rater", help="Your name in the ratings table "
+                                                                 "(default: the login name).")] = None,
     embedder: EmbedderOpt = None,
     seed: SeedOpt = 0,
 ):
@@ -37,7 +41,8 @@ def rate(
         if embedder or embedders(ds):  # with embeddings, pairs are chosen by the current model
             found, vectors = load_embeddings(ds, choose_embedder(ds, embedder), ids)
             if len(found) < len(ids):
-                console.print(f"[yellow]{len(ids) - len(found)} images without embeddings are left out of rating[/yellow]")
+                console.print(f"[yellow]{len(ids) - len(found)} images without embeddings are "
+                              "left out of rating[/yellow]")
             ids = found
         session = RatingSession(ds, PairChooser(ids, vectors, seed=seed), rater)
         server = serve(session, host, port)
@@ -45,7 +50,8 @@ def rate(
         fail(str(e))
     bound_host, bound_port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the images and rate[/yellow]")
+        console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the "
+                      "images and rate[/yellow]")
     try:  # the address is printed inside: a Ctrl-C right after it still ends with the summary
         print(f"rating page: http://{bound_host}:{bound_port}/  (Ctrl-C to stop)", flush=True)
         server.serve_forever()
@@ -59,14 +65,21 @@ def rate(
 @quality_app.command()
 def fit(
     dataset: DatasetArg,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="The head's directory (default: DS/heads/quality).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="The head's directory "
+                                                                         "(default: DS/heads/quality).")] = None,
     embedder: EmbedderOpt = None,
     k: Annotated[float, typer.Option("--k", min=0.1, help="ELO K factor.")] = 32.0,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="ELO tournament rounds (Swiss pairing, one game per image per round).")] = 50,
-    sample: Annotated[int, typer.Option("--sample", min=2, help="Images in the tournament (a seeded random sample of the pool).")] = 10_000,
-    binning: Annotated[str, typer.Option("--binning", help="width: equal-width ELO bins; quantile: equal-count bins.")] = "width",
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of rated pairs kept out to measure accuracy.")] = 0.2,
-    baseline: Annotated[Optional[str], typer.Option("--baseline", help="LAION aesthetic predictor .pth (or its folder) to compare on the held-out pairs (needs ViT-L/14 embeddings).")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="ELO tournament rounds (Swiss pairing, "
+                                                                "one game per image per round).")] = 50,
+    sample: Annotated[int, typer.Option("--sample", min=2, help="Images in the tournament (a seeded "
+                                                                "random sample of the pool).")] = 10_000,
+    binning: Annotated[str, typer.Option("--binning", help="width: equal-width ELO bins; "
+                                                           "quantile: equal-count bins.")] = "width",
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of rated pairs kept out "
+                                                             "to measure accuracy.")] = 0.2,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="LAION aesthetic predictor .pth (or its folder) "
+                                                                       "to compare on the held-out pairs "
+                                                                       "(needs ViT-L/14 embeddings).")] = None,
     where: WhereOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -94,8 +107,10 @@ def fit(
 @quality_app.command("import")
 def import_(
     dataset: DatasetArg,
-    file: Annotated[str, typer.Argument(help="CSV with columns left,right,winner (winner: left, right or tie); image ids or source paths.")],
-    rater: Annotated[Optional[str], typer.Option("--rater", help="Rater for rows without a rater column (default: import:FILE).")] = None,
+    file: Annotated[str, typer.Argument(help="CSV with columns left,right,winner (winner: left, right or tie); "
+                                             "image ids or source paths.")],
+    rater: Annotated[Optional[str], typer.Option("--rater", help="Rater for rows without a rater column "
+                                                                 "(default: import:FILE).")] = None,
 ):
     """Add head-to-head judgements from a CSV file (all rows are checked first; a bad file writes nothing)."""
     from curate.pipelines.quality.ratings import import_csv

@@ -56,7 +56,8 @@ def _fit(ds: Dataset, output: Path, settings: FitSettings, show_progress: bool) 
     embedder = choose_embedder(ds, s.embedder)
     ratings = load_ratings(ds)
     if ratings.num_rows == 0:
-        raise DatasetError("no ratings yet: rate pairs with `curate quality rate DS` or `curate quality import DS FILE.csv`")
+        raise DatasetError("no ratings yet: rate pairs with `curate quality rate DS` or "
+                           "`curate quality import DS FILE.csv`")
     pool_ids, pool = load_embeddings(ds, embedder, ds.select_ids(s.where))
     if len(pool_ids) < 2:
         raise DatasetError(f"fewer than two images with {embedder!r} embeddings to rank")
@@ -94,7 +95,8 @@ def _fit(ds: Dataset, output: Path, settings: FitSettings, show_progress: bool) 
         "ratings": int(ratings.num_rows), "pairs_used": len(usable), "pairs_held_out": n_held,
         "pairs_without_embeddings": int(ratings.num_rows - len(usable)),
         "tournament_images": len(sample),
-        "pair_model_accuracy": _acc(qm.scores(net, side(held, left_ids)), qm.scores(net, side(held, right_ids)), held_winners),
+        "pair_model_accuracy": _acc(qm.scores(net, side(held, left_ids)), qm.scores(net, side(held, right_ids)),
+                                    held_winners),
         "head_accuracy": _acc(qm.expected_rank(qm.head_probs(head, side(held, left_ids))),
                               qm.expected_rank(qm.head_probs(head, side(held, right_ids))), held_winners),
         "rank_histogram": np.bincount(ranks, minlength=RANKS).tolist(),

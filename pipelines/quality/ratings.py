@@ -69,7 +69,8 @@ def import_csv(ds: Dataset, path: str | Path, rater: str | None = None) -> dict:
             winner = (row["winner"] or "").strip().lower()
             for side, value, image_id in zip(("left", "right"), (row["left"], row["right"]), sides):
                 if image_id is None:
-                    problems.append(f"line {line}: {side} {value!r} is neither an ok image id nor the source path of one")
+                    problems.append(f"line {line}: {side} {value!r} is neither an ok image id "
+                                    "nor the source path of one")
             if winner not in WINNERS:
                 problems.append(f"line {line}: winner {row['winner']!r} must be left, right or tie")
             elif sides[0] is not None and sides[0] == sides[1]:
@@ -110,7 +111,8 @@ def export_csv(ds: Dataset, path: str | Path) -> int:
         writer = csv.writer(f)
         writer.writerow([*CSV_COLUMNS, "rater", "created_at"])
         for row in table.to_pylist():
-            writer.writerow([row["left"], row["right"], row["winner"], row["rater"] or "", row["created_at"].isoformat()])
+            writer.writerow([row["left"], row["right"], row["winner"], row["rater"] or "",
+                             row["created_at"].isoformat()])
     return table.num_rows
 
 
@@ -144,7 +146,8 @@ def choose_embedder(ds: Dataset, embedder: str | None) -> str:
         raise DatasetError("the dataset has no CLIP embeddings yet; run `curate score DS --clip MODEL` first")
     if embedder is None:
         if len(known) > 1:
-            raise DatasetError(f"the dataset has embeddings from several models; choose one with --embedder: {', '.join(known)}")
+            raise DatasetError("the dataset has embeddings from several models; choose one with --embedder: "
+                               f"{', '.join(known)}")
         return known[0]
     if embedder not in known:
         raise DatasetError(f"no embeddings from {embedder!r}; the dataset has: {', '.join(known)}")

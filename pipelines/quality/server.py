@@ -30,7 +30,8 @@ PAGE = Path(__file__).with_name("rate.html")
 WEB_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
-                    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"}
+                    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                               "script-src 'self' 'unsafe-inline'"}
 
 
 class RatingSession:
@@ -99,7 +100,8 @@ def make_handler(session: RatingSession, loopback_only: bool):
                 return True
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
             if host not in LOOPBACK_NAMES:
-                self.send_json(HTTPStatus.FORBIDDEN, {"error": "this rating page answers only to 127.0.0.1 / localhost"})
+                self.send_json(HTTPStatus.FORBIDDEN,
+                               {"error": "this rating page answers only to 127.0.0.1 / localhost"})
                 return False
             return True
 
@@ -137,14 +139,16 @@ def make_handler(session: RatingSession, loopback_only: bool):
             if not self.host_allowed():
                 return
             if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
-                return self.send_json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send JSON (Content-Type: application/json)"})
+                return self.send_json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                      {"error": "send JSON (Content-Type: application/json)"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(min(length, 4096)) or b"{}")
                 if self.path == "/api/judge":
                     winner = body.get("winner")
                     if winner not in (*rt.WINNERS, "skip"):
-                        return self.send_json(HTTPStatus.BAD_REQUEST, {"error": "winner must be left, right, tie or skip"})
+                        return self.send_json(HTTPStatus.BAD_REQUEST,
+                                              {"error": "winner must be left, right, tie or skip"})
                     self.send_json(HTTPStatus.OK, session.judge(body.get("left"), body.get("right"), winner))
                 elif self.path == "/api/undo":
                     self.send_json(HTTPStatus.OK, session.undo())

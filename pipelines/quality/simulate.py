@@ -64,7 +64,8 @@ def write_synthetic_dataset(ds, n: int, dim: int = 64, seed: int = 0, embedder: 
     ds.write_part("images", {"image_id": ids, "source": [f"/synthetic/{i:06d}.jpg" for i in range(n)],
                              "bytes": [None] * n, "size_bytes": [0] * n, "width": [512] * n, "height": [512] * n,
                              "format": ["JPEG"] * n, "mode": ["RGB"] * n, "animated": [False] * n,
-                             "status": ["ok"] * n, "error": [None] * n, "message": [None] * n, "created_at": [stamp] * n})
+                             "status": ["ok"] * n, "error": [None] * n, "message": [None] * n,
+                             "created_at": [stamp] * n})
     ds.write_part("embeddings", {"image_id": ids, "model": [embedder] * n, "status": ["ok"] * n, "error": [None] * n,
                                  "message": [None] * n, "created_at": [stamp] * n,
                                  "embedding": [row.astype(np.float16).tolist() for row in embeddings]})
