@@ -96,35 +96,12 @@ class Dataset:
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = schema_of(name)
-        if isinstance(table, dict):
-            table = pa.Table.from_pydict(table, schema=schema)
-        else:
-            table = table.select(schema.names).cast(schema)
+        table = conformed(table, schema_of(name))
         if table.num_rows == 0:
             return None
-        folder = self.table_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.remove_stale_tmp(name)
-        tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
-        final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        raw = RAW_COLUMNS.get(name, set())
-        cooked = [c for c in table.column_names if c not in raw | BLOB_COLUMNS.get(name, set())]
-        rows_per_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
-        pq.write_table(table, tmp, row_group_size=rows_per_group, use_dictionary=cooked, write_statistics=cooked,
-                       compression={c: "none" if c in raw else "zstd" for c in table.column_names})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return final
+        part = PartFile(self, name)
+        part.write(table, max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))))
+        return part.publish()
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
@@ -312,33 +289,106 @@ def manifest_view_sql() -> str:
     )
 
 
-class PartWriter:
-    """Buffers rows of one table and writes a part every PART_ROWS rows, PART_BYTES bytes or
-    PART_SECONDS seconds; what is buffered is written on exit, also on Ctrl-C."""
+def conformed(table: pa.Table | dict, schema: pa.Schema) -> pa.Table:
+    """Rows as a table of exactly the schema's columns and types."""
+    import pyarrow as pa
+
+    if isinstance(table, dict):
+        return pa.Table.from_pydict(table, schema=schema)
+    return table.select(schema.names).cast(schema)
+
+
+class PartFile:
+    """A part being written: row groups go to a temporary file, which `publish` renames into place."""
 
     def __init__(self, ds: Dataset, table: str):
-        self.ds, self.table = ds, table
-        self.buffer: list[pa.Table] = []
-        self.rows = 0
-        self.bytes = 0
-        self.last_flush = time.monotonic()
+        import pyarrow.parquet as pq
+
+        schema = schema_of(table)
+        self.folder = ds.table_dir(table)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ds.remove_stale_tmp(table)
+        self.tmp = self.folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        raw = RAW_COLUMNS.get(table, set())
+        cooked = [c for c in schema.names if c not in raw | BLOB_COLUMNS.get(table, set())]
+        self.writer = pq.ParquetWriter(self.tmp, schema, use_dictionary=cooked, write_statistics=cooked,
+                                       compression={c: "none" if c in raw else "zstd" for c in schema.names})
+        self.rows = self.bytes = 0
+
+    def write(self, rows: pa.Table, row_group_rows: int | None = None) -> None:
+        self.writer.write_table(rows, row_group_size=row_group_rows)
+        self.rows += rows.num_rows
+        self.bytes += rows.nbytes
+
+    def publish(self) -> Path:
+        """Close the file, make it durable and rename it into place: readers see the whole part or none."""
+        self.writer.close()
+        final = self.folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, final)
+        dir_fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class PartWriter:
+    """Writes one table's rows as they come. A part is streamed to its temporary file a row
+    group at a time (at most ROW_GROUP_ROWS rows or ROW_GROUP_BYTES), so memory holds one row
+    group, not a part (256 MiB of image bytes); it is renamed into place when it holds
+    PART_ROWS rows or PART_BYTES bytes, or PART_SECONDS after it began. What was added is kept
+    on exit, also on Ctrl-C."""
+
+    def __init__(self, ds: Dataset, table: str):
+        self.ds, self.table, self.schema = ds, table, schema_of(table)
+        self.group: list[pa.Table] = []  # rows of the next row group
+        self.group_rows = self.group_bytes = 0
+        self.part: PartFile | None = None
+        self.started = time.monotonic()
 
     def add(self, table: pa.Table) -> None:
-        self.buffer.append(table)
-        self.rows += table.num_rows
-        self.bytes += table.nbytes
-        if self.rows >= PART_ROWS or self.bytes >= PART_BYTES or time.monotonic() - self.last_flush > PART_SECONDS:
-            self.flush()
+        table = conformed(table, self.schema)
+        while table.num_rows:  # a model batch can be larger than a part
+            room = PART_ROWS - self._rows()
+            head, table = table.slice(0, room), table.slice(room)
+            self.group.append(head)
+            self.group_rows += head.num_rows
+            self.group_bytes += head.nbytes
+            if self.group_rows >= ROW_GROUP_ROWS or self.group_bytes >= ROW_GROUP_BYTES:
+                self._write_group()
+            if (self._rows() >= PART_ROWS or self._bytes() >= PART_BYTES
+                    or time.monotonic() - self.started > PART_SECONDS):
+                self.flush()
 
-    def flush(self) -> None:
-        if self.buffer:
+    def _rows(self) -> int:
+        return self.group_rows + (self.part.rows if self.part else 0)
+
+    def _bytes(self) -> int:
+        return self.group_bytes + (self.part.bytes if self.part else 0)
+
+    def _write_group(self) -> None:
+        if self.group:
             import pyarrow as pa
 
-            rows = pa.concat_tables(self.buffer)
-            for start in range(0, rows.num_rows, PART_ROWS):  # a model batch can be larger than a part
-                self.ds.write_part(self.table, rows.slice(start, PART_ROWS))
-        self.buffer, self.rows, self.bytes = [], 0, 0
-        self.last_flush = time.monotonic()
+            if self.part is None:
+                self.part = PartFile(self.ds, self.table)
+            self.part.write(pa.concat_tables(self.group))
+        self.group, self.group_rows, self.group_bytes = [], 0, 0
+
+    def flush(self) -> None:
+        """Write what was added and publish the part."""
+        self._write_group()
+        if self.part is not None:
+            self.part.publish()
+            self.part = None
+        self.started = time.monotonic()
 
     def __enter__(self):
         return self
@@ -346,3 +396,5 @@ class PartWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type is None or exc_type is KeyboardInterrupt:
             self.flush()  # finished rows are kept even on Ctrl-C
+        elif self.part is not None:
+            self.part.discard()
