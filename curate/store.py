@@ -355,8 +355,8 @@ class PartWriter:
 
     def add(self, table: pa.Table) -> None:
         table = conformed(table, self.schema)
-        while table.num_rows:  # a model batch can be larger than a part
-            room = PART_ROWS - self._rows()
+        while table.num_rows:  # a model batch can be larger than a part, or a row group
+            room = min(PART_ROWS - self._rows(), ROW_GROUP_ROWS - self.group_rows)
             head, table = table.slice(0, room), table.slice(room)
             self.group.append(head)
             self.group_rows += head.num_rows
