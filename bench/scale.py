@@ -14,8 +14,9 @@ With `--compare DIR` each also runs from that checkout (old main, its own module
 alternating the two, and the ratio new/old is given.
 
 The rows are synthetic but shaped like a real run's: images have 3% duplicate sources and 1%
-errors, 170 rows per part (256 MiB of JPEG bytes each); fast stages write parts of 2048 rows,
-captions parts of 100 (a minute of a VLM's work each), so 1.5M images make ~30,000 parts.
+errors, 700 rows per part (1 GiB of 1.5 MB JPEGs each; before parts were streamed to disk they
+were cut at 256 MiB, 170 photos); fast stages write parts of 2048 rows, captions parts of 100
+(a minute of a VLM's work each), so 1.5M images make ~20,000 parts.
 Image bytes are left out (the 1% still to hash hold a tiny JPEG), embeddings are 512 float16
 (ViT-B/32's), tags ~30 of a 10,000-tag vocabulary, captions ~60 words, and latents 4x8x8
 (SDXL's are 4x128x128: only the one row group the first step reads would be larger).
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curate.schema import SCHEMAS  # noqa: E402
 
-IMAGE_PART_ROWS, STAGE_PART_ROWS, CAPTION_PART_ROWS = 170, 2048, 100
+IMAGE_PART_ROWS, STAGE_PART_ROWS, CAPTION_PART_ROWS = 700, 2048, 100
 WORDS = np.array("a the photo of woman man cat dog sitting standing red blue green light dark tree sky city "
                  "street night day smiling portrait close up wearing dress hat outdoors indoors water".split())
 MODELS = {"stats": "stats-v1", "buckets": "sdxl"}  # the `model` values of `curate hash` and `curate buckets`

@@ -27,10 +27,11 @@ TMP_PREFIX = ".tmp-"
 ROW_GROUP_ROWS = 1024
 ROW_GROUP_BYTES = 32 << 20  # fewer rows per group when rows are big (image bytes, SDXL latents): readers stream groups
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+QUIET = "SET enable_progress_bar = false"  # DuckDB draws its own bar on long queries, into our output
 # Rows per part: bounds the work lost to a kill (CURATE_PART_ROWS overrides it, e.g. in tests).
 PART_ROWS = int(os.environ.get("CURATE_PART_ROWS", "2048"))
 PART_SECONDS = 60.0  # and so does time, for slow stages
-PART_BYTES = 256 << 20
+PART_BYTES = 1 << 30  # and a part of image bytes is cut at 1 GiB (streamed to disk: memory holds a row group)
 # Columns that hold already-compressed media (image files): zstd, dictionary encoding and
 # min/max statistics would burn CPU on them to save nothing.
 RAW_COLUMNS = {"images": {"bytes"}}
@@ -71,6 +72,7 @@ class Dataset:
     def __init__(self, root: str | os.PathLike, create: bool = False):
         self.root = Path(root).resolve()
         self.tables_dir = self.root / "tables"
+        self._listed: dict[str, tuple[int, list[Path]]] = {}  # table -> (its folder's mtime, its parts)
         if create:
             self.tables_dir.mkdir(parents=True, exist_ok=True)
         elif not self.tables_dir.is_dir():
@@ -89,10 +91,18 @@ class Dataset:
         cost seconds for the tens of thousands of parts of a 1.5M-image dataset."""
         folder = self.table_dir(name)
         try:
+            changed = os.stat(folder).st_mtime_ns
+            if self._listed.get(name, (None,))[0] == changed:
+                return list(self._listed[name][1])
             names = sorted(entry.name for entry in os.scandir(folder) if fnmatch(entry.name, PART_GLOB))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [folder / n for n in names if _ends_in_footer(folder / n)]
+        parts = [folder / n for n in names if _ends_in_footer(folder / n)]
+        # A listing is reused while the folder is unchanged; not if it changed in the last second,
+        # when a part renamed in later could leave its time stamp as it was (coarse clocks).
+        if time.time_ns() - changed > 1e9:
+            self._listed[name] = (changed, parts)
+        return list(parts)
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
@@ -120,7 +130,7 @@ class Dataset:
 
         ids: read only the row groups that hold one of these image ids. Passes work in
         storage order, so a resumed pass skips the groups it finished without reading their
-        image bytes (the ids are hashes: row-group statistics never rule a group out)."""
+        image bytes."""
         import pyarrow.dataset as pads
         import pyarrow.fs as pafs
 
@@ -131,11 +141,13 @@ class Dataset:
         # groups into fresh memory first, which for image bytes cost 2-10x the read itself.
         parquet = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(
             pre_buffer=False))
-        data = pads.dataset([str(p) for p in parts], schema=schema_of(name), format=parquet)
-        if ids is not None:
-            groups = [group for part in data.get_fragments() for group in part.split_by_row_group()
-                      if not ids.isdisjoint(group.to_table(columns=["image_id"]).column("image_id").to_pylist())]
-            data = pads.FileSystemDataset(groups, schema_of(name), parquet, pafs.LocalFileSystem())
+        if ids is None:
+            data = pads.dataset([str(p) for p in parts], schema=schema_of(name), format=parquet)
+        else:
+            local = pafs.LocalFileSystem()
+            data = pads.FileSystemDataset([parquet.make_fragment(str(part), local, row_groups=groups)
+                                           for part, groups in _row_groups_holding(parts, ids)],
+                                          schema_of(name), parquet, local)
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
@@ -145,27 +157,33 @@ class Dataset:
         return schema if columns is None else pa.schema([schema.field(c) for c in columns])
 
     # ---- SQL ---------------------------------------------------------------------
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view per table and the `manifest` view."""
+    def connect(self, tables: set[str] | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with a view per table and the `manifest` view; or a
+        view of the given tables only (listing every table's parts takes a while at 1.5M images)."""
         import duckdb
 
         con = duckdb.connect()
-        for sql in self.view_sql():
+        con.execute(QUIET)
+        for sql in self.view_sql(tables):
             con.execute(sql)
         return con
 
-    def view_sql(self) -> list[str]:
+    def view_sql(self, tables: set[str] | None = None) -> list[str]:
         statements = []
         for name, columns in TABLES.items():
+            if tables is not None and name not in tables:
+                continue
             parts = self.parts(name)
             if parts:
-                files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
-                                  f'FROM read_parquet([{files}], union_by_name=true)')
+                # Every part has its table's columns in the schema's order (writers conform rows to
+                # it), so DuckDB may take the first part's schema for all; union_by_name would read
+                # every footer to unify them, seconds at the tens of thousands of parts of 1.5M images.
+                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet({_file_list(parts)})')
             else:
                 cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in columns)
                 statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
-        statements.append(manifest_view_sql())
+        if tables is None:
+            statements.append(manifest_view_sql())
         return statements
 
     def refresh_manifest_db(self) -> Path:
@@ -195,6 +213,7 @@ class Dataset:
 
         path = self.refresh_manifest_db()
         con = duckdb.connect(str(path), read_only=True)
+        con.execute(QUIET)
         try:
             statements = con.extract_statements(sql)
             if len(statements) != 1:
@@ -210,10 +229,11 @@ class Dataset:
         finally:
             con.close()
 
-    def query(self, sql: str, rows: bool = False) -> pa.Table | Rows:
+    def query(self, sql: str, rows: bool = False, tables: set[str] | None = None) -> pa.Table | Rows:
+        """Run a query over the tables and the manifest (or over the given tables only)."""
         import duckdb
 
-        con = self.connect()
+        con = self.connect(tables)
         try:
             return _result(con.sql(sql), rows)
         except duckdb.Error as e:
@@ -221,13 +241,21 @@ class Dataset:
         finally:
             con.close()
 
+    def query_manifest(self, sql: str) -> pa.Table:
+        """A query over `manifest`, which is joined here with only the stage tables whose columns
+        the query names (all of them for a `*`): each join reads every part of its table, tens of
+        thousands at 1.5M images."""
+        tables = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
+        return self.query(f"WITH manifest AS ({manifest_query(tables)}) {sql}", tables=tables | {"images"})
+
     def select_ids(self, where: str | None = None) -> list[str]:
-        """Ids of ok images, optionally filtered by a SQL predicate over `manifest`."""
+        """Ids of ok images, optionally filtered by a SQL predicate over `manifest` (without one
+        only the images table is read)."""
         sql = "SELECT image_id FROM manifest"
         if where:
             sql += f" WHERE ({where})"
         try:
-            return self.query(sql + " ORDER BY image_id").column("image_id").to_pylist()
+            return self.query_manifest(sql + " ORDER BY image_id").column("image_id").to_pylist()
         except DatasetError as e:
             raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
 
@@ -244,6 +272,38 @@ def _remove_stale_tmp(folder: Path) -> None:
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
         if match and not _pid_alive(int(match.group(1))):
             tmp.unlink(missing_ok=True)
+
+
+def _row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, list[int]]]:
+    """(part, its row groups that hold one of the ids), in write order. DuckDB finds the rows by
+    reading the image_id column of every part at once (ids are hashes: row-group statistics
+    never rule a group out); only the parts that hold any have their row groups counted."""
+    import duckdb
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    con = duckdb.connect()
+    con.execute(QUIET)
+    try:
+        con.register("wanted", pa.table({"image_id": pa.array(sorted(ids), pa.string())}))
+        rows = dict(con.sql(f"SELECT filename, list(file_row_number) FROM read_parquet({_file_list(parts)}, "
+                            "filename=true, file_row_number=true) WHERE image_id IN (SELECT image_id FROM wanted) "
+                            "GROUP BY filename").fetchall())
+    finally:
+        con.close()
+    holding = []
+    for part in parts:
+        if str(part) in rows:
+            meta = pq.read_metadata(part)
+            starts = np.cumsum([meta.row_group(k).num_rows for k in range(meta.num_row_groups)])
+            holding.append((part, sorted(set(np.searchsorted(starts, rows[str(part)], side="right").tolist()))))
+    return holding
+
+
+def _file_list(parts: list[Path]) -> str:
+    """Paths as a DuckDB list literal."""
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts) + "]"
 
 
 def _ends_in_footer(path: Path) -> bool:
@@ -270,9 +330,16 @@ def schema_of(table: str) -> pa.Schema:
 
 def manifest_view_sql() -> str:
     """One row per ok image, joined with the latest ok row of every stage table."""
+    return f"CREATE OR REPLACE VIEW manifest AS {manifest_query(set(MANIFEST_COLUMNS))}"
+
+
+def manifest_query(tables: set[str]) -> str:
+    """The manifest's query, joined with these stage tables only (from `tables_for`)."""
     selects = ["img.*"]
     joins = []
     for table, exprs in MANIFEST_COLUMNS.items():
+        if table not in tables:
+            continue
         selects += exprs
         joins.append(
             f'LEFT JOIN (SELECT * FROM "{table}" WHERE status = \'ok\' '
@@ -280,13 +347,24 @@ def manifest_view_sql() -> str:
             f"ON {table}.image_id = img.image_id"
         )
     return (
-        "CREATE OR REPLACE VIEW manifest AS WITH img AS ("
+        "WITH img AS ("
         "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "
         "any_value(width) AS width, any_value(height) AS height, any_value(format) AS format, "
         "any_value(mode) AS mode, any_value(animated) AS animated, max(size_bytes) AS size_bytes "
         "FROM images WHERE status = 'ok' GROUP BY image_id) "
         f"SELECT {', '.join(selects)} FROM img {' '.join(joins)}"
     )
+
+
+def tables_for(predicate: str) -> set[str]:
+    """The stage tables the manifest must join for a predicate: those whose columns it names, and
+    those these columns' expressions read (`tags` reads watermarks too). A word that is not a
+    column, or a column's name inside a string, only adds a join."""
+    words = set(re.findall(r"[A-Za-z_]\w*", predicate))
+    named = {table for table, exprs in MANIFEST_COLUMNS.items()
+             if words & {e.rsplit(" AS ", 1)[1] if " AS " in e else e.rsplit(".", 1)[1] for e in exprs}}
+    return named | {t for table in named for t in re.findall(r"\b(\w+)\.", " ".join(MANIFEST_COLUMNS[table]))
+                    if t in MANIFEST_COLUMNS}
 
 
 def conformed(table: pa.Table | dict, schema: pa.Schema) -> pa.Table:

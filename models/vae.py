@@ -7,7 +7,8 @@ its `vae/` subfolder. DTYPE is fp32, fp16 or bf16; without it (auto): fp32 on CP
 bf16, or fp16 when the VAE's config says it needs no upcast (the fp16-fix VAE). The
 original SDXL VAE overflows in fp16 (its config sets force_upcast); bf16 has fp32's range.
 
-`forward` takes uint8 crops (NHWC) and gives the latent distribution's mean and log-variance.
+`forward` takes uint8 crops (NHWC) and gives the latent distribution's mean and log-variance,
+the whole batch in one call.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ class Vae(Adapter):
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).contiguous()
         x = pixels.float().div(255).sub(0.5).div(0.5).to(vae.device, vae.dtype)
         with torch.inference_mode():
-            mean, logvar = (_moments_one_by_one if vae.device.type == "cpu" else _moments)(vae, x)
-        return {"mean": mean, "logvar": logvar}
+            dist = vae.encode(x).latent_dist
+        return {"mean": dist.mean, "logvar": dist.logvar}
 
 
 def load_vae(spec: Vae, device: str | None):
@@ -80,26 +81,6 @@ def load_vae(spec: Vae, device: str | None):
                                        gpu_dtype=None if config.get("force_upcast", True) else "fp16")
     vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
     return vae.to(dev).eval().requires_grad_(False), short_name(torch_dtype)
-
-
-def _moments(vae, x):
-    dist = vae.encode(x).latent_dist
-    return dist.mean, dist.logvar
-
-
-def _moments_one_by_one(vae, x):
-    """CPU conv rounding depends on the batch and on the thread count: one image at a time on
-    one thread makes a latent the same whatever its batch-mates, engine or machine (the
-    decode threads keep the other cores busy)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        moments = [_moments(vae, x[k:k + 1]) for k in range(len(x))]
-    finally:
-        torch.set_num_threads(threads)
-    return torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
 
 
 def _locate(source: str) -> tuple[str, dict]:

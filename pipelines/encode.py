@@ -6,13 +6,17 @@ random or centre), keep uint8 pixels. Per batch (one bucket, one VAE): encode, d
 latent from the VAE's distribution with per-image seeded noise, store float16 bytes.
 
 Everything random (crop, noise, which VAE of a mixed list) comes from the seed and the
-image_id alone, so a resumed run or the other engine writes the same rows. On CPU each
-image is encoded on its own, which makes a latent independent of its batch-mates:
-resumed runs equal uninterrupted ones bit for bit. On a GPU batches run whole.
+image_id alone, so a resumed run or the other engine writes the same rows. The VAE encodes
+a batch of one bucket in one call, on every core on a CPU. Its rounding depends on the batch
+size and, on a CPU, on the thread count (not on the other images of the batch), so a batch is
+always `batch_size` images: a short one (the last of a bucket) is padded with black crops
+whose outputs are dropped. With the same seed, batch size and device (on a CPU: the same
+number of cores) a resumed run equals an uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 from PIL import Image
@@ -22,7 +26,7 @@ from curate.images import ImageError, decode
 from curate.models.common import model_name
 from curate.models.families import model_value
 from curate.models.vae import Vae
-from curate.pipelines.stage import Stage, model_resources
+from curate.pipelines.stage import Resources, Stage
 
 
 def image_seed(seed: int, image_id: str, purpose: str) -> int:
@@ -36,6 +40,7 @@ class EncodeStage(Stage):
     columns = ("image_id", "bytes", "width", "height")
     decode_min_side = None  # prepare decodes: each image at the size its own bucket needs
     batch_size = 8
+    held_batches = 16  # crops wait longer to fill batches of their bucket: a short batch is padded
 
     def __init__(self, vaes: list[Vae], bucket_set: BucketSet, crop: str = "random", seed: int = 0,
                  keep_distribution: bool = False, allow_upscale: bool = False, device: str | None = None,
@@ -43,7 +48,8 @@ class EncodeStage(Stage):
         self.vaes, self.bucket_set, self.crop, self.seed = list(vaes), bucket_set, crop, seed
         self.keep_distribution, self.allow_upscale, self.device = keep_distribution, allow_upscale, device
         self.batch_size = batch_size or self.batch_size
-        self.resources = model_resources(device)
+        # The VAE is nearly all of the work: on a CPU it gets every core (decoding takes a tenth)
+        self.resources = Resources(cpus=os.cpu_count() or 1, gpus=0 if device == "cpu" else 1)
 
     def model_key(self) -> str:
         return model_value("vae", "+".join(model_name(v.source) for v in self.vaes), {
@@ -82,8 +88,11 @@ class EncodeStage(Stage):
         import torch
 
         vae = self.vaes[batch["vae_index"][0]]
-        moments = vae.forward(batch)
-        mean, logvar = moments["mean"], moments["logvar"]
+        n = len(batch["pixels"])
+        pixels = np.concatenate([batch["pixels"], np.zeros((self.batch_size - n, *batch["pixels"].shape[1:]),
+                                                           np.uint8)]) if n < self.batch_size else batch["pixels"]
+        moments = vae.forward({"pixels": pixels})
+        mean, logvar = moments["mean"][:n], moments["logvar"][:n]
         with torch.inference_mode():
             noise = torch.stack([seeded_noise(mean.shape[1:], image_seed(self.seed, i, "noise"))
                                  for i in batch["image_id"]])

@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
@@ -74,6 +75,7 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text.
 
     Only the small columns are read; a Row points at its latent for LatentCache to read later.
+    Columns become Python values a column at a time (a dict per row would cost minutes at 1.5M).
     """
     conditions = ["has_latent"]
     if not config.keep_rank_0:
@@ -81,26 +83,28 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     if config.where:
         conditions.append(f"({config.where})")
     try:
-        text = ds.query("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS has_watermark, "
-                        f"watermark_boxes FROM manifest WHERE {' AND '.join(conditions)}")
+        text = ds.query_manifest("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS "
+                                 f"has_watermark, watermark_boxes FROM manifest WHERE {' AND '.join(conditions)}")
     except DatasetError as e:
         raise ValueError(f"bad where {config.where!r}: {e}") from None
-    by_id = {}
-    for batch in text.to_batches(50_000):  # Python objects for 50,000 rows at a time, not the whole table
-        for t in batch.to_pylist():
-            # A tagger names ~10,000 tags: one string object per tag, not one per row that has it
-            # (3.3 KB a row less with 40 tags; GBs at a million rows, in every training process)
-            t["tags"] = list(map(intern, t["tags"] or ()))
-            by_id[t["image_id"]] = t
+    by_id = dict(zip(text.column("image_id").to_pylist(), zip(
+        tag_lists(text.column("tags")), text.column("caption").to_pylist(), text.column("rank").to_pylist(),
+        text.column("has_watermark").to_pylist(), text.column("watermark_boxes").to_pylist())))
     del text
     latest: dict[str, tuple] = {}  # image_id -> (created_at, Row): only Rows stay alive, not the read records
-    parts: dict[str, str] = {}  # one string object per part file, shared by its rows
     for group in latent_row_groups(ds, config.latents_model, ROW_COLUMNS, positions=True):
-        for r in group.to_pylist():  # write order: of two rows created at the same time, the later one wins
-            image_id = r["image_id"]
-            if image_id in by_id and (image_id not in latest or r["created_at"] >= latest[image_id][0]):
-                latest[image_id] = (r["created_at"],
-                                    make_row(r, by_id[image_id], parts.setdefault(r["part"], r["part"])))
+        part, row_group = intern(group.column("part")[0].as_py()), group.column("row_group")[0].as_py()
+        c = {name: group.column(name).to_pylist() for name in [*ROW_COLUMNS, "row"]}
+        for k, image_id in enumerate(c["image_id"]):  # write order: of two rows created at once, the later wins
+            if image_id in by_id and (image_id not in latest or c["created_at"][k] >= latest[image_id][0]):
+                tags, caption, rank, has_watermark, boxes = by_id[image_id]
+                time_ids = sdxl_time_ids((c["original_height"][k], c["original_width"][k]),
+                                         (c["crop_top"][k], c["crop_left"][k]),
+                                         (c["target_height"][k], c["target_width"][k]))
+                latest[image_id] = (c["created_at"][k], Row(
+                    image_id, tuple(c["shape"][k]), part, row_group, c["row"][k], c["scaling_factor"][k],
+                    c["shift_factor"][k] or 0.0, tuple(time_ids), (c["resized_height"][k], c["resized_width"][k]),
+                    tags, caption, rank, bool(has_watermark), boxes or []))
     rows = [row for _, row in latest.values()]
     if not rows:
         raise ValueError("no rows to train on: no ok latents among the chosen images "
@@ -108,14 +112,19 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     return sorted(rows, key=lambda r: r.image_id)
 
 
-def make_row(r: dict, text: dict, part: str) -> Row:
-    """A Row from a latents record (with its position) and its image's manifest text."""
-    return Row(r["image_id"], tuple(r["shape"]), part, r["row_group"], r["row"], r["scaling_factor"],
-               r["shift_factor"] or 0.0,
-               tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
-                                   (r["target_height"], r["target_width"]))),
-               (r["resized_height"], r["resized_width"]), text["tags"], text["caption"], text["rank"],
-               bool(text["has_watermark"]), list(text["watermark_boxes"] or []))
+def tag_lists(tags: pa.ChunkedArray, rows_at_once: int = 100_000) -> list[list[str]]:
+    """Each row's tags as a list of strings, one string object per tag name: a tagger names
+    ~10,000 tags, so a million rows share them instead of holding 40 copies each (3.3 KB a row,
+    GBs in every training process). Read through the column's dictionary of names."""
+    out: list[list[str]] = []
+    for start in range(0, len(tags), rows_at_once):
+        lists = tags.slice(start, rows_at_once).combine_chunks()
+        encoded = pc.list_flatten(lists).dictionary_encode()
+        names = np.array([intern(t) for t in encoded.dictionary.to_pylist()] + [""], dtype=object)
+        values = names[encoded.indices.fill_null(len(names) - 1).to_numpy()]
+        offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py()
+        out += [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    return out
 
 
 def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Row]]:
