@@ -115,6 +115,18 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("vae", pa.string()),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
         pa.field("shift_factor", pa.float32()),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
     ),
+    # Hand edits from `curate view`: one row per image per action, never rewritten. The
+    # manifest applies the latest live edit of each kind per image (see EDIT_ACTIONS).
+    "edits": pa.schema(
+        [
+            pa.field("edit", pa.string(), nullable=False),  # one id per action: a bulk edit's rows share it
+            pa.field("image_id", pa.string()),  # null on 'undo' rows
+            pa.field("action", pa.string(), nullable=False),  # one of EDIT_ACTIONS
+            pa.field("value", pa.string()),  # the tag, the caption, or the edit an 'undo' cancels
+            pa.field("editor", pa.string()),
+            pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
     # Head-to-head judgements for the quality head.
     "ratings": pa.schema(
         [
@@ -125,6 +137,19 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         ]
     ),
+}
+
+# What a hand edit does (`edits.action`). Per image, the latest live exclude/include decides
+# `excluded`, the latest live caption replaces the caption, and per image and tag the latest
+# live add_tag/remove_tag decides whether the tag is in `tags`. An 'undo' row cancels every
+# row of the edit named in its value, so the edit before it counts again.
+EDIT_ACTIONS = {
+    "exclude": "leave the image out of the manifest: no stage, no --where and no training sees it",
+    "include": "take an excluded image back",
+    "add_tag": "add the tag in value",
+    "remove_tag": "remove the tag in value (removing `watermark` also clears has_watermark and its boxes)",
+    "caption": "replace the caption with value",
+    "undo": "cancel the edit whose id is in value",
 }
 
 # What each stage table adds to the `manifest` view (one row per ok image, joined with
