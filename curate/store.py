@@ -158,18 +158,16 @@ class Dataset:
         return con
 
     def view_sql(self) -> list[str]:
-        statements = []
-        for name, schema in SCHEMAS.items():
-            parts = self.parts(name)
-            if parts:
-                files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
-                                  f'FROM read_parquet([{files}], union_by_name=true)')
-            else:
-                cols = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in schema)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
-        statements += manifest_view_sql()
-        return statements
+        return [self.table_view_sql(name) for name in SCHEMAS] + manifest_view_sql()
+
+    def table_view_sql(self, name: str) -> str:
+        """A view of a table's parts as they are now (a typed empty view when it has none)."""
+        parts = self.parts(name)
+        if parts:
+            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+            return f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{files}], union_by_name=true)'
+        cols = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in SCHEMAS[name])
+        return f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false'
 
     def refresh_manifest_db(self) -> Path:
         """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
