@@ -83,6 +83,27 @@ def dataset(image_dir, tmp_path):
     return ds
 
 
+@pytest.fixture
+def rich_dataset(tmp_path):
+    """(dataset, what was written): ten real images with a row in every stage table (tests/view_helpers.py)."""
+    from curate.pipelines.ingest import ingest
+    from curate.store import Dataset
+    from tests.view_helpers import add_stage_rows, write_images
+
+    write_images(tmp_path / "src")
+    ds = Dataset(tmp_path / "ds", create=True)
+    ingest([str(tmp_path / "src")], ds, show_progress=False)
+    return ds, add_stage_rows(ds)
+
+
+@pytest.fixture(scope="session")
+def sdxl_base(tmp_path_factory) -> str:
+    """The tiny random-weight SDXL pipeline (a base for `curate train`), written once per session."""
+    from curate.models.tiny import write_zoo
+
+    return str(write_zoo(tmp_path_factory.mktemp("zoo"), ["sdxl"])["sdxl"])
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster with two CPUs, shared by the whole test session."""

@@ -13,18 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.pipelines.ingest import ingest
-from curate.store import Dataset
 from tests.conftest import CHROMIUM_ARGS, REPO, listening_addresses, port_of, request, run_cli
-from tests.view_helpers import BOX, add_stage_rows, write_images
-
-
-@pytest.fixture
-def rich_dataset(tmp_path):
-    write_images(tmp_path / "src")
-    ds = Dataset(tmp_path / "ds", create=True)
-    ingest([str(tmp_path / "src")], ds, show_progress=False)
-    return ds, add_stage_rows(ds)
+from tests.view_helpers import BOX
 
 
 @pytest.fixture
@@ -141,11 +131,9 @@ def test_the_watermark_box_is_drawn_where_it_is_stored(view_server, browser):
     assert "example prompts" in panel and page.locator(".prompt").count() == 4
 
 
-def test_edits_in_the_page_reach_where_and_the_trainer(view_server, browser, tmp_path):
-    from curate.models.tiny import write_zoo
-
+def test_edits_in_the_page_reach_where_and_the_trainer(view_server, browser, sdxl_base):
     port, proc, ds, written = view_server
-    base = str(write_zoo(tmp_path / "zoo", ["sdxl"])["sdxl"])
+    base = sdxl_base
     # 9 of the 10 images: rank 0 is left out of training
     assert "dry run: 9 training rows" in run_cli("train", str(ds.root), "--base", base, "--dry-run").stdout
     page = open_page(browser, port)

@@ -85,3 +85,4 @@ def add_stage_rows(ds: Dataset, seed: int = 0) -> dict:
         mean=[None] * n, logvar=[None] * n, vae=["tiny@fp32"] * n, shift_factor=[None] * n))
     return {"ids": ids, "sources": [r["source"] for r in images], "tags": tags, "ranks": ranks, "marked": marked,
             "crops": crops, "sizes": [(r["width"], r["height"]) for r in images]}
+

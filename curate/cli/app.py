@@ -371,6 +371,28 @@ def view(dataset: DatasetArg, where: WhereOpt = None, host: HostOpt = "127.0.0.1
     print_summary("view", {"edits and undos this session": data.made})
 
 
+@app.command("report")
+def report_(
+    dataset: DatasetArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write.")] = "report.html",
+    where: WhereOpt = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="The model you will train (as for curate train): "
+                                                               "adds the trainer's dry run.")] = None,
+    config: ConfigOpt = None,
+):
+    """One self-contained HTML page about the dataset (opens offline): counts, errors, ranks, tags, captions, sizes,
+    buckets, watermarks, duplicates, the quality fit and what training will see."""
+    from curate.cli.report import write_report
+    from curate.trainer.config import load_config
+
+    ds = open_dataset(dataset)
+    try:
+        summary = write_report(ds, Path(output), load_config(config, where=where), base)
+    except (ValueError, DatasetError, OSError) as e:
+        fail(str(e))
+    print_summary(f"report -> {output}", summary)
+
+
 @app.command()
 def demo(
     directory: Annotated[str, typer.Argument(help="Where to write the demo images and dataset (replaced).")]
