@@ -5,7 +5,8 @@ unique bytes), in parts of 2,048 rows as the executor writes them, with stats, t
 two taggers (40 of 2,000 tags each), captions, ranks, watermark boxes on 10%, buckets and
 small latents. Then, through the real HTTP server on loopback:
 
-- start: opening the dataset and joining the stage results (ViewData), until it listens;
+- first start: opening the dataset and joining the stage results into DS/cache (once per
+  set of parts); start: the same with the join cached, until the server listens;
 - first grid: start plus the first page's JSON (120 images, sorted by image_id);
 - thumbnails: the first page's 120 thumbnails, made from the images table (cold) and
   again (cached in DS/thumbs), fetched 6 at a time as a browser does;
@@ -22,6 +23,7 @@ import argparse
 import http.client
 import io
 import json
+import resource
 import sys
 import tempfile
 import threading
@@ -121,6 +123,12 @@ def thumbnails(port: int, ids: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def note(out: dict) -> None:
+    """Each figure on stderr as it comes (a long run shows where it is), with the peak memory so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"{json.dumps(out)}  peak {peak} MiB", file=sys.stderr, flush=True)
+
+
 def bench(args) -> dict:
     from curate.cli.report import write_report
     from curate.cli.view import serve
@@ -133,7 +141,11 @@ def bench(args) -> dict:
         started = time.perf_counter()
         ds = build(Path(tmp) / "ds", args.images)
         out["build_dataset_s"] = round(time.perf_counter() - started, 1)
+        note(out)
 
+        started = time.perf_counter()
+        ViewData(Dataset(ds.root))
+        out["first_start_s"] = round(time.perf_counter() - started, 3)  # joins the stage tables into DS/cache
         started = time.perf_counter()
         server = serve(ViewData(Dataset(ds.root)), None, "127.0.0.1", 0)
         out["start_s"] = round(time.perf_counter() - started, 3)
@@ -146,6 +158,7 @@ def bench(args) -> dict:
         ids = [r["image_id"] for r in first["rows"]]
         out["thumbnails_120_cold_s"] = round(thumbnails(port, ids), 3)
         out["thumbnails_120_cached_s"] = round(thumbnails(port, ids), 3)
+        note(out)
         seconds, body = get(port, "/api/grid", where=FILTER, order="sharpness", desc="1", limit=120)
         out["filtered_grid_s"] = round(seconds, 3)
         out["filtered_images"] = json.loads(body)["total"]
@@ -155,15 +168,18 @@ def bench(args) -> dict:
         out["grid_after_edit_s"] = round(get(port, "/api/grid", where="list_contains(tags, 'bench_tag')",
                                              limit=120)[0], 3)
         server.shutdown()
+        note(out)
 
         started = time.perf_counter()
         write_report(ds, Path(tmp) / "plain.html", load_config(None))
         out["report_s"] = round(time.perf_counter() - started, 1)
+        note(out)
         base = str(write_zoo(Path(tmp) / "zoo", ["sdxl"])["sdxl"])
         started = time.perf_counter()
         summary = write_report(ds, Path(tmp) / "report.html", load_config(None), base)
         out["report_with_dry_run_s"] = round(time.perf_counter() - started, 1)
         out["report_kib"] = summary["size (KiB)"]
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return out
 
 

@@ -1,4 +1,4 @@
-"""Thumbnails, made once and kept in the dataset (`DS/thumbs/ab/<image_id>.jpg`).
+"""Thumbnails, made once and kept in the dataset (`DS/cache/thumbs/ab/<image_id>.jpg`).
 
 An image id is the hash of its bytes, so a thumbnail never goes stale. They are made on
 first need, a batch at a time: one pass over the images table finds the bytes of every
@@ -26,7 +26,7 @@ QUALITY = 85
 
 
 def thumb_path(ds: Dataset, image_id: str) -> Path:
-    return ds.root / "thumbs" / image_id[:2] / f"{image_id}.jpg"
+    return ds.root / "cache" / "thumbs" / image_id[:2] / f"{image_id}.jpg"
 
 
 def make_thumbs(ds: Dataset, image_ids: list[str]) -> dict[str, Path | None]:

@@ -68,3 +68,22 @@ def test_bad_edits_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError):
         edits.record(ds, "exclude", [])
     assert ds.read("edits").num_rows == 0
+
+
+def test_the_view_joins_the_stage_tables_once_per_set_of_parts(tmp_path):
+    from curate.cli.view_data import ViewData
+    from curate.store import now
+
+    ds = make_latent_dataset(tmp_path / "ds", 4)
+    a = image_id(0)
+    first = ViewData(ds)
+    (cached,) = (ds.root / "cache").glob("manifest-*.parquet")
+    edits.record(ds, "caption", [a], "By hand.")  # edits apply live over the cached join
+    assert ViewData(ds).panel(a)["manifest"]["caption"] == "By hand."
+    assert list((ds.root / "cache").glob("manifest-*.parquet")) == [cached]
+    ds.write_part("quality", {"image_id": [a], "model": ["head2"], "status": ["ok"], "error": [None],
+                              "message": [None], "created_at": [now()], "rank": [9], "probs": [[0.1] * 10]})
+    again = ViewData(ds)  # a new part: joined anew, the old file goes
+    assert again.grid(f"image_id = '{a}'")["rows"][0]["rank"] == 9
+    assert not cached.exists()
+    assert first.grid(f"image_id = '{a}'")["rows"][0]["rank"] == 9  # its file gone, the older page joins again

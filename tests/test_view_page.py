@@ -85,7 +85,7 @@ def test_grid_loads_filters_and_moves_with_keys(view_server, browser):
     assert page.evaluate("document.body.dataset.total") == "10" and len(tiles(page)) == 10
     page.wait_for_function("() => [...document.querySelectorAll('.tile img')].every(i => i.complete && "
                            "i.naturalWidth > 0)")
-    assert (ds.root / "thumbs").is_dir() and len(list((ds.root / "thumbs").rglob("*.jpg"))) == 10
+    assert len(list((ds.root / "cache" / "thumbs").rglob("*.jpg"))) == 10
     set_filter(page, "rank >= 5 AND NOT has_watermark")
     expected = {i for i, r, m in zip(written["ids"], written["ranks"], written["marked"]) if r >= 5 and not m}
     assert set(tiles(page)) == expected and page.evaluate("document.body.dataset.total") == str(len(expected))

@@ -1,24 +1,29 @@
 """What `curate view` shows and changes: a grid over any filter, everything known about one
 image, and hand edits.
 
-The stage results are joined once when the page starts (the manifest without edits, kept
-as a table in an in-memory DuckDB), and the edits are applied over it by the same SQL as
-the dataset's own `manifest` view (curate.store.edited_manifest_sql): a grid costs one
-filtered, sorted query over that table, and an edit only refreshes the edits table's view.
+The stage results are joined once per set of parts and kept in DS/cache (stage_manifest),
+and the edits are applied over that by the same SQL as the dataset's own `manifest` view
+(curate.store.edited_manifest_sql): a grid costs one filtered, sorted query over one
+Parquet file, and an edit only refreshes the edits table's view.
 Filters are parsed as one SQL expression (duckdb.SQLExpression) and applied through the
 relation API, so text from the page never becomes a statement; sort keys must be columns.
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
+import uuid
+from contextlib import contextmanager
+from hashlib import sha256
 
 import duckdb
 
 from curate import edits
 from curate.buckets import Crop
 from curate.pipelines.dups import DEFAULT_THRESHOLD
-from curate.store import Dataset, edited_manifest_sql, stage_manifest_sql
+from curate.schema import MANIFEST_COLUMNS
+from curate.store import PART_GLOB, Dataset, edited_manifest_sql, stage_manifest_sql
 from curate.trainer.prompts import PromptBuilder, PromptConfig
 from curate.web import IMAGE_ID
 
@@ -49,13 +54,23 @@ class ViewData:
         self.lock = threading.Lock()  # one connection, one query at a time
         self.made = 0  # edits and undos through this page
         self.con = duckdb.connect()
-        for sql in ds.view_sql():
-            self.con.execute(sql)
-        self.con.execute(f"CREATE TABLE view_base AS {stage_manifest_sql()}")
-        self.con.execute(f"CREATE OR REPLACE VIEW manifest_all AS {edited_manifest_sql('view_base')}")
+        self.con.execute(ds.table_view_sql("edits"))
+        self.base = stage_manifest(ds, self.con)
+        manifest_views(self.con, self.base)
         self.columns = {name: kind for name, kind, *_ in self.con.execute("DESCRIBE manifest_all").fetchall()}
+        self.details_ready = False  # the panel's views of every table, made when first needed
 
     # ---- reading -------------------------------------------------------------------
+    @contextmanager
+    def reading(self):
+        """The connection's lock, with the cached join in place: another `curate view` or `curate
+        report` that saw new parts replaced it, so join again (picking up the new results)."""
+        with self.lock:
+            if not cache_exists(self.base):
+                self.base = stage_manifest(self.ds, self.con)
+                manifest_views(self.con, self.base)
+            yield
+
     def selection(self, where: str | None) -> duckdb.DuckDBPyRelation:
         """manifest_all filtered by one SQL expression (the --where rules), or ValueError."""
         relation = self.con.table("manifest_all")
@@ -67,7 +82,7 @@ class ViewData:
         return relation
 
     def count(self, where: str | None) -> int:
-        with self.lock:
+        with self.reading():
             return self._fetch(self.selection(where).aggregate("count(*)"))[0][0]
 
     def grid(self, where: str | None, order: str = "image_id", descending: bool = False, offset: int = 0,
@@ -77,7 +92,7 @@ class ViewData:
         if not (0 <= offset and 1 <= limit <= MAX_PAGE):
             raise ValueError(f"offset >= 0 and 1 <= limit <= {MAX_PAGE}")
         direction = "DESC" if descending else "ASC"
-        with self.lock:
+        with self.reading():
             chosen = self.selection(where)
             total = self._fetch(chosen.aggregate("count(*)"))[0][0]
             page = (chosen.order(f'"{order}" {direction} NULLS LAST, image_id').limit(limit, offset)
@@ -86,16 +101,16 @@ class ViewData:
         return {"total": total, "offset": offset, "rows": rows}
 
     def ids(self, where: str | None) -> list[str]:
-        with self.lock:
+        with self.reading():
             return [r[0] for r in self._fetch(self.selection(where).project("image_id"))]
 
     def known(self, image_ids: list[str]) -> list[str]:
         """The ids, checked: each an image of this dataset (excluded ones too), else LookupError."""
         if not all(isinstance(i, str) and IMAGE_ID.fullmatch(i) for i in image_ids):
             raise LookupError("not an image id")
-        with self.lock:
-            found = {r[0] for r in self.con.execute("SELECT image_id FROM view_base WHERE list_contains(?, image_id)",
-                                                    [image_ids]).fetchall()}
+        with self.reading():
+            found = {r[0] for r in self.con.execute(
+                "SELECT image_id FROM stage_manifest WHERE list_contains(?, image_id)", [image_ids]).fetchall()}
         if len(found) < len(set(image_ids)):
             raise LookupError(f"{len(set(image_ids)) - len(found)} of the ids are not images of this dataset")
         return image_ids
@@ -104,15 +119,19 @@ class ViewData:
         """Everything known about one image: its manifest row, every row of every table (with
         errors), the crop the encoder took, exact and near duplicates, edits, example prompts."""
         self.known([image_id])
-        with self.lock:
+        with self.reading():
+            if not self.details_ready:
+                for name in DETAILS:
+                    self.con.execute(self.ds.table_view_sql(name))
+                self.details_ready = True
             row = self._records(self.con.table("manifest_all").filter(duckdb.ColumnExpression("image_id")
                                                                       == duckdb.ConstantExpression(image_id)))[0]
             tables = {name: self._records(self.con.sql(f'SELECT {columns} FROM "{name}" WHERE image_id = $id '
                                                        "ORDER BY created_at DESC", params={"id": image_id}))
                       for name, columns in DETAILS.items()}
             near = self._records(self.con.sql(
-                "SELECT image_id, source, bit_count(xor(phash, p)) AS distance FROM view_base, "
-                "(SELECT phash AS p FROM view_base WHERE image_id = $id) "
+                "SELECT image_id, source, bit_count(xor(phash, p)) AS distance FROM stage_manifest, "
+                "(SELECT phash AS p FROM stage_manifest WHERE image_id = $id) "
                 f"WHERE image_id <> $id AND bit_count(xor(phash, p)) <= {DEFAULT_THRESHOLD} "
                 "ORDER BY distance, image_id LIMIT 24", params={"id": image_id}))
             history = self._records(self.con.sql(
@@ -166,6 +185,49 @@ class ViewData:
             return relation.to_arrow_table().to_pylist()
         except duckdb.Error as e:
             raise ValueError(f"bad filter: {str(e).splitlines()[0]}") from None
+
+
+def stage_manifest(ds: Dataset, con: duckdb.DuckDBPyConnection) -> str:
+    """The manifest without edits (curate.store.stage_manifest_sql) as a relation for `con`: a
+    Parquet file in DS/cache, made once per set of parts. Parts are never rewritten, so their
+    names say whether the join is still current; joining every stage table costs seconds at
+    100,000 images, reading the file back a tenth of that. A dataset that cannot be written
+    to gets the join in memory instead."""
+    sql = stage_manifest_sql()
+    names = [f"{t}/{p.name}" for t in ["images", *MANIFEST_COLUMNS] for p in sorted(ds.table_dir(t).glob(PART_GLOB))]
+    path = ds.root / "cache" / f"manifest-{sha256(chr(10).join([sql, *names]).encode()).hexdigest()[:16]}.parquet"
+    if not path.exists():
+        for table in ["images", *MANIFEST_COLUMNS]:
+            con.execute(ds.table_view_sql(table))
+        tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}.parquet")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            con.execute(f"COPY ({sql}) TO {quoted(tmp)} (FORMAT parquet, COMPRESSION zstd)")
+            os.replace(tmp, path)
+        except (OSError, duckdb.IOException, duckdb.PermissionException):
+            tmp.unlink(missing_ok=True)
+            return f"({sql})"
+        for old in path.parent.glob("manifest-*.parquet"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    return f"read_parquet({quoted(path)})"
+
+
+def manifest_views(con: duckdb.DuckDBPyConnection, base: str) -> None:
+    """`stage_manifest`, and `manifest_all` and `manifest` over it with the edits applied, as the dataset's own."""
+    con.execute(f"CREATE OR REPLACE VIEW stage_manifest AS SELECT * FROM {base}")
+    con.execute(f"CREATE OR REPLACE VIEW manifest_all AS {edited_manifest_sql('stage_manifest')}")
+    con.execute("CREATE OR REPLACE VIEW manifest AS SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded")
+
+
+def cache_exists(base: str) -> bool:
+    """Whether a relation from stage_manifest still has its file (an in-memory join always has)."""
+    match = re.fullmatch(r"read_parquet\('(.*)'\)", base, re.S)
+    return match is None or os.path.exists(match.group(1).replace("''", "'"))
+
+
+def quoted(path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
 
 
 def crop_box(latent_rows: list[dict]) -> dict | None:
