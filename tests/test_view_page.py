@@ -56,18 +56,20 @@ def open_page(browser, port: int):
 
 
 def set_filter(page, where: str) -> None:
-    """Type a filter, press Enter, wait for the grid and the first image's panel."""
+    """Type a filter, press Enter, wait for the new grid and its first image's panel."""
     page.fill("#filter", where)
-    page.press("#filter", "Enter")
-    settle(page)
+    settle(page, lambda: page.press("#filter", "Enter"))
 
 
-def settle(page) -> None:
-    """Wait for the grid (a handler marks the page loading before it returns) and the first image's panel."""
+def settle(page, action) -> None:
+    """Do `action`, then wait for the grid it asked for and a panel drawn after it for the first image."""
+    before = int(page.evaluate("document.querySelector('#panel').dataset.draws || 0"))
+    action()  # a handler marks the page loading before it returns
     page.wait_for_function("() => !document.body.dataset.loading")
-    page.wait_for_function("() => document.querySelector('.tile') === null || "
+    page.wait_for_function("before => document.querySelector('.tile') === null || "
+                           "(+document.querySelector('#panel').dataset.draws > before && "
                            "document.querySelector('#panel').dataset.image === "
-                           "document.querySelectorAll('.tile')[0].dataset.id")
+                           "document.querySelectorAll('.tile')[0].dataset.id)", arg=before)
 
 
 def tiles(page) -> list[str]:
@@ -91,8 +93,7 @@ def test_grid_loads_filters_and_moves_with_keys(view_server, browser):
     assert set(tiles(page)) == expected and page.evaluate("document.body.dataset.total") == str(len(expected))
     set_filter(page, "")
     page.select_option("#order", "rank")
-    page.select_option("#direction", "1")
-    settle(page)
+    settle(page, lambda: page.select_option("#direction", "1"))
     by_rank = sorted(zip(written["ranks"], written["ids"]), key=lambda x: (-x[0], x[1]))
     assert tiles(page) == [i for _, i in by_rank]
     page.keyboard.press("Escape")  # from the sort menu back to the grid
