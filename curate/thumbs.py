@@ -78,6 +78,9 @@ class Thumbnailer:
         with self.lock:
             self.wanted = list(image_ids)
 
+    def cached(self, image_id: str) -> bool:
+        return thumb_path(self.ds, image_id).exists()
+
     def get(self, image_id: str) -> bytes | None:
         path = thumb_path(self.ds, image_id)
         if not path.exists():

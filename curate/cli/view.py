@@ -45,7 +45,9 @@ def make_handler(data: ViewData, where: str | None) -> type[PageHandler]:
                 elif path.startswith("/api/image/"):
                     self.send_json(HTTPStatus.OK, data.panel(image_id_or_404(path[len("/api/image/"):])))
                 elif path.startswith("/thumb/"):
-                    image_id = data.known([image_id_or_404(path[len("/thumb/"):])])[0]
+                    image_id = image_id_or_404(path[len("/thumb/"):])
+                    if not thumbs.cached(image_id):  # one is made only for an image of the dataset
+                        data.known([image_id])
                     self.send_immutable(f"thumb-{image_id}", lambda: thumbs.get(image_id), "image/jpeg")
                 elif path.startswith("/image/"):
                     image_id = data.known([image_id_or_404(path[len("/image/"):])])[0]
