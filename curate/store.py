@@ -169,22 +169,20 @@ class Dataset:
         return con
 
     def view_sql(self, tables: set[str] | None = None) -> list[str]:
-        statements = []
-        for name, columns in TABLES.items():
-            if tables is not None and name not in tables:
-                continue
-            parts = self.parts(name)
-            if parts:
-                # Every part has its table's columns in the schema's order (writers conform rows to
-                # it), so DuckDB may take the first part's schema for all; union_by_name would read
-                # every footer to unify them, seconds at the tens of thousands of parts of 1.5M images.
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet({_file_list(parts)})')
-            else:
-                cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in columns)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
-        if tables is None:
-            statements.append(manifest_view_sql())
-        return statements
+        """A view per table and the manifest's; or views of the given tables only."""
+        if tables is not None:
+            return [self.table_view_sql(name) for name in TABLES if name in tables]
+        return [self.table_view_sql(name) for name in TABLES] + manifest_view_sql()
+
+    def table_view_sql(self, name: str) -> str:
+        """A view of a table's parts as they are now (a typed empty view when it has none)."""
+        parts = self.parts(name)
+        if parts:
+            # Every part has its table's columns in the schema's order (writers conform rows to
+            # it), so DuckDB may take the first part's schema for all; union_by_name would read
+            # every footer to unify them, seconds at the tens of thousands of parts of 1.5M images.
+            return f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet({_file_list(parts)})'
+        return f'CREATE OR REPLACE VIEW "{name}" AS {empty_select(name)}'
 
     def refresh_manifest_db(self) -> Path:
         """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
@@ -246,7 +244,9 @@ class Dataset:
         the query names (all of them for a `*`): each join reads every part of its table, tens of
         thousands at 1.5M images."""
         tables = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
-        return self.query(f"WITH manifest AS ({manifest_query(tables)}) {sql}", tables=tables | {"images"})
+        manifest = (f"WITH manifest_all AS ({edited_manifest_sql(f'({stage_manifest_sql(tables)})')}), "
+                    "manifest AS (SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded) ")
+        return self.query(manifest + sql, tables=tables | {"images", "edits"})
 
     def select_ids(self, where: str | None = None) -> list[str]:
         """Ids of ok images, optionally filtered by a SQL predicate over `manifest` (without one
@@ -328,24 +328,26 @@ def schema_of(table: str) -> pa.Schema:
     return arrow_schemas()[table]
 
 
-def manifest_view_sql() -> str:
-    """One row per ok image, joined with the latest ok row of every stage table."""
-    return f"CREATE OR REPLACE VIEW manifest AS {manifest_query(set(MANIFEST_COLUMNS))}"
+def manifest_view_sql() -> list[str]:
+    """`manifest_all`: every ok image with the results of every stage and the hand edits
+    applied, and an `excluded` column; `manifest`: the images that are not excluded, without
+    that column. Every stage's input, every --where and the trainer read `manifest`."""
+    return [f"CREATE OR REPLACE VIEW manifest_all AS {edited_manifest_sql(f'({stage_manifest_sql()})')}",
+            "CREATE OR REPLACE VIEW manifest AS SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded"]
 
 
-def manifest_query(tables: set[str]) -> str:
-    """The manifest's query, joined with these stage tables only (from `tables_for`)."""
+def stage_manifest_sql(tables: set[str] | None = None) -> str:
+    """One row per ok image, joined with the latest ok row of every stage table (no edits). With
+    `tables` (see tables_for), the other stage tables are left out of the join (their columns are
+    null): each join reads every part of its table, tens of thousands at 1.5M images."""
     selects = ["img.*"]
     joins = []
     for table, exprs in MANIFEST_COLUMNS.items():
-        if table not in tables:
-            continue
         selects += exprs
-        joins.append(
-            f'LEFT JOIN (SELECT * FROM "{table}" WHERE status = \'ok\' '
-            f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC) = 1) AS {table} "
-            f"ON {table}.image_id = img.image_id"
-        )
+        latest = (f'SELECT * FROM "{table}" WHERE status = \'ok\' '
+                  "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC) = 1")
+        joins.append(f"LEFT JOIN ({latest if tables is None or table in tables else empty_select(table)}) AS {table} "
+                     f"ON {table}.image_id = img.image_id")
     return (
         "WITH img AS ("
         "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "
@@ -354,6 +356,12 @@ def manifest_query(tables: set[str]) -> str:
         "FROM images WHERE status = 'ok' GROUP BY image_id) "
         f"SELECT {', '.join(selects)} FROM img {' '.join(joins)}"
     )
+
+
+def empty_select(table: str) -> str:
+    """No rows, with the table's columns and types."""
+    cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in TABLES[table])
+    return f"SELECT {cols} WHERE false"
 
 
 def tables_for(predicate: str) -> set[str]:
@@ -365,6 +373,37 @@ def tables_for(predicate: str) -> set[str]:
              if words & {e.rsplit(" AS ", 1)[1] if " AS " in e else e.rsplit(".", 1)[1] for e in exprs}}
     return named | {t for table in named for t in re.findall(r"\b(\w+)\.", " ".join(MANIFEST_COLUMNS[table]))
                     if t in MANIFEST_COLUMNS}
+
+
+def edited_manifest_sql(base: str) -> str:
+    """`base` (a relation with the stage manifest's columns) with the live hand edits applied
+    (schema.EDIT_ACTIONS): the latest exclude/include, caption and add/remove of each tag win."""
+    removed, added = "coalesce(t.removed, [])", "coalesce(t.added, [])"
+    own = "coalesce(b.tags, CAST([] AS VARCHAR[]))"
+    return (
+        "WITH live AS (SELECT * FROM edits e WHERE action <> 'undo' AND NOT EXISTS "
+        "(SELECT 1 FROM edits u WHERE u.action = 'undo' AND u.value = e.edit)), "
+        "excl AS (SELECT image_id, arg_max(action, created_at) = 'exclude' AS excluded FROM live "
+        "WHERE action IN ('exclude', 'include') GROUP BY image_id), "
+        "cap AS (SELECT image_id, arg_max(value, created_at) AS caption FROM live WHERE action = 'caption' "
+        "GROUP BY image_id), "
+        "tag_state AS (SELECT image_id, value AS tag, arg_max(action, created_at) AS action FROM live "
+        "WHERE action IN ('add_tag', 'remove_tag') GROUP BY image_id, value), "
+        "t AS (SELECT image_id, list(tag ORDER BY tag) FILTER (WHERE action = 'add_tag') AS added, "
+        "list(tag) FILTER (WHERE action = 'remove_tag') AS removed FROM tag_state GROUP BY image_id) "
+        "SELECT b.* REPLACE ("
+        f"CASE WHEN t.image_id IS NULL THEN b.tags ELSE list_concat("
+        f"list_filter({own}, lambda x: NOT list_contains({removed}, x)), "
+        f"list_filter({added}, lambda x: NOT list_contains({own}, x))) END AS tags, "
+        "coalesce(c.caption, b.caption) AS caption, "
+        f"CASE WHEN list_contains({removed}, 'watermark') THEN false "
+        f"WHEN list_contains({added}, 'watermark') THEN true ELSE b.has_watermark END AS has_watermark, "
+        f"CASE WHEN list_contains({removed}, 'watermark') THEN b.watermark_boxes[1:0] "
+        "ELSE b.watermark_boxes END AS watermark_boxes), "
+        "coalesce(x.excluded, false) AS excluded "
+        f"FROM {base} AS b LEFT JOIN excl AS x ON x.image_id = b.image_id "
+        "LEFT JOIN cap AS c ON c.image_id = b.image_id LEFT JOIN t ON t.image_id = b.image_id"
+    )
 
 
 def conformed(table: pa.Table | dict, schema: pa.Schema) -> pa.Table:
