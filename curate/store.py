@@ -239,23 +239,27 @@ class Dataset:
         finally:
             con.close()
 
-    def query_manifest(self, sql: str) -> pa.Table:
-        """A query over `manifest`, which is joined here with only the stage tables whose columns
-        the query names (all of them for a `*`): each join reads every part of its table, tens of
-        thousands at 1.5M images."""
-        tables = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
-        manifest = (f"WITH manifest_all AS ({edited_manifest_sql(f'({stage_manifest_sql(tables)})')}), "
+    def query_manifest(self, sql: str, tables: set[str] = frozenset()) -> pa.Table:
+        """A query over `manifest` (and these tables), the manifest joined here with only the stage
+        tables whose columns the query names (all of them for a `*`): each join reads every part
+        of its table, tens of thousands at 1.5M images."""
+        joined = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
+        manifest = (f"WITH manifest_all AS ({edited_manifest_sql(f'({stage_manifest_sql(joined)})')}), "
                     "manifest AS (SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded) ")
-        return self.query(manifest + sql, tables=tables | {"images", "edits"})
+        return self.query(manifest + sql, tables=joined | tables | {"images", "edits"})
 
-    def select_ids(self, where: str | None = None) -> list[str]:
+    def select_ids(self, where: str | None = None, undone: tuple[str, str] | None = None) -> list[str]:
         """Ids of ok images, optionally filtered by a SQL predicate over `manifest` (without one
-        only the images table is read)."""
-        sql = "SELECT image_id FROM manifest"
-        if where:
-            sql += f" WHERE ({where})"
+        only the images table is read); with undone=(table, model), only those that have no row
+        of that model in that table (a stage's to-do)."""
+        conditions = [f"({where})"] if where else []
+        if undone:
+            model = undone[1].replace("'", "''")
+            conditions.append(f"image_id NOT IN (SELECT image_id FROM \"{undone[0]}\" WHERE model = '{model}')")
+        sql = "SELECT image_id FROM manifest" + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
         try:
-            return self.query_manifest(sql + " ORDER BY image_id").column("image_id").to_pylist()
+            return self.query_manifest(sql + " ORDER BY image_id", {undone[0]} if undone else set()).column(
+                "image_id").to_pylist()
         except DatasetError as e:
             raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
 

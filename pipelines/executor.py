@@ -83,8 +83,7 @@ def run(ds: Dataset, stages: list[Stage] | Stage, *, engine: str = "local", wher
         todo: list[set[str] | None] = [None]
         everything: list[str] | None = None
     else:
-        wanted = ds.select_ids(where) if ids is None else list(ids)
-        todo = [set(todo_ids(ds, s, wanted=wanted)) for s in stages]
+        todo = [set(todo_ids(ds, s, where=where, wanted=ids)) for s in stages]
         everything = sorted(set().union(*todo))
     summaries = [Summary(s.table, s.model_key(), todo=len(t) if t is not None else 0) for s, t in zip(stages, todo)]
     if everything is None or everything:

@@ -193,7 +193,8 @@ def regroup(stages: list[Stage], prepared_batches: Iterable[tuple[list[str], lis
 # ---- choosing the input --------------------------------------------------------------
 def todo_ids(ds: Dataset, stage: Stage, where: str | None = None, wanted: list[str] | None = None) -> list[str]:
     """Ok images (matching `where`, or of `wanted`) that have no row for this stage's model yet."""
-    wanted = ds.select_ids(where) if wanted is None else wanted
+    if wanted is None:  # one query: at 99% done only the ids left become Python strings
+        return ds.select_ids(where, undone=(stage.table, stage.model_key()))
     done = ds.read(stage.table, ["image_id"], filter=pc.field("model") == stage.model_key())
     done_ids = set(done.column("image_id").to_pylist())
     return [i for i in wanted if i not in done_ids]
