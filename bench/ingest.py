@@ -83,10 +83,10 @@ def bare_ingest_loop(paths: list[Path]) -> float:
             continue
         seen.add(digest)
         img = Image.open(io.BytesIO(data))
-        img.getexif()
-        if img.format == "PNG":
+        if img.format == "PNG":  # (its EXIF, when it precedes the pixels, is read at open)
             img.verify()
             continue
+        img.getexif()
         if img.format == "JPEG":
             img.draft(img.mode, (1, 1))
         img.load()
@@ -181,6 +181,51 @@ def compare(folder: Path, tmp: Path, old: Path, runs: int = 3) -> dict:
             "new_peak_mib": med["new"]["peak_mib"], "old_peak_mib": med["old"]["peak_mib"]}
 
 
+# A Ray cluster another process started, as a user's would be: it runs until its stdin closes
+HEAD = """import os, sys, ray
+ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+# `curate hash`'s pass on that cluster, from a fresh process: seconds from its start to its
+# imports done, to joining, to the first batch of rows back, and to the last
+JOINER = """import time
+started = time.perf_counter()
+import json, sys
+from curate.pipelines.ray_executor import init_ray, run_ray
+from curate.pipelines.rows import todo_ids
+from curate.pipelines.stats import StatsStage
+from curate.store import Dataset
+imported = time.perf_counter()
+init_ray(sys.argv[2])
+joined = time.perf_counter()
+ds, stage = Dataset(sys.argv[1]), StatsStage()
+ids = todo_ids(ds, stage)
+first, n = None, 0
+for batch in run_ray(ds, [stage], [set(ids)], sorted(ids), None):
+    first = first or time.perf_counter()
+    n += sum(rows.num_rows for _, rows in batch)
+done = time.perf_counter()
+print(json.dumps({"images": n, "imports_s": round(imported - started, 2), "join_s": round(joined - imported, 2),
+                  "first_batch_s": round(first - started, 2), "all_s": round(done - started, 2)}))
+"""
+
+
+def join_cluster(ds: Path, runs: int = 2) -> list[dict]:
+    """A command joining a running cluster: when its first batch comes back (from its start)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        address = head.stdout.readline().strip()
+        return [json.loads(subprocess.run([sys.executable, "-c", JOINER, str(ds), address], env=env, check=True,
+                                          capture_output=True, text=True).stdout.splitlines()[-1])
+                for _ in range(runs)]
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+
+
 def memory(tmp: Path, n: int, side: int) -> dict:
     """This version's peak MiB ingesting n and 4n different files: it must not grow with the corpus."""
     out = {}
@@ -245,6 +290,18 @@ def main() -> None:
                 "hash_marginal_images_per_s": _round(marginal_hash),
                 "hash_marginal_vs_bare": _round(marginal_hash and marginal_hash / bare_hash, 2),
             }
+        if {"local", "ray"} <= set(engines):  # per image, the figure that matters at scale
+            result["ray_vs_local_per_image"] = {
+                step: _round(result["ray"][f"{step}_marginal_images_per_s"] and result["local"][
+                    f"{step}_marginal_images_per_s"] and result["ray"][f"{step}_marginal_images_per_s"] /
+                    result["local"][f"{step}_marginal_images_per_s"], 2) for step in ("ingest", "hash")}
+        if "ray" in engines:
+            import ray
+
+            ray.shutdown()  # the cluster of this process; a command joins another's below
+            joining = Dataset(tmp / "join", create=True)
+            ingest([str(tmp / "images")], joining, show_progress=False)
+            result["ray_join_running_cluster"] = join_cluster(joining.root)
         if args.compare:
             result["old_vs_new_local_ingest"] = compare(tmp / "images", tmp, args.compare.resolve())
         if args.memory:

@@ -146,7 +146,7 @@ class Dataset:
         else:
             local = pafs.LocalFileSystem()
             data = pads.FileSystemDataset([parquet.make_fragment(str(part), local, row_groups=groups)
-                                           for part, groups in _row_groups_holding(parts, ids)],
+                                           for part, groups in row_groups_holding(parts, ids)],
                                           schema_of(name), parquet, local)
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
@@ -278,7 +278,7 @@ def _remove_stale_tmp(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, list[int]]]:
+def row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, list[int]]]:
     """(part, its row groups that hold one of the ids), in write order. DuckDB finds the rows by
     reading the image_id column of every part at once (ids are hashes: row-group statistics
     never rule a group out); only the parts that hold any have their row groups counted."""

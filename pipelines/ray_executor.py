@@ -14,10 +14,11 @@ import pickle
 import warnings
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curate.pipelines.rows import input_columns, input_filter, input_rows, prepare_row, process_pass, setup_stages
 from curate.pipelines.stage import Stage
-from curate.store import Dataset
+from curate.store import Dataset, row_groups_holding
 
 # Ray Data retries a task whose worker died forever by default: an image that crashes
 # the decoder would hang the command. Two retries ride out a lost node; then it fails.
@@ -49,11 +50,16 @@ def init_ray(ray_address: str | None = None):
     return ray
 
 
-def _keep_todo(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
-    """Ray task (fused into the read): drop rows no stage of the pass has to do."""
+def _read_row_groups(groups: pa.Table, stages: list[Stage], todo_ref: list, batch_size: int):
+    """Ray task: read row groups of the source table (the input columns of the rows to do) and
+    hand them on a batch at a time, each a block of its own, so decoding spreads over every core."""
     import ray
 
-    return batch.filter(input_filter(stages, ray.get(todo_ref[0])))
+    keep = input_filter(stages, ray.get(todo_ref[0]))
+    for part, group in zip(groups.column("part").to_pylist(), groups.column("row_group").to_pylist()):
+        rows = pq.ParquetFile(part).read_row_group(group, columns=input_columns(stages)).filter(keep)
+        for start in range(0, rows.num_rows, batch_size):
+            yield rows.slice(start, batch_size)
 
 
 def _prepare_batch(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
@@ -112,14 +118,18 @@ def _input(ray, ds: Dataset, stages: list[Stage], everything: list[str] | None, 
         if not rows:
             return None
         return ray.data.from_items(rows, override_num_blocks=-(-len(rows) // batch_size))
-    parts = [str(p) for p in ds.parts(stages[0].source)]
-    data = ray.data.read_parquet(parts).select_columns(input_columns(stages))  # pushed down into the read
-    data = data.map_batches(_keep_todo,
-                            fn_kwargs={"stages": stages, "todo_ref": [ray.put(pa.array(everything, pa.string()))]},
-                            batch_format="pyarrow", batch_size=None)
-    # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
-    # batch so decoding spreads over every core.
-    return data.repartition(target_num_rows_per_block=batch_size)
+    # The driver finds the row groups that hold the rows to do (ray.data.read_parquet would
+    # fetch and sample every part's metadata in tasks of its own first: seconds per command).
+    # Reading runs in tasks that ask for less than a core, so Ray does not fuse them with the
+    # decoding: a row group's batches then decode on every core, not one after another.
+    groups = [{"part": str(part), "row_group": group} for part, holding in
+              row_groups_holding(ds.parts(stages[0].source), set(everything)) for group in holding]
+    if not groups:
+        return None
+    return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+        _read_row_groups, fn_kwargs={"stages": stages, "todo_ref": [ray.put(pa.array(everything, pa.string()))],
+                                     "batch_size": batch_size}, batch_format="pyarrow", batch_size=None,
+        num_cpus=0.5)
 
 
 def run_ray(ds: Dataset, stages: list[Stage], todo: list, everything: list[str] | None, ray_address: str | None):
@@ -144,8 +154,11 @@ def run_ray(ds: Dataset, stages: list[Stage], todo: list, everything: list[str] 
                                 batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
                                 max_retries=RAY_TASK_RETRIES)
         if with_model:
+            # A model actor regroups what it is handed into batches of one key (one bucket):
+            # handed as many rows as the local engine holds for that, its batches come out full.
+            held = max(s.batch_size * s.held_batches for s in stages)
             data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                                    batch_size=held, compute=ray.data.ActorPoolStrategy(size=actors),
                                     num_gpus=num_gpus if gpus else 0, num_cpus=0,
                                     # A restarted actor would meet the same batch again; a rerun
                                     # of the command resumes instead. (Restartable actors also

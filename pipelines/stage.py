@@ -70,7 +70,8 @@ class Stage:
     decode_min_side: int | None = None  # decode the image (shorter side >= this; 0 = full size)
     decode_long_side: int | None = None  # ... and/or longer side >= this (models that pad to a square)
     batch_size: int = 32
-    held_batches: int = 4  # batches' worth of prepared rows that may wait to fill batches of one key
+    held_batches: int = 4  # batches' worth of prepared rows that may wait to fill batches of one key (on Ray:
+    # that a model actor is handed at once)
     ordered: bool = False  # commit() must see rows in input order
     resources: Resources = Resources()
 
