@@ -70,6 +70,36 @@ def test_clip_batched_embeddings_equal_open_clip_per_image(dataset, zoo):
     assert row["t"] == "FLOAT[]" and row["norm2"] == pytest.approx(1, abs=5e-3)
 
 
+def real_photo() -> Image.Image:
+    """A real photograph (Grace Hopper, 512x600 JPEG) from matplotlib's sample data."""
+    import matplotlib.cbook
+
+    return Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+
+
+@pytest.mark.parametrize("name, mean, cropped", [("ViT-B-16-SigLIP:webli", 0.5, False),
+                                                  ("ViT-H-14-378-quickgelu:dfn5b", 0.48145466, False),
+                                                  ("ViT-B-32:openai", 0.48145466, True)])
+def test_registry_names_preprocess_as_their_pretrained_tag_says(name, mean, cropped):
+    """open_clip merges a tag's preprocess config (SigLIP: mean/std 0.5, squash) over its defaults;
+    a registry name must not fall back to OpenAI's mean/std and a centre crop."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    from curate.models.clip import Clip
+
+    clip, photo = Clip(name), real_photo()
+    steps, ours_mean, ours_std = clip.transform()
+    pixels = clip.preprocess(decoded(photo))["pixels"]
+    ours = (pixels / 255.0 - ours_mean) / ours_std
+    arch, tag = name.split(":")
+    config = merge_preprocess_dict(PreprocessCfg(size=clip.image_size), open_clip.get_pretrained_cfg(arch, tag))
+    reference = image_transform_v2(PreprocessCfg(**config), is_train=False)(photo).numpy().transpose(1, 2, 0)
+    assert ours_mean[0] == pytest.approx(mean) and pixels.shape == (clip.image_size, clip.image_size, 3)
+    assert any("CenterCrop" in type(step).__name__ for step in steps) == cropped
+    assert np.abs(ours - reference).max() <= 1.01 / 255 / ours_std.min()  # a level of rounding at most
+
+
 def test_quality_ranks_stored_embeddings_and_refuses_another_embedder(dataset, zoo, tmp_path):
     from curate.models.quality_head import RankHead, load_head, save_head
 
