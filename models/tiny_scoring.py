@@ -165,7 +165,8 @@ def write_wd14_timm(folder: Path) -> None:
 
 
 def write_joytag(folder: Path) -> None:
-    """Like fpgaminer/joytag: config.json ({"class": "ViT", ...}) + model.safetensors + top_tags.txt."""
+    """Like fancyfeast/joytag (the published weights): config.json ({"class": "ViT", ...}),
+    model.safetensors and top_tags.txt."""
     import torch
 
     from curate.models.joytag import JoyTagViT

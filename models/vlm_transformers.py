@@ -85,15 +85,17 @@ class Moondream(Captioner):
     The model has no batched API: images are captioned one by one.
     """
 
-    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(self, spec, prompt: str | None = None, max_new_tokens: int | None = None, **settings):
         import transformers
 
-        major = int(transformers.__version__.split(".")[0])
-        if major >= 5:
+        if int(transformers.__version__.split(".")[0]) >= 5:  # said before the hub is asked for anything
             raise ModelError(f"moondream2's remote code needs transformers >=4.44,<5; this environment has "
-                               f"{transformers.__version__}. Run it from an environment with transformers 4.x "
-                               "(pip install 'transformers>=4.44,<5'), or serve moondream behind an OpenAI-compatible "
-                               "server (moondream-station, vLLM) and use --model openai:URL#NAME")
+                             f"{transformers.__version__}. Run it from an environment with transformers 4.x "
+                             "(pip install 'transformers>=4.44,<5'), or serve moondream behind an OpenAI-compatible "
+                             "server (moondream-station, vLLM) and use --model openai:URL#NAME")
+        super().__init__(spec, prompt, max_new_tokens, **settings)
+
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self._device, torch_dtype = device_or_error(device, dtype)

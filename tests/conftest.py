@@ -91,9 +91,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """Run `curate ARGS` in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    """Run `curate ARGS` in a fresh process, as a user would (offline, unless `env` says otherwise)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, **kw)
     if check and proc.returncode != 0:

@@ -306,6 +306,44 @@ def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
         Clip("tiny/missing")
 
 
+def test_hub_models_fetch_only_their_files_and_pin_the_commit(dataset, zoo, tmp_path):
+    """From a hub (a real one's API on loopback): only the files a family reads are fetched (one
+    weights format), JoyTag's default weights are fancyfeast/joytag, and the rows name the commit,
+    so an updated repo is new work while the same one resumes, online or offline."""
+    from tests.hub_server import HubServer, commit_of
+
+    repos = tmp_path / "repos"
+    clip = shutil.copytree(zoo / "open_clip", repos / "laion" / "tiny-clip")
+    for decoy in ("open_clip_pytorch_model.bin", "pytorch_model.bin", "flax_model.msgpack"):
+        (clip / decoy).write_bytes(b"another format of the same weights")
+    joytag = shutil.copytree(zoo / "joytag", repos / "fancyfeast" / "joytag")
+    (joytag / "model.onnx").write_bytes(b"another format")
+    online = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def models(table):
+        rows = dataset.query(f"SELECT model, count(*) AS n FROM {table} GROUP BY model").to_pylist()
+        return {r["model"]: r["n"] for r in rows}
+
+    with HubServer(repos) as hub:
+        online["HF_ENDPOINT"] = hub.url
+        run_cli("score", str(dataset.root), "--clip", "laion/tiny-clip", "--tagger", "joytag", env=online)
+        assert hub.downloads("laion/tiny-clip") == {"open_clip_config.json", "open_clip_model.safetensors"}
+        assert hub.downloads("fancyfeast/joytag") == {"config.json", "model.safetensors", "top_tags.txt"}
+        first = commit_of(joytag)
+        assert models("embeddings") == {f"open_clip:laion/tiny-clip@{commit_of(clip)}": 12}
+        assert models("tags") == {f"joytag:fancyfeast/joytag@{first}@threshold=0.4": 12}
+        weights = bytearray((joytag / "model.safetensors").read_bytes())
+        weights[-1] ^= 1  # the repo is updated: a new commit
+        (joytag / "model.safetensors").write_bytes(bytes(weights))
+        run_cli("score", str(dataset.root), "--clip", "laion/tiny-clip", "--tagger", "joytag", env=online)
+    assert models("embeddings") == {f"open_clip:laion/tiny-clip@{commit_of(clip)}": 12}  # the same: resumed
+    assert models("tags") == {f"joytag:fancyfeast/joytag@{first}@threshold=0.4": 12,
+                              f"joytag:fancyfeast/joytag@{commit_of(joytag)}@threshold=0.4": 12}
+    proc = run_cli("score", str(dataset.root), "--clip", "laion/tiny-clip", "--tagger", "joytag",
+                   env={**online, "HF_HUB_OFFLINE": "1"})  # the cache knows which commit main was
+    assert dataset.read("tags").num_rows == 24, proc.stdout
+
+
 def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
     ds = str(dataset.root)
     run_cli("score", ds, "--clip", str(zoo / "open_clip"), "--quality", str(zoo / "quality_head"),
