@@ -5,7 +5,8 @@
 
 It answers what huggingface_hub asks of the real hub when it resolves a revision and
 downloads files: `GET /api/models/ORG/NAME[/revision/REV]` (the commit and the file list),
-`GET /api/models/ORG/NAME/tree/REV` (the files, as snapshot_download lists them) and `HEAD`/`GET /ORG/NAME/resolve/REV/FILE` (X-Repo-Commit, ETag, Content-Length, the bytes).
+`GET /api/models/ORG/NAME/tree/REV` (the files, as snapshot_download lists them) and
+`HEAD`/`GET /ORG/NAME/resolve/REV/FILE` (X-Repo-Commit, ETag, Content-Length, the bytes).
 A repo's commit is a hash of its files, so changing a file is a new commit, as on the hub.
 Every request is logged (method, path) in `requests`, so a test sees what was fetched.
 """

@@ -215,10 +215,34 @@ def test_loss_weights_equal_reference_formulas():
     ref = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
     assert torch.allclose(loss_weights("min_snr", snr, "epsilon", gamma), ref / snr)
     assert torch.allclose(loss_weights("min_snr", snr, "v_prediction", gamma), ref / (snr + 1))
-    # debiased estimation (Yu et al.): 1/sqrt(snr) on the epsilon loss
-    assert torch.allclose(loss_weights("debiased", snr, "epsilon"), 1 / torch.sqrt(snr))
-    assert torch.allclose(loss_weights("debiased", snr, "v_prediction"), 1 / torch.sqrt(snr) * snr / (snr + 1))
+    # debiased estimation (Yu et al.): 1/sqrt(snr) on the epsilon loss, carried exactly into v units
+    assert torch.allclose(loss_weights("debiased_matched", snr, "epsilon"), 1 / torch.sqrt(snr))
+    assert torch.allclose(loss_weights("debiased_matched", snr, "v_prediction"),
+                          1 / torch.sqrt(snr) * snr / (snr + 1))
     assert torch.equal(loss_weights("mse", snr, "epsilon"), torch.ones_like(snr))
+
+
+def kohya_debiased(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """kohya-ss/sd-scripts library/custom_train_functions.py apply_debiased_estimation, its weight."""
+    snr_t = torch.minimum(snr, torch.ones_like(snr) * 1000)  # "if timestep is 0, snr_t is inf, so limit it to 1000"
+    return 1 / (snr_t + 1) if v_prediction else 1 / torch.sqrt(snr_t)
+
+
+def test_debiased_estimation_weighs_as_kohya_also_at_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    t = torch.tensor([0, 1, 10, 100, 400, 700, 998, 999])
+    for zero_terminal in (False, True):
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  rescale_betas_zero_snr=zero_terminal)
+        snr = compute_snr(scheduler, t)
+        for prediction, v in (("epsilon", False), ("v_prediction", True)):
+            if zero_terminal and not v:
+                continue  # epsilon is undefined at snr = 0; the config refuses it
+            assert torch.allclose(loss_weights("debiased", snr, prediction), kohya_debiased(snr, v))
+    assert snr[-1] == 0 and loss_weights("debiased", snr, "v_prediction")[-1] == 1  # the terminal step trains
+    assert loss_weights("debiased_matched", snr, "v_prediction")[-1] == 0  # ... and here it would not
 
 
 def test_sdxl_time_ids_in_diffusers_order(tmp_path, zoo):

@@ -19,7 +19,7 @@ from curate.trainer.prompts import PromptConfig
 
 CHOICES = {
     "precision": ("fp16", "bf16", "fp32"),
-    "loss": ("mse", "min_snr", "debiased"),
+    "loss": ("mse", "min_snr", "debiased", "debiased_matched"),
     "prediction_type": ("epsilon", "v_prediction"),
     "lr_schedule": ("cosine", "constant"),
 }
