@@ -59,6 +59,30 @@ def test_config_rejects_bad_keys_and_types(tmp_path):
     assert proc.returncode == 2 and "did you mean 'batch_size'" in proc.stdout + proc.stderr
 
 
+def test_a_recipe_starts_from_bigasps_code_and_the_file_overrides_it(tmp_path):
+    from curate.trainer.config import config_from_dict
+
+    post = load_config()  # no recipe: the post's figures
+    assert (post.prompts.ucg, post.prompts.alias_rate, post.prompts.formatting, post.recipe) == (0.1, 0.1, "noise",
+                                                                                                  None)
+    path = tmp_path / "train.toml"
+    path.write_text('recipe = "bigasp-v2"\nlearning_rate = 2e-5\n[prompts]\ntag_count_sd = 10.0\n')
+    config = load_config(path)
+    p = config.prompts
+    assert (p.ucg, p.tag_count_min, p.tag_count_rounding, p.tag_count_from, p.alias_rate, p.formatting) == (
+        0.05, 5, "down", "caption", 0.2, "bigasp-v2")
+    assert (p.score_tag_weights, p.score_tag_dropout, p.sentence_shuffle) == ([3.0, 2.0, 1.0], 0.1, False)
+    assert p.source_weights == {"tags": 0.1, "caption": 0.9, "both": 0.0}
+    assert (p.tag_count_sd, config.learning_rate, config.loss) == (10.0, 2e-5, "min_snr")  # the file's keys win
+    assert config_from_dict(config_dict(config)) == config  # what a checkpoint stores resumes the same
+    v1 = load_config(recipe="bigasp-v1").prompts
+    assert (v1.ucg, v1.formatting, v1.score_tag_weights, v1.source_weights["tags"]) == (0.05, "bigasp-v1",
+                                                                                         [1.0, 1.0, 1.0], 0.0)
+    path.write_text('recipe = "bigasp-v3"\n')
+    with pytest.raises(ValueError, match="did you mean 'bigasp-v2'"):
+        load_config(path)
+
+
 def test_rank_0_and_where_are_left_out(tmp_path):
     ds = make_latent_dataset(tmp_path / "ds", 10, ranks=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
     rows = load_rows(ds, load_config(None))

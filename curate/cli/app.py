@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from curate.buckets import SET_HELP
 from curate.cli.common import (
     BatchSizeOpt,
     DatasetArg,
@@ -165,8 +166,7 @@ def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engin
     report("hash", summaries[0])
 
 
-BucketSetOpt = Annotated[str, typer.Option("--set", help="Bucket set: sdxl, sd15, rule:step=64,min_area=..,max_area=..,"
-                                                         "min_ratio=..,max_ratio=.., or a file of WIDTHxHEIGHT lines.")]
+BucketSetOpt = Annotated[str, typer.Option("--set", help=f"Bucket set: {SET_HELP}.")]
 UpscaleOpt = Annotated[bool, typer.Option("--allow-upscale", help="Let images smaller than a bucket "
                                                                   "be scaled up into it.")]
 
