@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from curate.images import resize
-from curate.models.common import HUB_ID, Adapter, ModelError, device_or_error, normalised_nchw
+from curate.models.common import HUB_ID, Adapter, ModelError, device_or_error, embedding_columns, normalised_nchw
 
 CONFIG = "open_clip_config.json"
 
@@ -123,12 +123,7 @@ class Clip(Adapter):
         pixels = normalised_nchw(batch["pixels"], *self.transform()[1:], self._device, self._dtype)
         with torch.inference_mode():
             features = self._model.encode_image(pixels).float()
-        features = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
-        bad = ~np.isfinite(features).all(axis=1)
-        embedding = features.astype(np.float16)  # a 2-D array: stored without a Python object per number
-        return {"embedding": [None if b else f for f, b in zip(embedding, bad)] if bad.any() else embedding,
-                "_error": ["bad_output" if b else None for b in bad],
-                "_message": ["the embedding is not finite" if b else None for b in bad]}
+        return embedding_columns(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
 
 
 class FastResize:

@@ -128,21 +128,23 @@ def _hub_error(spec: str, call, *args):
 
 @functools.lru_cache(maxsize=64)  # model_key() is asked for every batch
 def model_name(spec: str) -> str:
-    """How a model is named in the `model` column: a hub id as is; a directory by its name and
-    a fingerprint of its files, so two different folders that share a name (two fine-tunes
-    saved as `vae/`, say) never count as each other's work on resume."""
+    """How a model is named in the `model` column: a hub id as is; a directory (or a file) by its
+    name and a fingerprint of its files, so two different folders that share a name (two
+    fine-tunes saved as `vae/`, say) never count as each other's work on resume."""
     path = Path(spec).expanduser()
-    return f"{path.resolve().name}#{fingerprint(str(path.resolve()))}" if path.is_dir() else spec
+    return f"{path.resolve().name}#{fingerprint(str(path.resolve()))}" if path.exists() else spec
 
 
 FINGERPRINT_BYTES = 64 << 10
 
 
 def fingerprint(folder: str) -> str:
-    """8 hex digits from every file's name, size, head and tail: cheap even for GBs of
-    weights, and different for different weights (fine-tunes differ everywhere)."""
+    """8 hex digits from every file's name, size, head and tail (or one file's): cheap even for
+    GBs of weights, and different for different weights (fine-tunes differ everywhere)."""
     digest, folder = hashlib.sha256(), Path(folder)
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = [folder] if folder.is_file() else folder.rglob("*")
+    folder = folder.parent if folder.is_file() else folder
+    for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".")):
         size = file.stat().st_size
         digest.update(f"{file.relative_to(folder).as_posix()}\0{size}\0".encode())
         with open(file, "rb") as f:
@@ -163,6 +165,16 @@ def normalised_nchw(pixels: np.ndarray, mean, std, device, dtype):
     shift = torch.as_tensor(np.asarray(mean, np.float64) / np.asarray(std, np.float64), dtype=torch.float32,
                             device=x.device)
     return x.mul_(scale[:, None, None]).sub_(shift[:, None, None]).to(dtype)
+
+
+def embedding_columns(features: np.ndarray) -> dict:
+    """An embedder's output columns: float16 rows (a 2-D array, stored without a Python object
+    per number), and a `bad_output` error for a row that is not finite."""
+    bad = ~np.isfinite(features).all(axis=1)
+    embedding = features.astype(np.float16)
+    return {"embedding": [None if b else f for f, b in zip(embedding, bad)] if bad.any() else embedding,
+            "_error": ["bad_output" if b else None for b in bad],
+            "_message": ["the embedding is not finite" if b else None for b in bad]}
 
 
 class Adapter:

@@ -94,8 +94,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("open_clip", "embed", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "curate.models.clip:Clip",
            note="a directory, hub id or open_clip NAME:TAG; bigASP used CLIP-B",
            files=("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))),
+    Family("hf_clip", "embed", "openai/clip-vit-base-patch32", "curate.models.hf_clip:HFClip",
+           note="transformers' CLIP image tower: the class token before the projection, as bigASP's scorer reads it",
+           files=("config.json", "preprocessor_config.json", ("model.safetensors", "pytorch_model.bin"))),
     Family("quality", "rank", "", "curate.models.quality:QualityHead",
-           note="a head from `curate quality fit` (DS/heads/quality), on its CLIP's embeddings"),
+           note="a head from `curate quality fit` (DS/heads/quality) on its CLIP's embeddings, or bigASP's scorer.pt "
+                "on hf_clip's"),
     Family("wd14", "tag", "SmilingWolf/wd-vit-tagger-v3", "curate.models.wd14:WD14",
            (Setting("general", 0.35, "keep general tags over this probability"),
             Setting("character", 0.85, "keep character tags over this probability")),

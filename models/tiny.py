@@ -13,6 +13,8 @@ from curate.models import tiny_llava, tiny_scoring, tiny_sd
 
 FAMILIES = {
     "open_clip": tiny_scoring.write_open_clip,
+    "hf_clip": tiny_scoring.write_hf_clip,
+    "bigasp_scorer": tiny_scoring.write_bigasp_scorer,
     "quality_head": tiny_scoring.write_quality_head,
     "laion-aesthetic": tiny_scoring.write_laion_aesthetic,
     "wd14": tiny_scoring.write_wd14,
@@ -24,7 +26,7 @@ FAMILIES = {
     "sdxl": tiny_sd.write_tiny_sdxl,
     "sd15": tiny_sd.write_tiny_sd15,
 }
-NEEDS = {"quality_head": ["open_clip"]}  # a head names the embedder it ranks
+NEEDS = {"quality_head": ["open_clip"], "bigasp_scorer": ["hf_clip"]}  # a head is fitted to the embedder it ranks
 
 
 def write_zoo(root: str | Path, names: list[str] | None = None) -> dict[str, Path]:

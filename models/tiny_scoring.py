@@ -81,6 +81,45 @@ def write_quality_head(folder: Path) -> None:
     save_head(folder, head, embedder=Clip(str(clip_dir)).model_value())
 
 
+TINY_HF_CLIP = 32  # image size and width of the tiny transformers CLIP
+
+
+def write_hf_clip(folder: Path) -> None:
+    """Like openai/clip-vit-base-patch32 (what bigASP's embed.py loads): a transformers CLIPModel
+    (config.json, model.safetensors) with its CLIP image processor's preprocessor_config.json."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    small = {"hidden_size": TINY_HF_CLIP, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 77},
+                        vision_config={**small, "image_size": TINY_HF_CLIP, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": TINY_HF_CLIP},
+                          crop_size={"height": TINY_HF_CLIP, "width": TINY_HF_CLIP}).save_pretrained(folder)
+
+
+def write_bigasp_scorer(folder: Path) -> None:
+    """bigASP's quality-arena/scorer.pt layout (torch.save of ScoreClassifier's state dict), random
+    weights, for the class tokens of the tiny hf_clip beside it (the real one: 768 wide)."""
+    import numpy as np
+    import torch
+    from transformers import CLIPVisionModel
+
+    from curate.models.quality_head import BigaspScorer
+
+    torch.manual_seed(0)
+    scorer = BigaspScorer(TINY_HF_CLIP)
+    vision = CLIPVisionModel.from_pretrained(folder.parent / "hf_clip").eval()
+    pixels = torch.from_numpy(np.random.default_rng(0).uniform(-1.5, 1.5, (64, 3, TINY_HF_CLIP, TINY_HF_CLIP)))
+    with torch.no_grad():  # a random tiny CLIP's tokens share most of their length: centre the logits on
+        tokens = vision(pixel_values=pixels.float()).last_hidden_state[:, 0]  # them and amplify, so ranks spread
+        hidden = torch.nn.functional.gelu(scorer.linear1(scorer.ln(tokens)))
+        scorer.linear2.weight.mul_(40 / hidden.std(0).mean())
+        scorer.linear2.bias.copy_(-scorer.linear2.weight @ hidden.mean(0))
+    torch.save(scorer.state_dict(), folder / "scorer.pt")
+
+
 # A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).
 RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
 GENERAL_TAGS = ["1girl", "solo", "outdoors", "sky", "cloud", "tree", "day", "watermark", "signature", "text",

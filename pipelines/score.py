@@ -4,6 +4,8 @@ embeddings. Each model writes its own table and resumes on its own `model` value
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow.compute as pc
 
 from curate.models.common import ModelError, device_or_error
@@ -13,13 +15,18 @@ from curate.pipelines.stage import ModelStage
 
 
 class RankStage(ModelStage):
-    """The quality head on the embeddings table: only rows of the embedder it was trained on."""
+    """The quality head on the embeddings table: only rows of the embedder it was trained on
+    (`embedder`: that table's `model` value, chosen by score())."""
 
     source = "embeddings"
     columns = ("image_id", "model", "status", "embedding")
 
+    def __init__(self, adapter, device=None, batch_size=None):
+        super().__init__(adapter, device, batch_size)
+        self.embedder = adapter.embedder
+
     def source_filter(self):
-        return (pc.field("model") == self.adapter.embedder) & (pc.field("status") == "ok")
+        return (pc.field("model") == self.embedder) & (pc.field("status") == "ok")
 
     def prepare(self, row):
         return self.adapter.preprocess(row["embedding"])
@@ -36,6 +43,15 @@ def parse_choice(option: str, value: str, task: str) -> tuple[str, str | None]:
     return name, spec or None
 
 
+def embedder_choice(value: str) -> tuple[str, str | None]:
+    """--clip: `hf_clip[:MODEL]`, `open_clip[:MODEL]` or an open_clip model alone (a directory, a
+    hub id or a registry NAME:TAG, whose colon is not a family's)."""
+    name, _, spec = value.partition(":")
+    if name in [f.name for f in of_task("embed")]:
+        return name, spec or None
+    return "open_clip", value
+
+
 def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size=None, *,
                  general_threshold=None, character_threshold=None, watermark_threshold=None,
                  watermark_query=None) -> list[ModelStage]:
@@ -48,7 +64,8 @@ def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size
         raise ModelError("--watermark-threshold and --watermark-query set the detector; give --watermark too")
     adapters = []
     if clip:
-        adapters.append(family("open_clip").load_adapter()(clip))
+        name, spec = embedder_choice(clip)
+        adapters.append(family(name).load_adapter()(spec))
     if tagger:
         name, spec = parse_choice("--tagger", tagger, "tag")
         if name == "joytag" and character_threshold is not None:
@@ -75,9 +92,10 @@ def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=Non
     if quality:
         ranker = RankStage(family("quality").load_adapter()(quality), device, batch_size)
         embedder = ranker.adapter.embedder
-        if clip and stages[0].model_key() != embedder:
+        if clip and not ranker.adapter.accepts(stages[0].model_key()):
             raise ModelError(f"the quality head {quality} was trained on embeddings from {embedder!r}, "
                              f"not {stages[0].model_key()!r}; pass the --clip it was trained with")
+        ranker.embedder = stages[0].model_key() if clip else stored_embedder(ds, ranker.adapter)
     wanted = ds.select_ids(where)
     summaries = []
     if stages:
@@ -87,11 +105,18 @@ def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=Non
     return summaries
 
 
+def stored_embedder(ds, head) -> str:
+    """The embeddings table's `model` the head ranks, when no --clip says it: the one there that
+    it accepts (bigASP's scorer accepts its CLIP at any commit: the one with most rows)."""
+    models = Counter(ds.read("embeddings", ["model"], filter=pc.field("status") == "ok").column("model").to_pylist())
+    return next((m for m, _ in models.most_common() if head.accepts(m)), head.embedder)
+
+
 def rank(ds, ranker: RankStage, wanted, engine, ray_address, show_progress) -> list[Summary]:
     """Rank the wanted images that have embeddings from the head's embedder and no rank yet."""
     embedded = set(ds.read("embeddings", ["image_id"], filter=ranker.source_filter()).column("image_id").to_pylist())
     if not embedded:
-        raise ModelError(f"no embeddings from {ranker.adapter.embedder!r} to rank; run `curate score` with the "
+        raise ModelError(f"no embeddings from {ranker.embedder!r} to rank; run `curate score` with the "
                          f"--clip model that head was trained on")
     return run(ds, ranker, engine=engine, ray_address=ray_address, show_progress=show_progress,
                ids=[i for i in wanted if i in embedded])

@@ -21,7 +21,7 @@ from tests.conftest import make_image, run_cli
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2"])
+    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2", "hf_clip", "bigasp_scorer"])
     return root
 
 
@@ -118,6 +118,38 @@ def test_quality_ranks_stored_embeddings_and_refuses_another_embedder(dataset, z
         score(dataset, clip=str(zoo / "open_clip"), quality=str(tmp_path / "other"), show_progress=False)
     with pytest.raises(ModelError, match="no embeddings from 'open_clip:ViT-L-14'"):
         score(dataset, quality=str(tmp_path / "other"), show_progress=False)
+
+
+def test_bigasp_scorer_ranks_the_class_tokens_hf_clip_stores(dataset, zoo, tmp_path, monkeypatch):
+    """bigASP's own quality model: hf_clip stores what its embed.py stored (the last layer's class
+    token, before post-layernorm and projection, of its CLIPProcessor's pixels), and a head in its
+    scorer.pt layout (random weights) ranks them as its score-images.py does."""
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    hub_cache(monkeypatch, tmp_path, zoo, repos={"openai/clip-vit-base-patch32": "hf_clip"})
+    scorer = zoo / "bigasp_scorer" / "scorer.pt"
+    embeddings, quality = score(dataset, clip="hf_clip", quality=str(scorer), batch_size=5, show_progress=False)
+    assert embeddings.ok == quality.ok == 12
+    assert embeddings.model == f"hf_clip:openai/clip-vit-base-patch32@{'0' * 40}"
+    stored = {r["image_id"]: np.array(r["embedding"], np.float32) for r in dataset.read("embeddings").to_pylist()}
+    processor = CLIPImageProcessorPil.from_pretrained(zoo / "hf_clip")  # the PIL processor bigASP's CLIPProcessor was
+    vision = CLIPModel.from_pretrained(zoo / "hf_clip").vision_model.eval()
+    for image_id, image in originals(dataset).items():
+        with torch.no_grad():  # embed.py: hidden_states[-1][:, 0, :], one full-size image at a time
+            pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+            reference = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][0, 0].numpy()
+        assert stored[image_id].shape == (32,) and np.abs(stored[image_id] - reference).max() < 0.05, image_id
+    state = torch.load(scorer, weights_only=True)  # score-images.py's ScoreClassifier, written out plainly
+    rows = dataset.query("SELECT q.rank, q.probs, e.embedding FROM quality q JOIN embeddings e USING (image_id)")
+    for row in rows.to_pylist():
+        x = torch.nn.functional.layer_norm(torch.tensor([row["embedding"]]), (32,), state["ln.weight"],
+                                           state["ln.bias"])
+        x = torch.nn.functional.gelu(x @ state["linear1.weight"].T + state["linear1.bias"])
+        probs = torch.softmax(x @ state["linear2.weight"].T + state["linear2.bias"], dim=1)[0].numpy()
+        assert row["rank"] == probs.argmax() and np.allclose(row["probs"], probs, atol=1e-4)
+    assert len({r["rank"] for r in rows.to_pylist()}) > 1
+    with pytest.raises(ModelError, match="trained on embeddings from 'hf_clip:openai/clip-vit-base-patch32'"):
+        score(dataset, clip=str(zoo / "open_clip"), quality=str(scorer), show_progress=False)
 
 
 def wd14_reference(image: Image.Image, size: int) -> np.ndarray:
@@ -272,12 +304,13 @@ def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, mo
     assert again[0].todo == 0 and again[1].ok == 12 and len(sides) == 12 and set(sides) == {(None, 64)}
 
 
-def hub_cache(monkeypatch, tmp_path, zoo, families):
-    """Put zoo folders into a Hugging Face cache as repos `tiny/<family>`, as a download would."""
+def hub_cache(monkeypatch, tmp_path, zoo, families=(), repos=None):
+    """Put zoo folders into a Hugging Face cache as repos `tiny/<family>` (and {repo id: family}),
+    as a download would."""
     from huggingface_hub import constants
 
-    for name in families:
-        repo = tmp_path / "hub" / f"models--tiny--{name}"
+    for repo_id, name in {**{f"tiny/{name}": name for name in families}, **(repos or {})}.items():
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
         shutil.copytree(zoo / name, repo / "snapshots" / ("0" * 40))
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text("0" * 40)
@@ -286,12 +319,13 @@ def hub_cache(monkeypatch, tmp_path, zoo, families):
 
 def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
     from curate.models.clip import Clip
+    from curate.models.hf_clip import HFClip
     from curate.models.joytag import JoyTag
     from curate.models.owlv2 import OWLv2
     from curate.models.quality import QualityHead
     from curate.models.wd14 import WD14
 
-    adapters = {"open_clip": Clip, "wd14": WD14, "wd14_timm": WD14, "joytag": JoyTag, "owlv2": OWLv2}
+    adapters = {"open_clip": Clip, "wd14": WD14, "wd14_timm": WD14, "joytag": JoyTag, "owlv2": OWLv2, "hf_clip": HFClip}
     hub_cache(monkeypatch, tmp_path, zoo, adapters)
     image = decoded(make_image(120, 80, seed=1))
     for name, cls in adapters.items():

@@ -247,12 +247,15 @@ def encode(
 @app.command()
 def score(
     dataset: DatasetArg,
-    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model for embeddings: a directory, a hub id "
-                                                               f"({family('open_clip').weights}) or an open_clip name "
-                                                               "(ViT-B-32:openai).")] = None,
-    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory "
-                                                                     "(from `curate quality fit`): ranks 0-9 from "
-                                                                     "the CLIP embeddings.")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="The embedder: an open_clip model (a directory, a hub "
+                                                               f"id such as {family('open_clip').weights}, or an "
+                                                               "open_clip name as ViT-B-32:openai), or hf_clip[:MODEL] "
+                                                               f"(default {family('hf_clip').weights}): transformers' "
+                                                               "CLIP class token, what bigASP's scorer reads.")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory (from `curate quality "
+                                                                     "fit`), or bigASP's scorer.pt (on hf_clip "
+                                                                     "embeddings): ranks 0-9 from the stored "
+                                                                     "embeddings.")] = None,
     tagger: Annotated[Optional[str], typer.Option("--tagger", help=f"{weights_help('tag')}; MODEL a directory or a "
                                                                    "hub id.")] = None,
     watermark: Annotated[Optional[str], typer.Option("--watermark", help=f"{weights_help('watermark')}: the watermark "
