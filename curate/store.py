@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, NamedTuple
 
-from curate.schema import MANIFEST_COLUMNS, TABLES, arrow_schemas, duckdb_type
+from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
 
 if TYPE_CHECKING:
     import duckdb
@@ -297,11 +297,10 @@ def manifest_view_sql() -> str:
     joins = []
     for table, exprs in MANIFEST_COLUMNS.items():
         selects += exprs
-        joins.append(
-            f'LEFT JOIN (SELECT * FROM "{table}" WHERE status = \'ok\' '
-            f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC) = 1) AS {table} "
-            f"ON {table}.image_id = img.image_id"
-        )
+        source = MANIFEST_SOURCES.get(table, f'SELECT * FROM "{table}" WHERE status = \'ok\' '
+                                             "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at "
+                                             "DESC) = 1")
+        joins.append(f"LEFT JOIN ({source}) AS {table} ON {table}.image_id = img.image_id")
     return (
         "CREATE OR REPLACE VIEW manifest AS WITH img AS ("
         "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "

@@ -44,7 +44,7 @@ class Setting:
 @dataclass(frozen=True)
 class Family:
     name: str
-    task: str  # embed, rank, tag, watermark, caption, encode
+    task: str  # embed, rank, tag, watermark, classify, caption, encode
     weights: str  # the default weights (a hub id); "" when they must be given
     adapter: str  # "module:Class" of its adapter, imported only when the family is used
     settings: tuple[Setting, ...] = ()
@@ -116,6 +116,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "boxes kept, normalised to the image",
            files=("config.json", "preprocessor_config.json", ("model.safetensors", "pytorch_model.bin"),
                   "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.json")),
+    Family("classifier", "classify", "", "curate.models.classifier:ImageClassifier",
+           note="any transformers image-classification checkpoint (`hf:MODEL`): every label's probability",
+           files=("config.json", "preprocessor_config.json", ("model.safetensors", "pytorch_model.bin"))),
     _caption("llava", "llava-hf/llava-1.5-7b-hf", DEFAULT_PROMPT, "LLaVA family through transformers"),
     _caption("joycaption", "fancyfeast/llama-joycaption-beta-one-hf-llava", JOYCAPTION_PROMPT,
              "LLaVA-format JoyCaption, with its system prompt"),

@@ -21,6 +21,8 @@ FAMILIES = {
     "wd14_timm": tiny_scoring.write_wd14_timm,
     "joytag": tiny_scoring.write_joytag,
     "owlv2": tiny_scoring.write_owlv2,
+    "classifier_nsfw": tiny_scoring.write_classifier_nsfw,
+    "classifier_style": tiny_scoring.write_classifier_style,
     "llava": tiny_llava.write_tiny_llava,
     "vae": tiny_sd.write_vae,
     "sdxl": tiny_sd.write_tiny_sdxl,

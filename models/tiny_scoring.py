@@ -120,6 +120,42 @@ def write_bigasp_scorer(folder: Path) -> None:
     torch.save(scorer.state_dict(), folder / "scorer.pt")
 
 
+def write_classifier_nsfw(folder: Path) -> None:
+    """Like Falconsai/nsfw_image_detection: a transformers ViTForImageClassification (config.json with
+    id2label normal/nsfw, model.safetensors) and its ViTImageProcessor (a square resize, mean/std 0.5)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                       image_size=32, patch_size=8, id2label={0: "normal", 1: "nsfw"},
+                       label2id={"normal": 0, "nsfw": 1})
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config)
+    with torch.no_grad():  # random features of random images are alike: spread the probabilities
+        model.classifier.weight.mul_(30)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder)
+
+
+def write_classifier_style(folder: Path) -> None:
+    """A multi-label style classifier (problem_type multi_label_classification: a sigmoid per label),
+    a ConvNeXt with its ConvNextImageProcessor (shorter side / crop_pct, then a centre crop)."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
+
+    labels = ["photo", "anime", "3d render"]
+    config = ConvNextConfig(num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], image_size=32,
+                            problem_type="multi_label_classification", id2label=dict(enumerate(labels)),
+                            label2id={name: i for i, name in enumerate(labels)})
+    torch.manual_seed(1)
+    model = ConvNextForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(10)
+    model.save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+
+
 # A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).
 RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
 GENERAL_TAGS = ["1girl", "solo", "outdoors", "sky", "cloud", "tree", "day", "watermark", "signature", "text",

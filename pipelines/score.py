@@ -1,6 +1,7 @@
 """`curate score`: the scoring pass. One read and one decode per image feed every image
-model asked for (CLIP, a tagger, OWLv2); the quality head then ranks the stored CLIP
-embeddings. Each model writes its own table and resumes on its own `model` value.
+model asked for (CLIP, a tagger, OWLv2, image classifiers); the quality head then ranks the
+stored CLIP embeddings. Each model writes its own table (classifiers share one) and resumes
+on its own `model` value.
 """
 from __future__ import annotations
 
@@ -52,7 +53,16 @@ def embedder_choice(value: str) -> tuple[str, str | None]:
     return "open_clip", value
 
 
-def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size=None, *,
+def classifier_choice(value: str) -> str:
+    """--classifier: `hf:MODEL`, a transformers image-classification checkpoint (MODEL alone works too)."""
+    scheme, sep, spec = value.partition(":")
+    if sep and scheme != "hf" and "/" not in scheme:
+        raise ModelError(f"--classifier {value!r}: use hf:MODEL (MODEL a transformers image-classification "
+                         "checkpoint: a directory or a hub id, e.g. hf:Falconsai/nsfw_image_detection)")
+    return spec if sep and scheme == "hf" else value
+
+
+def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size=None, *, classifiers=(),
                  general_threshold=None, character_threshold=None, watermark_threshold=None,
                  watermark_query=None) -> list[ModelStage]:
     """The stages of the image pass, in the order they appear in the summary.
@@ -77,17 +87,22 @@ def image_stages(clip=None, tagger=None, watermark=None, device=None, batch_size
     if watermark:
         name, spec = parse_choice("--watermark", watermark, "watermark")
         adapters.append(family(name).load_adapter()(spec, query=watermark_query, threshold=watermark_threshold))
+    adapters += [family("classifier").load_adapter()(classifier_choice(c)) for c in dict.fromkeys(classifiers or ())]
+    names = [a.name for a in adapters if a.family == "classifier"]
+    if len(set(names)) < len(names):
+        raise ModelError(f"two --classifier models share the name {max(names, key=names.count)!r} (a repo's or "
+                         "directory's name), which keys their labels in the manifest; rename a directory")
     return [ModelStage(adapter, device, batch_size) for adapter in adapters]
 
 
-def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=None, engine="local",
+def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, classifiers=(), where=None, engine="local",
           ray_address=None, device=None, batch_size=None, show_progress=True, **model_settings) -> list[Summary]:
     """Run the pass; model_settings are image_stages' thresholds and query."""
-    if not (clip or quality or tagger or watermark):
-        raise ModelError("nothing to score: give --clip, --quality, --tagger and/or --watermark")
+    if not (clip or quality or tagger or watermark or classifiers):
+        raise ModelError("nothing to score: give --clip, --quality, --tagger, --watermark and/or --classifier")
     if engine == "local":
         device_or_error(device)  # a device that is not here fails now, not after the input is chosen
-    stages = image_stages(clip, tagger, watermark, device, batch_size, **model_settings)
+    stages = image_stages(clip, tagger, watermark, device, batch_size, classifiers=classifiers, **model_settings)
     ranker = None
     if quality:
         ranker = RankStage(family("quality").load_adapter()(quality), device, batch_size)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import curate.pipelines.rows as pass_rows
-from curate.images import Decoded
+from curate.images import Decoded, decode, shrink
 from curate.models.common import ModelError, model_name
 from curate.models.tagging import CHARACTER, GENERAL, RATING, select_tags
 from curate.models.tiny import write_zoo
@@ -21,7 +21,8 @@ from tests.conftest import make_image, run_cli
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2", "hf_clip", "bigasp_scorer"])
+    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2", "hf_clip", "bigasp_scorer",
+                     "classifier_nsfw", "classifier_style"])
     return root
 
 
@@ -150,6 +151,38 @@ def test_bigasp_scorer_ranks_the_class_tokens_hf_clip_stores(dataset, zoo, tmp_p
     assert len({r["rank"] for r in rows.to_pylist()}) > 1
     with pytest.raises(ModelError, match="trained on embeddings from 'hf_clip:openai/clip-vit-base-patch32'"):
         score(dataset, clip=str(zoo / "open_clip"), quality=str(scorer), show_progress=False)
+
+
+def test_classifiers_keep_every_label_side_by_side_and_in_the_manifest(dataset, zoo, tmp_path, monkeypatch):
+    """Two transformers image classifiers in one pass (a 2-label NSFW ViT in Falconsai's layout, a
+    multi-label ConvNeXt): every label's probability, as transformers' own pipeline gives it."""
+    from transformers import pipeline
+
+    hub_cache(monkeypatch, tmp_path, zoo, repos={"Falconsai/nsfw_image_detection": "classifier_nsfw"})
+    nsfw, style = score(dataset, classifiers=["hf:Falconsai/nsfw_image_detection", f"hf:{zoo / 'classifier_style'}"],
+                        show_progress=False)
+    assert nsfw.ok == style.ok == 12 and nsfw.model.startswith("classifier:Falconsai/nsfw_image_detection@")
+    rows = {(r["classifier"], r["image_id"]): r for r in dataset.read("classifications").to_pylist()}
+    need = 37  # the larger model's need: the ConvNeXt's shorter side 32 / crop_pct 0.875, rounded up
+    images = {r["image_id"]: shrink(decode(r["bytes"], min_side=need), need, None).image  # the pass's one decode
+              for r in dataset.query("SELECT image_id, bytes FROM images WHERE bytes IS NOT NULL").to_pylist()}
+    for name, folder in (("nsfw_image_detection", zoo / "classifier_nsfw"),
+                         ("classifier_style", zoo / "classifier_style")):
+        classify = pipeline("image-classification", model=str(folder), device="cpu")
+        for image_id, image in images.items():
+            row, reference = rows[(name, image_id)], {r["label"]: r["score"] for r in classify(image, top_k=None)}
+            assert row["labels"] == list(classify.model.config.id2label.values())
+            assert row["scores"] == pytest.approx([reference[label] for label in row["labels"]], abs=1e-5)
+            assert row["label"] == row["labels"][int(np.argmax(row["scores"]))]
+    manifest = dataset.query("SELECT image_id, classes FROM manifest").to_pylist()
+    manifest = {r["image_id"]: r["classes"] for r in manifest}
+    for (name, image_id), row in rows.items():
+        got = dict(manifest[image_id])
+        assert [got[f"{name}/{label}"] for label in row["labels"]] == pytest.approx(row["scores"])
+    nsfw_ids = sorted(i for (n, i), r in rows.items() if n == "nsfw_image_detection" and r["scores"][1] > 0.5)
+    assert dataset.select_ids("classes['nsfw_image_detection/nsfw'] > 0.5") == nsfw_ids
+    proc = run_cli("score", str(dataset.root), "--classifier", "onnx:model", check=False)
+    assert proc.returncode == 2 and "use hf:MODEL" in said(proc)
 
 
 def wd14_reference(image: Image.Image, size: int) -> np.ndarray:
@@ -425,17 +458,19 @@ def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
 
 
 def test_ray_engine_writes_the_same_rows(dataset, zoo, ray_cluster):
-    models = dict(clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}", watermark=f"owlv2:{zoo / 'owlv2'}")
+    models = dict(clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}", watermark=f"owlv2:{zoo / 'owlv2'}",
+                  classifiers=[f"hf:{zoo / 'classifier_nsfw'}"])
     score(dataset, **models, show_progress=False)
     tables = {"embeddings": ["image_id", "model", "status", "embedding"],
               "tags": ["image_id", "model", "tags", "rating"],
-              "watermarks": ["image_id", "model", "has_watermark", "boxes"]}
+              "watermarks": ["image_id", "model", "has_watermark", "boxes"],
+              "classifications": ["image_id", "model", "classifier", "labels", "label"]}
     local = {t: dataset.read(t).select(c).sort_by("image_id") for t, c in tables.items()}
     for table in tables:
         for part in dataset.parts(table):
             part.unlink()
     summaries = score(dataset, **models, engine="ray", show_progress=False)
-    assert [s.ok for s in summaries] == [12, 12, 12]
+    assert [s.ok for s in summaries] == [12, 12, 12, 12]
     for table, columns in tables.items():
         got = dataset.read(table).select(columns).sort_by("image_id")
         if table == "embeddings":  # float16 from two processes: equal up to rounding

@@ -260,6 +260,10 @@ def score(
                                                                    "hub id.")] = None,
     watermark: Annotated[Optional[str], typer.Option("--watermark", help=f"{weights_help('watermark')}: the watermark "
                                                                          "detector.")] = None,
+    classifier: Annotated[Optional[list[str]], typer.Option(
+        "--classifier", help="hf:MODEL, a transformers image-classification checkpoint (an NSFW detector such as "
+        "Falconsai/nsfw_image_detection, a style or aesthetic classifier): every label's probability, in the "
+        "classifications table and the manifest's `classes` map. Repeat it for several.")] = None,
     general_threshold: Annotated[Optional[float], typer.Option(
         "--general-threshold", min=0, max=1, help=f"Keep general tags over this probability (default: WD14 "
         f"{default_of('wd14', 'general')}, JoyTag {default_of('joytag', 'threshold')}).")] = None,
@@ -274,12 +278,13 @@ def score(
     where: WhereOpt = None, engine: EngineOpt = Engine.local, ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
-    """The scoring pass: CLIP embeddings, quality ranks, tags and watermarks, one decode per image."""
+    """The scoring pass: CLIP embeddings, quality ranks, tags, watermarks and classes, one decode per image."""
     from curate.pipelines.score import score as run_score
 
     ds = open_dataset(dataset)
     try:
-        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark, where=where,
+        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark,
+                              classifiers=classifier or (), where=where,
                               engine=engine.value, ray_address=ray_address, device=device,
                               batch_size=batch_size, show_progress=not quiet,
                               general_threshold=general_threshold, character_threshold=character_threshold,
