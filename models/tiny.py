@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curate.models import tiny_llava, tiny_scoring, tiny_sd
+from curate.models import tiny_llava, tiny_scoring, tiny_sd, tiny_vlm
 
 FAMILIES = {
     "open_clip": tiny_scoring.write_open_clip,
@@ -24,6 +24,11 @@ FAMILIES = {
     "classifier_nsfw": tiny_scoring.write_classifier_nsfw,
     "classifier_style": tiny_scoring.write_classifier_style,
     "llava": tiny_llava.write_tiny_llava,
+    "llava_next": tiny_vlm.write_llava_next,
+    "qwen2_5_vl": tiny_vlm.write_qwen2_5_vl,
+    "smolvlm": tiny_vlm.write_smolvlm,
+    "florence2": tiny_vlm.write_florence2,
+    "joycaption": tiny_vlm.write_joycaption,
     "vae": tiny_sd.write_vae,
     "sdxl": tiny_sd.write_tiny_sdxl,
     "sd15": tiny_sd.write_tiny_sd15,
