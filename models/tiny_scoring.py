@@ -261,15 +261,18 @@ def write_joytag(folder: Path) -> None:
     (folder / "top_tags.txt").write_text("\n".join(tags) + "\n")
 
 
-def write_owlv2(folder: Path) -> None:
+def write_owlv2(folder: Path, config=None) -> None:
     """Like google/owlv2-base-patch16-ensemble: a transformers directory (config.json,
-    model.safetensors, preprocessor_config.json, CLIP tokenizer files), built offline."""
+    model.safetensors, preprocessor_config.json, CLIP tokenizer files), built offline; tiny
+    unless an Owlv2Config is given (models/real_size.py gives the published one)."""
     import torch
     from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
-    config = Owlv2Config(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 16},
-                         vision_config={**small, "image_size": TINY_OWLV2_SIZE, "patch_size": 16}, projection_dim=32)
+    config = config or Owlv2Config(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 16},
+                                   vision_config={**small, "image_size": TINY_OWLV2_SIZE, "patch_size": 16},
+                                   projection_dim=32)
+    size = config.vision_config.image_size
     torch.manual_seed(0)
     model = Owlv2ForObjectDetection(config)
     with torch.no_grad():  # random class heads saturate every logit: centre them near sigmoid 0.1
@@ -280,8 +283,8 @@ def write_owlv2(folder: Path) -> None:
     model.save_pretrained(folder)
     write_clip_bpe(folder)
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
-                              model_max_length=16)
-    image_processor = Owlv2ImageProcessor(size={"height": TINY_OWLV2_SIZE, "width": TINY_OWLV2_SIZE})
+                              model_max_length=config.text_config.max_position_embeddings)
+    image_processor = Owlv2ImageProcessor(size={"height": size, "width": size})
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     # transformers 5 saves processor_config.json; the published repo has preprocessor_config.json
     saved = json.loads((folder / "processor_config.json").read_text())

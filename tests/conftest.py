@@ -20,6 +20,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when a -m expression asks for them (.ci/run: -m slow)."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow (real-size models): run with -m slow, as .ci/run does")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def need(ready: bool, why: str) -> None:
     """Skip a test whose outside requirement is missing here, saying why in one line; in CI
     (CURATE_CI=1, set by .ci/run, which installs everything) a missing requirement fails."""
