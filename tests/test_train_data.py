@@ -83,6 +83,28 @@ def test_a_recipe_starts_from_bigasps_code_and_the_file_overrides_it(tmp_path):
         load_config(path)
 
 
+def test_chunks_keep_each_start_and_end_token_and_readme_says_where_kohya_differs():
+    from curate.trainer.config import RECIPES, TrainConfig
+    from curate.trainer.data import chunked
+
+    ids = list(range(1000, 1160))  # 160 content tokens: three chunks
+    reference = []  # bigASP's chunk_tokens (data.py), written out: BOS, up to 75 tokens, EOS, pads, per chunk
+    for start in range(0, 225, 75):
+        body = ids[start:start + 75]
+        reference += [1, *body, 2] + [0] * (75 - len(body))
+    assert chunked(ids, 3, bos=1, eos=2, pad=0) == reference and len(reference) == 3 * 77
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "75n + 2 positions" in readme and "n x 77 positions" in readme  # kohya's way, and ours
+    rows = {line.split("|")[1].strip(): line for line in (REPO / "README.md").read_text().splitlines()
+            if line.startswith("| ")}
+    header = rows["prompts"]
+    assert all(f'recipe = "{name}"' in header for name in RECIPES)  # each preset beside the post's figures
+    cells = {k: [c.strip().split(" ")[0] for c in v.split("|")[2:5]] for k, v in rows.items()}  # first words
+    for row, key in (("empty prompt (`ucg`)", "ucg"), ("alias mutation (`alias_rate`)", "alias_rate")):
+        figures = [getattr(TrainConfig().prompts, key)] + [r["prompts"][key] for r in RECIPES.values()]
+        assert cells[row] == [f"{x:.0%}" for x in figures], row
+
+
 def test_rank_0_and_where_are_left_out(tmp_path):
     ds = make_latent_dataset(tmp_path / "ds", 10, ranks=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
     rows = load_rows(ds, load_config(None))
