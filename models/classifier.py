@@ -27,6 +27,12 @@ class ImageClassifier(Adapter):
 
     def __init__(self, weights: str | None = None):
         super().__init__(weights)
+        # transformers resolves these names lazily, and two threads resolving them at once (the
+        # decode threads' preprocess and the model thread's load start together) can fail with
+        # "cannot import name": resolve them here, once, before any thread starts.
+        import transformers
+
+        transformers.AutoImageProcessor, transformers.AutoModelForImageClassification  # noqa: B018
         folder = self.model_dir(("config.json", PREPROCESSOR))
         config = json.loads((folder / "config.json").read_text())
         labels = config.get("id2label") or {}
