@@ -101,6 +101,14 @@ TABLES: dict[str, list[Column]] = {
         Column("caption", "string"),
         Column("raw", "string"),
     ),
+    # One row per image per image classifier (model); several classifiers side by side.
+    "classifications": stage_columns(
+        Column("classifier", "string"),  # its short name: the repo's or directory's (the manifest's map key)
+        Column("labels", "list<string>"),  # every label, in the model's order
+        Column("scores", "list<float32>"),  # each label's probability (softmax, or sigmoid if multi-label)
+        Column("label", "string"),  # the most probable label
+        Column("score", "float32"),
+    ),
     "watermarks": stage_columns(
         Column("score", "float32"),
         Column("has_watermark", "bool"),
@@ -172,6 +180,7 @@ MANIFEST_COLUMNS: dict[str, list[str]] = {
         "tags.rating",
     ],
     "captions": ["captions.caption"],
+    "classifications": ["classifications.classes"],
     "watermarks": [
         "watermarks.has_watermark",
         "watermarks.score AS watermark_score",
@@ -179,6 +188,20 @@ MANIFEST_COLUMNS: dict[str, list[str]] = {
     ],
     "buckets": ["buckets.bucket_width", "buckets.bucket_height"],
     "latents": ["latents.image_id IS NOT NULL AS has_latent"],
+}
+
+# Tables that join the manifest through a query of their own instead of their latest ok row:
+# every classifier's latest ok row, as one map from 'CLASSIFIER/LABEL' to the label's probability
+# (`classes['nsfw_image_detection/nsfw'] > 0.8`). Written without lambdas, which DuckDB spells
+# differently across versions.
+MANIFEST_SOURCES: dict[str, str] = {
+    "classifications": (
+        "SELECT image_id, map_from_entries(list(struct_pack(k := classifier || '/' || label, v := score) "
+        "ORDER BY classifier, label)) AS classes FROM ("
+        "SELECT image_id, classifier, unnest(labels) AS label, unnest(scores) AS score FROM ("
+        "SELECT * FROM classifications WHERE status = 'ok' "
+        "QUALIFY row_number() OVER (PARTITION BY image_id, classifier ORDER BY created_at DESC) = 1)) "
+        "GROUP BY image_id"),
 }
 
 DUCKDB_TYPES = {"string": "VARCHAR", "binary": "BLOB", "bool": "BOOLEAN", "int8": "TINYINT", "int32": "INTEGER",

@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, NamedTuple
 
-from curate.schema import MANIFEST_COLUMNS, TABLES, arrow_schemas, duckdb_type
+from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
 
 if TYPE_CHECKING:
     import duckdb
@@ -348,10 +348,12 @@ def stage_manifest_sql(tables: set[str] | None = None) -> str:
     joins = []
     for table, exprs in MANIFEST_COLUMNS.items():
         selects += exprs
-        latest = (f'SELECT * FROM "{table}" WHERE status = \'ok\' '
-                  "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC) = 1")
-        joins.append(f"LEFT JOIN ({latest if tables is None or table in tables else empty_select(table)}) AS {table} "
-                     f"ON {table}.image_id = img.image_id")
+        latest = MANIFEST_SOURCES.get(table, f'SELECT * FROM "{table}" WHERE status = \'ok\' '
+                                             "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at "
+                                             "DESC) = 1")
+        if tables is not None and table not in tables:
+            latest = f"SELECT * FROM ({latest}) WHERE false" if table in MANIFEST_SOURCES else empty_select(table)
+        joins.append(f"LEFT JOIN ({latest}) AS {table} ON {table}.image_id = img.image_id")
     return (
         "WITH img AS ("
         "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "

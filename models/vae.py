@@ -1,7 +1,8 @@
 """VAE adapter: diffusers AutoencoderKL from a hub id or a local directory.
 
 A spec is `SOURCE[@DTYPE]`. SOURCE is a hub id (`stabilityai/sdxl-vae`,
-`madebyollin/sdxl-vae-fp16-fix`) or a directory holding either the VAE itself
+`madebyollin/sdxl-vae-fp16-fix`, optionally `@REVISION`; pinned to its commit, as every hub
+id, curate.models.common) or a directory holding either the VAE itself
 (config.json + diffusion_pytorch_model.safetensors) or a whole pipeline with the VAE in
 its `vae/` subfolder. DTYPE is fp32, fp16 or bf16; without it (auto): fp32 on CPU; on a GPU
 bf16, or fp16 when the VAE's config says it needs no upcast (the fp16-fix VAE). The
@@ -12,12 +13,16 @@ the whole batch in one call.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
-from curate.devices import DeviceError, dtype_name, short_name
-from curate.models.common import Adapter, device_or_error, model_name
+from curate.devices import ALIASES, DeviceError, dtype_name, short_name
+from curate.models.common import Adapter, device_or_error, hub_repo, model_name
+
+DTYPES = {*ALIASES, "auto"}
+DTYPE_LIKE = re.compile(r"b?fp\d+|b?float\d+")  # a mistyped dtype, not a hub revision
 
 
 class VaeError(ValueError):
@@ -37,8 +42,12 @@ class Vae(Adapter):
 
     @classmethod
     def parse(cls, spec: str, default_dtype: str | None = None) -> Vae:
-        """`SOURCE[@DTYPE]`; default_dtype (e.g. from --dtype) applies when there is no @DTYPE."""
-        source, _, dtype = spec.strip().rpartition("@") if "@" in spec else (spec.strip(), "", "")
+        """`SOURCE[@DTYPE]`; default_dtype (e.g. from --dtype) applies when there is no @DTYPE.
+        SOURCE may be `org/name@REVISION`: only a dtype's name after the last @ is a dtype."""
+        spec = spec.strip()
+        source, _, dtype = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        if dtype not in DTYPES and not DTYPE_LIKE.fullmatch(dtype) and hub_repo(spec):
+            source, dtype = spec, ""  # org/name@REVISION
         if not source:
             raise VaeError(f"empty VAE in {spec!r}: give a hub id or a directory, optionally @fp32, @fp16 or @bf16")
         return cls(source, dtype or default_dtype)
@@ -84,10 +93,16 @@ def load_vae(spec: Vae, device: str | None):
 
 
 def _locate(source: str) -> tuple[str, dict]:
-    """Where the VAE's config.json is: the directory or repo itself, or its vae/ subfolder."""
+    """Where the VAE's config.json is: the directory or repo (at its pinned commit) itself, or its
+    vae/ subfolder."""
     from diffusers import AutoencoderKL
 
     path = Path(source).expanduser()
+    hub = hub_repo(source)
+    if hub and hub[1]:
+        source, pinned = hub[0], {"revision": hub[1]}
+    else:
+        pinned = {}
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path), {}
@@ -96,7 +111,7 @@ def _locate(source: str) -> tuple[str, dict]:
         raise VaeError(f"{path} holds no VAE: expected config.json and diffusion_pytorch_model.safetensors, "
                        "or a pipeline directory with a vae/ subfolder")
     errors = []
-    for kwargs in ({}, {"subfolder": "vae"}):  # a VAE repo, or a full pipeline repo
+    for kwargs in (pinned, {**pinned, "subfolder": "vae"}):  # a VAE repo, or a full pipeline repo
         try:
             AutoencoderKL.load_config(source, **kwargs)
             return source, kwargs

@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from curate.devices import model_threads
-from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.common import Adapter, ModelError, device_or_error, normalised_nchw
 from curate.models.tagging import CHARACTER, GENERAL, square_resized, tag_columns
 
 TAGS_CSV = "selected_tags.csv"
@@ -45,7 +45,7 @@ class WD14(Adapter):
         super().__init__(weights, general=general, character=character)
         self.spec = self.weights
         self.thresholds = {GENERAL: self.settings["general"], CHARACTER: self.settings["character"]}
-        folder = model_dir(self.spec, (TAGS_CSV,))
+        folder = self.model_dir((TAGS_CSV,))
         if (folder / "model.onnx").is_file():
             self.backend = "onnx"
             # The session that says the input size is the one a CPU run uses: the file is read once
@@ -61,7 +61,7 @@ class WD14(Adapter):
         self.decode_long_side = self.size  # padded to a square: the longer side must reach `size`
 
     def load(self, device: str | None = None, dtype: str | None = None) -> None:
-        folder = model_dir(self.spec, (TAGS_CSV,))
+        folder = self.model_dir((TAGS_CSV,))
         self._names, self._categories = read_tags(folder / TAGS_CSV)
         self._device, self._dtype = device_or_error(device, dtype)
         if self.backend == "onnx":

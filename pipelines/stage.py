@@ -152,7 +152,7 @@ class ModelStage(Stage):
     preprocess on CPU workers and its forward on a batch, into the table of its task."""
 
     TABLES = {"embed": "embeddings", "rank": "quality", "tag": "tags", "watermark": "watermarks",
-              "caption": "captions"}
+              "classify": "classifications", "caption": "captions"}
 
     def __init__(self, adapter, device: str | None = None, batch_size: int | None = None, dtype: str | None = None):
         self.adapter, self.device, self.dtype = adapter, device, dtype

@@ -23,6 +23,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when a -m expression asks for them (.ci/run: -m slow)."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow (real-size models): run with -m slow, as .ci/run does")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def need(ready: bool, why: str) -> None:
     """Skip a test whose outside requirement is missing here, saying why in one line; in CI
     (CURATE_CI=1, set by .ci/run, which installs everything) a missing requirement fails."""
@@ -115,9 +125,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """Run `curate ARGS` in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    """Run `curate ARGS` in a fresh process, as a user would (offline, unless `env` says otherwise)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, **kw)
     if check and proc.returncode != 0:

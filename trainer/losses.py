@@ -2,15 +2,26 @@
 
 SNR(t) = alpha_bar / (1 - alpha_bar), as diffusers' compute_snr. The weights are for an
 epsilon-prediction loss; with v-prediction the v-loss is (snr + 1) / snr times the
-epsilon loss, so each weight is multiplied by snr / (snr + 1) to weigh the same thing:
-- min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr; with v: min(snr, gamma) / (snr + 1).
-- debiased estimation (Yu et al. 2023): 1 / sqrt(snr); with v: sqrt(snr) / (snr + 1).
+epsilon loss, so min-SNR's weight is multiplied by snr / (snr + 1) to weigh the same thing:
+- min_snr, min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr; with v: min(snr, gamma) / (snr + 1).
+- debiased, debiased estimation (Yu et al. 2023) as kohya's sd-scripts computes it
+  (library/custom_train_functions.py, apply_debiased_estimation), which users compare
+  against: snr clamped at 1000 (at t = 0 SDXL's is ~1175), then 1 / sqrt(snr); with v:
+  1 / (snr + 1).
+- debiased_matched: 1 / sqrt(snr) carried exactly into v-loss units, sqrt(snr) / (snr + 1),
+  so a step weighs under v-prediction what it weighs under epsilon; sqrt(snr) times kohya's.
+
+At the zero-terminal-SNR endpoint (t = T, snr = 0, where v is -x0 and the model learns the
+image from pure noise) the v weights are: debiased 1 (the largest of any step), min_snr and
+debiased_matched 0 (that step does not train at all). Epsilon is undefined there, which is
+why zero_terminal_snr needs v-prediction.
 """
 from __future__ import annotations
 
 import torch
 
 SNR_FLOOR = 1e-8  # zero-terminal SNR makes snr(T) = 0; epsilon weights divide by it
+KOHYA_SNR_CAP = 1000.0  # sd-scripts clamps snr here before its debiased weight ("at t = 0 snr is inf")
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -26,6 +37,9 @@ def loss_weights(kind: str, snr_t: torch.Tensor, prediction_type: str, gamma: fl
         clipped = torch.clamp(snr_t, max=gamma)
         return clipped / (snr_t + 1) if v else clipped / snr_t.clamp(min=SNR_FLOOR)
     if kind == "debiased":
+        capped = snr_t.clamp(max=KOHYA_SNR_CAP)
+        return 1 / (capped + 1) if v else 1 / torch.sqrt(capped.clamp(min=SNR_FLOOR))
+    if kind == "debiased_matched":
         return torch.sqrt(snr_t) / (snr_t + 1) if v else 1 / torch.sqrt(snr_t.clamp(min=SNR_FLOOR))
     raise ValueError(f"unknown loss {kind!r}")
 

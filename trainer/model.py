@@ -4,9 +4,10 @@ SDXL (model_index.json names a text_encoder_2): two CLIP text encoders; the UNet
 both penultimate hidden states side by side, encoder 2's projected pooled embedding,
 and the six micro-conditioning time ids. SD1.5: one encoder's last hidden state; a
 text encoder with more than 77 positions (Long-CLIP, 248) reads the whole prompt at once.
-Prompts over 75 tokens go through the 77-position encoders in chunks of 75 whose
-hidden states are concatenated, as A1111 and kohya do; the pooled embedding is the
-first chunk's.
+Prompts over 75 tokens go through the 77-position encoders in chunks of 75, each with its
+own start and end token, whose hidden states are concatenated (n x 77 positions), as bigASP
+and A1111 do; the pooled embedding is the first chunk's. kohya's sd-scripts keeps only the
+first start and the last end token (75n + 2 positions): README says where that matters.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from curate.buckets import SET_HELP
 from curate.cli.common import (
     BatchSizeOpt,
     DatasetArg,
@@ -168,8 +169,7 @@ def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engin
     report("hash", summaries[0])
 
 
-BucketSetOpt = Annotated[str, typer.Option("--set", help="Bucket set: sdxl, sd15, rule:step=64,min_area=..,max_area=..,"
-                                                         "min_ratio=..,max_ratio=.., or a file of WIDTHxHEIGHT lines.")]
+BucketSetOpt = Annotated[str, typer.Option("--set", help=f"Bucket set: {SET_HELP}.")]
 UpscaleOpt = Annotated[bool, typer.Option("--allow-upscale", help="Let images smaller than a bucket "
                                                                   "be scaled up into it.")]
 
@@ -250,16 +250,23 @@ def encode(
 @app.command()
 def score(
     dataset: DatasetArg,
-    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model for embeddings: a directory, a hub id "
-                                                               f"({family('open_clip').weights}) or an open_clip name "
-                                                               "(ViT-B-32:openai).")] = None,
-    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory "
-                                                                     "(from `curate quality fit`): ranks 0-9 from "
-                                                                     "the CLIP embeddings.")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="The embedder: an open_clip model (a directory, a hub "
+                                                               f"id such as {family('open_clip').weights}, or an "
+                                                               "open_clip name as ViT-B-32:openai), or hf_clip[:MODEL] "
+                                                               f"(default {family('hf_clip').weights}): transformers' "
+                                                               "CLIP class token, what bigASP's scorer reads.")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory (from `curate quality "
+                                                                     "fit`), or bigASP's scorer.pt (on hf_clip "
+                                                                     "embeddings): ranks 0-9 from the stored "
+                                                                     "embeddings.")] = None,
     tagger: Annotated[Optional[str], typer.Option("--tagger", help=f"{weights_help('tag')}; MODEL a directory or a "
                                                                    "hub id.")] = None,
     watermark: Annotated[Optional[str], typer.Option("--watermark", help=f"{weights_help('watermark')}: the watermark "
                                                                          "detector.")] = None,
+    classifier: Annotated[Optional[list[str]], typer.Option(
+        "--classifier", help="hf:MODEL, a transformers image-classification checkpoint (an NSFW detector such as "
+        "Falconsai/nsfw_image_detection, a style or aesthetic classifier): every label's probability, in the "
+        "classifications table and the manifest's `classes` map. Repeat it for several.")] = None,
     general_threshold: Annotated[Optional[float], typer.Option(
         "--general-threshold", min=0, max=1, help=f"Keep general tags over this probability (default: WD14 "
         f"{default_of('wd14', 'general')}, JoyTag {default_of('joytag', 'threshold')}).")] = None,
@@ -274,12 +281,13 @@ def score(
     where: WhereOpt = None, engine: EngineOpt = Engine.local, ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
-    """The scoring pass: CLIP embeddings, quality ranks, tags and watermarks, one decode per image."""
+    """The scoring pass: CLIP embeddings, quality ranks, tags, watermarks and classes, one decode per image."""
     from curate.pipelines.score import score as run_score
 
     ds = open_dataset(dataset)
     try:
-        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark, where=where,
+        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark,
+                              classifiers=classifier or (), where=where,
                               engine=engine.value, ray_address=ray_address, device=device,
                               batch_size=batch_size, show_progress=not quiet,
                               general_threshold=general_threshold, character_threshold=character_threshold,

@@ -57,11 +57,16 @@ def fit(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="The head's directory "
                                                                          "(default: DS/heads/quality).")] = None,
     embedder: EmbedderOpt = None,
-    k: Annotated[float, typer.Option("--k", min=0.1, help="ELO K factor.")] = 32.0,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="ELO tournament rounds (Swiss pairing, "
-                                                                "one game per image per round).")] = 50,
-    sample: Annotated[int, typer.Option("--sample", min=2, help="Images in the tournament (a seeded "
-                                                                "random sample of the pool).")] = 10_000,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="bigasp: bigASP's tournament (8192 images from "
+                                                                   "1500, K 10, 8192 rounds of random pairs, wins "
+                                                                   "not probabilities); flags override it.")] = None,
+    k: Annotated[Optional[float], typer.Option("--k", min=0.1, help="ELO K factor (default 32).")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="ELO tournament rounds, one game per "
+                                                                          "image per round (default 50, Swiss "
+                                                                          "pairing).")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", min=2, help="Images in the tournament (a seeded "
+                                                                          "random sample of the pool; default "
+                                                                          "10000).")] = None,
     binning: Annotated[str, typer.Option("--binning", help="width: equal-width ELO bins; "
                                                            "quantile: equal-count bins.")] = "width",
     holdout: Annotated[float, typer.Option("--holdout", help="Share of rated pairs kept out "
@@ -76,13 +81,13 @@ def fit(
     """Train the pair model, run the ELO tournament, bin into 10 ranks, train and save the rank head."""
     from pathlib import Path
 
-    from curate.pipelines.quality.fit import FitSettings, fit_quality
+    from curate.pipelines.quality.fit import fit_quality, recipe_settings
 
     ds = open_dataset(dataset)
     out = Path(output) if output else ds.root / "heads" / "quality"
-    settings = FitSettings(embedder=embedder, k=k, rounds=rounds, sample=sample, binning=binning,
-                           holdout=holdout, seed=seed, where=where, baseline=baseline)
     try:
+        settings = recipe_settings(recipe, embedder=embedder, k=k, rounds=rounds, sample=sample, binning=binning,
+                                   holdout=holdout, seed=seed, where=where, baseline=baseline)
         report = fit_quality(ds, out, settings, show_progress=not quiet)
     except (DatasetError, ValueError) as e:
         fail(str(e))

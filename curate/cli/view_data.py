@@ -38,6 +38,7 @@ DETAILS = {
     "captions": f"{COMMON}, caption, prompt",
     "quality": f"{COMMON}, rank, probs",
     "watermarks": f"{COMMON}, score, has_watermark, boxes",
+    "classifications": f"{COMMON}, classifier, label, score, labels, scores",
     "buckets": f"{COMMON}, bucket_width, bucket_height",
     "latents": f"{COMMON}, vae, original_height, original_width, resized_height, resized_width, crop_top, crop_left, "
                "target_height, target_width",
