@@ -44,6 +44,9 @@ ERROR_CODES = {
     "decompression_bomb": "the declared pixel count is over the cap",
     "zero_size": "the image declares a width or height of zero",
     "unsupported_mode": "a pixel mode that cannot be converted to RGB",
+    # referenced images (ingest --reference), read at their source by a stage
+    "source_missing": "the referenced file or object is gone (moved or deleted since ingest)",
+    "source_changed": "the referenced file changed since ingest (size, modification time or bytes)",
     # archives
     "unsafe_path": "a tar member whose name escapes the archive (absolute or ..)",
     # stages
@@ -69,7 +72,11 @@ TABLES: dict[str, list[Column]] = {
     "images": [
         Column("image_id", "string"),  # sha256 of the file's bytes; null if unreadable
         Column("source", "string", nullable=False),
-        Column("bytes", "binary"),
+        Column("bytes", "binary"),  # null when referenced (ingest --reference): read at `location`
+        Column("location", "string"),  # a referenced image's file or object (or the tar archive holding it)
+        Column("location_offset", "int64"),  # where its bytes start in a tar archive; null for a whole file
+        Column("location_size", "int64"),  # the file's (archive's) size at ingest
+        Column("location_mtime_ns", "int64"),  # and its modification time: a change makes source_changed
         Column("size_bytes", "int64"),
         Column("width", "int32"),  # after EXIF orientation
         Column("height", "int32"),

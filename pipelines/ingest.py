@@ -1,7 +1,7 @@
 """`curate ingest`: every image file in the sources gets exactly one row in `images`.
 
 Sources are folders (walked recursively, symlinked folders not followed), single files
-and tar archives (webdataset shards too). A file is a candidate if its extension is an
+and tar archives (webdataset shards too), locally or under an s3:// prefix. A file is a candidate if its extension is an
 image extension or its first bytes sniff as an image. Each candidate becomes an ok row
 (image_id = sha256 of the bytes) or an error row with a code. Exact duplicates share an
 image_id and only the first copy stores bytes. Sources already in the table are skipped,
@@ -12,6 +12,11 @@ candidate (a path, or a tar member's archive, offset and size; nothing is read y
 CPU workers read, hash and verify them (`prepare`), and the driver, in walk order,
 keeps the bytes of each image's first copy only (`commit`), so both engines write the
 same rows and a killed run resumes to the same table.
+
+With `reference`, no bytes are copied: a row keeps the image's locator (its file or object,
+or its tar archive and the member's offset), with the size and modification time the file had;
+stages read the bytes there (curate.storage.read_referenced). A member of a compressed tar has
+no offset to read it at, so its bytes are stored as with a copy.
 
 Hashing comes first, so an exact duplicate is never decoded: the same bytes give the same
 verdict. A copy of an image already stored takes its size and format from its header; a
@@ -34,6 +39,7 @@ from curate.images import MAX_FILE_BYTES, Header, ImageError, probe, read_file, 
 from curate.pipelines.executor import Summary, run
 from curate.pipelines.stage import Stage
 from curate.schema import SCHEMAS
+from curate.storage import LOCATOR_COLUMNS, exists, filesystem, is_remote, list_files, read_object, stat
 from curate.store import Dataset, now
 
 IMAGE_EXTENSIONS = {
@@ -80,7 +86,7 @@ def is_tar(path: str) -> bool:
 
 def check_sources(sources: list[str]) -> None:
     """Fail before writing anything if a source is missing (a typo must not half-ingest)."""
-    missing = [s for s in sources if not os.path.lexists(s)]
+    missing = [s for s in sources if not (exists(s) if is_remote(s) else os.path.lexists(s))]
     if missing:
         raise FileNotFoundError(f"source does not exist: {', '.join(missing)}")
 
@@ -88,6 +94,9 @@ def check_sources(sources: list[str]) -> None:
 def enumerate_sources(sources: list[str]) -> Iterator[dict]:
     """Every candidate in walk order (sorted names), so two runs see the same order."""
     for src in sources:
+        if is_remote(src):
+            yield from _walk_remote(src)
+            continue
         p = os.path.abspath(src)
         if os.path.isdir(p) and not os.path.islink(p):
             yield from _walk(p)
@@ -112,13 +121,29 @@ def _walk(root: str) -> Iterator[dict]:
                 yield candidate(display_name(full), path=full)
 
 
+def _walk_remote(prefix: str) -> Iterator[dict]:
+    """Objects under an s3:// prefix, by key: image extensions only (sniffing would be a request each)."""
+    for location in list_files(prefix):
+        if location.lower().endswith(TAR_SUFFIXES):
+            yield from tar_members(location)
+        elif is_candidate(location):
+            yield candidate(location, path=location)
+
+
+def _open_tar(archive: str, mode: str) -> tarfile.TarFile:
+    if is_remote(archive):  # headers are read through a seekable remote file: data is skipped, not fetched
+        fs, path = filesystem(archive)
+        return tarfile.open(fileobj=fs.open_input_file(path), mode=mode)
+    return tarfile.open(archive, mode)
+
+
 def tar_members(archive: str) -> Iterator[dict]:
     """Image members of a tar, in order; nothing is ever extracted to disk. Only headers are
     read here: a member of an uncompressed tar is read later, by offset, where it is checked."""
     prefix = display_name(archive) + "::"
     try:
         compressed = not _plain_tar(archive)
-        with tarfile.open(archive, "r:*") as tar:
+        with _open_tar(archive, "r:*") as tar:
             for member in tar:
                 name = display_name(member.name)
                 if not is_candidate(name):
@@ -141,7 +166,7 @@ def tar_members(archive: str) -> Iterator[dict]:
 def _plain_tar(archive: str) -> bool:
     """Whether the archive is an uncompressed tar (whose members can be read by offset)."""
     try:
-        with tarfile.open(archive, "r:"):
+        with _open_tar(archive, "r:"):
             return True
     except tarfile.TarError:
         return False
@@ -149,14 +174,22 @@ def _plain_tar(archive: str) -> bool:
 
 def read_member(archive: str, offset: int, size: int) -> bytes:
     """A member of an uncompressed tar, by its data offset and size."""
+    if is_remote(archive):
+        data = read_object(archive, offset, size)
+    else:
+        data = _read_local(archive, offset, size)
+    if len(data) != size:
+        raise ImageError("truncated", f"the archive ends {size - len(data)} bytes into this member")
+    return data
+
+
+def _read_local(archive: str, offset: int, size: int) -> bytes:
     try:
         with open(archive, "rb") as f:
             f.seek(offset)
             data = f.read(size)
     except OSError as e:
         raise ImageError("unreadable", f"tar archive: {e.strerror or e}") from None
-    if len(data) != size:
-        raise ImageError("truncated", f"the archive ends {size - len(data)} bytes into this member")
     return data
 
 
@@ -200,19 +233,25 @@ def _outcome(check, data: bytes) -> Header | ImageError:
         return e
 
 
-def inspect(c: dict, verdicts: Verdicts) -> dict:
+def inspect(c: dict, verdicts: Verdicts, reference: bool = False) -> dict:
     """Read, hash and verify one candidate; returns an images row (bytes included, except for
-    a copy of an image already stored)."""
+    a copy of an image already stored, or with `reference` its locator instead)."""
     row = {"source": c["source"], "image_id": None, "bytes": None, "size_bytes": None, "width": None,
            "height": None, "format": None, "mode": None, "animated": None,
-           "status": "ok", "error": None, "message": None}
+           "status": "ok", "error": None, "message": None, **dict.fromkeys(LOCATOR_COLUMNS)}
     try:
         if c.get("error"):
             raise ImageError(*c["error"])
+        locator = None
+        if reference and c.get("data") is None:  # measured before the read: a change during it shows later
+            location = c.get("archive") or c["path"]
+            locator = dict(zip(LOCATOR_COLUMNS, (location, c.get("offset"), *stat(location))))
         if c.get("data") is not None:
             data = c["data"]
         elif c.get("archive"):
             data = read_member(c["archive"], c["offset"], c["size"])
+        elif is_remote(c["path"]):
+            data = read_object(c["path"])
         else:
             data = read_file(c["path"])
         row["size_bytes"] = len(data)
@@ -222,8 +261,10 @@ def inspect(c: dict, verdicts: Verdicts) -> dict:
         verdict, stored = verdicts.check(row["image_id"], data)
         if isinstance(verdict, ImageError):
             raise verdict
-        row.update(bytes=None if stored else data, width=verdict.width, height=verdict.height, format=verdict.format,
-                   mode=verdict.mode, animated=verdict.animated)
+        if locator and not stored:
+            row.update(locator)
+        row.update(bytes=None if stored or locator else data, width=verdict.width, height=verdict.height,
+                   format=verdict.format, mode=verdict.mode, animated=verdict.animated)
     except ImageError as e:
         row.update(status="error", error=e.code, message=e.message)
     return row
@@ -238,8 +279,8 @@ class IngestStage(Stage):
     batch_size = INGEST_BATCH
     ordered = True  # the first copy of an image, in walk order, keeps the bytes
 
-    def __init__(self, sources: list[str]):
-        self.sources = list(sources)
+    def __init__(self, sources: list[str], reference: bool = False):
+        self.sources, self.reference = list(sources), reference
         self._duplicates = 0
 
     def model_key(self) -> str:
@@ -262,7 +303,7 @@ class IngestStage(Stage):
     def prepare(self, row: dict) -> dict:
         if getattr(self, "_verdicts", None) is None:  # a Ray worker: it knows the copies it has seen
             self._verdicts = Verdicts(set())
-        return inspect(row, self._verdicts)
+        return inspect(row, self._verdicts, self.reference)
 
     def process(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != self.key}
@@ -279,7 +320,7 @@ class IngestStage(Stage):
         return {"duplicate": self._duplicates} if self._duplicates else {}
 
     def commit(self, rows: pa.Table) -> pa.Table:
-        """Drop the bytes of an image already stored (an exact duplicate keeps its source only)."""
+        """Drop the bytes (or locator) of an image already stored: an exact duplicate keeps its source only."""
         ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
         stored, keep = self._verdicts.stored, []
         for image_id, st in zip(ids, status):
@@ -292,12 +333,15 @@ class IngestStage(Stage):
             self._duplicates += duplicate
         if all(keep):
             return rows
-        data = rows.column("bytes")
-        return rows.set_column(rows.schema.get_field_index("bytes"), "bytes",
-                               pc.if_else(pa.array(keep), data, pa.nulls(len(rows), data.type)))
+        for name in ("bytes", *LOCATOR_COLUMNS):
+            data = rows.column(name)
+            rows = rows.set_column(rows.schema.get_field_index(name), name,
+                                   pc.if_else(pa.array(keep), data, pa.nulls(len(rows), data.type)))
+        return rows
 
 
 def ingest(sources: list[str], ds: Dataset, show_progress: bool = True, engine: str = "local",
-           ray_address: str | None = None) -> Summary:
+           ray_address: str | None = None, reference: bool = False) -> Summary:
     check_sources(sources)
-    return run(ds, IngestStage(sources), engine=engine, ray_address=ray_address, show_progress=show_progress)[0]
+    return run(ds, IngestStage(sources, reference), engine=engine, ray_address=ray_address,
+               show_progress=show_progress)[0]

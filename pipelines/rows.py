@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 from curate.devices import limit_threads
 from curate.images import ImageError, decode, shrink
 from curate.pipelines.stage import Stage
+from curate.storage import LOCATOR_COLUMNS, read_referenced
 from curate.store import Dataset
 
 
@@ -27,6 +28,8 @@ def prepare_row(stages: list[Stage], row: dict[str, Any], todo: list) -> list[di
     wanted = [k for k, ids in enumerate(todo) if ids is None or row[stages[k].key] in ids]
     out: list[dict | None] = [None] * len(stages)
     try:
+        if row.get("location") is not None and row.get("bytes") is None:  # referenced: read at the source
+            row["bytes"] = read_referenced(row)
         need = decode_need([stages[k] for k in wanted])
         if need is not None:
             row["image"] = decode(row["bytes"], min_side=need[0] or None, long_side=need[1] or None)
@@ -206,8 +209,8 @@ def input_filter(stages: list[Stage], ids: list[str] | pa.Array) -> pads.Express
     expr = pc.field("image_id").isin(pa.array(ids, pa.string()))
     if stage.source == "images":
         expr = expr & (pc.field("status") == "ok")
-        if any("bytes" in s.columns for s in stages):  # the one row of an image that holds its bytes
-            expr = expr & pc.field("bytes").is_valid()
+        if any("bytes" in s.columns for s in stages):  # the one row of an image that holds its bytes (or locator)
+            expr = expr & (pc.field("bytes").is_valid() | pc.field("location").is_valid())
     return expr & stage.source_filter()
 
 
@@ -216,6 +219,8 @@ def input_columns(stages: list[Stage]) -> list[str]:
     columns = set().union(*(s.columns for s in stages))
     if stages[0].source == "images":
         columns |= {"image_id", "status"}
+        if "bytes" in columns:  # a referenced image's bytes are read where its locator points
+            columns |= {*LOCATOR_COLUMNS, "size_bytes"}
     return sorted(columns)
 
 

@@ -2,6 +2,7 @@
 or curate.trainer; the options that set a model come from its family's declaration."""
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,6 +40,17 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.add_typer(quality_app, name="quality")
 
 
+@app.callback()
+def storage_options(
+    endpoint_url: Annotated[Optional[str], typer.Option(
+        "--endpoint-url", envvar="AWS_ENDPOINT_URL", help="An S3-compatible endpoint for s3:// datasets and sources "
+        "(MinIO, R2, ...); keys and region come from the usual AWS environment variables.")] = None,
+):
+    """Options for every command."""
+    if endpoint_url:  # through the environment: pyarrow, DuckDB's reads and Ray workers all see it
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+
+
 def main() -> None:
     quiet_loaders()
     app()
@@ -68,8 +80,11 @@ def default_of(name: str, setting: str):
 
 @app.command()
 def ingest(
-    sources: Annotated[list[str], typer.Argument(help="Folders, image files or tar archives, then the dataset "
-                                                      "directory last.")],
+    sources: Annotated[list[str], typer.Argument(help="Folders, image files or tar archives (local or s3://), "
+                                                      "then the dataset directory last.")],
+    reference: Annotated[bool, typer.Option("--reference/--copy", help="Keep images where they are and store where "
+                                            "they are (stages read them there), or copy their bytes into the "
+                                            "dataset (the default: it stands on its own).")] = False,
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
@@ -84,7 +99,7 @@ def ingest(
     try:
         check_sources(srcs)
         summary = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet,
-                             engine=engine.value, ray_address=ray_address)
+                             engine=engine.value, ray_address=ray_address, reference=reference)
     except FileNotFoundError as e:
         fail(str(e))
     report(f"ingest -> {ds_path}", summary)

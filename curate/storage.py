@@ -1,0 +1,141 @@
+"""Where bytes live: a local path or an object in S3-compatible storage (`s3://bucket/key`),
+both behind one pyarrow filesystem, and reading a referenced image back at its source.
+
+The S3 endpoint comes from the usual AWS environment (`AWS_ENDPOINT_URL[_S3]`, keys, region);
+`curate --endpoint-url` sets it for the command and every process it starts (Ray workers too).
+DuckDB reads s3:// parts through the same filesystem, registered into the connection: its own
+httpfs extension would have to be downloaded at run time, which a machine without internet
+(or a pinned DuckDB newer than the published extension) cannot do.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from typing import TYPE_CHECKING, Iterator
+from urllib.parse import urlsplit
+
+from curate.images import MAX_FILE_BYTES, ImageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+S3 = "s3://"
+# The locator columns of a referenced image (images table): where its bytes are, and what the file
+# there measured when it was ingested.
+LOCATOR_COLUMNS = ("location", "location_offset", "location_size", "location_mtime_ns")
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return str(location).startswith(S3)
+
+
+def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `location`, and its path there (a bucket/key for S3, absolute locally)."""
+    import pyarrow.fs as pafs
+
+    location = str(location)
+    if is_remote(location):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3(endpoint, region), location[len(S3):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    import pyarrow.fs as pafs
+
+    options = {}
+    if endpoint:
+        url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options = {"endpoint_override": url.netloc, "scheme": url.scheme}
+    # Delayed open: a part smaller than a multipart chunk is one PutObject, written whole or not at all
+    return pafs.S3FileSystem(region=region, allow_delayed_open=True, **options)
+
+
+def uri(fs: pafs.FileSystem, path: str) -> str:
+    """The location of a path on a filesystem from `filesystem` (what DuckDB and pyarrow's URI
+    resolution read)."""
+    import pyarrow.fs as pafs
+
+    return path if isinstance(fs, pafs.LocalFileSystem) else S3 + path
+
+
+def duckdb_filesystem(fs: pafs.FileSystem):
+    """The filesystem as fsspec, for DuckDB's register_filesystem: it then reads s3:// paths through it."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    class S3Paths(ArrowFSWrapper):
+        protocol = ("s3",)
+
+    return S3Paths(fs)
+
+
+def list_files(location: str) -> Iterator[str]:
+    """Every object under an s3:// prefix (or the object itself), in key order."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        yield location
+        return
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    yield from sorted(uri(fs, i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def exists(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def stat(location: str) -> tuple[int, int]:
+    """(size, modification time in ns) of the file or object at `location`."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot stat: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ImageError("source_missing", f"{location} does not exist")
+    if info.type != pafs.FileType.File:
+        raise ImageError("not_regular_file", "not a regular file")
+    return info.size, info.mtime_ns
+
+
+def read_object(location: str, offset: int = 0, size: int | None = None, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """An object's bytes (or `size` bytes from `offset`), under the size cap."""
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_file(path) as f:
+            length = f.size() - offset if size is None else size
+            if length > max_bytes:
+                raise ImageError("too_large", f"{length} bytes is over the cap of {max_bytes}")
+            return f.read_at(length, offset)
+    except FileNotFoundError:
+        raise ImageError("source_missing", f"{location} does not exist") from None
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read: {e}") from None
+
+
+def read_referenced(row: dict) -> bytes:
+    """A referenced image's bytes, read at its source and checked to be the bytes ingest saw.
+
+    The file's size and modification time must be those recorded (a stat: a moved, truncated or
+    rewritten file is refused before a byte is read), and the bytes must hash to the image_id
+    (sha256: about 0.6 ms per MB, a few percent of decoding; it catches a rewrite that kept size
+    and time). Either failure is an ImageError, never pixels of another image."""
+    location = row["location"]
+    size, mtime_ns = stat(location)
+    if (size, mtime_ns) != (row["location_size"], row["location_mtime_ns"]):
+        raise ImageError("source_changed", f"{location} changed since ingest (size {row['location_size']} -> {size}, "
+                                           "or its modification time)")
+    data = read_object(location, row["location_offset"] or 0, row["size_bytes"])
+    if len(data) != row["size_bytes"] or hashlib.sha256(data).hexdigest() != row["image_id"]:
+        raise ImageError("source_changed", f"{location} holds other bytes than at ingest")
+    return data
