@@ -7,6 +7,10 @@ text encoder with more than 77 positions (Long-CLIP, 248) reads the whole prompt
 Prompts over 75 tokens go through the 77-position encoders in chunks of 75 whose
 hidden states are concatenated, as A1111 and kohya do; the pooled embedding is the
 first chunk's.
+
+`clip_skip` counts as A1111 and EveryDream2 do: the states of the N-th layer from the end
+(SD1.5 then applies the final layer norm, as diffusers' pipeline does); SD1.5 reads the last
+layer by default, SDXL the penultimate, so for SDXL values up to 2 change nothing.
 """
 from __future__ import annotations
 
@@ -16,12 +20,25 @@ from pathlib import Path
 import torch
 
 from curate.trainer.config import TrainConfig
+from curate.trainer.lora import LORA_FILE, add_lora, load_lora, set_lora
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
                   target_size: tuple[int, int]) -> list[int]:
     """As diffusers' StableDiffusionXLPipeline._get_add_time_ids: original, crop, target; height before width."""
     return list(original_size + crop_top_left + target_size)
+
+
+def text_layer(clip_skip: int, sdxl: bool) -> int:
+    """Which hidden state, counted from the end, the UNet reads (1: the last)."""
+    return max(clip_skip, 2 if sdxl else 1)
+
+
+def pipeline_clip_skip(clip_skip: int, sdxl: bool) -> int | None:
+    """The same layer as diffusers' pipelines count it (layers skipped past their default)."""
+    return (text_layer(clip_skip, sdxl) - (2 if sdxl else 1)) or None
 
 
 def pipeline_tokenizer(base: str | Path):
@@ -48,11 +65,14 @@ class Models:
         index = json.loads(index_path.read_text())
         self.sdxl = bool(index.get("text_encoder_2") and index["text_encoder_2"][0])
         self.device = device
-        trained = {"unet", *(["text_encoder"] if config.train_text_encoder else []),
+        self.lora = config.lora_rank > 0
+        self.layer = text_layer(config.clip_skip, self.sdxl)
+        trained = {*(["unet"] if config.train_unet else []), *(["text_encoder"] if config.train_text_encoder else []),
                    *(["text_encoder_2"] if config.train_text_encoder_2 and self.sdxl else [])}
 
         def source(name: str) -> Path:
-            return checkpoint / name if checkpoint is not None and name in trained else self.base / name
+            full = checkpoint is not None and name in trained and not self.lora
+            return checkpoint / name if full else self.base / name
 
         self.unet = UNet2DConditionModel.from_pretrained(source("unet")).to(device)
         self.text_encoders = [CLIPTextModel.from_pretrained(source("text_encoder")).to(device)]
@@ -69,6 +89,10 @@ class Models:
         self.trained = {name: components[name] for name in sorted(trained)}
         for model in [self.unet, *self.text_encoders]:
             model.requires_grad_(any(model is m for m in self.trained.values()))
+        if self.lora:
+            add_lora(self.trained, config, AUTOCAST.get(config.precision) if device.type == "cuda" else None)
+            if checkpoint is not None:
+                set_lora(self.trained, load_lora(checkpoint / LORA_FILE, self.trained))
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for name in ("text_encoder", "text_encoder_2"):
@@ -86,8 +110,10 @@ class Models:
         for i, (encoder, ids) in enumerate(zip(self.text_encoders, input_ids)):
             batch = ids.shape[0]
             chunks = ids.to(self.device).reshape(batch * n_chunks, -1)
-            out = encoder(chunks, output_hidden_states=self.sdxl)
-            states = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
+            out = encoder(chunks, output_hidden_states=self.layer > 1)
+            states = out.last_hidden_state if self.layer == 1 else out.hidden_states[-self.layer]
+            if not self.sdxl and self.layer > 1:
+                states = encoder.text_model.final_layer_norm(states)
             hidden.append(states.reshape(batch, -1, states.shape[-1]))
             if i == 1:
                 pooled = out.text_embeds.reshape(batch, n_chunks, -1)[:, 0]
