@@ -83,6 +83,7 @@ def save_checkpoint(output: Path, step: int, write_weights: Callable[[Path], Non
     write_weights(tmp)
     (tmp / STATE).mkdir()
     torch.save(state, tmp / STATE / "state.pt")
+    (tmp / STATE / "config.json").write_text(json.dumps(state["config"], indent=2))  # read by `curate sample`
     fsync_tree(tmp)
     if final.exists():  # a run that re-reaches a step replaces its old checkpoint
         shutil.rmtree(final)

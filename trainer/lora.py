@@ -63,7 +63,10 @@ def kohya_keys(trained: dict[str, torch.nn.Module]) -> dict[tuple[str, str], str
     for name, model in trained.items():
         for param_name, param in model.named_parameters():
             if "lora_" in param_name:
-                peft_key = f"{name}.{param_name.replace(f'.{ADAPTER}.', '.')}"
+                peft_key = param_name.replace(f".{ADAPTER}.", ".")
+                if name != "unet" and not peft_key.startswith("text_model."):
+                    peft_key = f"text_model.{peft_key}"  # transformers 5 dropped the level the published names have
+                peft_key = f"{name}.{peft_key}"
                 (key,) = [k for k in convert_state_dict_to_kohya({peft_key: param}, StateDictType.PEFT)
                           if not k.endswith(".alpha")]
                 keys[(name, param_name)] = key

@@ -113,7 +113,7 @@ class Models:
             out = encoder(chunks, output_hidden_states=self.layer > 1)
             states = out.last_hidden_state if self.layer == 1 else out.hidden_states[-self.layer]
             if not self.sdxl and self.layer > 1:
-                states = encoder.text_model.final_layer_norm(states)
+                states = encoder.final_layer_norm(states)
             hidden.append(states.reshape(batch, -1, states.shape[-1]))
             if i == 1:
                 pooled = out.text_embeds.reshape(batch, n_chunks, -1)[:, 0]

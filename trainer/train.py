@@ -96,8 +96,8 @@ class Trainer:
         self.data_lock = threading.Lock()
         self.data_wait = 0.0  # seconds the loop waited for a batch
 
-        self.learning_rates = {"unet": scaled(config.learning_rate, config),
-                               "text_encoder": scaled(config.text_encoder_learning_rate or config.learning_rate, config)}
+        te_lr = config.text_encoder_learning_rate or config.learning_rate
+        self.learning_rates = {"unet": scaled(config.learning_rate, config), "text_encoder": scaled(te_lr, config)}
         groups = [{"params": [p for p in m.parameters() if p.requires_grad],
                    "lr": self.learning_rates["unet" if name == "unet" else "text_encoder"]}
                   for name, m in self.models.trained.items()]
@@ -163,6 +163,7 @@ class Trainer:
         """Forward and loss of this worker's share of global micro-batch `micro`."""
         c = self.config
         batch, size = self.batch_for(micro)
+        torch.manual_seed(seed_for(c.seed, micro, 1))  # dropout (LoRA's) draws from the global generator
         generator = torch.Generator().manual_seed(seed_for(c.seed, micro))
         noise = make_noise((size, *batch["latents"].shape[1:]), c.offset_noise, generator,
                            c.pyramid_noise_discount)[self.rank :: self.world]
@@ -279,7 +280,7 @@ class Trainer:
     def run(self, show_progress: bool = True) -> dict:
         c, lead = self.config, self.rank == 0
         start, started = self.step, time.perf_counter()
-        log, writer, first, loss, metrics, saved, samples = None, None, None, float("nan"), {}, None, None
+        log, writer, first, loss, metrics, saved, grid = None, None, None, float("nan"), {}, None, None
         if lead:
             self.output.mkdir(parents=True, exist_ok=True)
             remove_debris(self.output)
@@ -323,7 +324,7 @@ class Trainer:
                             saved = self.save()
                         if c.sample_prompts and (self.step == c.max_steps
                                                  or c.sample_every and self.step % c.sample_every == 0):
-                            samples = self.sample(writer)
+                            grid = self.sample(writer)
                     advance(1)
         finally:
             if lead:
@@ -336,7 +337,7 @@ class Trainer:
                 "waiting for data (s)": round(self.data_wait, 1),
                 "first loss": round(first, 5) if first is not None else None, "last loss": round(loss, 5),
                 **{k: round(v, 5) for k, v in metrics.items()}, "checkpoint": str(saved) if saved else None,
-                "samples": str(samples) if samples else None, "learning rate": self.learning_rates["unet"],
+                "sample grid": str(grid) if grid else None, "learning rate": self.learning_rates["unet"],
                 **({"ema decay": self.ema_decay} if self.ema else {}),
                 "seconds": round(seconds, 1)}
         if lead:
