@@ -114,6 +114,11 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("logvar", pa.binary()),
         pa.field("vae", pa.string()),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
         pa.field("shift_factor", pa.float32()),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
+        # with --flip: the mirrored crop's latent (and moments), and its crop's left in the flipped image
+        pa.field("flip_latent", pa.binary()),
+        pa.field("flip_mean", pa.binary()),
+        pa.field("flip_logvar", pa.binary()),
+        pa.field("flip_crop_left", pa.int32()),
     ),
     # Head-to-head judgements for the quality head.
     "ratings": pa.schema(

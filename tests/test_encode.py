@@ -250,3 +250,34 @@ def test_latents_stream_back_one_row_group_at_a_time(tmp_path):
     for r in got:
         i = int(r["image_id"])
         assert r["original_height"] == i and np.array_equal(latent_array(r["latent"], r["shape"]), values[i])
+
+
+def test_flip_stores_the_mirrored_crops_latent_with_its_own_crop_conditioning(tmp_path, vae_dir):
+    """`--flip`: the flipped latent is the VAE's encoding of the mirrored crop, whose left edge in
+    the flipped resized image is flip_crop_left (the crop's right edge, seen from the other side)."""
+    ds = ingest(tmp_path, {"wide.png": gradient(360, 200)})
+    run_cli("encode", str(ds), "--vae", vae_dir, "--set", SMALL, "--seed", "3", "--keep-distribution", "--flip", "-q")
+    (r,) = Dataset(ds).query("SELECT l.*, i.source FROM latents l JOIN images i USING (image_id)").to_pylist()
+    assert r["model"].endswith(",flip=true")
+    assert r["flip_crop_left"] == r["resized_width"] - r["crop_left"] - r["target_width"] and r["crop_left"] > 0
+    resized = Image.open(r["source"]).convert("RGB").resize((r["resized_width"], r["resized_height"]),
+                                                            Image.Resampling.LANCZOS)
+    crop = resized.crop((r["crop_left"], r["crop_top"], r["crop_left"] + r["target_width"],
+                         r["crop_top"] + r["target_height"]))
+    left, top = r["flip_crop_left"], r["crop_top"]
+    mirrored = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop(
+        (left, top, left + r["target_width"], top + r["target_height"]))
+    assert np.array_equal(np.asarray(mirrored), np.asarray(crop)[:, ::-1])  # the conditioning points at the mirror
+    vae, _ = load_vae(Vae(vae_dir), "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            dist = vae.encode(Normalize([0.5], [0.5])(to_tensor(mirrored))[None]).latent_dist
+    finally:
+        torch.set_num_threads(threads)
+    shape = tuple(r["shape"])
+    assert np.array_equal(np.frombuffer(r["flip_mean"], np.float16).reshape(shape), dist.mean[0].half().numpy())
+    sample = dist.mean[0] + dist.std[0] * seeded_noise(shape, image_seed(3, r["image_id"], "flip-noise"))
+    assert np.array_equal(np.frombuffer(r["flip_latent"], np.float16).reshape(shape), sample.half().numpy())
+    assert not np.array_equal(np.frombuffer(r["flip_latent"], np.float16), np.frombuffer(r["latent"], np.float16))

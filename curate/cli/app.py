@@ -218,6 +218,8 @@ def encode(
     keep_distribution: Annotated[bool, typer.Option("--keep-distribution", help="Also store the latent mean and "
                                                     "log-variance so the trainer can resample.")] = False,
     allow_upscale: UpscaleOpt = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store the mirrored crop's latent, with its own crop "
+                                                      "conditioning, for the trainer's flip_p.")] = False,
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -237,7 +239,8 @@ def encode(
     try:
         vaes = [Vae.parse(v, dtype) for v in (mixed_vae.split(",") if mixed_vae else [vae])]
         assign_buckets(ds, bucket_set, where, allow_upscale, show_progress=not quiet)
-        stage = EncodeStage(vaes, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size)
+        stage = EncodeStage(vaes, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size,
+                            flip)
         summaries = run(ds, stage, engine=engine.value, where=where, ray_address=ray_address, show_progress=not quiet)
     except model_errors() as e:
         fail(str(e))
