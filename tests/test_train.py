@@ -182,7 +182,7 @@ def test_sd15_with_every_option_trains_and_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     sd15 = write_zoo(tmp_path / "zoo", ["sd15"])["sd15"]
-    make_latent_dataset(tmp_path / "ds", 12, buckets=[(8, 8), (8, 12)])
+    make_latent_dataset(tmp_path / "ds", 12, buckets=[(8, 8), (8, 12)], scaling_factor=0.18215)
     common = dict(max_steps=2, batch_size=2, prediction_type="v_prediction", zero_terminal_snr=True, loss="debiased",
                   offset_noise=0.1, timestep_min=500, timestep_max=1000, mask_watermarks=True, ema_decay=0.5,
                   gradient_checkpointing=True, validation_fraction=0.25, validate_every=2, checkpoint_every=2)

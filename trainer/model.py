@@ -41,6 +41,21 @@ def pipeline_clip_skip(clip_skip: int, sdxl: bool) -> int | None:
     return (text_layer(clip_skip, sdxl) - (2 if sdxl else 1)) or None
 
 
+def check_latent_scaling(rows: list, base: str | Path) -> None:
+    """The latents must be scaled as the base's VAE scales them (its config's scaling_factor and
+    shift_factor; XLLsd's SD1.5 UNet with the SDXL VAE: 0.13025): a UNet trained on latents of
+    another scale makes images that the base's pipeline decodes wrongly."""
+    path = Path(base) / "vae" / "config.json"
+    if not path.is_file():
+        return
+    vae = json.loads(path.read_text())
+    expected = (round(vae.get("scaling_factor", 0.18215), 5), round(vae.get("shift_factor") or 0.0, 5))
+    found = sorted({(round(r.scaling_factor, 5), round(r.shift_factor, 5)) for r in rows})
+    if found != [expected]:
+        raise ValueError(f"the latents are scaled by (scaling_factor, shift_factor) {found}, the base's VAE by "
+                         f"{expected} ({path}): encode them with the base's VAE (curate encode --vae {base})")
+
+
 def pipeline_tokenizer(base: str | Path):
     """The (first) CLIP tokenizer of a diffusers pipeline directory: what prompts are built
     with. Loading it alone lets the prompts start before the models load."""

@@ -10,6 +10,8 @@ model a new variation. The rules, each switchable in `PromptConfig`:
 - tag_count: the number of tags ~ round(Normal(mean, sd)), at least 1, so the model sees
   everything from one tag to a 225-token prompt (mean 32, sd 19.8 from real user prompts).
 - shuffle_tags: tags in random order before truncation, so truncation keeps a random subset.
+- keep_tags: the image's first N tags (a trigger word, a character) always come first, in
+  their order and as written (no alias, no formatting noise); the rest shuffle (EveryDream2's).
 - priority_tags: always kept when present, caption prompts included (`watermark`, added
   when a watermark was found).
 - aliases: each tag becomes a random synonym with probability `alias_rate`.
@@ -44,6 +46,7 @@ class PromptConfig:
     tag_count_mean: float = 32.0
     tag_count_sd: float = 19.8
     shuffle_tags: bool = True
+    keep_tags: int = 0
     priority_tags: list[str] = field(default_factory=lambda: ["watermark"])
     aliases: str | None = None  # CSV with antecedent,consequent columns (danbooru's tag_aliases)
     alias_rate: float = 0.1
@@ -60,6 +63,8 @@ class PromptConfig:
         if bad or any(w < 0 for w in self.source_weights.values()) or not any(self.source_weights.values()):
             raise ValueError("prompts.source_weights takes non-negative weights for tags, caption and both "
                              f"(not all 0), got {self.source_weights}")
+        if self.keep_tags < 0:
+            raise ValueError(f"prompts.keep_tags must be >= 0, got {self.keep_tags}")
         if self.tag_count_sd < 0:
             raise ValueError(f"prompts.tag_count_sd must be >= 0, got {self.tag_count_sd}")
         if self.aliases and not Path(self.aliases).is_file():
@@ -122,8 +127,9 @@ class PromptBuilder:
         if source in ("tags", "both"):
             chosen, drawn = self.pick_tags(rng, tags)
         style = self.pick_style(rng)
-        tag_text = style_join(scores + [self.mutate(rng, t) for t in chosen], style,
-                              keep=set(scores) | set(c.priority_tags))
+        fixed = set(tags[: c.keep_tags])
+        tag_text = style_join(scores + [t if t in fixed else self.mutate(rng, t) for t in chosen], style,
+                              keep=set(scores) | set(c.priority_tags) | fixed)
         if source in ("caption", "both"):
             sentences = SENTENCE_END.split(caption)
             if c.sentence_shuffle:
@@ -157,18 +163,19 @@ class PromptBuilder:
 
     def pick_tags(self, rng: random.Random, tags: list[str]) -> tuple[list[str], int]:
         c = self.config
+        fixed, tags = tags[: c.keep_tags], tags[c.keep_tags :]
         priority = [t for t in tags if t in c.priority_tags]
         rest = [t for t in tags if t not in c.priority_tags]
         drawn, keep = 0, len(rest)
         if c.tag_count:
             drawn = max(1, round(c.tag_count_mean + c.tag_count_sd * STANDARD_NORMAL.inv_cdf(max(rng.random(), 1e-12))))
-            keep = max(0, drawn - len(priority))
+            keep = max(0, drawn - len(fixed) - len(priority))
         if not c.shuffle_tags:
-            return priority + rest[:keep], drawn
+            return fixed + priority + rest[:keep], drawn
         chosen = sample(rng, rest, keep)
         for t in priority:  # each at a random place: the order stays uniformly random
             chosen.insert(below(rng, len(chosen) + 1), t)
-        return chosen, drawn
+        return fixed + chosen, drawn
 
     def mutate(self, rng: random.Random, tag: str) -> str:
         options = self.synonyms.get(tag)

@@ -38,7 +38,7 @@ from curate.trainer.config import TrainConfig, config_dict
 from curate.trainer.data import TrainData, latent_cache, load_rows, split_rows
 from curate.trainer.lora import load_lora_ema, write_lora
 from curate.trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
-from curate.trainer.model import AUTOCAST, Models, pipeline_tokenizer
+from curate.trainer.model import AUTOCAST, Models, check_latent_scaling, pipeline_tokenizer
 from curate.trainer.optimizers import make_optimizer, scaled
 
 
@@ -80,6 +80,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         tokenizer = pipeline_tokenizer(base)
         train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
+        check_latent_scaling(train_rows + val_rows, base)
         latents = latent_cache(config)  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
@@ -95,6 +96,7 @@ class Trainer:
         self.next_batch: tuple[int, Future] | None = None
         self.data_lock = threading.Lock()
         self.data_wait = 0.0  # seconds the loop waited for a batch
+        self.scheduled: set[int] = set()  # epochs whose batches went to schedule/ (write_schedule)
 
         te_lr = config.text_encoder_learning_rate or config.learning_rate
         self.learning_rates = {"unet": scaled(config.learning_rate, config), "text_encoder": scaled(te_lr, config)}
@@ -187,6 +189,9 @@ class Trainer:
     def build_batch(self, micro: int) -> tuple[dict, int]:
         with self.data_lock:
             epoch, indices = self.data.batch_at(micro)
+            if self.config.write_schedule and self.rank == 0 and epoch not in self.scheduled:
+                self.data.write_schedule(self.output / "schedule" / f"epoch-{epoch:04d}.tsv", epoch)
+                self.scheduled.add(epoch)
             if epoch < self.last_epoch:
                 self.data.prefetch(epoch + 1)  # built on a thread of its own while this epoch trains
             return self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers), len(indices)
