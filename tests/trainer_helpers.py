@@ -60,7 +60,7 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         "vae": [vae] * n, "shift_factor": [None] * n,
         "flip_latent": [np.ascontiguousarray(np.frombuffer(b, np.float16).reshape(s)[:, :, ::-1]).tobytes()
                         for b, s in zip(latents, shapes)] if flip else [None] * n,
-        "flip_crop_left": [0] * n if flip else [None] * n}
+        "flip_mean": [None] * n, "flip_logvar": [None] * n, "flip_crop_left": [0] * n if flip else [None] * n}
     bounds = np.linspace(0, n, latent_parts + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         part = ds.write_part("latents", {k: v[lo:hi] for k, v in columns.items()})

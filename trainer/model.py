@@ -41,6 +41,15 @@ def pipeline_clip_skip(clip_skip: int, sdxl: bool) -> int | None:
     return (text_layer(clip_skip, sdxl) - (2 if sdxl else 1)) or None
 
 
+def text_states(encoder, out, layer: int, sdxl: bool) -> torch.Tensor:
+    """The hidden states of `layer` (from the end) of an encoder's output; SD1.5 normalises them
+    with the final layer norm (the last layer's already are), SDXL does not."""
+    if layer == 1:
+        return out.last_hidden_state
+    states = out.hidden_states[-layer]
+    return states if sdxl else encoder.final_layer_norm(states)
+
+
 def check_latent_scaling(rows: list, base: str | Path) -> None:
     """The latents must be scaled as the base's VAE scales them (its config's scaling_factor and
     shift_factor; XLLsd's SD1.5 UNet with the SDXL VAE: 0.13025): a UNet trained on latents of
@@ -126,9 +135,7 @@ class Models:
             batch = ids.shape[0]
             chunks = ids.to(self.device).reshape(batch * n_chunks, -1)
             out = encoder(chunks, output_hidden_states=self.layer > 1)
-            states = out.last_hidden_state if self.layer == 1 else out.hidden_states[-self.layer]
-            if not self.sdxl and self.layer > 1:
-                states = encoder.final_layer_norm(states)
+            states = text_states(encoder, out, self.layer, self.sdxl)
             hidden.append(states.reshape(batch, -1, states.shape[-1]))
             if i == 1:
                 pooled = out.text_embeds.reshape(batch, n_chunks, -1)[:, 0]

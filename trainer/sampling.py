@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from curate.progress import quiet_loaders
 from curate.trainer.checkpoint import STATE, checkpoint_step, scheduler_config
 from curate.trainer.lora import LORA_EMA_FILE, LORA_FILE, lora_base
-from curate.trainer.model import AUTOCAST, pipeline_clip_skip
+from curate.trainer.model import AUTOCAST, pipeline_clip_skip, text_states
 
 LABEL = 14  # pixels of caption band above each image
 OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
@@ -128,11 +128,23 @@ class Sampler:
             context = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
                        else nullcontext())
             with context:
-                images.append(self.pipe(p.text, negative_prompt=p.negative, width=p.width, height=p.height,
-                                        num_inference_steps=p.steps, guidance_scale=p.guidance,
-                                        clip_skip=self.clip_skip,
+                images.append(self.pipe(**self.text(p), width=p.width, height=p.height, num_inference_steps=p.steps,
+                                        guidance_scale=p.guidance,
                                         generator=torch.Generator().manual_seed(p.seed)).images[0])
         return images
+
+    def text(self, p: SamplePrompt) -> dict:
+        """The pipeline's prompt arguments. SD1.5 with clip_skip gets its embeddings from here:
+        diffusers' pipeline reaches for `text_encoder.text_model`, a level transformers 5 removed."""
+        if not self.clip_skip or getattr(self.pipe, "text_encoder_2", None) is not None:
+            return {"prompt": p.text, "negative_prompt": p.negative, "clip_skip": self.clip_skip}
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        embeds = []
+        for text in (p.text, p.negative or ""):
+            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
+            embeds.append(text_states(encoder, encoder(ids, output_hidden_states=True), self.clip_skip + 1, False))
+        return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
 
     def grid(self, title: str, unet: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
              trained: bool = True) -> Image.Image:

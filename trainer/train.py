@@ -104,6 +104,7 @@ class Trainer:
                    "lr": self.learning_rates["unet" if name == "unet" else "text_encoder"]}
                   for name, m in self.models.trained.items()]
         self.params = [p for g in groups for p in g["params"]]
+        self.lr_group = list(self.models.trained).index("unet") if "unet" in self.models.trained else 0  # logged
         self.optimizer = make_optimizer(groups, config, self.device)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=config.grad_scaler_init,
@@ -312,7 +313,7 @@ class Trainer:
                     self.step = step + 1
                     first = loss if first is None else first
                     if lead:
-                        lr = self.lr_schedule.get_last_lr()[0]
+                        lr = self.lr_schedule.get_last_lr()[self.lr_group]
                         log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
                         log.flush()
                         if self.step % c.log_every == 0 or self.step == c.max_steps:
