@@ -135,8 +135,8 @@ def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False, lora:
     name = "streaming" if streaming else "tiny"
     if streaming:
         make_latent_dataset(tmp / name, 4096, buckets=[(16, 16)], rows_per_group=2048)
-    elif not (tmp / name).exists():
-        make_latent_dataset(tmp / name, 16)
+    elif not (tmp / name).exists():  # one epoch for all the steps: a new epoch's prompts would be timed too
+        make_latent_dataset(tmp / name, 4 * (steps + 1))
     torch.set_num_threads(1 if streaming else THREADS)
     output = tmp / f"run-{name}{'-lora' if lora else ''}"
     config = load_config(None, output=str(output), batch_size=4, precision="fp32", max_steps=steps + 1,

@@ -119,6 +119,10 @@ class Trainer:
         if config.zero_terminal_snr:
             self.scheduler_updates |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
         self.sampler = None  # built at the first sample (it loads the VAE)
+        if config.sample_prompts:  # a mistake in the file stops the run now, not hours in
+            from curate.trainer.sampling import read_prompts
+
+            read_prompts(config.sample_prompts)
         self.step = 0
         if checkpoint is not None:
             state, ema = load_state(checkpoint)
@@ -260,12 +264,12 @@ class Trainer:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(),
                  "scaler": self.scaler.state_dict(), "config": config_dict(c)}
-        if m.lora:
-            def write(folder: Path) -> None:
+        def write(folder: Path) -> None:
+            if m.lora:
                 write_lora(folder, m, c, self.ema, self.scheduler_updates)
-        else:
-            def write(folder: Path) -> None:
+            else:
                 write_pipeline(folder, m, self.ema, self.scheduler_updates)
+
         return save_checkpoint(self.output, self.step, write, state, c.keep_checkpoints)
 
     def sample(self, writer) -> Path:
