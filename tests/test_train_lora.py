@@ -88,7 +88,7 @@ def test_curate_sample_renders_a_checkpoint_without_loader_bars(tmp_path, sdxl):
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000001"
     proc = run_cli("sample", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"))
     out = tmp_path / "run" / "samples" / "step-00000001.png"  # beside the run's own samples
-    assert str(out) in proc.stdout.replace("\n", "") and Image.open(out).size == (128, 64 + 14)
+    assert str(out) in proc.stdout.replace("\n", "") and Image.open(out).size == (2 * (64 + 4), 14 + 64 + 4)
     assert "Loading" not in proc.stderr and "%" not in proc.stderr, proc.stderr
     bad = run_cli("sample", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"), "--weights", "ema",
                   check=False)

@@ -33,6 +33,7 @@ from curate.trainer.lora import LORA_EMA_FILE, LORA_FILE, lora_base
 from curate.trainer.model import AUTOCAST, pipeline_clip_skip, text_states
 
 LABEL = 14  # pixels of caption band above each image
+GAP = 4  # white pixels right of and below each cell
 OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
 
 
@@ -161,13 +162,13 @@ class Sampler:
 def make_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str]) -> Image.Image:
     """Images in rows (one per set of weights) and columns (one per prompt), each under a band
     naming its row and prompt; cells as large as the largest image, images at their top left."""
-    width = max(im.width for _, images in rows for im in images)
-    height = max(im.height for _, images in rows for im in images)
-    grid = Image.new("RGB", (width * len(captions), (LABEL + height) * len(rows)), "white")
+    width = max(im.width for _, images in rows for im in images) + GAP
+    height = max(im.height for _, images in rows for im in images) + LABEL + GAP
+    grid = Image.new("RGB", (width * len(captions), height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, images) in enumerate(rows):
         for c, (image, caption) in enumerate(zip(images, captions)):
-            left, top = c * width, r * (LABEL + height)
+            left, top = c * width, r * height
             text = f"{label}: {caption}"
             draw.text((left + 2, top + 1), text[: max(1, width // 6)], fill="black")
             grid.paste(image, (left, top + LABEL))
@@ -176,8 +177,7 @@ def make_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str]) ->
 
 def grid_cell(grid: Image.Image, rows: int, columns: int, row: int, column: int, size: tuple[int, int]) -> Image.Image:
     """The image of size (width, height) at (row, column) of a grid from make_grid."""
-    width, height = grid.width // columns, grid.height // rows - LABEL
-    left, top = column * width, row * (LABEL + height) + LABEL
+    left, top = column * (grid.width // columns), row * (grid.height // rows) + LABEL
     return grid.crop((left, top, left + size[0], top + size[1]))
 
 
