@@ -33,11 +33,16 @@ def losses(output) -> dict[int, float]:
 
 def test_overfits_8_latents_and_checkpoint_loads_into_sdxl_pipeline(tmp_path, sdxl):
     from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from curate.trainer.sampling import grid_cell
 
     make_latent_dataset(tmp_path / "ds", 8)
+    (tmp_path / "prompts.txt").write_text("smile, sky --w 64 --h 64 --s 2 --d 4\n")
     config = load_config(None, output=str(tmp_path / "run"), max_steps=25, batch_size=8, precision="fp32",
                          learning_rate=1e-2, lr_schedule="constant", loss="mse", validate_every=25,
-                         validation_fraction=0.0, train_text_encoder=False, prompts={"ucg": 0.0})
+                         validation_fraction=0.0, train_text_encoder=False, prompts={"ucg": 0.0},
+                         sample_prompts=str(tmp_path / "prompts.txt"))
     trainer = Trainer(tmp_path / "ds", sdxl, config)
     start = trainer.validate()["stable_train_loss"]
     summary = trainer.run(show_progress=False)
@@ -47,6 +52,11 @@ def test_overfits_8_latents_and_checkpoint_loads_into_sdxl_pipeline(tmp_path, sd
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], trainer.models.unet.state_dict()["conv_in.weight"])
     image = pipe("smile, sky", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and image.std() > 0
+    pipe.set_progress_bar_config(disable=True)  # the run's sample grid is what the checkpoint renders
+    rendered = pipe("smile, sky", num_inference_steps=2, height=64, width=64, guidance_scale=7.0,
+                    generator=torch.Generator().manual_seed(4)).images[0]
+    grid = Image.open(summary["sample grid"])
+    assert np.array_equal(np.asarray(grid_cell(grid, 1, 1, 0, 0, (64, 64))), np.asarray(rendered))
     assert (tmp_path / "run" / "tensorboard").is_dir() and any((tmp_path / "run" / "tensorboard").iterdir())
 
 

@@ -73,6 +73,12 @@ def test_lora_loads_into_the_pipeline_and_the_sample_grid_equals_its_renders(tmp
     for i, p in enumerate(prompts):  # the second row: the EMA's adapters
         assert np.array_equal(np.asarray(grid_cell(grid, 2, 2, 1, i, (p.width, p.height))), render(pipe, p))
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [2]  # the grid in TensorBoard's Images tab
+
     # the same grid from the saved checkpoint, offline, as `curate sample` makes it
     again = sample_checkpoint(checkpoint, tmp_path / "prompts.txt", tmp_path / "offline", device="cpu")
     assert again == tmp_path / "offline" / "step-00000002.png"
