@@ -90,7 +90,8 @@ def build(root: Path, n: int, seed: int = 0) -> Dataset:
                                        resized_height=[1024] * k, resized_width=[1024] * k, crop_top=[0] * k,
                                        crop_left=[0] * k, target_height=[1024] * k, target_width=[1024] * k,
                                        mean=[None] * k, logvar=[None] * k, vae=["x@fp32"] * k,
-                                       shift_factor=[None] * k))
+                                       shift_factor=[None] * k, flip_latent=[None] * k, flip_mean=[None] * k,
+                                       flip_logvar=[None] * k, flip_crop_left=[None] * k))
     return ds
 
 

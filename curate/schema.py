@@ -140,6 +140,11 @@ TABLES: dict[str, list[Column]] = {
         Column("logvar", "binary"),
         Column("vae", "string"),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
         Column("shift_factor", "float32"),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
+        # with --flip: the mirrored crop's latent (and moments), and its crop's left in the flipped image
+        Column("flip_latent", "binary"),
+        Column("flip_mean", "binary"),
+        Column("flip_logvar", "binary"),
+        Column("flip_crop_left", "int32"),
     ),
     # Hand edits from `curate view`: one row per image per action, never rewritten. The
     # manifest applies the latest live edit of each kind per image (see EDIT_ACTIONS).

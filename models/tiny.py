@@ -32,6 +32,7 @@ FAMILIES = {
     "vae": tiny_sd.write_vae,
     "sdxl": tiny_sd.write_tiny_sdxl,
     "sd15": tiny_sd.write_tiny_sd15,
+    "xllsd": tiny_sd.write_tiny_xllsd,
 }
 NEEDS = {"quality_head": ["open_clip"], "bigasp_scorer": ["hf_clip"]}  # a head is fitted to the embedder it ranks
 

@@ -82,7 +82,8 @@ def add_stage_rows(ds: Dataset, seed: int = 0) -> dict:
         resized_height=[c.resized_height for c in crops], resized_width=[c.resized_width for c in crops],
         crop_top=[c.crop_top for c in crops], crop_left=[c.crop_left for c in crops],
         target_height=[c.target_height for c in crops], target_width=[c.target_width for c in crops],
-        mean=[None] * n, logvar=[None] * n, vae=["tiny@fp32"] * n, shift_factor=[None] * n))
+        mean=[None] * n, logvar=[None] * n, vae=["tiny@fp32"] * n, shift_factor=[None] * n,
+        flip_latent=[None] * n, flip_mean=[None] * n, flip_logvar=[None] * n, flip_crop_left=[None] * n))
     return {"ids": ids, "sources": [r["source"] for r in images], "tags": tags, "ranks": ranks, "marked": marked,
             "crops": crops, "sizes": [(r["width"], r["height"]) for r in images]}
 

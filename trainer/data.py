@@ -46,7 +46,7 @@ from curate.trainer.tokens import PromptTokenizer
 
 # Everything but the latent: what a Row keeps in memory
 ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",
-               *CONDITIONING]
+               *CONDITIONING, "flip_crop_left"]
 
 
 @dataclass(slots=True)  # no per-instance __dict__: millions of rows
@@ -65,6 +65,7 @@ class Row:
     rank: int | None
     has_watermark: bool
     boxes: list[dict]
+    flip_crop_left: int | None  # the mirrored crop's left in the flipped image (encode --flip), else None
 
     @property
     def bucket(self) -> tuple[int, ...]:
@@ -104,7 +105,7 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
                 latest[image_id] = (c["created_at"][k], Row(
                     image_id, tuple(c["shape"][k]), part, row_group, c["row"][k], c["scaling_factor"][k],
                     c["shift_factor"][k] or 0.0, tuple(time_ids), (c["resized_height"][k], c["resized_width"][k]),
-                    tags, caption, rank, bool(has_watermark), boxes or []))
+                    tags, caption, rank, bool(has_watermark), boxes or [], c["flip_crop_left"][k]))
     rows = [row for _, row in latest.values()]
     if not rows:
         raise ValueError("no rows to train on: no ok latents among the chosen images "
@@ -173,8 +174,10 @@ class LatentCache:
 
 
 def latent_cache(config: TrainConfig) -> LatentCache:
-    """The cache for a run: the moments too when latents are resampled."""
+    """The cache for a run: the moments too when latents are resampled, the mirrored crops' with flip_p."""
     columns = ("latent", "mean", "logvar") if config.resample_latents else ("latent",)
+    if config.flip_p:
+        columns += tuple(f"flip_{c}" for c in columns)
     return LatentCache(int(config.latent_cache_mib * 2**20), columns)
 
 
@@ -217,6 +220,17 @@ class TrainData:
         if self.batches_per_epoch == 0:
             raise ValueError(f"no bucket holds batch_size={self.config.batch_size} rows ({len(self.rows)} rows in "
                              f"{len(set(r.bucket for r in self.rows))} buckets); lower batch_size")
+        unflipped = sum(r.flip_crop_left is None for r in self.rows)
+        if self.config.flip_p and unflipped:
+            raise ValueError(f"flip_p needs the mirrored crops' latents, which {unflipped} of {len(self.rows)} rows "
+                             "lack: encode with `curate encode --flip`")
+
+    def flipped(self, row: Row, epoch: int) -> bool:
+        """Whether `row` trains on its mirrored crop in `epoch`: a draw seeded by (seed, epoch, image)."""
+        if not self.config.flip_p:
+            return False
+        draw = np.random.default_rng([self.seed, epoch, image_seed(row.image_id), 3]).random()
+        return bool(draw < self.config.flip_p)
 
     def epoch_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
         """`epoch`'s prompts, waiting for their build (started now or by an earlier prefetch);
@@ -323,30 +337,53 @@ class TrainData:
             self._plan = (epoch, self.plan(epoch))
         return epoch, self._plan[1][index]
 
+    def write_schedule(self, path: Path, epoch: int) -> None:
+        """EveryDream2's write_schedule: the epoch's batches, a row per sample (global micro-step,
+        bucket in pixels, prompt chunks, image, whether the mirrored crop is used), as TSV."""
+        chunks = self.epoch_prompts(epoch).chunks
+        lines = ["micro_step\twidth\theight\tchunks\timage_id\tflipped"]
+        for index, batch in enumerate(self.plan(epoch)):
+            micro = epoch * self.batches_per_epoch + index
+            for i in batch:
+                row = self.rows[i]
+                lines.append(f"{micro}\t{row.time_ids[5]}\t{row.time_ids[4]}\t{chunks[i]}\t{row.image_id}\t"
+                             f"{str(self.flipped(row, epoch)).lower()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
+
     def collate(self, indices: list[int], epoch: int, tokenizers: list) -> dict:
         prompts = self.epoch_prompts(epoch)
         rows = [self.rows[i] for i in indices]
+        flips = [self.flipped(r, epoch) for r in rows]
         n_chunks = int(prompts.chunks[indices].max())
         positions = self.tokenizer.model_max_length
+        latents = self.latent_samples(rows, epoch, flips)
         batch = {
             "image_ids": [r.image_id for r in rows],
             "latents": torch.from_numpy(np.stack([(latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
-                                                  for r, latent in zip(rows, self.latent_samples(rows, epoch))])),
-            "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
+                                                  for r, latent in zip(rows, latents)])),
+            "time_ids": torch.tensor([flipped_time_ids(r) if f else r.time_ids for r, f in zip(rows, flips)],
+                                     dtype=torch.float32),
             "input_ids": [torch.tensor([chunked(prompts.tokens_of(i).tolist(), n_chunks, tok.bos_token_id,
                                                 tok.eos_token_id, tok.pad_token_id, positions) for i in indices])
                           for tok in tokenizers],
             "n_chunks": n_chunks,
         }
         if self.config.mask_watermarks:
-            batch["mask"] = torch.stack([watermark_mask(r) for r in rows])
+            batch["mask"] = torch.stack([watermark_mask(r, f) for r, f in zip(rows, flips)])
         return batch
 
-    def latent_samples(self, rows: list[Row], epoch: int) -> list[np.ndarray]:
-        """The latents to train on: with `resample_latents` and the moments stored (encode
-        --keep-distribution), a fresh draw from the VAE's distribution for each image and
-        epoch, seeded by (seed, epoch, image); otherwise the sample stored at encoding."""
-        arrays = self.latents.arrays(rows)
+    def latent_samples(self, rows: list[Row], epoch: int, flips: list[bool] | None = None) -> list[np.ndarray]:
+        """The latents to train on (the mirrored crop's where `flips` says): with `resample_latents`
+        and the moments stored (encode --keep-distribution), a fresh draw from the VAE's
+        distribution for each image and epoch, seeded by (seed, epoch, image); otherwise the
+        sample stored at encoding."""
+        stored = self.latents.arrays(rows)
+        flips = flips or [False] * len(rows)
+        arrays = {c: [stored[f"flip_{c}" if f else c][k] for k, f in enumerate(flips)]
+                  for c in ("latent", "mean", "logvar") if c in stored}
         if not self.config.resample_latents:
             return arrays["latent"]
         out = []
@@ -360,18 +397,26 @@ class TrainData:
         return out
 
 
-def watermark_mask(row: Row) -> torch.Tensor:
-    """1 where the loss counts, 0 over watermark boxes, in latent coordinates [1, h, w]."""
+def flipped_time_ids(row: Row) -> tuple[int, ...]:
+    """The mirrored crop's conditioning: the same sizes and top, its own left."""
+    orig_h, orig_w, top, _, target_h, target_w = row.time_ids
+    return (orig_h, orig_w, top, row.flip_crop_left, target_h, target_w)
+
+
+def watermark_mask(row: Row, flipped: bool = False) -> torch.Tensor:
+    """1 where the loss counts, 0 over watermark boxes, in latent coordinates [1, h, w] (of the
+    mirrored crop when `flipped`: the boxes mirror too)."""
     _, h, w = row.shape
     mask = torch.ones(1, h, w)
-    orig_h, orig_w, top, left, target_h, target_w = row.time_ids
+    orig_h, orig_w, top, left, target_h, target_w = flipped_time_ids(row) if flipped else row.time_ids
     res_h, res_w = row.resized
     for box in row.boxes:
         # normalised original -> resized pixels -> crop pixels -> latent cells (covering the box)
+        box_x0, box_x1 = (1 - box["x1"], 1 - box["x0"]) if flipped else (box["x0"], box["x1"])
         y0 = (box["y0"] * res_h - top) * h / target_h
         y1 = (box["y1"] * res_h - top) * h / target_h
-        x0 = (box["x0"] * res_w - left) * w / target_w
-        x1 = (box["x1"] * res_w - left) * w / target_w
+        x0 = (box_x0 * res_w - left) * w / target_w
+        x1 = (box_x1 * res_w - left) * w / target_w
         r0, r1 = max(0, math.floor(y0)), min(h, math.ceil(y1))
         c0, c1 = max(0, math.floor(x0)), min(w, math.ceil(x1))
         if r1 > r0 and c1 > c0:

@@ -12,6 +12,8 @@ model a new variation. The rules, each switchable in `PromptConfig`:
   bigASP's code truncates instead and keeps at least 5 (`tag_count_rounding`, `tag_count_min`);
   v2 takes the count from the caption's length (`tag_count_from = "caption"`: its tokens / 2.5).
 - shuffle_tags: tags in random order before truncation, so truncation keeps a random subset.
+- keep_tags: the image's first N tags (a trigger word, a character) always come first, in
+  their order and as written (no alias, no formatting noise); the rest shuffle (EveryDream2's).
 - priority_tags: always kept when present, caption prompts included (`watermark`, added
   when a watermark was found).
 - aliases: each tag becomes a random synonym with probability `alias_rate`.
@@ -61,6 +63,7 @@ class PromptConfig:
     tag_count_rounding: str = "nearest"  # or "down" (bigASP: int() of the draw)
     tag_count_from: str = "normal"  # or "caption": the caption's tokens / 2.5 (bigASP v2), else the normal draw
     shuffle_tags: bool = True
+    keep_tags: int = 0
     priority_tags: list[str] = field(default_factory=lambda: ["watermark"])
     aliases: str | None = None  # CSV with antecedent,consequent columns (danbooru's tag_aliases)
     alias_rate: float = 0.1
@@ -91,6 +94,8 @@ class PromptConfig:
         if bad or any(w < 0 for w in self.source_weights.values()) or not any(self.source_weights.values()):
             raise ValueError("prompts.source_weights takes non-negative weights for tags, caption and both "
                              f"(not all 0), got {self.source_weights}")
+        if self.keep_tags < 0:
+            raise ValueError(f"prompts.keep_tags must be >= 0, got {self.keep_tags}")
         if self.tag_count_sd < 0:
             raise ValueError(f"prompts.tag_count_sd must be >= 0, got {self.tag_count_sd}")
         if self.aliases and not Path(self.aliases).is_file():
@@ -163,8 +168,9 @@ class PromptBuilder:
                    riding: list[str], caption: str) -> str:
         """Ours: tags joined by ', ' with underscores as spaces, unless formatting noise strikes."""
         style = self.pick_style(rng)
-        tag_text = style_join(scores + [self.mutate(rng, t) for t in chosen], style,
-                              keep=set(scores) | set(self.config.priority_tags))
+        fixed = set(chosen[: self.config.keep_tags])  # pick_tags puts the image's first keep_tags first
+        tag_text = style_join(scores + [t if t in fixed else self.mutate(rng, t) for t in chosen], style,
+                              keep=set(scores) | set(self.config.priority_tags) | fixed)
         if source == "caption":
             kept = scores + riding
             parts = [style_join(kept, style, keep=set(kept)), self.caption_text(rng, caption)]
@@ -200,7 +206,8 @@ class PromptBuilder:
         if source == "caption":
             parts = [join(first + riding), self.caption_text(rng, caption)]
         else:
-            tag_text = join(first + [self.mutate(rng, t) for t in chosen])
+            fixed = set(chosen[: self.config.keep_tags])
+            tag_text = join(first + [t if t in fixed else self.mutate(rng, t) for t in chosen])
             parts = [tag_text]
             if source == "both":
                 cap_text = self.caption_text(rng, caption)
@@ -242,6 +249,7 @@ class PromptBuilder:
 
     def pick_tags(self, rng: random.Random, tags: list[str], caption: str = "") -> tuple[list[str], int]:
         c = self.config
+        fixed, tags = tags[: c.keep_tags], tags[c.keep_tags :]
         priority = [t for t in tags if t in c.priority_tags]
         rest = [t for t in tags if t not in c.priority_tags]
         drawn, keep = 0, len(rest)
@@ -251,13 +259,13 @@ class PromptBuilder:
             else:
                 count = c.tag_count_mean + c.tag_count_sd * STANDARD_NORMAL.inv_cdf(max(rng.random(), 1e-12))
             drawn = max(c.tag_count_min, round(count) if c.tag_count_rounding == "nearest" else int(count))
-            keep = max(0, drawn - len(priority))
+            keep = max(0, drawn - len(fixed) - len(priority))
         if not c.shuffle_tags:
-            return priority + rest[:keep], drawn
+            return fixed + priority + rest[:keep], drawn
         chosen = sample(rng, rest, keep)
         for t in priority:  # each at a random place: the order stays uniformly random
             chosen.insert(below(rng, len(chosen) + 1), t)
-        return chosen, drawn
+        return fixed + chosen, drawn
 
     def mutate(self, rng: random.Random, tag: str) -> str:
         options = self.synonyms.get(tag)

@@ -236,6 +236,8 @@ def encode(
     keep_distribution: Annotated[bool, typer.Option("--keep-distribution", help="Also store the latent mean and "
                                                     "log-variance so the trainer can resample.")] = False,
     allow_upscale: UpscaleOpt = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store the mirrored crop's latent, with its own crop "
+                                                      "conditioning, for the trainer's flip_p.")] = False,
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -255,7 +257,8 @@ def encode(
     try:
         vaes = [Vae.parse(v, dtype) for v in (mixed_vae.split(",") if mixed_vae else [vae])]
         assign_buckets(ds, bucket_set, where, allow_upscale, show_progress=not quiet)
-        stage = EncodeStage(vaes, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size)
+        stage = EncodeStage(vaes, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size,
+                            flip)
         summaries = run(ds, stage, engine=engine.value, where=where, ray_address=ray_address, show_progress=not quiet)
     except model_errors() as e:
         fail(str(e))
@@ -515,3 +518,41 @@ def train(
     except (ValueError, DatasetError) as e:
         fail(str(e))
     print_summary(f"train -> {settings.output}", summary)
+
+
+class SampleWeights(str, Enum):
+    trained = "trained"
+    ema = "ema"
+    both = "both"
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder (runs/a/checkpoints/step-N): a pipeline, or a "
+                                                   "LoRA run's.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="One prompt a line, with kohya's options: --n NEGATIVE "
+                                                           "--w WIDTH --h HEIGHT --d SEED --s STEPS --l GUIDANCE.")],
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Folder for the grid (default: the run's "
+                                                                        "samples/).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="A LoRA checkpoint's base model (default: the one it "
+                                                               "was trained on).")] = None,
+    weights: Annotated[Optional[SampleWeights], typer.Option("--weights", help="trained, ema, or both side by side "
+                                                                              "(default: both when the checkpoint "
+                                                                              "has EMA weights).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Denoising steps (default: the run's "
+                                                                        "sample_steps; a line's --s wins).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale (default: the run's "
+                                                                         "sample_guidance; --l wins).")] = None,
+    device: DeviceOpt = None,
+):
+    """Render a prompts file with a saved checkpoint, as the trainer's sample grids are made."""
+    from curate.trainer.sampling import sample_checkpoint
+
+    if not Path(prompts).is_file():
+        fail(f"no such prompts file: {prompts}")
+    try:
+        path = sample_checkpoint(checkpoint, prompts, output, base, weights.value if weights else None, device,
+                                 steps, guidance)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    print(path)
