@@ -39,6 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from curate.storage import LOCATOR_COLUMNS
 from curate.store import PART_ROWS, Dataset, now  # noqa: E402
 
 FILTER = "rank >= 5 AND NOT has_watermark AND list_contains(tags, 'tag_7')"
@@ -60,7 +61,8 @@ def build(root: Path, n: int, seed: int = 0) -> Dataset:
                                  "bytes": data, "size_bytes": [len(d) for d in data], "width": w.tolist(),
                                  "height": h.tolist(), "format": ["JPEG"] * k, "mode": ["RGB"] * k,
                                  "animated": [False] * k, "status": ["ok"] * k, "error": [None] * k,
-                                 "message": [None] * k, "created_at": [t] * k})
+                                 "message": [None] * k, "created_at": [t] * k,
+                                 **dict.fromkeys(LOCATOR_COLUMNS, [None] * k)})
 
         def stage(model, when=t, **columns):
             return {"image_id": ids, "model": [model] * k, "status": ["ok"] * k, "error": [None] * k,

@@ -21,7 +21,7 @@ CONDITIONING = ["original_height", "original_width", "crop_top", "crop_left", "t
 DEFAULT_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "shift_factor", *CONDITIONING]
 
 
-def read_row_group(part: Path, group: int, columns: list[str]) -> pa.Table:
+def read_row_group(part: Path | str, group: int, columns: list[str]) -> pa.Table:
     """One stored row group of a latents part, every row (ok or not), the columns the part has."""
     shard = pq.ParquetFile(part)
     return shard.read_row_group(group, columns=[c for c in columns if c in shard.schema_arrow.names])

@@ -15,8 +15,6 @@ import os
 from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
-from curate.images import MAX_FILE_BYTES, ImageError
-
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
@@ -96,6 +94,8 @@ def stat(location: str) -> tuple[int, int]:
     """(size, modification time in ns) of the file or object at `location`."""
     import pyarrow.fs as pafs
 
+    from curate.images import ImageError  # here: `curate sql` imports the store, and must start without PIL
+
     fs, path = filesystem(location)
     try:
         info = fs.get_file_info(path)
@@ -108,8 +108,11 @@ def stat(location: str) -> tuple[int, int]:
     return info.size, info.mtime_ns
 
 
-def read_object(location: str, offset: int = 0, size: int | None = None, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """An object's bytes (or `size` bytes from `offset`), under the size cap."""
+def read_object(location: str, offset: int = 0, size: int | None = None) -> bytes:
+    """An object's bytes (or `size` bytes from `offset`), under the decoder's size cap."""
+    from curate.images import MAX_FILE_BYTES as max_bytes
+    from curate.images import ImageError
+
     fs, path = filesystem(location)
     try:
         with fs.open_input_file(path) as f:
@@ -130,6 +133,8 @@ def read_referenced(row: dict) -> bytes:
     rewritten file is refused before a byte is read), and the bytes must hash to the image_id
     (sha256: about 0.6 ms per MB, a few percent of decoding; it catches a rewrite that kept size
     and time). Either failure is an ImageError, never pixels of another image."""
+    from curate.images import ImageError
+
     location = row["location"]
     size, mtime_ns = stat(location)
     if (size, mtime_ns) != (row["location_size"], row["location_mtime_ns"]):

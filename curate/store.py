@@ -4,11 +4,18 @@ A part becomes visible atomically: it is written under a temporary name and rena
 `part-*.parquet` only when complete, so a reader never sees half a part, and a process
 killed anywhere leaves at most a temporary file that the next writer removes. `PartWriter`
 buffers a run's rows into parts of a bounded size and age, so a kill loses little work.
+
+A dataset can live in object storage (`s3://bucket/prefix`, curate.storage). S3 has no rename,
+but an object becomes visible whole or not at all when its upload completes (one PUT, or the
+completion of a multipart upload): a part is written to a local temporary file and uploaded
+under its final name, so a process killed before the upload completes leaves nothing to list.
+DuckDB reads the parts through the same pyarrow filesystem, registered into each connection.
 """
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
+from curate.storage import S3, duckdb_filesystem, filesystem, is_remote, uri
 
 if TYPE_CHECKING:
     import duckdb
@@ -70,25 +78,46 @@ def _pid_alive(pid: int) -> bool:
 
 class Dataset:
     def __init__(self, root: str | os.PathLike, create: bool = False):
+        self.remote = is_remote(root)
+        self._listed: dict[str, tuple[int, list[Path]]] = {}  # table -> (its folder's mtime, its parts)
+        if self.remote:  # root and the part paths are s3:// locations (str)
+            self.fs, path = filesystem(root)
+            self.root, self.tables_dir = uri(self.fs, path), uri(self.fs, path + "/tables")
+            self._open_remote(path + "/tables", create, root)
+            return
         self.root = Path(root).resolve()
         self.tables_dir = self.root / "tables"
-        self._listed: dict[str, tuple[int, list[Path]]] = {}  # table -> (its folder's mtime, its parts)
         if create:
             self.tables_dir.mkdir(parents=True, exist_ok=True)
         elif not self.tables_dir.is_dir():
             raise DatasetError(f"{self.root} is not a curate dataset (no tables/ folder); "
                                f"run `curate ingest SRC {root}` first")
 
+    def _open_remote(self, tables: str, create: bool, root) -> None:
+        import pyarrow.fs as pafs
+
+        try:
+            if create:
+                self.fs.create_dir(tables)
+            elif self.fs.get_file_info(tables).type == pafs.FileType.NotFound:
+                raise DatasetError(f"{root} is not a curate dataset (nothing under tables/); "
+                                   f"run `curate ingest SRC {root}` first")
+        except OSError as e:  # no such bucket, no access, no endpoint
+            raise DatasetError(f"cannot open {root}: {e}") from None
+
     # ---- parts -------------------------------------------------------------------
-    def table_dir(self, name: str) -> Path:
-        return self.tables_dir / name
+    def table_dir(self, name: str) -> Path | str:
+        return f"{self.tables_dir}/{name}" if self.remote else self.tables_dir / name
 
     def parts(self, name: str) -> list[Path]:
         """Complete parts of a table in write order; temporary and damaged parts are skipped.
 
         A part is only ever renamed into place whole, so a part that ends in a Parquet footer
         is complete: reading its last 8 bytes is enough, where parsing every footer would
-        cost seconds for the tens of thousands of parts of a 1.5M-image dataset."""
+        cost seconds for the tens of thousands of parts of a 1.5M-image dataset. An object is
+        complete once it is listed (see the module's docstring)."""
+        if self.remote:
+            return self._remote_parts(name)
         folder = self.table_dir(name)
         try:
             changed = os.stat(folder).st_mtime_ns
@@ -104,6 +133,13 @@ class Dataset:
             self._listed[name] = (changed, parts)
         return list(parts)
 
+    def _remote_parts(self, name: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        listed = self.fs.get_file_info(pafs.FileSelector(filesystem(self.table_dir(name))[1], allow_not_found=True))
+        return sorted(uri(self.fs, i.path) for i in listed
+                      if i.type == pafs.FileType.File and fnmatch(i.base_name, PART_GLOB))
+
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
         table = conformed(table, schema_of(name))
@@ -115,7 +151,12 @@ class Dataset:
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
-        _remove_stale_tmp(self.table_dir(name))
+        _remove_stale_tmp(self.staging_dir(name))
+
+    def staging_dir(self, name: str) -> Path:
+        """Where a part is written before it is published: beside the parts, or for a remote
+        dataset in a local folder it is uploaded from."""
+        return Path(tempfile.gettempdir()) / "curate-parts" if self.remote else self.table_dir(name)
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -137,17 +178,18 @@ class Dataset:
         parts = self.parts(name)
         if not parts:
             return
-        # Parts are local files: Arrow's pre-buffering (made for object stores) reads whole row
-        # groups into fresh memory first, which for image bytes cost 2-10x the read itself.
+        # Local parts: Arrow's pre-buffering (made for object stores, and kept for them) reads whole
+        # row groups into fresh memory first, which for image bytes cost 2-10x the read itself.
         parquet = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(
-            pre_buffer=False))
+            pre_buffer=self.remote))
+        fs = self.fs if self.remote else pafs.LocalFileSystem()
         if ids is None:
-            data = pads.dataset([str(p) for p in parts], schema=schema_of(name), format=parquet)
+            data = pads.dataset([filesystem(p)[1] for p in parts], schema=schema_of(name), format=parquet,
+                                filesystem=fs)
         else:
-            local = pafs.LocalFileSystem()
-            data = pads.FileSystemDataset([parquet.make_fragment(str(part), local, row_groups=groups)
+            data = pads.FileSystemDataset([parquet.make_fragment(filesystem(part)[1], fs, row_groups=groups)
                                            for part, groups in row_groups_holding(parts, ids)],
-                                          schema_of(name), parquet, local)
+                                          schema_of(name), parquet, fs)
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
@@ -160,10 +202,7 @@ class Dataset:
     def connect(self, tables: set[str] | None = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with a view per table and the `manifest` view; or a
         view of the given tables only (listing every table's parts takes a while at 1.5M images)."""
-        import duckdb
-
-        con = duckdb.connect()
-        con.execute(QUIET)
+        con = duckdb_connect(self.remote)
         for sql in self.view_sql(tables):
             con.execute(sql)
         return con
@@ -205,13 +244,16 @@ class Dataset:
         return path
 
     def sql(self, sql: str, rows: bool = False) -> pa.Table | Rows:
-        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb;
+        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb
+        (a remote dataset has none: its views need the filesystem registered in the connection);
         the result as an Arrow table, or with `rows` as Python values."""
         import duckdb
 
-        path = self.refresh_manifest_db()
-        con = duckdb.connect(str(path), read_only=True)
-        con.execute(QUIET)
+        if self.remote:
+            con = self.connect()
+        else:
+            con = duckdb.connect(str(self.refresh_manifest_db()), read_only=True)
+            con.execute(QUIET)
         try:
             statements = con.extract_statements(sql)
             if len(statements) != 1:
@@ -271,6 +313,18 @@ class Dataset:
             con.close()
 
 
+def duckdb_connect(remote: bool) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection, without its progress bar; for a remote dataset, reading
+    s3:// paths through pyarrow's filesystem."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(QUIET)
+    if remote:
+        con.register_filesystem(duckdb_filesystem(filesystem(S3)[0]))
+    return con
+
+
 def _remove_stale_tmp(folder: Path) -> None:
     for tmp in folder.glob(TMP_PREFIX + "*"):
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
@@ -282,13 +336,11 @@ def row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, lis
     """(part, its row groups that hold one of the ids), in write order. DuckDB finds the rows by
     reading the image_id column of every part at once (ids are hashes: row-group statistics
     never rule a group out); only the parts that hold any have their row groups counted."""
-    import duckdb
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    con = duckdb.connect()
-    con.execute(QUIET)
+    con = duckdb_connect(is_remote(parts[0]))
     try:
         con.register("wanted", pa.table({"image_id": pa.array(sorted(ids), pa.string())}))
         rows = dict(con.sql(f"SELECT filename, list(file_row_number) FROM read_parquet({_file_list(parts)}, "
@@ -430,10 +482,11 @@ class PartFile:
         import pyarrow.parquet as pq
 
         schema = schema_of(table)
-        self.folder = ds.table_dir(table)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ds, self.folder = ds, ds.table_dir(table)
+        staging = ds.staging_dir(table)
+        staging.mkdir(parents=True, exist_ok=True)
         ds.remove_stale_tmp(table)
-        self.tmp = self.folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        self.tmp = staging / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
         raw = RAW_COLUMNS.get(table, set())
         cooked = [c for c in schema.names if c not in raw | BLOB_COLUMNS.get(table, set())]
         self.writer = pq.ParquetWriter(self.tmp, schema, use_dictionary=cooked, write_statistics=cooked,
@@ -445,10 +498,19 @@ class PartFile:
         self.rows += rows.num_rows
         self.bytes += rows.nbytes
 
-    def publish(self) -> Path:
-        """Close the file, make it durable and rename it into place: readers see the whole part or none."""
+    def publish(self) -> Path | str:
+        """Close the file, make it durable and rename it into place (upload it under its name):
+        readers see the whole part or none."""
         self.writer.close()
-        final = self.folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        if self.ds.remote:
+            import pyarrow.fs as pafs
+
+            final = f"{self.folder}/{name}"
+            pafs.copy_files(str(self.tmp), filesystem(final)[1], destination_filesystem=self.ds.fs)
+            self.tmp.unlink()
+            return final
+        final = self.folder / name
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp, final)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from curate.storage import LOCATOR_COLUMNS
 from curate.store import Dataset, now
 
 WORDS = ["smile", "long_hair", "red_eyes", "outdoors", "sky", "cloud", "tree", "portrait", "blue_dress", "hat",
@@ -37,7 +38,8 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
     ds.write_part("images", {"image_id": ids, "source": [f"img{i}.jpg" for i in range(n)], "bytes": [b""] * n,
                              "size_bytes": [0] * n, "width": [640] * n, "height": [480] * n, "format": ["JPEG"] * n,
                              "mode": ["RGB"] * n, "animated": [False] * n, "status": ["ok"] * n, "error": [None] * n,
-                             "message": [None] * n, "created_at": [t] * n})
+                             "message": [None] * n, "created_at": [t] * n,
+                             **dict.fromkeys(LOCATOR_COLUMNS, [None] * n)})
     stage = {"image_id": ids, "status": ["ok"] * n, "error": [None] * n, "message": [None] * n, "created_at": [t] * n}
     latents, shapes, geometry = [], [], []
     for i in range(n):

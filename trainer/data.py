@@ -154,7 +154,7 @@ class LatentCache:
         if key in self.groups:
             self.groups.move_to_end(key)
             return self.groups[key]
-        table = read_row_group(Path(key[0]), key[1], self.columns)
+        table = read_row_group(key[0], key[1], self.columns)
         self.reads[key] += 1
         self.groups[key] = table
         self.nbytes += table.nbytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from curate.pipelines.quality.pairs import PairChooser
+from curate.storage import LOCATOR_COLUMNS
 
 
 def synthetic_embeddings(n: int, dim: int = 64, seed: int = 0, noise: float = 0.3,
@@ -65,7 +66,7 @@ def write_synthetic_dataset(ds, n: int, dim: int = 64, seed: int = 0, embedder: 
                              "bytes": [None] * n, "size_bytes": [0] * n, "width": [512] * n, "height": [512] * n,
                              "format": ["JPEG"] * n, "mode": ["RGB"] * n, "animated": [False] * n,
                              "status": ["ok"] * n, "error": [None] * n, "message": [None] * n,
-                             "created_at": [stamp] * n})
+                             "created_at": [stamp] * n, **dict.fromkeys(LOCATOR_COLUMNS, [None] * n)})
     ds.write_part("embeddings", {"image_id": ids, "model": [embedder] * n, "status": ["ok"] * n, "error": [None] * n,
                                  "message": [None] * n, "created_at": [stamp] * n,
                                  "embedding": [row.astype(np.float16).tolist() for row in embeddings]})

@@ -1,0 +1,111 @@
+"""A dataset and its images in object storage: a real S3 API server on loopback (moto's server
+mode), the real `curate` commands against s3:// locations, from ingest to training steps."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+from conftest import REPO, encode_image, make_image, run_cli
+from s3_server import S3Server
+
+from curate.models.tiny import write_zoo
+from curate.store import Dataset
+
+SMALL = "rule:step=64,max_area=65536,min_area=40000"  # ~256x256 buckets: fast on CPU
+TRAIN = {"max_steps": 2, "batch_size": 2, "precision": "fp32", "learning_rate": 1e-4, "validate_every": 2,
+         "checkpoint_every": 2, "validation_fraction": 0.0}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Server() as server:
+        for bucket in ("photos", "data"):
+            server.client.create_bucket(Bucket=bucket)
+        for i in range(20):  # loose files, and a webdataset shard of four more
+            server.client.put_object(Bucket="photos", Key=f"set/{i % 3}/img{i:02d}.jpg",
+                                     Body=encode_image(make_image(*[(300, 260), (260, 300), (330, 230)][i % 3],
+                                                                  seed=i)))
+        shard = io.BytesIO()
+        with tarfile.open(fileobj=shard, mode="w") as tar:
+            for i in range(4):
+                data = encode_image(make_image(280, 280, seed=50 + i), "PNG")
+                member = tarfile.TarInfo(f"{i:05d}.png")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+        server.client.put_object(Bucket="photos", Key="set/shard-0000.tar", Body=shard.getvalue())
+        server.client.put_object(Bucket="photos", Key="set/broken.jpg", Body=b"not an image")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return write_zoo(tmp_path_factory.mktemp("zoo"), ["open_clip", "vae", "sdxl"])
+
+
+def curate(s3, *args, **kw):
+    return run_cli(*args, env=s3.env, **kw)
+
+
+def table(location: str, name: str, key: str = "image_id") -> list[dict]:
+    return Dataset(location).read(name).drop_columns(["created_at"]).sort_by(key).to_pylist()
+
+
+def encode_killed_then_rerun(s3, zoo, ds: str) -> int:
+    """`curate encode` killed (SIGKILL) once a part is in the bucket, then run again; returns
+    how many latent rows the killed run had left."""
+    args = [sys.executable, "-m", "curate", "encode", ds, "--vae", str(zoo["vae"]), "--set", SMALL,
+            "--batch-size", "2", "--device", "cpu", "-q"]
+    env = {**os.environ, **s3.env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "CURATE_PART_ROWS": "2"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not s3.keys("data", "killed/tables/latents/part-") and proc.poll() is None:
+        assert time.monotonic() < deadline, "hung"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = len(table(ds, "latents"))
+    curate(s3, *args[3:])
+    return left
+
+
+def test_ingest_score_sql_encode_and_train_on_s3(s3, zoo, tmp_path):
+    # sources and dataset both in the bucket; --reference: stages read each image from S3 where it is
+    proc = curate(s3, "--endpoint-url", s3.url, "ingest", "--reference", "s3://photos/set", "s3://data/killed")
+    assert "25" in proc.stdout  # 20 files + 4 members + 1 broken
+    curate(s3, "ingest", "--reference", "s3://photos/set/", "s3://data/clean", "-q")
+    images = table("s3://data/clean", "images", "source")
+    member = next(r for r in images if r["source"].endswith("shard-0000.tar::00002.png"))
+    assert member["location"] == "s3://photos/set/shard-0000.tar" and member["location_offset"] > 0
+    assert {r["error"] for r in images} == {None, "unidentified"}
+    assert all(r["bytes"] is None for r in images)
+
+    curate(s3, "score", "s3://data/clean", "--clip", str(zoo["open_clip"]), "--device", "cpu", "-q")
+    out = curate(s3, "sql", "s3://data/clean", "SELECT count(*) AS n, count(DISTINCT model) AS models "
+                 "FROM embeddings WHERE status = 'ok'", "--format", "json").stdout
+    assert json.loads(out) == {"n": 24, "models": 1}
+
+    curate(s3, "encode", "s3://data/clean", "--vae", str(zoo["vae"]), "--set", SMALL, "--batch-size", "2",
+           "--device", "cpu", "-q")
+    left = encode_killed_then_rerun(s3, zoo, "s3://data/killed")
+    assert 0 < left < 24, "the kill should land mid-run"
+    assert table("s3://data/killed", "latents") == table("s3://data/clean", "latents")
+    assert not any("tmp" in key for key in s3.keys("data"))  # nothing half-written is in the bucket
+
+    config = tmp_path / "train.toml"
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**TRAIN, "output": str(tmp_path / "run")}
+                                .items()))
+    curate(s3, "train", "s3://data/killed", "--base", str(zoo["sdxl"]), "--config", str(config), "-q")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "loss" in x] == [1, 2]
+
+
+def test_a_missing_bucket_or_dataset_is_one_line(s3):
+    proc = curate(s3, "sql", "s3://data/nothing-here", "SELECT 1", check=False)
+    assert proc.returncode == 2 and "not a curate dataset" in proc.stdout + proc.stderr
