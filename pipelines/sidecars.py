@@ -13,8 +13,9 @@ Where the text is (for an image `x.jpg`):
 - a Hugging Face dataset row: its caption and tags columns (pipelines/hf_source.py).
 
 An image gets at most one captions row and one tags row per ingest, each from the first
-file in that order that has one (so img2dataset's caption, written to both `.json` and
-`.txt`, is read once). A `.txt`/`.caption` file is read as `--sidecar-text` says; `auto`:
+file in that order that has one; a file whose whole text is the caption already read is
+skipped (img2dataset writes it to both `.json` and `.txt`). A `.txt`/`.caption` file is
+read as `--sidecar-text` says; `auto`:
 `CAPTION ||| tag, tag` (sd-scripts' keep_tokens_separator, what `curate export --format
 kohya` writes) splits at the bars; three or more comma-separated pieces that are all short
 (at most four words, no sentence end) are tags; a long first piece followed by such tags is
@@ -143,6 +144,8 @@ def read_sides(refs: list[dict], image_id: str, text_as: str, read: Callable[[di
             errors.append({"table": "captions", "image_id": image_id, "model": model, "status": "error",
                            "error": "bad_sidecar", "message": f"{ref['location']}: {e}"})
             continue
+        if "captions" in rows and raw is not None and clean_caption(raw) == rows["captions"]["caption"]:
+            continue  # the caption already read, written again (img2dataset: .json and .txt)
         base = {"image_id": image_id, "model": model, "status": "ok", "message": ref["location"]}
         if caption and "captions" not in rows:
             rows["captions"] = {"table": "captions", **base, "caption": caption, "raw": raw}
