@@ -121,7 +121,7 @@ class Dataset:
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
-        _remove_stale_tmp(self.table_dir(name))
+        remove_stale_temporaries(self.table_dir(name))
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -178,7 +178,7 @@ class Dataset:
         it and two refreshes never fight over DuckDB's file lock.
         """
         path = self.root / "manifest.duckdb"
-        _remove_stale_tmp(self.root)  # left by a killed refresh
+        remove_stale_temporaries(self.root)  # left by a killed refresh
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         con = duckdb.connect(str(tmp))
         try:
@@ -219,11 +219,16 @@ class Dataset:
 
     def select_ids(self, where: str | None = None) -> list[str]:
         """Ids of ok images, optionally filtered by a SQL predicate over `manifest`."""
-        sql = "SELECT image_id FROM manifest"
+        return self.select(where).column("image_id").to_pylist()
+
+    def select(self, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Manifest rows of ok images (`columns`, default the image_id; `["*"]` all), optionally
+        filtered by a SQL predicate over `manifest`, in image_id order."""
+        sql = f"SELECT {', '.join(columns or ['image_id'])} FROM manifest"
         if where:
             sql += f" WHERE ({where})"
         try:
-            return self.query(sql + " ORDER BY image_id").column("image_id").to_pylist()
+            return self.query(sql + " ORDER BY image_id")
         except DatasetError as e:
             raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
 
@@ -235,7 +240,8 @@ class Dataset:
             con.close()
 
 
-def _remove_stale_tmp(folder: Path) -> None:
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files (`.tmp-<pid>-*`) in `folder` of processes that no longer run."""
     for tmp in folder.glob(TMP_PREFIX + "*"):
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
         if match and not _pid_alive(int(match.group(1))):

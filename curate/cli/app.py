@@ -361,6 +361,41 @@ def caption(
 
 
 @app.command()
+def export(
+    dataset: DatasetArg,
+    dest: Annotated[str, typer.Argument(help="The export directory: new, empty, or an earlier export of the same "
+                                             "format (then only what is new is added).")],
+    format: Annotated[str, typer.Option("--format", help="kohya (images, .txt captions, sd-scripts dataset.toml), "
+                                                         "imagefolder (metadata.jsonl), webdataset (tar shards) "
+                                                         "or parquet (rows with image bytes).")] = "kohya",
+    where: WhereOpt = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="The text: tags, caption or both (kohya: 'CAPTION ||| "
+                                                         "tags', the caption kept and the tags shuffled).")] = "both",
+    link: Annotated[str, typer.Option("--link", help="copy the bytes, or hard/sym-link the source files that still "
+                                                     "hold them (kohya, imagefolder).")] = "copy",
+    shard_size: Annotated[float, typer.Option("--shard-size", help="webdataset and parquet: MB of images per "
+                                                                   "file.")] = 1000,
+    quiet: QuietOpt = False,
+):
+    """Export images with their captions and tags for other trainers and libraries."""
+    from curate.pipelines.export import ExportError
+    from curate.pipelines.export import export as run_export
+
+    ds = open_dataset(dataset)
+    try:
+        summary = run_export(ds, dest, format, where=where, prompt=prompt, link=link, shard_mb=shard_size,
+                             show_progress=not quiet)
+    except (ExportError, DatasetError, OSError) as e:
+        fail(str(e))
+    unavailable = summary.pop("unavailable")
+    print_summary(f"export -> {dest}", summary | ({"unavailable": len(unavailable)} if unavailable else {}))
+    if unavailable:
+        listed = ", ".join(f"{i[:12]} ({source})" for i, source in unavailable[:5])
+        fail(f"{len(unavailable)} image(s) not exported: their bytes are no longer available (not in the dataset, "
+             f"and no source file holds them any more): {listed}{', ...' if len(unavailable) > 5 else ''}")
+
+
+@app.command()
 def demo(
     directory: Annotated[str, typer.Argument(help="Where to write the demo images and dataset (replaced).")]
     = "demo-dataset",
