@@ -12,16 +12,15 @@ import re
 import time
 import uuid
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
-import duckdb
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+from curate.schema import MANIFEST_COLUMNS, TABLES, arrow_schemas, duckdb_type
 
-from curate.schema import MANIFEST_COLUMNS, SCHEMAS
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
 
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-"
@@ -43,9 +42,15 @@ class DatasetError(Exception):
     """A user-facing problem with a dataset directory or a query over it."""
 
 
-# Parts are local files: Arrow's pre-buffering (made for object stores) reads whole row
-# groups into fresh memory first, which for image bytes cost 2-10x the read itself.
-PARQUET = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+class Rows(NamedTuple):
+    """A query's result as Python values, made without pyarrow (`curate sql` and `info` start
+    faster without it): the column names and one tuple per row."""
+
+    columns: list[str]
+    rows: list[tuple]
+
+    def to_pylist(self) -> list[dict]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
 
 
 def now() -> datetime:
@@ -77,22 +82,24 @@ class Dataset:
         return self.tables_dir / name
 
     def parts(self, name: str) -> list[Path]:
-        """Readable parts of a table in write order; temporary and unreadable parts are skipped."""
+        """Complete parts of a table in write order; temporary and damaged parts are skipped.
+
+        A part is only ever renamed into place whole, so a part that ends in a Parquet footer
+        is complete: reading its last 8 bytes is enough, where parsing every footer would
+        cost seconds for the tens of thousands of parts of a 1.5M-image dataset."""
         folder = self.table_dir(name)
-        if not folder.is_dir():
+        try:
+            names = sorted(entry.name for entry in os.scandir(folder) if fnmatch(entry.name, PART_GLOB))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        good = []
-        for path in sorted(folder.glob(PART_GLOB)):
-            try:
-                pq.read_metadata(path)
-            except Exception:  # a damaged part must not hide the rest of the table
-                continue
-            good.append(path)
-        return good
+        return [folder / n for n in names if _ends_in_footer(folder / n)]
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
-        schema = SCHEMAS[name]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = schema_of(name)
         if isinstance(table, dict):
             table = pa.Table.from_pydict(table, schema=schema)
         else:
@@ -125,6 +132,8 @@ class Dataset:
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        import pyarrow as pa
+
         return pa.Table.from_batches(list(self.scan(name, columns, filter)), schema=self._schema(name, columns))
 
     def scan(self, name: str, columns: list[str] | dict | None = None, filter=None, batch_size: int = 256,
@@ -135,23 +144,34 @@ class Dataset:
         ids: read only the row groups that hold one of these image ids. Passes work in
         storage order, so a resumed pass skips the groups it finished without reading their
         image bytes (the ids are hashes: row-group statistics never rule a group out)."""
+        import pyarrow.dataset as pads
+        import pyarrow.fs as pafs
+
         parts = self.parts(name)
         if not parts:
             return
-        data = pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format=PARQUET)
+        # Parts are local files: Arrow's pre-buffering (made for object stores) reads whole row
+        # groups into fresh memory first, which for image bytes cost 2-10x the read itself.
+        parquet = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+            pre_buffer=False))
+        data = pads.dataset([str(p) for p in parts], schema=schema_of(name), format=parquet)
         if ids is not None:
             groups = [group for part in data.get_fragments() for group in part.split_by_row_group()
                       if not ids.isdisjoint(group.to_table(columns=["image_id"]).column("image_id").to_pylist())]
-            data = pads.FileSystemDataset(groups, SCHEMAS[name], PARQUET, pafs.LocalFileSystem())
+            data = pads.FileSystemDataset(groups, schema_of(name), parquet, pafs.LocalFileSystem())
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
-        schema = SCHEMAS[name]
+        import pyarrow as pa
+
+        schema = schema_of(name)
         return schema if columns is None else pa.schema([schema.field(c) for c in columns])
 
     # ---- SQL ---------------------------------------------------------------------
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with a view per table and the `manifest` view."""
+        import duckdb
+
         con = duckdb.connect()
         for sql in self.view_sql():
             con.execute(sql)
@@ -159,14 +179,14 @@ class Dataset:
 
     def view_sql(self) -> list[str]:
         statements = []
-        for name, schema in SCHEMAS.items():
+        for name, columns in TABLES.items():
             parts = self.parts(name)
             if parts:
                 files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
                 statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
                                   f'FROM read_parquet([{files}], union_by_name=true)')
             else:
-                cols = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in schema)
+                cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in columns)
                 statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
         statements.append(manifest_view_sql())
         return statements
@@ -180,6 +200,8 @@ class Dataset:
         path = self.root / "manifest.duckdb"
         remove_stale_temporaries(self.root)  # left by a killed refresh
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
+        import duckdb
+
         con = duckdb.connect(str(tmp))
         try:
             for sql in self.view_sql():
@@ -189,8 +211,11 @@ class Dataset:
         os.replace(tmp, path)
         return path
 
-    def sql(self, sql: str) -> pa.Table:
-        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb."""
+    def sql(self, sql: str, rows: bool = False) -> pa.Table | Rows:
+        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb;
+        the result as an Arrow table, or with `rows` as Python values."""
+        import duckdb
+
         path = self.refresh_manifest_db()
         con = duckdb.connect(str(path), read_only=True)
         try:
@@ -202,16 +227,18 @@ class Dataset:
             # INSTALL, ATTACH or SET: only queries get through.
             if kind not in READ_ONLY_STATEMENTS:
                 raise DatasetError(f"curate sql is read-only: a {kind} statement is refused; give a SELECT query")
-            return con.sql(sql).to_arrow_table()
+            return _result(con.sql(sql), rows)
         except duckdb.Error as e:
             raise DatasetError(f"query failed: {e}") from None
         finally:
             con.close()
 
-    def query(self, sql: str) -> pa.Table:
+    def query(self, sql: str, rows: bool = False) -> pa.Table | Rows:
+        import duckdb
+
         con = self.connect()
         try:
-            return con.sql(sql).to_arrow_table()
+            return _result(con.sql(sql), rows)
         except duckdb.Error as e:
             raise DatasetError(f"query failed: {e}") from None
         finally:
@@ -248,21 +275,26 @@ def remove_stale_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _duck_type(t.value_type) + "[]"
-    if pa.types.is_struct(t):
-        return "STRUCT(" + ", ".join(f'"{f.name}" {_duck_type(f.type)}' for f in t) + ")"
-    simple = {
-        pa.string(): "VARCHAR", pa.binary(): "BLOB", pa.bool_(): "BOOLEAN",
-        pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-        pa.uint64(): "UBIGINT", pa.float16(): "FLOAT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE",
-    }
-    if t in simple:
-        return simple[t]
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    raise TypeError(f"no DuckDB type for {t}")
+def _ends_in_footer(path: Path) -> bool:
+    """Whether the file ends as a Parquet file does: a footer length that fits, then PAR1."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 12:
+                return False
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError:
+        return False
+    return tail[4:] == b"PAR1" and int.from_bytes(tail[:4], "little") + 12 <= size
+
+
+def _result(relation: duckdb.DuckDBPyRelation, rows: bool) -> pa.Table | Rows:
+    return Rows(relation.columns, relation.fetchall()) if rows else relation.to_arrow_table()
+
+
+def schema_of(table: str) -> pa.Schema:
+    return arrow_schemas()[table]
 
 
 def manifest_view_sql() -> str:
@@ -306,6 +338,8 @@ class PartWriter:
 
     def flush(self) -> None:
         if self.buffer:
+            import pyarrow as pa
+
             rows = pa.concat_tables(self.buffer)
             for start in range(0, rows.num_rows, PART_ROWS):  # a model batch can be larger than a part
                 self.ds.write_part(self.table, rows.slice(start, PART_ROWS))

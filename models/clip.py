@@ -10,12 +10,13 @@ the normalising runs batched on the model's device.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from curate.images import resize
-from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.common import HUB_ID, Adapter, ModelError, device_or_error, model_dir, normalised_nchw
 
 CONFIG = "open_clip_config.json"
 
@@ -36,6 +37,8 @@ class Clip(Adapter):
 
     def _builtin(self) -> tuple[str, str | None] | None:
         """(name, pretrained tag) when spec names a model in open_clip's own registry."""
+        if Path(self.spec).expanduser().is_dir() or HUB_ID.match(self.spec):
+            return None  # open_clip (seconds of imports: torchvision, timm, transformers) is needed to load only
         import open_clip
 
         name, _, tag = self.spec.partition(":")

@@ -28,6 +28,15 @@ def read_tags(path) -> tuple[list[str], np.ndarray]:
     return [r["name"] for r in rows], np.array([int(r["category"]) for r in rows])
 
 
+def onnx_session(path, device_type: str):
+    import onnxruntime as ort
+
+    providers = ["CUDAExecutionProvider"] if device_type == "cuda" else []
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = model_threads()  # the rest of the cores decode
+    return ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+
+
 class WD14(Adapter):
     family = "wd14"
     batch_size = 32
@@ -38,12 +47,11 @@ class WD14(Adapter):
         self.thresholds = {GENERAL: self.settings["general"], CHARACTER: self.settings["character"]}
         folder = model_dir(self.spec, (TAGS_CSV,))
         if (folder / "model.onnx").is_file():
-            import onnx
-
             self.backend = "onnx"
-            dims = (onnx.load(str(folder / "model.onnx"), load_external_data=False)
-                    .graph.input[0].type.tensor_type.shape.dim)
-            self.size = dims[1].dim_value  # NHWC
+            # The session that says the input size is the one a CPU run uses: the file is read once
+            # (and `onnx`, half a second of imports, is not needed for it).
+            self._session = onnx_session(folder / "model.onnx", "cpu")
+            self.size = self._session.get_inputs()[0].shape[1]  # NHWC
         elif (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
             self.backend = "timm"
             self.pretrained_cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
@@ -57,13 +65,8 @@ class WD14(Adapter):
         self._names, self._categories = read_tags(folder / TAGS_CSV)
         self._device, self._dtype = device_or_error(device, dtype)
         if self.backend == "onnx":
-            import onnxruntime as ort
-
-            providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else []
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = model_threads()  # the rest of the cores decode
-            self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
-                                                 providers=providers + ["CPUExecutionProvider"])
+            if self._device.type != "cpu" or getattr(self, "_session", None) is None:  # a Ray worker makes its own
+                self._session = onnx_session(folder / "model.onnx", self._device.type)
             self._input = self._session.get_inputs()[0].name
         else:
             import timm

@@ -9,21 +9,23 @@ then joined into groups (connected components).
 """
 from __future__ import annotations
 
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
-from curate.schema import SCHEMAS
-from curate.store import Dataset
+from curate.schema import TABLES
+from curate.store import Dataset, Rows
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_THRESHOLD = 6  # of 64 bits: re-encodes and small resizes land within it; unrelated images ~32 apart
 MAX_THRESHOLD = 16  # beyond this, bands are so narrow that almost everything is compared
-
-GROUPS_SCHEMA = pa.schema([("group", pa.int32()), ("kind", pa.string()), ("image_id", pa.string()),
-                           ("source", pa.string()), ("distance", pa.int32())])
 
 
 def duplicate_groups(ds: Dataset, threshold: int = DEFAULT_THRESHOLD) -> pa.Table:
     """One row per member: group number, 'exact' or 'near', image_id, source, and the
     Hamming distance to the group's first image (0 for exact duplicates)."""
+    import pyarrow as pa
+
     if not 0 <= threshold <= MAX_THRESHOLD:
         raise ValueError(f"--threshold must be between 0 and {MAX_THRESHOLD} bits (got {threshold})")
     rows = []
@@ -42,7 +44,9 @@ def duplicate_groups(ds: Dataset, threshold: int = DEFAULT_THRESHOLD) -> pa.Tabl
         for m in members:
             rows.append({"group": group, "kind": "near", "image_id": m["image_id"], "source": m["source"],
                          "distance": (m["phash"] ^ first).bit_count()})
-    return pa.Table.from_pylist(rows, schema=GROUPS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("group", pa.int32()), ("kind", pa.string()), ("image_id", pa.string()), ("source", pa.string()),
+        ("distance", pa.int32())]))
 
 
 def near_groups(ds: Dataset, threshold: int) -> list[list[dict]]:
@@ -92,26 +96,28 @@ def has_stats(ds: Dataset) -> bool:
     return bool(ds.parts("stats"))
 
 
-def dataset_info(ds: Dataset) -> pa.Table:
+def dataset_info(ds: Dataset) -> Rows:
     """One row per table and model: rows, ok rows, errors by code, parts on disk."""
     out = []
     con = ds.connect()  # one connection for every count: each connect reads every part's footer
 
     def query(sql: str) -> list[dict]:
-        return con.sql(sql).to_arrow_table().to_pylist()
+        relation = con.sql(sql)
+        return [dict(zip(relation.columns, row)) for row in relation.fetchall()]
 
     try:
-        for name, schema in SCHEMAS.items():
+        for name, columns in TABLES.items():
             parts = ds.parts(name)
             if not parts:
                 continue
             size = sum(p.stat().st_size for p in parts)
-            if "status" not in schema.names:
+            names = [c.name for c in columns]
+            if "status" not in names:
                 n = query(f'SELECT count(*) AS n FROM "{name}"')[0]["n"]
                 out.append({"table": name, "model": None, "rows": n, "ok": None, "errors": "", "parts": len(parts),
                             "mb": size})
                 continue
-            model = "model" if "model" in schema.names else "NULL"
+            model = "model" if "model" in names else "NULL"
             counts = query(
                 f'SELECT {model} AS model, count(*) AS rows, count(*) FILTER (WHERE status = \'ok\') AS ok '
                 f'FROM "{name}" GROUP BY ALL ORDER BY model')
@@ -126,9 +132,8 @@ def dataset_info(ds: Dataset) -> pa.Table:
         con.close()
     for row in out:
         row["mb"] = round(row["mb"] / 2**20, 2)
-    return pa.Table.from_pylist(out, schema=pa.schema([
-        ("table", pa.string()), ("model", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
-        ("errors", pa.string()), ("parts", pa.int32()), ("mb", pa.float64())]))
+    columns = ["table", "model", "rows", "ok", "errors", "parts", "mb"]
+    return Rows(columns, [tuple(row[c] for c in columns) for row in out])
 
 
 def image_summary(ds: Dataset) -> dict:
@@ -137,4 +142,4 @@ def image_summary(ds: Dataset) -> dict:
         "SELECT count(DISTINCT image_id) FILTER (WHERE status = 'ok') AS images, count(*) AS sources, "
         "count(*) FILTER (WHERE status = 'ok') - count(DISTINCT image_id) FILTER (WHERE status = 'ok') "
         "AS exact_duplicates, "
-        "count(*) FILTER (WHERE status <> 'ok') AS errors FROM images").to_pylist()[0]
+        "count(*) FILTER (WHERE status <> 'ok') AS errors FROM images", rows=True).to_pylist()[0]

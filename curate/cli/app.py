@@ -114,7 +114,7 @@ def sql(
     """Run a read-only SQL query over the dataset (DuckDB)."""
     ds = open_dataset(dataset)
     try:
-        result = ds.sql(query)
+        result = ds.sql(query, rows=format in ("table", "json"))  # Python values: no pyarrow to import
     except DatasetError as e:
         fail(str(e))
     write_or_fail(result, format, output)
