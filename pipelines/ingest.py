@@ -310,7 +310,9 @@ class IngestStage(Stage):
         """The images rows to write (not those of images stored before), and the new side rows."""
         sides = [json.loads(s) for s in rows.column("_side").to_pylist() if s]
         rows = rows.drop_columns(["_side"])
-        rows = rows.filter(pc.not_equal(rows.column("status"), "known"))
+        known = pc.equal(rows.column("status"), "known")
+        if pc.any(known).as_py():  # (a filter copies every image's bytes: only when it drops rows)
+            rows = rows.filter(pc.invert(known))
         if not sides:
             return rows, {}
         if self._sides is None:

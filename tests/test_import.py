@@ -259,13 +259,16 @@ def test_ray_engine_imports_the_same_rows(tmp_path, ray_cluster):
         (root / f"{i}.jpg").write_bytes(jpeg(i))
         (root / f"{i}.txt").write_text(f"tag{i}, solo, outdoors" if i % 2 else f"A photo number {i}.")
     write_shard(tmp_path / "s.tar", [("k", jpeg(9), "a boat", None)])
+    hf_dataset(2).save_to_disk(tmp_path / "saved")
+    hf_dataset(1, offset=5).to_parquet(tmp_path / "one.parquet")
+    sources = [str(root), str(tmp_path / "s.tar"), str(tmp_path / "saved"), str(tmp_path / "one.parquet")]
     results = []
     for engine in ("local", "ray"):
         ds = Dataset(tmp_path / engine, create=True)
-        ingest([str(root), str(tmp_path / "s.tar")], ds, show_progress=False, engine=engine)
+        assert ingest(sources, ds, show_progress=False, engine=engine, caption_column="prompt").ok == 8
         results.append([ds.query(f"SELECT image_id, model, message, {column} FROM {table} ORDER BY image_id")
                         .to_pylist() for table, column in (("captions", "caption"), ("tags", "tags"))])
-    assert results[0] == results[1] and len(results[0][0]) == 3 and len(results[0][1]) == 2
+    assert results[0] == results[1] and len(results[0][0]) == 6 and len(results[0][1]) == 2
 
 
 def test_the_trainer_reads_imported_text(tmp_path):
