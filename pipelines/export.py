@@ -75,43 +75,56 @@ def export(ds: Dataset, dest: str | os.PathLike, fmt: str = "kohya", where: str 
         remove_stale_temporaries(folder)  # left by a killed export
     there = writer.exported()
     todo = [i for i in manifest.column("image_id").to_pylist() if i not in there]
-    counts: Counter = Counter()
-    unavailable: list[tuple[str, str]] = []
     with progress_bar(f"export {fmt} -> {dest}", len(todo), enabled=show_progress) as advance, \
             ThreadPoolExecutor(WRITERS) as pool:
-        rest = todo
-        if link != "copy":
-            rest = []
-            for batch in chunks(todo, BATCH):
-                items = rows_of.take(batch)
-                sources = list(pool.map(same_source, items))
-                linked = [(item, src) for item, src in zip(items, sources) if src]
-                list(pool.map(lambda pair: writer.link(pair[0], pair[1], link), linked))
-                counts["linked"] += len(linked)
-                advance(len(linked))
-                rest += [item["image_id"] for item, src in zip(items, sources) if not src]
-        found = set()
-        for ids, blobs in stored_bytes(ds, rest):
-            found.update(ids)
-            writer.add(rows_of.take(ids), blobs, pool)
-            counts["copied"] += len(ids)
-            advance(len(ids))
-        for item in rows_of.take([i for i in rest if i not in found]):
-            src = same_source(item)  # not in the dataset (a lost part): a source file may still hold it
-            if src:
-                writer.add([item], [Path(src).read_bytes()], pool)
-                counts["copied from the source"] += 1
-            else:
-                unavailable.append((item["image_id"], item["source"]))
-            advance(1)
+        counts, unavailable = transfer(ds, writer, rows_of, todo, link, pool, advance)
     written = writer.finish()
     record_run(dest, marker, where, len(todo) - len(unavailable))
-    texts = manifest.select(["caption", "tags"])
-    without = pc.and_(pc.is_null(texts.column("caption")), pc.is_null(texts.column("tags"))) if prompt == "both" \
-        else pc.is_null(texts.column("caption" if prompt == "caption" else "tags"))
     return {"format": fmt, "selected": manifest.num_rows, "exported": len(todo) - len(unavailable),
             "already there": len(there & set(manifest.column("image_id").to_pylist())), **counts,
-            "without text": pc.sum(without.cast(pa.int64())).as_py() or 0, **written, "unavailable": unavailable}
+            "without text": without_text(manifest, prompt), **written, "unavailable": unavailable}
+
+
+def transfer(ds: Dataset, writer: Writer, rows: RowIndex, todo: list[str], link: str, pool,
+             advance) -> tuple[Counter, list[tuple[str, str]]]:
+    """Put each image into DEST: linked to a source file that still holds it (--link hard|sym),
+    else its bytes from the dataset, else from such a source file (the dataset lost them).
+    Returns the counts, and the (image_id, source) of images found in neither place."""
+    counts: Counter = Counter()
+    rest = todo
+    if link != "copy":
+        rest = []
+        for batch in chunks(todo, BATCH):
+            items = rows.take(batch)
+            sources = list(pool.map(same_source, items))
+            linked = [(item, src) for item, src in zip(items, sources) if src]
+            list(pool.map(lambda pair: writer.link(pair[0], pair[1], link), linked))
+            counts["linked"] += len(linked)
+            advance(len(linked))
+            rest += [item["image_id"] for item, src in zip(items, sources) if not src]
+    found = set()
+    for ids, blobs in stored_bytes(ds, rest):
+        found.update(ids)
+        writer.add(rows.take(ids), blobs, pool)
+        counts["copied"] += len(ids)
+        advance(len(ids))
+    unavailable = []
+    for item in rows.take([i for i in rest if i not in found]):
+        src = same_source(item) if link == "copy" else None  # (the link modes tried them already)
+        if src:
+            writer.add([item], [Path(src).read_bytes()], pool)
+            counts["copied from the source"] += 1
+        else:
+            unavailable.append((item["image_id"], item["source"]))
+        advance(1)
+    return counts, unavailable
+
+
+def without_text(manifest: pa.Table, prompt: str) -> int:
+    """Images whose prompt is empty (no caption and no tags for `both`)."""
+    caption, tags = pc.is_null(manifest.column("caption")), pc.is_null(manifest.column("tags"))
+    empty = pc.and_(caption, tags) if prompt == "both" else caption if prompt == "caption" else tags
+    return pc.sum(empty.cast(pa.int64())).as_py() or 0
 
 
 def open_dest(dest: Path, ds: Dataset, fmt: str, prompt: str) -> dict:

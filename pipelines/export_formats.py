@@ -131,20 +131,21 @@ class Writer:
 
 
 class FileWriter(Writer):
-    """A file per image in `images_dir`, written by the pool; `before_image` runs first."""
+    """A file per image in `images`, written by the pool; `before_image` runs first."""
+
+    subfolder = ""
 
     def __init__(self, *args):
         super().__init__(*args)
+        self.images = self.dest / self.subfolder
+        self.images.mkdir(exist_ok=True)
         self.pending: deque = deque()  # writes in flight
 
-    def images_dir(self) -> Path:
-        return self.dest
-
     def folders(self) -> list[Path]:
-        return [self.dest, self.images_dir()]
+        return [self.dest, self.images]
 
     def exported(self) -> set[str]:
-        folder = self.images_dir()
+        folder = self.images
         sizes = dict(zip(self.rows.manifest.column("image_id").to_pylist(),
                          self.rows.manifest.column("size_bytes").to_pylist()))
         there = set()
@@ -165,11 +166,9 @@ class FileWriter(Writer):
     def add(self, items: list[dict], blobs: list, pool) -> None:
         """Hand the writes to the pool and return: the next batch is read while these are
         written. At most two batches wait (their bytes stay in memory until written)."""
-        folder = self.images_dir()
-
         def one(item, blob):
             self.before_image(item)
-            write_atomic(folder / file_name(item), blob)
+            write_atomic(self.images / file_name(item), blob)
 
         self.pending.extend(pool.submit(one, item, blob) for item, blob in zip(items, blobs))
         while len(self.pending) > 2 * len(items):
@@ -181,19 +180,16 @@ class FileWriter(Writer):
 
     def link(self, item: dict, source: str, mode: str) -> None:
         self.before_image(item)
-        link_atomic(source, self.images_dir() / file_name(item), mode)
+        link_atomic(source, self.images / file_name(item), mode)
 
 
 class Kohya(FileWriter):
-    def images_dir(self) -> Path:
-        path = self.dest / "images"
-        path.mkdir(exist_ok=True)
-        return path
+    subfolder = "images"
 
     def before_image(self, item: dict, refresh: bool = False) -> None:
         """The caption file first: an image on disk always has its caption. `refresh`: an
         image exported before, whose caption file is rewritten only if its text changed."""
-        path = self.images_dir() / f"{item['image_id']}.txt"
+        path = self.images / f"{item['image_id']}.txt"
         text = prompt_text(item, self.prompt, kohya=True) + "\n"
         if refresh:
             try:
@@ -210,7 +206,7 @@ class Kohya(FileWriter):
             for item in batch:
                 if item["image_id"] in there:
                     self.before_image(item, refresh=True)
-        write_atomic(self.dest / "dataset.toml", kohya_toml(self.images_dir(), self.prompt, self.rows.manifest))
+        write_atomic(self.dest / "dataset.toml", kohya_toml(self.images, self.prompt, self.rows.manifest))
         return {"config": str(self.dest / "dataset.toml")}
 
 
