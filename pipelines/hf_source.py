@@ -54,16 +54,13 @@ def is_hf_source(source: str) -> bool:
 
 
 def _image_column(schema: pa.Schema) -> str | None:
-    from datasets import Features, Image
+    """The first column of the `Image` feature (from the schema's Hugging Face metadata), or a
+    column named `image` that is stored as one (a struct of bytes and path)."""
+    if schema.metadata and b"huggingface" in schema.metadata:
+        from datasets import Features, Image  # only here: importing datasets takes a second
 
-    try:
         features = Features.from_arrow_schema(schema)
-    except Exception:  # a schema datasets cannot map: look for the Image feature's storage by name
-        features = None
-    if features is not None:
-        found = next((name for name, f in features.items() if isinstance(f, Image)), None)
-        if found or schema.metadata and b"huggingface" in schema.metadata:
-            return found
+        return next((name for name, f in features.items() if isinstance(f, Image)), None)
     field = schema.field("image") if "image" in schema.names else None
     if field is not None and pa.types.is_struct(field.type) and {"bytes", "path"} <= {f.name for f in field.type}:
         return "image"

@@ -245,12 +245,15 @@ def test_mistakes_are_one_line(ds, tmp_path):
     (busy / "thesis.pdf").write_bytes(b"%PDF")
     assert "is not empty and holds no curate export" in fails(str(busy))
     assert "did you mean 'webdataset'?" in fails(str(tmp_path / "a"), "--format", "webdatset")
-    assert "did you mean 'caption'?" in fails(str(tmp_path / "a"), "--prompt", "captions")
-    assert "--link hard needs image files" in fails(str(tmp_path / "a"), "--format", "parquet", "--link", "hard")
+    for kw, message in (({"prompt": "captions"}, "did you mean 'caption'?"),
+                        ({"fmt": "koyha"}, "did you mean 'kohya'?"),
+                        ({"fmt": "parquet", "link": "hard"}, "--link hard needs image files")):
+        with pytest.raises(ExportError, match=message):
+            export(ds, tmp_path / "a", **kw)
     export(ds, tmp_path / "k", "kohya", show_progress=False)
-    assert "holds a kohya export with --prompt both" in fails(str(tmp_path / "k"), "--prompt", "tags")
-    assert "holds a kohya export" in fails(str(tmp_path / "k"), "--format", "imagefolder")
+    with pytest.raises(ExportError, match="holds a kohya export with --prompt both"):
+        export(ds, tmp_path / "k", "kohya", prompt="tags")
+    with pytest.raises(ExportError, match="holds a kohya export"):
+        export(ds, tmp_path / "k", "imagefolder")
     ok = run_cli("export", str(ds.root), str(tmp_path / "k"), "--format", "kohya")
     assert "already there │ 5" in ok.stdout
-    with pytest.raises(ExportError, match="did you mean 'kohya'"):
-        export(ds, tmp_path / "b", "koyha")
