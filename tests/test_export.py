@@ -103,6 +103,10 @@ def test_imagefolder_loads_with_datasets(ds, tmp_path):
         expected = caption if not tags else ", ".join(tags) if not caption else \
             f"{caption}{' ' if caption[-1] == '.' else ', '}{', '.join(tags)}"
         assert row["text"] == (expected or "")
+    # and back: `hf:DEST` goes through datasets.load_dataset, whose imagefolder rows hold file paths
+    back = Dataset(tmp_path / "back", create=True)
+    assert ingest([f"hf:{dest}"], back, show_progress=False).ok == 5
+    assert manifest_text(back) == text
 
 
 def test_webdataset_shards_iterate_and_decode(ds, tmp_path):
