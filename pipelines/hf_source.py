@@ -179,3 +179,9 @@ def _row_group(path: str, group: int, column: str) -> pa.Table:
 def _image_rows(kind: str, spec: str, split: str, column: str):
     """A split's image column as rows of Arrow (the undecoded struct), made once per worker."""
     return _splits(kind, spec)[split].select_columns([column]).with_format("arrow")
+
+
+def release() -> None:
+    """Drop the datasets and row groups this process keeps open for reading (after an ingest)."""
+    for cached in (_splits, _image_rows, _row_group):
+        cached.cache_clear()

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
 from curate.pipelines.executor import Summary, run
-from curate.pipelines.hf_source import hf_candidates, is_hf_source, is_image_parquet, read_image
+from curate.pipelines.hf_source import hf_candidates, is_hf_source, is_image_parquet, read_image, release
 from curate.pipelines.sidecars import (
     MAX_SIDE_BYTES,
     SideImports,
@@ -323,6 +323,9 @@ class IngestStage(Stage):
 def ingest(sources: list[str], ds: Dataset, show_progress: bool = True, engine: str = "local",
            ray_address: str | None = None, sidecar_text: str = "auto", caption_column: str | None = None,
            tags_column: str | None = None) -> Summary:
-    check_sources(sources, caption_column, tags_column)
-    stage = IngestStage(sources, sidecar_text, caption_column, tags_column)
-    return run(ds, stage, engine=engine, ray_address=ray_address, show_progress=show_progress)[0]
+    try:
+        check_sources(sources, caption_column, tags_column)
+        stage = IngestStage(sources, sidecar_text, caption_column, tags_column)
+        return run(ds, stage, engine=engine, ray_address=ray_address, show_progress=show_progress)[0]
+    finally:
+        release()  # the Hugging Face datasets read in this process

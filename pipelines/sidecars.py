@@ -220,12 +220,12 @@ def everydream_yaml(obj: dict, text_as: str) -> tuple[str | None, list | None, l
     main = main[0] if isinstance(main, list) and main else main
     caption, tags = read_text(obj["caption"], text_as) if isinstance(obj.get("caption"), str) else (None, None)
     caption = clean_caption(main) if isinstance(main, str) else caption
+    listed = obj.get("tags") or []
     pairs = []
-    for item in obj.get("tags") or []:
-        tag, weight = (item, 1.0) if isinstance(item, str) else (item.get("tag"), item.get("weight", 1.0)) \
-            if isinstance(item, dict) else (None, None)
+    for item in (split_tags(listed) or []) if isinstance(listed, str) else listed:
+        tag, weight = (item.get("tag"), item.get("weight")) if isinstance(item, dict) else (item, None)
         if isinstance(tag, (str, int, float)) and str(tag).strip():
-            pairs.append((str(tag).strip(), float(weight if isinstance(weight, (int, float)) else 1.0)))
+            pairs.append((str(tag).strip(), float(weight) if isinstance(weight, (int, float)) else 1.0))
     if pairs:
         kept = dict(reversed(pairs))  # a repeated tag keeps its first weight
         tags = list(dict.fromkeys(t for t, _ in pairs))
