@@ -37,6 +37,7 @@ from curate.pipelines.executor import Summary, run
 from curate.pipelines.hf_source import hf_candidates, is_hf_source, is_image_parquet, read_image, release
 from curate.pipelines.sidecars import (
     MAX_SIDE_BYTES,
+    TEXT_READINGS,
     SideImports,
     folder_sides,
     img2dataset_records,
@@ -323,6 +324,8 @@ class IngestStage(Stage):
 def ingest(sources: list[str], ds: Dataset, show_progress: bool = True, engine: str = "local",
            ray_address: str | None = None, sidecar_text: str = "auto", caption_column: str | None = None,
            tags_column: str | None = None) -> Summary:
+    if sidecar_text not in TEXT_READINGS:
+        raise ValueError(f"sidecar_text must be one of {', '.join(TEXT_READINGS)}, not {sidecar_text!r}")
     try:
         check_sources(sources, caption_column, tags_column)
         stage = IngestStage(sources, sidecar_text, caption_column, tags_column)
