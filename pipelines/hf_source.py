@@ -96,12 +96,14 @@ def hf_candidates(source: str, caption: str | None = None, tags: str | None = No
             raise SourceError(f"{where} has no image column (an Image feature); its columns: {', '.join(schema.names)}")
         columns = text_columns(schema, caption, tags, where)
         prefix = f"{spec[1] if spec[0] != 'hub' else source}::{split}/"
-        row = 0
-        for batch in data.select_columns(list(columns.values())).with_format("arrow").iter(TEXT_BATCH):
-            for values in _rows(batch, columns):
-                ref = {"kind": spec[0], "spec": spec[1], "split": split, "row": row, "column": image}
-                yield _candidate(prefix + str(row), ref, values)
-                row += 1
+        if columns:
+            batches = data.select_columns(list(columns.values())).with_format("arrow").iter(TEXT_BATCH)
+            texts = (values for batch in batches for values in _rows(batch, columns))
+        else:  # (a selection of no columns iterates no rows)
+            texts = ({} for _ in range(data.num_rows))
+        for row, values in enumerate(texts):
+            ref = {"kind": spec[0], "spec": spec[1], "split": split, "row": row, "column": image}
+            yield _candidate(prefix + str(row), ref, values)
 
 
 def _parquet_candidates(path: str, caption: str | None, tags: str | None) -> Iterator[dict]:

@@ -230,6 +230,9 @@ def test_hugging_face_saved_dataset_and_parquet(tmp_path):
     stored = ds.query("SELECT bytes FROM images WHERE source LIKE '%saved::train/1'").column("bytes")[0].as_py()
     assert stored == jpeg(51)
     assert {r["model"] for r in imported(ds, "captions")} == {"import:hf@column=prompt"}
+    # a dataset of images alone
+    hf_dataset(2, offset=30).select_columns(["image"]).save_to_disk(tmp_path / "bare")
+    assert ingest([str(tmp_path / "bare")], ds, show_progress=False).ok == 2
     # without --caption-column the `text` column is the caption
     ds2 = Dataset(tmp_path / "ds2", create=True)
     ingest([str(tmp_path / "shard.parquet")], ds2, show_progress=False)
