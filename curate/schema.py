@@ -128,6 +128,16 @@ TABLES: dict[str, list[Column]] = {
         Column("vae", "string"),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
         Column("shift_factor", "float32"),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
     ),
+    # Hand edits from `curate view`: one row per image per action, never rewritten. The
+    # manifest applies the latest live edit of each kind per image (see EDIT_ACTIONS).
+    "edits": [
+        Column("edit", "string", nullable=False),  # one id per action: a bulk edit's rows share it
+        Column("image_id", "string"),  # null on 'undo' rows
+        Column("action", "string", nullable=False),  # one of EDIT_ACTIONS
+        Column("value", "string"),  # the tag, the caption, or the edit an 'undo' cancels
+        Column("editor", "string"),
+        Column("created_at", "timestamp", nullable=False),
+    ],
     # Head-to-head judgements for the quality head.
     "ratings": [
         Column("left", "string", nullable=False),
@@ -136,6 +146,19 @@ TABLES: dict[str, list[Column]] = {
         Column("rater", "string"),
         Column("created_at", "timestamp", nullable=False),
     ],
+}
+
+# What a hand edit does (`edits.action`). Per image, the latest live exclude/include decides
+# `excluded`, the latest live caption replaces the caption, and per image and tag the latest
+# live add_tag/remove_tag decides whether the tag is in `tags`. An 'undo' row cancels every
+# row of the edit named in its value, so the edit before it counts again.
+EDIT_ACTIONS = {
+    "exclude": "leave the image out of the manifest: no stage, no --where and no training sees it",
+    "include": "take an excluded image back",
+    "add_tag": "add the tag in value",
+    "remove_tag": "remove the tag in value (removing `watermark` also clears has_watermark and its boxes)",
+    "caption": "replace the caption with value",
+    "undo": "cancel the edit whose id is in value",
 }
 
 # What each stage table adds to the `manifest` view (one row per ok image, joined with

@@ -178,18 +178,16 @@ class Dataset:
         return con
 
     def view_sql(self) -> list[str]:
-        statements = []
-        for name, columns in TABLES.items():
-            parts = self.parts(name)
-            if parts:
-                files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
-                                  f'FROM read_parquet([{files}], union_by_name=true)')
-            else:
-                cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in columns)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
-        statements.append(manifest_view_sql())
-        return statements
+        return [self.table_view_sql(name) for name in TABLES] + manifest_view_sql()
+
+    def table_view_sql(self, name: str) -> str:
+        """A view of a table's parts as they are now (a typed empty view when it has none)."""
+        parts = self.parts(name)
+        if parts:
+            files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+            return f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{files}], union_by_name=true)'
+        cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in TABLES[name])
+        return f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false'
 
     def refresh_manifest_db(self) -> Path:
         """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
@@ -297,8 +295,16 @@ def schema_of(table: str) -> pa.Schema:
     return arrow_schemas()[table]
 
 
-def manifest_view_sql() -> str:
-    """One row per ok image, joined with the latest ok row of every stage table."""
+def manifest_view_sql() -> list[str]:
+    """`manifest_all`: every ok image with the results of every stage and the hand edits
+    applied, and an `excluded` column; `manifest`: the images that are not excluded, without
+    that column. Every stage's input, every --where and the trainer read `manifest`."""
+    return [f"CREATE OR REPLACE VIEW manifest_all AS {edited_manifest_sql(f'({stage_manifest_sql()})')}",
+            "CREATE OR REPLACE VIEW manifest AS SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded"]
+
+
+def stage_manifest_sql() -> str:
+    """One row per ok image, joined with the latest ok row of every stage table (no edits)."""
     selects = ["img.*"]
     joins = []
     for table, exprs in MANIFEST_COLUMNS.items():
@@ -309,12 +315,43 @@ def manifest_view_sql() -> str:
             f"ON {table}.image_id = img.image_id"
         )
     return (
-        "CREATE OR REPLACE VIEW manifest AS WITH img AS ("
+        "WITH img AS ("
         "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "
         "any_value(width) AS width, any_value(height) AS height, any_value(format) AS format, "
         "any_value(mode) AS mode, any_value(animated) AS animated, max(size_bytes) AS size_bytes "
         "FROM images WHERE status = 'ok' GROUP BY image_id) "
         f"SELECT {', '.join(selects)} FROM img {' '.join(joins)}"
+    )
+
+
+def edited_manifest_sql(base: str) -> str:
+    """`base` (a relation with the stage manifest's columns) with the live hand edits applied
+    (schema.EDIT_ACTIONS): the latest exclude/include, caption and add/remove of each tag win."""
+    removed, added = "coalesce(t.removed, [])", "coalesce(t.added, [])"
+    own = "coalesce(b.tags, CAST([] AS VARCHAR[]))"
+    return (
+        "WITH live AS (SELECT * FROM edits e WHERE action <> 'undo' AND NOT EXISTS "
+        "(SELECT 1 FROM edits u WHERE u.action = 'undo' AND u.value = e.edit)), "
+        "excl AS (SELECT image_id, arg_max(action, created_at) = 'exclude' AS excluded FROM live "
+        "WHERE action IN ('exclude', 'include') GROUP BY image_id), "
+        "cap AS (SELECT image_id, arg_max(value, created_at) AS caption FROM live WHERE action = 'caption' "
+        "GROUP BY image_id), "
+        "tag_state AS (SELECT image_id, value AS tag, arg_max(action, created_at) AS action FROM live "
+        "WHERE action IN ('add_tag', 'remove_tag') GROUP BY image_id, value), "
+        "t AS (SELECT image_id, list(tag ORDER BY tag) FILTER (WHERE action = 'add_tag') AS added, "
+        "list(tag) FILTER (WHERE action = 'remove_tag') AS removed FROM tag_state GROUP BY image_id) "
+        "SELECT b.* REPLACE ("
+        f"CASE WHEN t.image_id IS NULL THEN b.tags ELSE list_concat("
+        f"list_filter({own}, lambda x: NOT list_contains({removed}, x)), "
+        f"list_filter({added}, lambda x: NOT list_contains({own}, x))) END AS tags, "
+        "coalesce(c.caption, b.caption) AS caption, "
+        f"CASE WHEN list_contains({removed}, 'watermark') THEN false "
+        f"WHEN list_contains({added}, 'watermark') THEN true ELSE b.has_watermark END AS has_watermark, "
+        f"CASE WHEN list_contains({removed}, 'watermark') THEN b.watermark_boxes[1:0] "
+        "ELSE b.watermark_boxes END AS watermark_boxes), "
+        "coalesce(x.excluded, false) AS excluded "
+        f"FROM {base} AS b LEFT JOIN excl AS x ON x.image_id = b.image_id "
+        "LEFT JOIN cap AS c ON c.image_id = b.image_id LEFT JOIN t ON t.image_id = b.image_id"
     )
 
 

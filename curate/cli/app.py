@@ -16,18 +16,21 @@ from curate.cli.common import (
     Engine,
     EngineOpt,
     FormatOpt,
+    HostOpt,
     OutputOpt,
+    PortOpt,
     QuietOpt,
     RayAddressOpt,
     WhereOpt,
     fail,
     open_dataset,
+    serve_page,
 )
 from curate.cli.quality import quality_app
 from curate.devices import DeviceError
 from curate.models.families import FAMILIES, family, of_task
 from curate.pipelines.dups import DEFAULT_THRESHOLD, MAX_THRESHOLD
-from curate.progress import print_summary, quiet_loaders
+from curate.progress import console, print_summary, quiet_loaders
 from curate.store import Dataset, DatasetError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -358,6 +361,54 @@ def caption(
     except model_errors() as e:
         fail(str(e))
     report("caption", summaries[0])
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="train.toml: its [prompts] settings and seed "
+                                                                   "build the example prompts.")]
+
+
+@app.command()
+def view(dataset: DatasetArg, where: WhereOpt = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8766,
+         config: ConfigOpt = None):
+    """Look at the dataset in a local web page: a grid over any filter, everything known about an image, and
+    edits (exclude, tags, captions) that the manifest, every --where and the trainer honour."""
+    from curate.cli.view import serve
+    from curate.cli.view_data import ViewData
+    from curate.trainer.config import load_config
+
+    ds = open_dataset(dataset)
+    try:
+        settings = load_config(config)
+        data = ViewData(ds, settings.prompts, settings.seed)
+        images = data.count(where)
+        server = serve(data, where, host, port)
+    except (ValueError, DatasetError, OSError) as e:
+        fail(str(e))
+    console.print(f"{images} images{' match --where' if where else ''}")
+    serve_page(server, "view", host)
+    print_summary("view", {"edits and undos this session": data.made})
+
+
+@app.command("report")
+def report_(
+    dataset: DatasetArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write.")] = "report.html",
+    where: WhereOpt = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="The model you will train (as for curate train): "
+                                                               "adds the trainer's dry run.")] = None,
+    config: ConfigOpt = None,
+):
+    """One self-contained HTML page about the dataset (opens offline): counts, errors, ranks, tags, captions, sizes,
+    buckets, watermarks, duplicates, the quality fit and what training will see."""
+    from curate.cli.report import write_report
+    from curate.trainer.config import load_config
+
+    ds = open_dataset(dataset)
+    try:
+        summary = write_report(ds, Path(output), load_config(config, where=where), base)
+    except (ValueError, DatasetError, OSError) as e:
+        fail(str(e))
+    print_summary(f"report -> {output}", summary)
 
 
 @app.command()

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from curate.cli.common import DatasetArg, QuietOpt, WhereOpt, fail, open_dataset
+from curate.cli.common import DatasetArg, HostOpt, PortOpt, QuietOpt, WhereOpt, fail, open_dataset, serve_page
 from curate.progress import console, print_summary
 from curate.store import DatasetError
 
@@ -20,9 +20,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for pair choice, spli
 @quality_app.command()
 def rate(
     dataset: DatasetArg,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; "
-                                                     "the default is this machine only.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8765,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8765,
     where: WhereOpt = None,
     rater: Annotated[Optional[str], typer.Option("--rater", help="Your name in the ratings table "
                                                                  "(default: the login name).")] = None,
@@ -48,17 +47,7 @@ def rate(
         server = serve(session, host, port)
     except (DatasetError, ValueError, OSError) as e:
         fail(str(e))
-    bound_host, bound_port = server.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the "
-                      "images and rate[/yellow]")
-    try:  # the address is printed inside: a Ctrl-C right after it still ends with the summary
-        print(f"rating page: http://{bound_host}:{bound_port}/  (Ctrl-C to stop)", flush=True)
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_page(server, "rating page", host)
     print_summary("quality rate", {"judgements this session": len(session.written), "ratings in total": session.total})
 
 
