@@ -321,7 +321,8 @@ class IngestStage(Stage):
         if getattr(self, "_verdicts", None) is None:  # a Ray worker: it knows the copies it has seen
             self._verdicts = Verdicts(set())
         known = row.get("known")  # an image stored by an earlier run: only its side files are read
-        out = inspect(row, self._verdicts) if known is None else {**blank_row(row["source"]), "image_id": known, "status": "known"}
+        out = inspect(row, self._verdicts) if known is None else \
+            {**blank_row(row["source"]), "image_id": known, "status": "known"}
         sides = read_sides(row["side"], out["image_id"], self.sidecar_text, read_bytes) \
             if row.get("side") and out["status"] != "error" else None
         out["_side"] = json.dumps(sides) if sides else None
