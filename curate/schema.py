@@ -49,6 +49,8 @@ ERROR_CODES = {
     "source_changed": "the referenced file changed since ingest (size, modification time or bytes)",
     # archives
     "unsafe_path": "a tar member whose name escapes the archive (absolute or ..)",
+    # imports
+    "bad_sidecar": "a caption or tags file that comes with an image cannot be read (not UTF-8, bad YAML or JSON)",
     # stages
     "prepare_failed": "the stage could not prepare this image for its model",
     "process_failed": "the model failed on this image (the rest of its batch went on)",

@@ -151,7 +151,7 @@ class Dataset:
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
-        _remove_stale_tmp(self.staging_dir(name))
+        remove_stale_temporaries(self.staging_dir(name))
 
     def staging_dir(self, name: str) -> Path:
         """Where a part is written before it is published: beside the parts, or for a remote
@@ -230,7 +230,7 @@ class Dataset:
         it and two refreshes never fight over DuckDB's file lock.
         """
         path = self.root / "manifest.duckdb"
-        _remove_stale_tmp(self.root)  # left by a killed refresh
+        remove_stale_temporaries(self.root)  # left by a killed refresh
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         import duckdb
 
@@ -305,6 +305,15 @@ class Dataset:
         except DatasetError as e:
             raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
 
+    def select(self, where: str | None, columns: list[str]) -> pa.Table:
+        """Manifest rows of ok images (these columns; `["*"]` all), optionally filtered by a SQL
+        predicate over `manifest`, in image_id order."""
+        sql = f"SELECT {', '.join(columns)} FROM manifest" + (f" WHERE ({where})" if where else "")
+        try:
+            return self.query_manifest(sql + " ORDER BY image_id")
+        except DatasetError as e:
+            raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
+
     def manifest_columns(self) -> list[str]:
         con = self.connect()
         try:
@@ -325,7 +334,8 @@ def duckdb_connect(remote: bool) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _remove_stale_tmp(folder: Path) -> None:
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files (`.tmp-<pid>-*`) in `folder` of processes that no longer run."""
     for tmp in folder.glob(TMP_PREFIX + "*"):
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
         if match and not _pid_alive(int(match.group(1))):

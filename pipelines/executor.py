@@ -112,6 +112,12 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
     passed: set = set()  # keys any stage has done, for the progress bar
     with progress_bar(label, total, enabled=show_progress) as advance, ExitStack() as stack:
         writers = {s.table: stack.enter_context(PartWriter(ds, s.table)) for s in stages}
+
+        def write(table: str, rows: pa.Table) -> None:
+            if table not in writers:  # a table a stage's commit adds rows to (ingest: imported captions)
+                writers[table] = stack.enter_context(PartWriter(ds, table))
+            writers[table].add(rows)
+
         for batch in results:
             for k, table in batch:
                 keys = table.column(stages[k].key).to_pylist()
@@ -123,8 +129,14 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
                     new = set(keys) - passed
                     passed |= new
                     advance(len(new))
-                table = stages[k].commit(table)
-                writers[stages[k].table].add(table)
+                committed = stages[k].commit(table)
+                if isinstance(committed, dict):  # its own rows and other tables' rows
+                    table = committed.pop(stages[k].table)
+                    for other, rows in committed.items():
+                        write(other, rows)
+                else:
+                    table = committed
+                write(stages[k].table, table)
                 status = table.column("status").to_pylist()
                 summaries[k].ok += status.count("ok")
                 summaries[k].errors.update(e for st, e in zip(status, table.column("error").to_pylist()) if st != "ok")

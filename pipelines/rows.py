@@ -254,17 +254,22 @@ def _rows(table: pa.Table) -> list[dict]:
     if "bytes" not in table.column_names:
         return table.to_pylist()
     rows = table.drop_columns(["bytes"]).to_pylist()
+    for row, blob in zip(rows, binary_views(table.column("bytes"))):
+        row["bytes"] = blob
+    return rows
+
+
+def binary_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
+    """A binary column's values as views of Arrow's memory (None for nulls), without a copy."""
     blobs = []
-    for chunk in table.column("bytes").chunks:
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
         _, offset_buffer, data_buffer = chunk.buffers()
         width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         offsets = np.frombuffer(offset_buffer, width)[chunk.offset:chunk.offset + len(chunk) + 1]
         data = memoryview(data_buffer or b"")
         blobs += [data[offsets[i]:offsets[i + 1]] if valid else None
                   for i, valid in enumerate(chunk.is_valid().to_pylist())]
-    for row, blob in zip(rows, blobs):
-        row["bytes"] = blob
-    return rows
+    return blobs
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:

@@ -19,7 +19,9 @@ A stage maps input rows to rows of its own table:
   rest of its batch.
 - `rows(ids, columns)` turns output columns into the table's rows (by default: the
   bookkeeping columns every stage table has, then the stage's own); `commit(rows)` sees
-  them on the driver, in input order for an `ordered` stage, just before they are written.
+  them on the driver, in input order for an `ordered` stage, just before they are written;
+  it may return {table: rows} to write rows of other tables as well (ingest: the captions
+  and tags it imports from side files).
 
 Input: rows of the `source` table still to do (no row for this stage's `model_key` yet),
 narrowed by `source_filter()`; or, for a stage whose `source` is None (ingest), the rows
@@ -128,7 +130,7 @@ class Stage:
                                      else column_array(columns.get(f.name), f.type, n)
                                      for f in schema], schema=schema)
 
-    def commit(self, rows: pa.Table) -> pa.Table:
+    def commit(self, rows: pa.Table) -> pa.Table | dict[str, pa.Table]:
         return rows
 
     def counts(self) -> dict[str, int]:
