@@ -24,6 +24,16 @@ S3 = "s3://"
 LOCATOR_COLUMNS = ("location", "location_offset", "location_size", "location_mtime_ns")
 
 
+# What a process needs to reach the same object storage: a Ray worker on another machine gets these
+AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def storage_env() -> dict[str, str]:
+    """This process's object storage settings (AWS_VARIABLES that are set)."""
+    return {k: os.environ[k] for k in AWS_VARIABLES if k in os.environ}
+
+
 def is_remote(location: str | os.PathLike) -> bool:
     return str(location).startswith(S3)
 

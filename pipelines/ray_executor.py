@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from curate.pipelines.rows import input_columns, input_filter, input_rows, prepare_row, process_pass, setup_stages
 from curate.pipelines.stage import Stage
+from curate.storage import storage_env
 from curate.store import Dataset, row_groups_holding
 
 # Ray Data retries a task whose worker died forever by default: an image that crashes
@@ -36,6 +37,10 @@ def init_ray(ray_address: str | None = None):
         # Ray's INFO lines and its token-auth notice are for cluster operators; our own
         # progress bar and summary say what users need. Errors still come through.
         kwargs = dict(log_to_driver=False, logging_level=logging.ERROR)
+        # Workers on every node reach the dataset's object storage as this process does (--endpoint-url
+        # and keys live in the environment); a worker's own machine may have no such settings.
+        if storage_env():
+            kwargs["runtime_env"] = {"env_vars": storage_env()}
         if address:
             ray.init(address=address, **kwargs)
         else:

@@ -109,3 +109,30 @@ def test_ingest_score_sql_encode_and_train_on_s3(s3, zoo, tmp_path):
 def test_a_missing_bucket_or_dataset_is_one_line(s3):
     proc = curate(s3, "sql", "s3://data/nothing-here", "SELECT 1", check=False)
     assert proc.returncode == 2 and "not a curate dataset" in proc.stdout + proc.stderr
+
+
+def test_two_ray_nodes_read_an_s3_dataset_and_the_driver_commits(s3):
+    """Two Ray nodes on this machine with separate resources, started without any AWS settings:
+    the workers reach the bucket with what the driver passes them (--endpoint-url, the keys)."""
+    from ray.cluster_utils import Cluster
+
+    curate(s3, "ingest", "s3://photos/set", "s3://data/ray", "-q")
+    curate(s3, "ingest", "s3://photos/set", "s3://data/one", "-q")
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
+    try:  # the nodes (and their workers) inherit no AWS settings
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1},
+                                                                "include_dashboard": False})
+        cluster.add_node(num_cpus=1, resources={"second": 1})
+    finally:
+        os.environ.update(saved)
+    try:
+        assert len(cluster.list_all_nodes()) == 2
+        env = {k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"}  # the flag says it
+        run_cli("--endpoint-url", s3.url, "hash", "s3://data/ray", "--engine", "ray", "--ray-address",
+                cluster.address, "-q", env=env)
+    finally:
+        cluster.shutdown()
+    curate(s3, "hash", "s3://data/one", "-q")
+    ray_rows, local_rows = table("s3://data/ray", "stats"), table("s3://data/one", "stats")
+    assert len(ray_rows) == 24 and all(r["status"] == "ok" for r in ray_rows)
+    assert ray_rows == local_rows
