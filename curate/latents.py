@@ -15,15 +15,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.storage import filesystem
 from curate.store import Dataset
 
 CONDITIONING = ["original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"]
 DEFAULT_COLUMNS = ["image_id", "latent", "shape", "scaling_factor", "shift_factor", *CONDITIONING]
 
 
+def open_part(part: Path | str) -> pq.ParquetFile:
+    """A part, local or in object storage (through the process's one S3 client)."""
+    fs, path = filesystem(part)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
 def read_row_group(part: Path | str, group: int, columns: list[str]) -> pa.Table:
     """One stored row group of a latents part, every row (ok or not), the columns the part has."""
-    shard = pq.ParquetFile(part)
+    shard = open_part(part)
     return shard.read_row_group(group, columns=[c for c in columns if c in shard.schema_arrow.names])
 
 
@@ -37,7 +44,7 @@ def latent_row_groups(ds: Dataset, model: str | None = None, columns: list[str] 
     """
     wanted = list(dict.fromkeys([*columns, "status", "model"]))
     for part in ds.parts("latents"):
-        for group in range(pq.ParquetFile(part).num_row_groups):
+        for group in range(open_part(part).num_row_groups):
             table = read_row_group(part, group, wanted)
             if positions:
                 table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int32)))

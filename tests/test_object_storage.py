@@ -136,3 +136,28 @@ def test_two_ray_nodes_read_an_s3_dataset_and_the_driver_commits(s3):
     ray_rows, local_rows = table("s3://data/ray", "stats"), table("s3://data/one", "stats")
     assert len(ray_rows) == 24 and all(r["status"] == "ok" for r in ray_rows)
     assert ray_rows == local_rows
+
+
+def test_the_trainer_reads_latent_row_groups_ahead_from_s3(s3, zoo, tmp_path):
+    import pyarrow.fs as pafs
+    import torch
+
+    from curate.trainer.config import load_config
+    from curate.trainer.train import Trainer
+    from tests.trainer_helpers import make_latent_dataset
+
+    make_latent_dataset(tmp_path / "ds", 48, rows_per_group=4, latent_parts=4)  # 12 row groups
+    pafs.copy_files(str(tmp_path / "ds" / "tables"), "data/latents/tables",
+                    destination_filesystem=Dataset("s3://data/latents", create=True).fs)
+    settings = dict(batch_size=4, max_steps=12, precision="fp32", validation_fraction=0.0, latent_cache_mib=0.001)
+    remote = Trainer("s3://data/latents", str(zoo["sdxl"]), load_config(None, output=str(tmp_path / "a"), **settings))
+    local = Trainer(tmp_path / "ds", str(zoo["sdxl"]), load_config(None, output=str(tmp_path / "b"), **settings))
+    cache = remote.data.latents
+    for micro in range(6):
+        batch = remote.build_batch(micro)[0]
+        wanted = {(r.part, r.row_group) for m in range(micro + 1, micro + 5)
+                  for r in (remote.data.rows[i] for i in remote.data.batch_at(m)[1])}
+        # the groups of the next batches are on their way while this one trains (a cache of one group)
+        assert set(cache.ahead) and set(cache.ahead) <= wanted
+        assert torch.equal(batch["latents"], local.build_batch(micro)[0]["latents"])
+    assert max(cache.reads.values()) <= 2  # read ahead, then used: not read again and again

@@ -25,7 +25,7 @@ import math
 import re
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from sys import intern
@@ -142,20 +142,43 @@ class LatentCache:
     row groups; each is read at most once per batch (even when a batch needs more groups than
     the cache holds), and a group that later batches need again is read again only if it has
     been evicted. `reads` counts reads from disk per group.
+
+    `read_ahead` starts reading the groups of batches to come that are not held, several at
+    once on threads of its own: from object storage each read waits tens of milliseconds per
+    request, and parallel reads hide that wait behind the step that trains meanwhile. At most
+    READ_AHEAD_GROUPS groups are in flight or waiting to be used, so memory stays bounded.
     """
+
+    READERS = 4
+    READ_AHEAD_GROUPS = 8
 
     def __init__(self, budget: int, columns: tuple[str, ...] = ("latent",)):
         self.budget, self.columns = budget, list(columns)
         self.nbytes = 0  # bytes of latents held now
         self.groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.reads: Counter[tuple[str, int]] = Counter()
+        self.ahead: dict[tuple[str, int], Future] = {}  # groups being read ahead, until a batch takes them
+        self.readers: ThreadPoolExecutor | None = None
+
+    def read_ahead(self, rows: list[Row]) -> None:
+        for key in dict.fromkeys((r.part, r.row_group) for r in rows):
+            if len(self.ahead) >= self.READ_AHEAD_GROUPS:
+                return
+            if key not in self.groups and key not in self.ahead:
+                if self.readers is None:
+                    self.readers = ThreadPoolExecutor(self.READERS, thread_name_prefix="latent-read-ahead")
+                self.ahead[key] = self.readers.submit(read_row_group, key[0], key[1], self.columns)
+                self.reads[key] += 1
 
     def group(self, key: tuple[str, int]) -> pa.Table:
         if key in self.groups:
             self.groups.move_to_end(key)
             return self.groups[key]
-        table = read_row_group(key[0], key[1], self.columns)
-        self.reads[key] += 1
+        if key in self.ahead:
+            table = self.ahead.pop(key).result()
+        else:
+            table = read_row_group(key[0], key[1], self.columns)
+            self.reads[key] += 1
         self.groups[key] = table
         self.nbytes += table.nbytes
         while len(self.groups) > 1 and self.nbytes > self.budget:

@@ -41,6 +41,9 @@ from curate.trainer.losses import loss_weights, make_noise, snr, target_for, wei
 from curate.trainer.model import AUTOCAST, Models, check_latent_scaling, pipeline_tokenizer
 from curate.trainer.optimizers import make_optimizer, scaled
 
+# Micro-batches ahead whose latent row groups are read (LatentCache.read_ahead) while this one trains
+READ_AHEAD_BATCHES = 4
+
 
 def all_reduce_mean(tensors: list[torch.Tensor], world: int, bucket_bytes: int = 64 * 2**20) -> None:
     """Average tensors over the workers in place, a bucket of up to `bucket_bytes` per all_reduce
@@ -199,7 +202,17 @@ class Trainer:
                 self.scheduled.add(epoch)
             if epoch < self.last_epoch:
                 self.data.prefetch(epoch + 1)  # built on a thread of its own while this epoch trains
+            self.read_ahead(micro)
             return self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers), len(indices)
+
+    def read_ahead(self, micro: int) -> None:
+        """Start reading the latent row groups of micro-batch `micro` and the next ones in its epoch,
+        several at once: this batch's are then read in parallel, the next ones while it trains."""
+        epoch = micro // self.data.batches_per_epoch
+        last = min((epoch + 1) * self.data.batches_per_epoch, self.config.max_steps * self.config.gradient_accumulation)
+        for ahead in range(micro, min(micro + 1 + READ_AHEAD_BATCHES, last)):
+            rows = self.data.batch_at(ahead)[1][self.rank :: self.world]
+            self.data.latents.read_ahead([self.data.rows[i] for i in rows])
 
     def sync_gradients(self) -> None:
         """Average gradients over workers (what DDP does), once per optimizer step."""
