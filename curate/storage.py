@@ -136,6 +136,19 @@ def read_object(location: str, offset: int = 0, size: int | None = None) -> byte
         raise ImageError("unreadable", f"cannot read: {e}") from None
 
 
+def holds_image():
+    """The filter of the images rows that hold an image: its bytes, or a locator where they are
+    (each image has one such row; a duplicate's other rows hold neither)."""
+    import pyarrow.compute as pc
+
+    return pc.field("bytes").is_valid() | pc.field("location").is_valid()
+
+
+def image_data(row: dict) -> bytes | memoryview:
+    """The bytes of an images row that holds its image (see holds_image)."""
+    return row["bytes"] if row["bytes"] is not None else read_referenced(row)
+
+
 def read_referenced(row: dict) -> bytes:
     """A referenced image's bytes, read at its source and checked to be the bytes ingest saw.
 

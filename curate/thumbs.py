@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curate.images import ImageError, decode, decode_threads
+from curate.storage import LOCATOR_COLUMNS, holds_image, image_data
 from curate.store import Dataset
 
 SIDE = 256  # fits in SIDE x SIDE
@@ -36,11 +37,11 @@ def make_thumbs(ds: Dataset, image_ids: list[str]) -> dict[str, Path | None]:
     missing = {i for i, path in out.items() if not path.exists()}
     if not missing:
         return out
-    found: dict[str, bytes] = {}
-    for batch in ds.scan("images", ["image_id", "bytes"], ids=missing,
-                         filter=pc.field("image_id").isin(list(missing)) & pc.field("bytes").is_valid()):
-        for image_id, data in zip(batch.column("image_id").to_pylist(), batch.column("bytes")):
-            found.setdefault(image_id, data.as_buffer())
+    found: dict[str, dict] = {}
+    for batch in ds.scan("images", ["image_id", "bytes", "size_bytes", *LOCATOR_COLUMNS], ids=missing,
+                         filter=pc.field("image_id").isin(list(missing)) & holds_image()):
+        for row in batch.to_pylist():
+            found.setdefault(row["image_id"], row)
     with ThreadPoolExecutor(decode_threads()) as pool:
         made = dict(zip(found, pool.map(lambda item: _write(ds, *item), found.items())))
     for image_id in missing:
@@ -48,9 +49,9 @@ def make_thumbs(ds: Dataset, image_ids: list[str]) -> dict[str, Path | None]:
     return out
 
 
-def _write(ds: Dataset, image_id: str, data) -> Path | None:
-    try:
-        image = decode(data, long_side=SIDE).image
+def _write(ds: Dataset, image_id: str, row: dict) -> Path | None:
+    try:  # a referenced image is read where it is (a thread each: from object storage reads wait)
+        image = decode(image_data(row), long_side=SIDE).image
     except ImageError:
         return None
     image.thumbnail((SIDE, SIDE), Image.Resampling.BICUBIC)

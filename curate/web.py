@@ -18,7 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.compute as pc
 
-from curate.images import decode
+from curate.images import ImageError, decode
+from curate.storage import LOCATOR_COLUMNS, holds_image, image_data
 from curate.store import Dataset
 
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -141,11 +142,15 @@ def serve(handler: type[PageHandler], host: str, port: int) -> ThreadingHTTPServ
 
 def image_bytes(ds: Dataset, image_id: str) -> tuple[bytes, str] | None:
     """An ok image's file as browsers show it (TIFF, BMP, ... as PNG), or None."""
-    table = ds.read("images", ["bytes", "format"], filter=(pc.field("image_id") == image_id)
-                    & (pc.field("status") == "ok") & pc.field("bytes").is_valid())
+    table = ds.read("images", ["image_id", "bytes", "format", "size_bytes", *LOCATOR_COLUMNS],
+                    filter=(pc.field("image_id") == image_id) & (pc.field("status") == "ok") & holds_image())
     if table.num_rows == 0:
         return None
-    data, fmt = table.column("bytes")[0].as_py(), table.column("format")[0].as_py()
+    row = table.slice(0, 1).to_pylist()[0]
+    try:
+        data, fmt = image_data(row), row["format"]
+    except ImageError:  # a referenced image that moved or changed: not another image's pixels
+        return None
     if fmt in WEB_FORMATS:
         return data, WEB_FORMATS[fmt]
     buf = io.BytesIO()

@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 from curate.devices import limit_threads
 from curate.images import ImageError, decode, shrink
 from curate.pipelines.stage import Stage
-from curate.storage import LOCATOR_COLUMNS, read_referenced
+from curate.storage import LOCATOR_COLUMNS, holds_image, image_data
 from curate.store import Dataset
 
 
@@ -28,8 +28,8 @@ def prepare_row(stages: list[Stage], row: dict[str, Any], todo: list) -> list[di
     wanted = [k for k, ids in enumerate(todo) if ids is None or row[stages[k].key] in ids]
     out: list[dict | None] = [None] * len(stages)
     try:
-        if row.get("location") is not None and row.get("bytes") is None:  # referenced: read at the source
-            row["bytes"] = read_referenced(row)
+        if "location" in row:  # a referenced image is read at its source
+            row["bytes"] = image_data(row)
         need = decode_need([stages[k] for k in wanted])
         if need is not None:
             row["image"] = decode(row["bytes"], min_side=need[0] or None, long_side=need[1] or None)
@@ -210,7 +210,7 @@ def input_filter(stages: list[Stage], ids: list[str] | pa.Array) -> pads.Express
     if stage.source == "images":
         expr = expr & (pc.field("status") == "ok")
         if any("bytes" in s.columns for s in stages):  # the one row of an image that holds its bytes (or locator)
-            expr = expr & (pc.field("bytes").is_valid() | pc.field("location").is_valid())
+            expr = expr & holds_image()
     return expr & stage.source_filter()
 
 

@@ -95,3 +95,18 @@ def test_cli_reference_and_copy(image_dir, tmp_path):
     ref, copy = Dataset(tmp_path / "ref").read("images"), Dataset(tmp_path / "copy").read("images")
     assert ref.column("bytes").null_count == ref.num_rows and ref.column("location").null_count < ref.num_rows
     assert copy.column("location").null_count == copy.num_rows and copy.column("bytes").null_count < copy.num_rows
+
+
+def test_the_view_shows_referenced_images_and_never_a_changed_one(image_dir, tmp_path):
+    from curate.thumbs import make_thumbs
+    from curate.web import image_bytes
+
+    ds = Dataset(tmp_path / "ds", create=True)
+    ingest([str(image_dir)], ds, show_progress=False, reference=True)
+    ids = {r["source"].rsplit("/", 1)[-1]: r["image_id"] for r in ds.read("images").to_pylist() if r["status"] == "ok"}
+    assert image_bytes(ds, ids["img00.png"]) == ((image_dir / "img00.png").read_bytes(), "image/png")
+    (image_dir / "img02.jpg").write_bytes(encode_image(make_image(100, 100, seed=7)))
+    thumbs = make_thumbs(ds, list(ids.values()))
+    assert thumbs[ids["img02.jpg"]] is None and image_bytes(ds, ids["img02.jpg"]) is None
+    assert all(path is not None and path.exists() for name, path in ((n, thumbs[i]) for n, i in ids.items())
+               if name != "img02.jpg")
