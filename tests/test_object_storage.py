@@ -16,6 +16,9 @@ from conftest import REPO, encode_image, make_image, run_cli
 from s3_server import S3Server
 
 from curate.models.tiny import write_zoo
+from curate.pipelines.executor import run
+from curate.pipelines.ingest import ingest
+from curate.pipelines.stats import StatsStage
 from curate.store import Dataset
 
 SMALL = "rule:step=64,max_area=65536,min_area=40000"  # ~256x256 buckets: fast on CPU
@@ -79,7 +82,7 @@ def test_ingest_score_sql_encode_and_train_on_s3(s3, zoo, tmp_path):
     # sources and dataset both in the bucket; --reference: stages read each image from S3 where it is
     proc = curate(s3, "--endpoint-url", s3.url, "ingest", "--reference", "s3://photos/set", "s3://data/killed")
     assert "25" in proc.stdout  # 20 files + 4 members + 1 broken
-    curate(s3, "ingest", "--reference", "s3://photos/set/", "s3://data/clean", "-q")
+    ingest(["s3://photos/set/"], Dataset("s3://data/clean", create=True), show_progress=False, reference=True)
     images = table("s3://data/clean", "images", "source")
     member = next(r for r in images if r["source"].endswith("shard-0000.tar::00002.png"))
     assert member["location"] == "s3://photos/set/shard-0000.tar" and member["location_offset"] > 0
@@ -116,8 +119,8 @@ def test_two_ray_nodes_read_an_s3_dataset_and_the_driver_commits(s3):
     the workers reach the bucket with what the driver passes them (--endpoint-url, the keys)."""
     from ray.cluster_utils import Cluster
 
-    curate(s3, "ingest", "s3://photos/set", "s3://data/ray", "-q")
-    curate(s3, "ingest", "s3://photos/set", "s3://data/one", "-q")
+    for name in ("ray", "one"):  # --copy: the image bytes are in the bucket's parts
+        ingest(["s3://photos/set"], Dataset(f"s3://data/{name}", create=True), show_progress=False)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
     try:  # the nodes (and their workers) inherit no AWS settings
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1},
@@ -132,7 +135,7 @@ def test_two_ray_nodes_read_an_s3_dataset_and_the_driver_commits(s3):
                 cluster.address, "-q", env=env)
     finally:
         cluster.shutdown()
-    curate(s3, "hash", "s3://data/one", "-q")
+    run(Dataset("s3://data/one"), StatsStage(), show_progress=False)
     ray_rows, local_rows = table("s3://data/ray", "stats"), table("s3://data/one", "stats")
     assert len(ray_rows) == 24 and all(r["status"] == "ok" for r in ray_rows)
     assert ray_rows == local_rows
