@@ -27,10 +27,12 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.images import ImageError
 from curate.pipelines.export_formats import ImageFolder, Kohya, RowIndex, Writer, write_atomic
 from curate.pipelines.export_shards import ParquetParts, WebDataset
 from curate.pipelines.rows import binary_views
 from curate.progress import progress_bar
+from curate.storage import LOCATOR_COLUMNS, holds_image, read_referenced
 from curate.store import Dataset, now, remove_stale_temporaries
 
 PROMPTS = ("both", "tags", "caption")
@@ -166,20 +168,26 @@ def selected(ds: Dataset, where: str | None, full: bool) -> pa.Table:
 def stored_bytes(ds: Dataset, ids: list[str]) -> Iterator[tuple[list[str], list[memoryview]]]:
     """(image ids, their bytes) from the images table in storage order, each image once; only
     the row groups holding a wanted image are read, and the bytes are views of Arrow's memory
-    (a filter or take would copy every image)."""
+    (a filter or take would copy every image), or a referenced image's, read at its source."""
     if not ids:
         return
     wanted = set(ids)
-    keep = pc.field("image_id").isin(pa.array(ids, pa.string())) & pc.field("bytes").is_valid()
-    projection = {"image_id": pc.field("image_id"), "bytes": pc.field("bytes"), "_keep": keep}
+    keep = pc.field("image_id").isin(pa.array(ids, pa.string())) & holds_image()
+    projection = {c: pc.field(c) for c in ("image_id", "bytes", "size_bytes", *LOCATOR_COLUMNS)} | {"_keep": keep}
     for batch in ds.scan("images", projection, batch_size=BATCH, use_threads=False, ids=wanted):
         batch_ids, out = [], []
-        for image_id, k, blob in zip(batch.column("image_id").to_pylist(), batch.column("_keep").to_pylist(),
-                                     binary_views(batch.column("bytes"))):
-            if k and image_id in wanted:
-                wanted.discard(image_id)
-                batch_ids.append(image_id)
-                out.append(blob)
+        located = batch.select(["image_id", "size_bytes", *LOCATOR_COLUMNS]).to_pylist()
+        for row, k, blob in zip(located, batch.column("_keep").to_pylist(), binary_views(batch.column("bytes"))):
+            if not k or row["image_id"] not in wanted:
+                continue
+            if blob is None:  # referenced: read at its source (moved or changed: left to the fallbacks)
+                try:
+                    blob = read_referenced(row)
+                except ImageError:
+                    continue
+            wanted.discard(row["image_id"])
+            batch_ids.append(row["image_id"])
+            out.append(blob)
         if batch_ids:
             yield batch_ids, out
 

@@ -110,3 +110,18 @@ def test_the_view_shows_referenced_images_and_never_a_changed_one(image_dir, tmp
     assert thumbs[ids["img02.jpg"]] is None and image_bytes(ds, ids["img02.jpg"]) is None
     assert all(path is not None and path.exists() for name, path in ((n, thumbs[i]) for n, i in ids.items())
                if name != "img02.jpg")
+
+
+def test_export_reads_referenced_tar_members_at_their_offsets(image_dir, tmp_path):
+    from curate.pipelines.export import export
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for path in sorted(image_dir.rglob("img*")):
+            tar.add(path, arcname=f"{path.stem}.{path.suffix[1:]}")
+    ds = Dataset(tmp_path / "ds", create=True)
+    ingest([str(shard)], ds, show_progress=False, reference=True)
+    summary = export(ds, tmp_path / "out", "imagefolder", show_progress=False)
+    assert summary["unavailable"] == []
+    exported = sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.suffix in (".jpg", ".png"))
+    assert exported == sorted(p.read_bytes() for p in image_dir.rglob("img*"))
