@@ -164,3 +164,22 @@ def test_the_trainer_reads_latent_row_groups_ahead_from_s3(s3, zoo, tmp_path):
         assert set(cache.ahead) and set(cache.ahead) <= wanted
         assert torch.equal(batch["latents"], local.build_batch(micro)[0]["latents"])
     assert max(cache.reads.values()) <= 2  # read ahead, then used: not read again and again
+
+
+
+def test_ray_train_workers_read_latents_from_s3(s3, zoo, tmp_path):
+    """Two Ray Train workers (`curate train --workers 2` starts its own Ray) read an s3:// dataset."""
+    import pyarrow.fs as pafs
+
+    from tests.trainer_helpers import make_latent_dataset
+
+    make_latent_dataset(tmp_path / "ds", 8)
+    pafs.copy_files(str(tmp_path / "ds" / "tables"), "data/ray-train/tables",
+                    destination_filesystem=Dataset("s3://data/ray-train", create=True).fs)
+    config = tmp_path / "train.toml"
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**TRAIN, "output": str(tmp_path / "run")}
+                                .items()))
+    curate(s3, "train", "s3://data/ray-train", "--base", str(zoo["sdxl"]), "--config", str(config), "--workers", "2",
+           "-q")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == "0 -> 2"

@@ -37,13 +37,17 @@ def train_on_ray(dataset: str, base: str, config: TrainConfig, resume: bool = Fa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from curate.storage import is_remote, storage_env
+
     output = Path(config.output).resolve()
     config_values = config_dict(config) | {"output": str(output)}
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                                                         os.environ.get("PYTHONPATH")]))}})
-    settings = {"dataset": str(Path(dataset).resolve()), "base": str(Path(base).resolve()), "config": config_values,
+                                                                                         os.environ.get("PYTHONPATH")])),
+                                           **storage_env()}})  # workers reach an s3:// dataset as we do
+    settings = {"dataset": dataset if is_remote(dataset) else str(Path(dataset).resolve()),
+                "base": str(Path(base).resolve()), "config": config_values,
                 "resume": resume, "show_progress": show_progress, **(extra or {})}
     trainer = TorchTrainer(loop, train_loop_config=settings,
                            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=torch.cuda.is_available()),
