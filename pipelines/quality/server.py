@@ -29,6 +29,7 @@ from curate.store import Dataset
 PAGE = Path(__file__).with_name("rate.html")
 WEB_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+MAX_BODY = 4096  # a judgement is a few dozen bytes
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
                     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
                                                "script-src 'self' 'unsafe-inline'"}
@@ -143,7 +144,13 @@ def make_handler(session: RatingSession, loopback_only: bool):
                                       {"error": "send JSON (Content-Type: application/json)"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(min(length, 4096)) or b"{}")
+                if not 0 <= length <= MAX_BODY:  # read(-1) would read until the client hangs up
+                    self.close_connection = True  # the body, if any, is left unread
+                    return self.send_json(HTTPStatus.BAD_REQUEST,
+                                          {"error": f"Content-Length must be 0 to {MAX_BODY} bytes"})
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("send a JSON object")
                 if self.path == "/api/judge":
                     winner = body.get("winner")
                     if winner not in (*rt.WINNERS, "skip"):
@@ -156,8 +163,8 @@ def make_handler(session: RatingSession, loopback_only: bool):
                     self.not_found()
             except LookupError as e:
                 self.send_json(HTTPStatus.CONFLICT, {"error": str(e)})
-            except (ValueError, AttributeError) as e:
-                self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {e}"})
+            except (ValueError, RecursionError) as e:  # not JSON, or nested past the parser's depth
+                self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {type(e).__name__}: {e}"})
 
     return Handler
 
