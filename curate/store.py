@@ -7,8 +7,10 @@ buffers a run's rows into parts of a bounded size and age, so a kill loses littl
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import time
 import uuid
 from datetime import datetime, timezone
@@ -21,6 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, SCHEMAS
 
 PART_GLOB = "part-*.parquet"
@@ -41,6 +44,36 @@ BLOB_COLUMNS = {"latents": {"latent", "mean", "logvar"}}
 
 class DatasetError(Exception):
     """A user-facing problem with a dataset directory or a query over it."""
+
+
+def write_error(e: OSError, what: str, folder: Path) -> DatasetError:
+    """An error writing to the dataset, said in one line: a full disk with the free space
+    left, a read-only dataset, or the OS's own words."""
+    code = e.errno or (errno.ENOSPC if "No space left" in str(e) else None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return DatasetError(f"the disk is full: no space left writing {what} in {folder} ({free}); free some "
+                            "space and run the command again: it goes on from where it stopped")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DatasetError(f"cannot write {what} in {folder}: {os.strerror(code)} (a read-only dataset can be "
+                            "read with sql, info and dups)")
+    return DatasetError(f"cannot write {what} in {folder}: {e}")
+
+
+def where_clause(where: str) -> str:
+    """A user's `--where` (or the trainer's `where`) as SQL to put after WHERE: exactly one
+    expression, as DuckDB's own parser reads it, never a statement. What it may read is
+    limited by the connection (`Dataset.connect`): the dataset's tables and nothing else."""
+    try:
+        duckdb.SQLExpression(where)
+    except duckdb.Error as e:
+        raise DatasetError(f"bad --where {where!r}: give one SQL expression over the manifest's columns, such as "
+                           f"\"rank >= 5 AND NOT has_watermark\" ({str(e).splitlines()[0]})") from None
+    # Its own lines: a trailing -- comment ends at the newline, before the closing parenthesis.
+    return f"(\n{where}\n)"
 
 
 # Parts are local files: Arrow's pre-buffering (made for object stores) reads whole row
@@ -66,8 +99,14 @@ class Dataset:
     def __init__(self, root: str | os.PathLike, create: bool = False):
         self.root = Path(root).resolve()
         self.tables_dir = self.root / "tables"
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"{root} is a file, not a dataset directory; give a directory (a new one for "
+                               "`curate ingest` to make)")
         if create:
-            self.tables_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.tables_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(e, "the dataset's tables/ folder", self.root) from None
         elif not self.tables_dir.is_dir():
             raise DatasetError(f"{self.root} is not a curate dataset (no tables/ folder); "
                                f"run `curate ingest SRC {root}` first")
@@ -77,18 +116,27 @@ class Dataset:
         return self.tables_dir / name
 
     def parts(self, name: str) -> list[Path]:
-        """Readable parts of a table in write order; temporary and unreadable parts are skipped."""
-        folder = self.table_dir(name)
-        if not folder.is_dir():
-            return []
+        """The table's parts in write order. Temporary parts are not parts yet; a damaged part,
+        or one whose schema is not the table's (another table's part, a column of another type),
+        is never read as rows: it is skipped with a warning naming it (`unread_parts` lists them)."""
         good = []
-        for path in sorted(folder.glob(PART_GLOB)):
-            try:
-                pq.read_metadata(path)
-            except Exception:  # a damaged part must not hide the rest of the table
-                continue
-            good.append(path)
+        for path in self._part_files(name):
+            problem = part_problem(path, SCHEMAS[name])
+            if problem is None:
+                good.append(path)
+            elif path not in _WARNED:
+                _WARNED.add(path)
+                warn(f"{path} is not read: {problem}")
         return good
+
+    def unread_parts(self) -> list[tuple[str, Path, str]]:
+        """(table, part, why) for every part a reader skips: damaged, or not the table's schema."""
+        return [(name, path, problem) for name in SCHEMAS for path in self._part_files(name)
+                if (problem := part_problem(path, SCHEMAS[name])) is not None]
+
+    def _part_files(self, name: str) -> list[Path]:
+        folder = self.table_dir(name)
+        return sorted(folder.glob(PART_GLOB)) if folder.is_dir() else []
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
@@ -100,23 +148,28 @@ class Dataset:
         if table.num_rows == 0:
             return None
         folder = self.table_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.remove_stale_tmp(name)
         tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
         final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         raw = RAW_COLUMNS.get(name, set())
         cooked = [c for c in table.column_names if c not in raw | BLOB_COLUMNS.get(name, set())]
         rows_per_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
-        pq.write_table(table, tmp, row_group_size=rows_per_group, use_dictionary=cooked, write_statistics=cooked,
-                       compression={c: "none" if c in raw else "zstd" for c in table.column_names})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dir_fd = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.remove_stale_tmp(name)
+            pq.write_table(table, tmp, row_group_size=rows_per_group, use_dictionary=cooked,
+                           write_statistics=cooked,
+                           compression={c: "none" if c in raw else "zstd" for c in table.column_names})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:  # a full disk, a read-only dataset: no partial part stays behind
+            tmp.unlink(missing_ok=True)
+            raise write_error(e, f"a part of {name}", folder) from None
         return final
 
     def remove_stale_tmp(self, name: str) -> None:
@@ -151,18 +204,30 @@ class Dataset:
 
     # ---- SQL ---------------------------------------------------------------------
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view per table and the `manifest` view."""
-        con = duckdb.connect()
-        for sql in self.view_sql():
-            con.execute(sql)
+        """An in-memory DuckDB connection with a view per table and the `manifest` view, that
+        reads the dataset's parts and nothing else: no other file (read_text, read_csv, glob),
+        no writes (COPY), no ATTACH, no extensions installed or loaded, and its settings locked.
+        A user's `--where` and `curate sql` run on it."""
+        parts = {name: self.parts(name) for name in SCHEMAS}
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        try:
+            allowed = ", ".join(_quote(str(p)) for table in parts.values() for p in table)
+            con.execute(f"SET allowed_paths = [{allowed}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            for sql in self.view_sql(parts):
+                con.execute(sql)
+        except BaseException:
+            con.close()
+            raise
         return con
 
-    def view_sql(self) -> list[str]:
+    def view_sql(self, parts: dict[str, list[Path]] | None = None) -> list[str]:
         statements = []
         for name, schema in SCHEMAS.items():
-            parts = self.parts(name)
-            if parts:
-                files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+            parts_of = parts[name] if parts is not None else self.parts(name)
+            if parts_of:
+                files = ", ".join(_quote(str(p)) for p in parts_of)
                 statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
                                   f'FROM read_parquet([{files}], union_by_name=true)')
             else:
@@ -174,25 +239,47 @@ class Dataset:
     def refresh_manifest_db(self) -> Path:
         """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
 
-        Written aside and renamed, so a client that has the old file open keeps reading
-        it and two refreshes never fight over DuckDB's file lock.
+        Written aside, checked and renamed, so a client that has the old file open keeps
+        reading it, two refreshes never fight over DuckDB's file lock, and a refresh that
+        fails (a full disk, a read-only dataset) keeps the previous file.
         """
         path = self.root / "manifest.duckdb"
-        _remove_stale_tmp(self.root)  # left by a killed refresh
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
-        con = duckdb.connect(str(tmp))
         try:
-            for sql in self.view_sql():
-                con.execute(sql)
-        finally:
-            con.close()
-        os.replace(tmp, path)
+            _remove_stale_tmp(self.root)  # left by a killed refresh
+            con = duckdb.connect(str(tmp))
+            try:
+                for sql in self.view_sql():
+                    con.execute(sql)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            check = duckdb.connect(str(tmp), read_only=True)  # DuckDB may not say that its writes failed
+            try:
+                check.execute("SELECT * FROM manifest LIMIT 0")
+            finally:
+                check.close()
+            os.replace(tmp, path)
+        except (OSError, duckdb.Error) as e:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            error = write_error(e, "manifest.duckdb", self.root) if isinstance(e, OSError) else e
+            raise DatasetError(f"{error}; the previous manifest.duckdb is kept") from None
         return path
 
     def sql(self, sql: str) -> pa.Table:
-        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb."""
-        path = self.refresh_manifest_db()
-        con = duckdb.connect(str(path), read_only=True)
+        """Run one read-only query (SELECT or EXPLAIN) over the tables and `manifest`, on a
+        connection that reads nothing but the dataset. manifest.duckdb is refreshed first
+        for other DuckDB clients; where that fails (a full disk, a read-only dataset) the query
+        still runs, with a warning."""
+        try:
+            self.refresh_manifest_db()
+        except DatasetError as e:
+            warn(f"manifest.duckdb was not refreshed: {e}")
+        con = self.connect()
         try:
             statements = con.extract_statements(sql)
             if len(statements) != 1:
@@ -218,10 +305,10 @@ class Dataset:
             con.close()
 
     def select_ids(self, where: str | None = None) -> list[str]:
-        """Ids of ok images, optionally filtered by a SQL predicate over `manifest`."""
+        """Ids of ok images, optionally filtered by a SQL expression over `manifest`."""
         sql = "SELECT image_id FROM manifest"
         if where:
-            sql += f" WHERE ({where})"
+            sql += f" WHERE {where_clause(where)}"
         try:
             return self.query(sql + " ORDER BY image_id").column("image_id").to_pylist()
         except DatasetError as e:
@@ -233,6 +320,48 @@ class Dataset:
             return [row[0] for row in con.execute("DESCRIBE manifest").fetchall()]
         finally:
             con.close()
+
+
+_WARNED: set[Path] = set()  # parts already warned about in this process
+
+
+def part_problem(path: Path, schema: pa.Schema) -> str | None:
+    """Why a part is not one of its table's (None: it is): unreadable, a column the table
+    does not have or of another type, or a required column missing. Columns added to a table
+    later may be missing from older parts (they read as null)."""
+    try:
+        found = pq.read_schema(path)
+    except Exception as e:  # a damaged part must not hide the rest of the table
+        return f"unreadable ({type(e).__name__}: {e})"
+    for field in found:
+        if schema.get_field_index(field.name) < 0:
+            return f"column {field.name!r} is not in this table's schema (a part of another table?)"
+        expected = schema.field(field.name).type
+        if not _same_type(field.type, expected):
+            return f"column {field.name!r} is {field.type}, not {expected}"
+    missing = [f.name for f in schema if not f.nullable and found.get_field_index(f.name) < 0]
+    if missing:
+        return f"lacks the column(s) {', '.join(missing)}"
+    return None
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """Equal types, counting large and small strings, binaries and lists as the same."""
+    if a == b:
+        return True
+    for kind, large in ((pa.types.is_string, pa.types.is_large_string), (pa.types.is_binary, pa.types.is_large_binary)):
+        if (kind(a) or large(a)) and (kind(b) or large(b)):
+            return True
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(f(a) for f in lists) and any(f(b) for f in lists):
+        return _same_type(a.value_type, b.value_type)
+    if pa.types.is_struct(a) and pa.types.is_struct(b):
+        return [f.name for f in a] == [f.name for f in b] and all(_same_type(x.type, y.type) for x, y in zip(a, b))
+    return False
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _remove_stale_tmp(folder: Path) -> None:

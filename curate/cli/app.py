@@ -27,7 +27,7 @@ from curate.cli.quality import quality_app
 from curate.devices import DeviceError
 from curate.models.families import FAMILIES, family, of_task
 from curate.pipelines.dups import DEFAULT_THRESHOLD, MAX_THRESHOLD
-from curate.progress import print_summary, quiet_loaders
+from curate.progress import console, print_summary, quiet_loaders
 from curate.store import Dataset, DatasetError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -37,7 +37,11 @@ app.add_typer(quality_app, name="quality")
 
 def main() -> None:
     quiet_loaders()
-    app()
+    try:
+        app()
+    except DatasetError as e:  # said by the store wherever it happened: a full disk, a read-only dataset
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(2) from None
 
 
 def model_errors() -> tuple[type[Exception], ...]:
@@ -81,7 +85,7 @@ def ingest(
         check_sources(srcs)
         summary = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet,
                              engine=engine.value, ray_address=ray_address)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DatasetError) as e:
         fail(str(e))
     report(f"ingest -> {ds_path}", summary)
 
@@ -122,7 +126,6 @@ def dups(
 ):
     """Exact duplicate groups (same bytes, several sources) and near duplicates (phash distance)."""
     from curate.pipelines.dups import duplicate_groups, has_stats
-    from curate.progress import console
 
     ds = open_dataset(dataset)
     try:
@@ -146,7 +149,12 @@ def info(dataset: DatasetArg, format: FormatOpt = "table", output: OutputOpt = N
 
     ds = open_dataset(dataset)
     write_or_fail(dataset_info(ds), format, output)
-    print_summary(f"dataset {ds.root}", image_summary(ds), aside=format != "table" and output is None)
+    aside = format != "table" and output is None
+    print_summary(f"dataset {ds.root}", image_summary(ds), aside=aside)
+    unread = ds.unread_parts()
+    if unread:
+        print_summary("parts not read (damaged, or not their table's schema)",
+                      {str(path.relative_to(ds.root)): why for _, path, why in unread}, aside=aside)
 
 
 @app.command("hash")
