@@ -91,3 +91,33 @@ def test_data_readme_documents_every_column_and_error_code():
     for table, schema in SCHEMAS.items():
         own = set(schema.names) - (common if common <= set(schema.names) else set())
         assert own <= documented.get(table, set()), f"{table}: {own - documented.get(table, set())} undocumented"
+
+
+def test_parts_of_another_schema_are_never_read_and_are_reported(dataset, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    from conftest import run_cli
+
+    from curate.pipelines.executor import run
+    from curate.pipelines.stats import StatsStage
+
+    run(dataset, StatsStage(), show_progress=False)
+    manifest_before = dataset.query("SELECT image_id, phash, tags FROM manifest ORDER BY image_id").to_pylist()
+    tags_dir = dataset.table_dir("tags")
+    tags_dir.mkdir()
+    # another table's part dropped into tags/, and a tags part whose `tags` column is a string
+    pq.write_table(dataset.read("stats"), tags_dir / "part-00000000000000000001-stats.parquet")
+    wrong = pa.table({"image_id": dataset.select_ids()[:3], "model": ["m"] * 3, "status": ["ok"] * 3,
+                      "tags": ["a, b"] * 3, "created_at": pa.array([now()] * 3, pa.timestamp("us", tz="UTC"))})
+    pq.write_table(wrong, tags_dir / "part-00000000000000000002-wrong.parquet")
+    assert dataset.read("tags").num_rows == 0
+    assert dataset.query("SELECT image_id, phash, tags FROM manifest ORDER BY image_id").to_pylist() == manifest_before
+    unread = {path.name: why for table, path, why in dataset.unread_parts() if table == "tags"}
+    assert "not in this table's schema" in unread["part-00000000000000000001-stats.parquet"]
+    assert "'tags' is string" in unread["part-00000000000000000002-wrong.parquet"]
+
+    monkeypatch.setenv("COLUMNS", "250")  # the report's lines unwrapped
+    proc = run_cli("info", str(dataset.root))
+    assert "part-00000000000000000001-stats.parquet" in proc.stdout and "part-00000000000000000002" in proc.stdout
+    proc = run_cli("sql", str(dataset.root), "SELECT count(*) AS n FROM tags", "--format", "csv")
+    assert proc.stdout.split() == ['"n"', "0"]
+    assert "warning:" in proc.stderr and "part-00000000000000000001-stats.parquet is not read" in proc.stderr
