@@ -59,7 +59,7 @@ def tiny_cpu(n_images: int) -> dict:
     vae = str(write_zoo(tmp / "zoo", ["vae"])["vae"])
     buckets = parse_bucket_set("sd15")
 
-    # the bare loop: decode at the needed size, Lanczos, crop; no model, no runner, no Parquet
+    # the bare loop: decode at the needed size, Lanczos, crop; no model, no executor, no Parquet
     rows = ds.read("images", ["image_id", "bytes", "width", "height"]).to_pylist()
     started = time.perf_counter()
     for r in rows:

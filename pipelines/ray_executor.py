@@ -71,19 +71,30 @@ def _prepare_batch(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.T
                      "_prepared": pa.array(prepared, pa.binary())})
 
 
+def _process_batch(stages: list[Stage], batch: pa.Table) -> pa.Table:
+    """Process a batch of prepared rows; several tables come back in one Arrow batch as
+    (stage index, IPC bytes) rows."""
+    prepared = [pickle.loads(b) for b in batch.column("_prepared").to_pylist()]
+    results = process_pass(stages, batch.column("_key").to_pylist(), prepared)
+    return pa.table({"_stage": pa.array([k for k, _ in results], pa.int32()),
+                     "_rows": pa.array([_to_ipc(t) for _, t in results], pa.binary())})
+
+
 class _ProcessBatch:
-    """Ray actor: loads the models once, then processes batches. Several tables come back
-    in one Arrow batch as (stage index, IPC bytes) rows."""
+    """Ray actor: loads the models once, then processes batches."""
 
     def __init__(self, stages: list[Stage]):
         self.stages = stages
         setup_stages(stages)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prepared = [pickle.loads(b) for b in batch.column("_prepared").to_pylist()]
-        results = process_pass(self.stages, batch.column("_key").to_pylist(), prepared)
-        return pa.table({"_stage": pa.array([k for k, _ in results], pa.int32()),
-                         "_rows": pa.array([_to_ipc(t) for _, t in results], pa.binary())})
+        return _process_batch(self.stages, batch)
+
+
+def _prepare_and_process(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
+    """Ray task for a pass without a model (ingest, hash, buckets): both steps in one task,
+    with no actor to hand rows to."""
+    return _process_batch(stages, _prepare_batch(batch, stages, todo_ref))
 
 
 def _to_ipc(table: pa.Table) -> bytes:
@@ -127,16 +138,19 @@ def run_ray(ds: Dataset, stages: list[Stage], todo: list, everything: list[str] 
     todo_ref = ray.put([None if t is None else pa.array(sorted(t), pa.string()) for t in todo])
     with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
         warnings.simplefilter("ignore", DeprecationWarning)
-        data = data.map_batches(_prepare_batch, fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
+        with_model = any(s.has_model for s in stages)
+        data = data.map_batches(_prepare_batch if with_model else _prepare_and_process,
+                                fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
                                 batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
                                 max_retries=RAY_TASK_RETRIES)
-        data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                                batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                                num_gpus=num_gpus if gpus else 0, num_cpus=0,
-                                # A restarted actor would meet the same batch again; a rerun
-                                # of the command resumes instead. (Restartable actors also
-                                # make Ray log a spurious error line for every pool.)
-                                max_restarts=0)
+        if with_model:
+            data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
+                                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                                    num_gpus=num_gpus if gpus else 0, num_cpus=0,
+                                    # A restarted actor would meet the same batch again; a rerun
+                                    # of the command resumes instead. (Restartable actors also
+                                    # make Ray log a spurious error line for every pool.)
+                                    max_restarts=0)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     # An ordered stage (ingest: the first copy of a file keeps its bytes) sees rows in input order.

@@ -63,7 +63,7 @@ def setup_stages(stages: list[Stage]) -> None:
     frozen, the garbage collector stops rescanning it (hundreds of thousands of objects
     after torch and transformers load, a quarter second a full collection)."""
     for stage in stages:
-        if type(stage).setup is not Stage.setup:  # a stage with a model
+        if stage.has_model:
             limit_threads(stage.resources.cpus)
         stage.setup()
     gc.freeze()

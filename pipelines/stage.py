@@ -88,6 +88,11 @@ class Stage:
     def setup(self) -> None:
         pass
 
+    @property
+    def has_model(self) -> bool:
+        """Whether setup() loads something (weights): its batches then go to model workers."""
+        return type(self).setup is not Stage.setup
+
     def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
         return {}
 

@@ -156,7 +156,7 @@ def outcome(data):
 
 
 def test_arrow_buffers_decode_as_bytes_do(corpus):
-    """The runner hands the decoder memoryviews of Arrow's buffers (no copy): every file of
+    """The executor hands the decoder memoryviews of Arrow's buffers (no copy): every file of
     the corpus, good or broken, must come out the same as from Python bytes."""
     root, expected, _ = corpus
     compared = 0

@@ -35,7 +35,7 @@ def originals(ds) -> dict[str, Image.Image]:
     return {r["image_id"]: Image.open(io.BytesIO(r["bytes"])).convert("RGB") for r in rows}
 
 
-def decoded(image) -> Decoded:  # what the runner hands prepare() as row["image"]
+def decoded(image) -> Decoded:  # what the executor hands prepare() as row["image"]
     return Decoded(image, image.width, image.height, "PNG", "RGB", False)
 
 
