@@ -13,16 +13,17 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from curate.claims import ClaimError, Claims, Owner
 from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, SCHEMAS
 
@@ -121,7 +122,7 @@ class Dataset:
         is never read as rows: it is skipped with a warning naming it (`unread_parts` lists them)."""
         good = []
         for path in self._part_files(name):
-            problem = part_problem(path, SCHEMAS[name])
+            problem = checked_part(path, name)
             if problem is None:
                 good.append(path)
             elif path not in _WARNED:
@@ -132,7 +133,7 @@ class Dataset:
     def unread_parts(self) -> list[tuple[str, Path, str]]:
         """(table, part, why) for every part a reader skips: damaged, or not the table's schema."""
         return [(name, path, problem) for name in SCHEMAS for path in self._part_files(name)
-                if (problem := part_problem(path, SCHEMAS[name])) is not None]
+                if (problem := checked_part(path, name)) is not None]
 
     def _part_files(self, name: str) -> list[Path]:
         folder = self.table_dir(name)
@@ -176,27 +177,52 @@ class Dataset:
         """Remove temporary parts left by processes that no longer run."""
         _remove_stale_tmp(self.table_dir(name))
 
+    # ---- claims on work (curate/claims.py) --------------------------------------------
+    @contextmanager
+    def owner(self) -> Iterator[Owner]:
+        """This run, for claiming work: its record lives while the block runs."""
+        owner = Owner(self.root)
+        try:
+            owner.start()
+        except ClaimError as e:
+            raise write_error(e, "this run's record", owner.folder_root) from None
+        try:
+            yield owner
+        finally:
+            owner.stop()
+
+    def claims(self, table: str, model: str, owner: Owner | str) -> Claims:
+        """Claims on the units of one stage's work, made for `owner` (a run, or its id)."""
+        return Claims(str(self.root), table, model, owner if isinstance(owner, str) else owner.id)
+
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         return pa.Table.from_batches(list(self.scan(name, columns, filter)), schema=self._schema(name, columns))
 
     def scan(self, name: str, columns: list[str] | dict | None = None, filter=None, batch_size: int = 256,
-             use_threads: bool = True, ids: set[str] | None = None) -> Iterator[pa.RecordBatch]:
+             use_threads: bool = True) -> Iterator[pa.RecordBatch]:
         """Stream a table's rows in batches, reading only the columns asked for (or a
-        projection: name -> expression), on Arrow's threads unless use_threads is False.
-
-        ids: read only the row groups that hold one of these image ids. Passes work in
-        storage order, so a resumed pass skips the groups it finished without reading their
-        image bytes (the ids are hashes: row-group statistics never rule a group out)."""
+        projection: name -> expression), on Arrow's threads unless use_threads is False."""
         parts = self.parts(name)
         if not parts:
             return
         data = pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format=PARQUET)
-        if ids is not None:
-            groups = [group for part in data.get_fragments() for group in part.split_by_row_group()
-                      if not ids.isdisjoint(group.to_table(columns=["image_id"]).column("image_id").to_pylist())]
-            data = pads.FileSystemDataset(groups, SCHEMAS[name], PARQUET, pafs.LocalFileSystem())
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
+
+    def scan_part(self, name: str, part: Path | str, columns: list[str] | dict, row_groups: list[int] | None = None,
+                  batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Stream one part's rows (only `row_groups` when given) on this thread, as `scan` does."""
+        (fragment,) = pads.dataset([str(part)], schema=SCHEMAS[name], format=PARQUET).get_fragments()
+        if row_groups is not None:
+            fragment = fragment.subset(row_group_ids=row_groups)
+        scanner = pads.Scanner.from_fragment(fragment, schema=SCHEMAS[name], columns=columns, batch_size=batch_size,
+                                             use_threads=False)
+        yield from scanner.to_batches()
+
+    @staticmethod
+    def row_group_sizes(part: Path | str) -> list[int]:
+        metadata = pq.read_metadata(part)
+        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
         schema = SCHEMAS[name]
@@ -323,6 +349,14 @@ class Dataset:
 
 
 _WARNED: set[Path] = set()  # parts already warned about in this process
+_CHECKED: dict[Path, str | None] = {}  # part -> its problem: a part never changes once it has its name
+
+
+def checked_part(path: Path, table: str) -> str | None:
+    """part_problem, asked once per part and process (a pass lists a table's parts often)."""
+    if path not in _CHECKED:
+        _CHECKED[path] = part_problem(path, SCHEMAS[table])
+    return _CHECKED[path]
 
 
 def part_problem(path: Path, schema: pa.Schema) -> str | None:
@@ -411,10 +445,14 @@ def manifest_view_sql() -> str:
 
 class PartWriter:
     """Buffers rows of one table and writes a part every PART_ROWS rows, PART_BYTES bytes or
-    PART_SECONDS seconds; what is buffered is written on exit, also on Ctrl-C."""
+    PART_SECONDS seconds; what is buffered is written on exit, also on Ctrl-C.
 
-    def __init__(self, ds: Dataset, table: str):
-        self.ds, self.table = ds, table
+    `before` is called before each part is written (it may refuse by raising), `written`
+    with the rows of each part once it is visible."""
+
+    def __init__(self, ds: Dataset, table: str, before: Callable[[], None] | None = None,
+                 written: Callable[[pa.Table], None] | None = None):
+        self.ds, self.table, self.before, self.written = ds, table, before, written
         self.buffer: list[pa.Table] = []
         self.rows = 0
         self.bytes = 0
@@ -431,7 +469,11 @@ class PartWriter:
         if self.buffer:
             rows = pa.concat_tables(self.buffer)
             for start in range(0, rows.num_rows, PART_ROWS):  # a model batch can be larger than a part
+                if self.before:
+                    self.before()
                 self.ds.write_part(self.table, rows.slice(start, PART_ROWS))
+                if self.written:
+                    self.written(rows.slice(start, PART_ROWS))
         self.buffer, self.rows, self.bytes = [], 0, 0
         self.last_flush = time.monotonic()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
 from curate.pipelines.executor import Summary, run
 from curate.pipelines.stage import Stage
+from curate.pipelines.work import DoneKeys
 from curate.schema import SCHEMAS
 from curate.store import Dataset, now
 
@@ -36,7 +38,8 @@ IMAGE_EXTENSIONS = {
 }
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-INGEST_BATCH = 64  # candidates per unit of work
+INGEST_BATCH = 64  # candidates per batch
+STORED_LOOK_SECONDS = 5.0  # how often commit() looks for images that other runs stored
 
 
 def candidate(source: str, **where) -> dict:
@@ -188,24 +191,20 @@ class IngestStage(Stage):
 
     def __init__(self, sources: list[str]):
         self.sources = list(sources)
-        self._duplicates = 0
 
     def model_key(self) -> str:
         return "ingest"
 
+    def done_filter(self):
+        return pc.scalar(True)  # a source with any row is ingested
+
     def inputs(self, ds: Dataset) -> Iterator[dict]:
-        # Only light columns: the table may hold a terabyte of bytes. Every ok image_id has
-        # its bytes in the first row that names it, and parts land in order, so "has an ok
-        # row" means "stored".
-        existing = ds.read("images", ["source", "image_id", "status"])
-        seen = set(existing.column("source").to_pylist())
-        self._stored = {i for i, s in zip(existing.column("image_id").to_pylist(),
-                                          existing.column("status").to_pylist()) if s == "ok"}
-        del existing
-        for c in enumerate_sources(self.sources):
-            if c["source"] not in seen:
-                seen.add(c["source"])
-                yield c
+        # The ids of stored images (ok rows: every ok image_id has its bytes in the first row
+        # that names it, and parts land in order), followed as parts appear, for commit().
+        self._stored_ids = DoneKeys(ds, "images", "image_id", pc.field("status") == "ok")
+        self._stored = self._stored_ids.new()
+        self._looked = time.monotonic()
+        yield from enumerate_sources(self.sources)
 
     def prepare(self, row: dict) -> dict:
         return inspect(row)
@@ -221,19 +220,22 @@ class IngestStage(Stage):
         schema = SCHEMAS["images"]
         return pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
 
-    def counts(self) -> dict[str, int]:
-        return {"duplicate": self._duplicates} if self._duplicates else {}
+    def counts(self, rows: pa.Table) -> dict[str, int]:
+        duplicates = pc.sum(pc.and_(pc.equal(rows.column("status"), "ok"), pc.is_null(rows.column("bytes")))).as_py()
+        return {"duplicate": duplicates} if duplicates else {}
 
     def commit(self, rows: pa.Table) -> pa.Table:
-        """Drop the bytes of an image already stored (an exact duplicate keeps its source only)."""
+        """Drop the bytes of an image already stored (an exact duplicate keeps its source only),
+        by this run or, since it started, by another (looked for every few seconds)."""
+        if time.monotonic() - self._looked > STORED_LOOK_SECONDS:
+            self._stored |= self._stored_ids.new()
+            self._looked = time.monotonic()
         ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
         keep = []
         for image_id, st in zip(ids, status):
-            duplicate = st == "ok" and image_id in self._stored
-            keep.append(not duplicate)
+            keep.append(not (st == "ok" and image_id in self._stored))
             if st == "ok":
                 self._stored.add(image_id)
-            self._duplicates += duplicate
         if all(keep):
             return rows
         data = rows.column("bytes")

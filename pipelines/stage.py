@@ -99,6 +99,10 @@ class Stage:
     def source_filter(self) -> pads.Expression:
         return pc.scalar(True)  # every row of `source`
 
+    def done_filter(self) -> pads.Expression:
+        """Rows of the stage's own table that count as done (its `model`'s): resume skips them."""
+        return pc.field("model") == self.model_key()
+
     def batch_key(self, prepared: dict[str, Any]) -> Hashable:
         return None  # any rows may share a batch
 
@@ -128,8 +132,8 @@ class Stage:
     def commit(self, rows: pa.Table) -> pa.Table:
         return rows
 
-    def counts(self) -> dict[str, int]:
-        """What the stage counted beyond ok rows and errors (ingest: duplicates), for the summary."""
+    def counts(self, rows: pa.Table) -> dict[str, int]:
+        """What written rows hold beyond ok rows and errors (ingest: duplicates), for the summary."""
         return {}
 
 

@@ -1,4 +1,5 @@
 """A pass of several stages: one read and one decode per image, one table per stage, resume per stage."""
+import multiprocessing
 import sys
 
 import numpy as np
@@ -30,7 +31,7 @@ class MeanColour(Stage):
 
 @pytest.fixture
 def count_decodes(monkeypatch):
-    calls = []
+    calls = multiprocessing.Manager().list()  # the local engine decodes in a process of its own
 
     def counting(data, min_side=None, **kw):
         calls.append(min_side)
@@ -51,7 +52,7 @@ def test_pass_decodes_once_for_all_stages(dataset, count_decodes):
 
 def test_pass_resumes_each_stage_on_its_own(dataset, count_decodes):
     run(dataset, StatsStage(), show_progress=False)[0]
-    count_decodes.clear()
+    del count_decodes[:]
     stats, colour = run(dataset, [StatsStage(), MeanColour()], show_progress=False)
     assert stats.todo == 0 and colour.ok == 12
     assert len(count_decodes) == 12 and dataset.read("stats").num_rows == 12

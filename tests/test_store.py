@@ -55,17 +55,30 @@ def test_not_a_dataset(tmp_path):
         Dataset(tmp_path / "nothing")
 
 
-def test_scan_by_ids_reads_only_the_row_groups_holding_them(tmp_path):
+def test_plan_reads_only_the_row_groups_holding_the_ids(tmp_path):
     """A resumed pass asks for the images left; the row groups it finished are not read."""
+    from curate.pipelines.stage import Stage
+    from curate.pipelines.work import Work
+
+    class OverStats(Stage):  # a stage whose input is the stats table
+        source, table, columns = "stats", "buckets", ("image_id",)
+
+        def model_key(self):
+            return "over-stats"
+
     ds = Dataset(tmp_path / "ds", create=True)
     parts = [[f"{k}{i:03d}" for i in range(5)] for k in "abc"]
     for ids in parts:  # a part is one row group here
         rows = [{"image_id": i, "model": "m", "status": "ok", "created_at": now()} for i in ids]
         ds.write_part("stats", pa.Table.from_pylist(rows, schema=ds.read("stats").schema))
-    read = [b.column("image_id").to_pylist() for b in ds.scan("stats", ["image_id"], ids={"b002", "zzz"})]
-    assert sorted(sum(read, [])) == parts[1]  # the whole group of b002, nothing of a or c
-    assert list(ds.scan("stats", ["image_id"], ids={"zzz"})) == []
-    assert sum(b.num_rows for b in ds.scan("stats", ["image_id"], ids={"a000", "c004"})) == 10
+    work = Work(ds, [OverStats()], owner="me")
+    names = [p.stem for p in ds.parts("stats")]
+    units = list(work.plan([{"b002", "zzz"}]))
+    assert [(u.name, u.row_groups, u.keys) for u in units] == [(names[1], [0], [{"b002"}])]  # nothing of a or c
+    read = [b.column("image_id").to_pylist() for b in work.read(units[0], units[0].keys, 64)]
+    assert read == [["b002"]]
+    assert list(work.plan([{"zzz"}])) == []
+    assert [u.name for u in work.plan([{"a000", "c004"}])] == [names[0], names[2]]
 
 
 def documented_columns(readme: str) -> dict[str, set[str]]:

@@ -1,0 +1,257 @@
+"""A pass's work in units that a run claims before doing them, so that two runs of one stage
+on one dataset share the work instead of both doing it (curate/claims.py has the leases).
+
+A unit is named the same in every run: a part of the source table (its rows never change),
+or, for a source stage (ingest), a stretch of its input whose boundaries are chosen by the
+rows' own keys (a key whose hash is 0 modulo CHUNK starts a new stretch), so an added file
+moves at most one boundary. `plan` lists the units that hold something to do, in storage
+order, each with the keys every stage has to do in it; a key belongs to the first unit that
+holds it (a duplicate image's later rows are not its input).
+
+Before a unit is read, `Work.claim` claims it for each stage that has keys in it, and drops
+keys that another run finished since this one planned (`DoneKeys` follows the stage's table
+as parts appear). A unit another run holds is left to it. Both engines call these: the local
+one in its pass process, the Ray one in tasks (a `Work` pickles).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from curate.claims import ClaimError
+from curate.pipelines.stage import Stage
+from curate.store import Dataset, write_error
+
+CHUNK = 256  # a source stage's rows per unit, on average
+MAX_CHUNK = 4 * CHUNK
+
+
+@dataclass
+class Unit:
+    name: str  # the same in every run
+    keys: list[set]  # per stage: the keys it has to do here (as planned)
+    part: str | None = None  # the source part; None for a source stage's stretch of rows
+    row_groups: list[int] | None = None  # the part's row groups that hold those keys
+    rows: list[dict] | None = None  # a source stage's input rows
+
+
+@dataclass
+class Held:
+    """Keys left to another run: a stage's keys in a unit it holds."""
+
+    stage: int
+    keys: int
+    holder: str
+
+
+class DoneKeys:
+    """The keys of a table's rows that match a filter (a stage's done rows: its `model`'s),
+    following the table as it grows: `new()` reads only the parts it has not read before."""
+
+    def __init__(self, ds: Dataset, table: str, key: str, filter: pads.Expression):
+        self.ds, self.table, self.key, self.filter = ds, table, key, filter
+        self.seen: set[str] = set()
+
+    @classmethod
+    def of(cls, ds: Dataset, stage: Stage) -> DoneKeys:
+        return cls(ds, stage.table, stage.key, stage.done_filter())
+
+    def new(self) -> set:
+        """The keys in parts that appeared since the last call (the first call: all of them)."""
+        keys: set = set()
+        for part in self.ds.parts(self.table):
+            if part.name in self.seen:
+                continue
+            for batch in self.ds.scan_part(self.table, part, {"k": pc.field(self.key), "done": self.filter}):
+                keys.update(k for k, d in zip(batch.column("k").to_pylist(), batch.column("done").to_pylist())
+                            if d and k is not None)
+            self.seen.add(part.name)
+        return keys
+
+
+@dataclass
+class Work:
+    """One run's view of a pass: its stages, their claims, and what it found done."""
+
+    ds: Dataset
+    stages: list[Stage]
+    owner: str | None = None  # the run's id (curate.claims.Owner), once it has one
+
+    def __post_init__(self):
+        self.done = [DoneKeys.of(self.ds, s) for s in self.stages]
+        self.done_since = [set() for _ in self.stages]  # done by other runs after this one planned
+
+    def todo(self, wanted: list[str]) -> list[set]:
+        """Per stage, the wanted keys it has no row for yet (the first look at its table)."""
+        return [set(wanted) - done.new() for done in self.done]
+
+    # ---- planning ------------------------------------------------------------------
+    def plan(self, todo: list[set] | None) -> Iterator[Unit]:
+        """The units with something to do, in storage order: of the source table's rows for
+        each stage's `todo` keys, or (todo None) of a source stage's own input rows."""
+        if todo is None:
+            yield from self._plan_source()
+            return
+        remaining = [set(t) for t in todo]  # a key goes to the first unit that holds it
+        source, key = self.stages[0].source, self.stages[0].key
+        projection = {"k": pc.field(key), "use": plan_filter(self.stages)}
+        for part in self.ds.parts(source):
+            keys: list[set] = [set() for _ in self.stages]
+            rows: list[int] = []
+            position = 0
+            for batch in self.ds.scan_part(source, part, projection, batch_size=1 << 16):
+                for i, (k, use) in enumerate(zip(batch.column("k").to_pylist(), batch.column("use").to_pylist())):
+                    if use and any(k in r for r in remaining):
+                        for s, r in enumerate(remaining):
+                            if k in r:
+                                keys[s].add(k)
+                                r.discard(k)
+                        rows.append(position + i)
+                position += batch.num_rows
+            if rows:
+                starts = np.cumsum([0] + self.ds.row_group_sizes(part))
+                groups = sorted(set((np.searchsorted(starts, rows, side="right") - 1).tolist()))
+                yield Unit(part.stem, keys, part=str(part), row_groups=groups)
+
+    def _plan_source(self) -> Iterator[Unit]:
+        stage = self.stages[0]
+        done = self.done[0].new()
+        seen: set = set()  # a row named twice in the input (a source given twice) counts once
+        for stretch in _stretches(stage.inputs(self.ds), stage.key):
+            rows = [r for r in stretch if r[stage.key] not in done and r[stage.key] not in seen]
+            seen.update(r[stage.key] for r in rows)
+            if rows:
+                name = hashlib.sha256(str(stretch[0][stage.key]).encode()).hexdigest()[:20]
+                yield Unit(name, [{r[stage.key] for r in rows}], rows=rows)
+
+    # ---- claiming and reading ------------------------------------------------------
+    def claim(self, unit: Unit) -> tuple[list[set], list[Held]]:
+        """Claim the unit for each stage with keys in it: (per stage, the keys this run does
+        now; the stages another run holds it for)."""
+        mine: list[set] = [set() for _ in self.stages]
+        held = []
+        for k, keys in enumerate(unit.keys):
+            if not keys:
+                continue
+            claims = self.ds.claims(self.stages[k].table, self.stages[k].model_key(), self.owner)
+            try:
+                holder = claims.claim(unit.name)
+            except ClaimError as e:
+                raise write_error(e, "a claim on work", claims.folder) from None
+            if holder is not None:
+                held.append(Held(k, len(keys), holder))
+            else:
+                self.done_since[k] |= self.done[k].new()
+                mine[k] = keys - self.done_since[k]
+        return mine, held
+
+    def read(self, unit: Unit, mine: list[set], batch_size: int) -> Iterator[pa.RecordBatch]:
+        """The unit's source rows some stage does here, with `_todo`: the stages that do each
+        (a source stage's rows are the unit's own; see `rows`)."""
+        stages, key = self.stages, self.stages[0].key
+        wanted = set().union(*mine)
+        if not wanted:
+            return
+        # The filter is read as a column and applied only to batches it drops rows from:
+        # Arrow's filter copies every image's bytes even when it keeps them all.
+        projection = {c: pc.field(c) for c in input_columns(stages)} | {"_keep": input_filter(stages, wanted)}
+        first = set()  # a key's first row only (an image's duplicates in the same part)
+        for batch in self.ds.scan_part(stages[0].source, unit.part, projection, unit.row_groups, batch_size):
+            batch = _kept(batch)
+            keys = batch.column(key).to_pylist()
+            keep = [k not in first for k in keys]
+            first.update(keys)
+            if not all(keep):
+                batch, keys = batch.filter(pa.array(keep)), [k for k, f in zip(keys, keep) if f]
+            todo = [[s for s, m in enumerate(mine) if k in m] for k in keys]
+            yield batch.append_column("_todo", pa.array(todo, pa.list_(pa.int8())))
+
+    def rows(self, unit: Unit, mine: list[set]) -> list[dict]:
+        """A source stage's rows this run does in the unit."""
+        return [r for r in unit.rows if r[self.stages[0].key] in mine[0]]
+
+
+def _stretches(rows: Iterable[dict], key: str) -> Iterator[list[dict]]:
+    """Rows in stretches that end where a key's hash says so (or at MAX_CHUNK rows)."""
+    stretch: list[dict] = []
+    for row in rows:
+        starts = int.from_bytes(hashlib.sha256(str(row[key]).encode()).digest()[:4], "big") % CHUNK == 0
+        if stretch and (starts or len(stretch) >= MAX_CHUNK):
+            yield stretch
+            stretch = []
+        stretch.append(row)
+    if stretch:
+        yield stretch
+
+
+def source_of(ds: Dataset, stage: Stage, key: str) -> str:
+    """The file a key names, for people: a source stage's key is its source; an image's, its
+    first source."""
+    if stage.source is None:
+        return key
+    found = ds.read("images", ["source"], filter=pc.field("image_id") == key).column("source").to_pylist()
+    return min(found) if found else f"image {key}"
+
+
+def plan_filter(stages: list[Stage]) -> pads.Expression:
+    """Source rows that can be a pass's input (which ones are is the plan's to say)."""
+    stage = stages[0]
+    expr = stage.source_filter()
+    return expr & (pc.field("status") == "ok") if stage.source == "images" else expr
+
+
+def input_filter(stages: list[Stage], ids) -> pads.Expression:
+    """Rows of the pass's source table to feed (all stages of one pass share the first one's)."""
+    expr = pc.field("image_id").isin(pa.array(list(ids), pa.string())) & plan_filter(stages)
+    if stages[0].source == "images" and any("bytes" in s.columns for s in stages):
+        expr = expr & pc.field("bytes").is_valid()  # the one row of an image that holds its bytes
+    return expr
+
+
+def input_columns(stages: list[Stage]) -> list[str]:
+    """The source columns a pass reads: every stage's, and what input_filter needs."""
+    columns = set().union(*(s.columns for s in stages))
+    if stages[0].source == "images":
+        columns |= {"image_id", "status"}
+    return sorted(columns)
+
+
+def _kept(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch's rows whose `_keep` is true, without the column; not copied when all are."""
+    keep = batch.column("_keep")
+    batch = batch.drop_columns(["_keep"])
+    return batch if keep.null_count == 0 and pc.all(keep).as_py() is not False else batch.filter(keep)
+
+
+def as_rows(batch: pa.RecordBatch | pa.Table) -> list[dict]:
+    """Rows as dicts; image bytes as views of Arrow's memory that the decoder reads in
+    place. (to_pylist, and even Arrow's scalars, copy each image: about 1 ms for 2 MB.)"""
+    if "bytes" not in batch.column_names:
+        return batch.to_pylist()
+    rows = batch.drop_columns(["bytes"]).to_pylist()
+    column = batch.column("bytes")
+    blobs = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        _, offset_buffer, data_buffer = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offset_buffer, width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = memoryview(data_buffer or b"")
+        blobs += [data[offsets[i]:offsets[i + 1]] if valid else None
+                  for i, valid in enumerate(chunk.is_valid().to_pylist())]
+    for row, blob in zip(rows, blobs):
+        row["bytes"] = blob
+    return rows
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    """Lists of n items (the last one shorter)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, n)):
+        yield batch
