@@ -77,7 +77,7 @@ class Owner:
 
     def start(self) -> None:
         record = {"host": socket.gethostname(), "machine": this_machine(), "pid": os.getpid(),
-                  "command": " ".join(sys.argv)[:300], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "command": command_line(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
             self.folder.mkdir(parents=True)
             (self.folder / "owner").write_text(json.dumps(record))
@@ -106,6 +106,14 @@ class Owner:
         if self._thread is not None:
             self._thread.join()
         release(self.folder)
+
+
+def command_line() -> str:
+    """This process's command as people typed it (`curate hash DS`, not `.../__main__.py hash DS`)."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py" and Path(sys.argv[0]).parent.name == "curate":
+        program = "curate"
+    return " ".join([program, *sys.argv[1:]])[:300]
 
 
 def release(folder: Path) -> None:

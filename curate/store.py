@@ -150,7 +150,7 @@ class Dataset:
             return None
         folder = self.table_dir(name)
         tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
-        final = folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        final = folder / f"part-{self._next_stamp(name):020d}-{uuid.uuid4().hex[:8]}.parquet"
         raw = RAW_COLUMNS.get(name, set())
         cooked = [c for c in table.column_names if c not in raw | BLOB_COLUMNS.get(name, set())]
         rows_per_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
@@ -172,6 +172,14 @@ class Dataset:
             tmp.unlink(missing_ok=True)
             raise write_error(e, f"a part of {name}", folder) from None
         return final
+
+    def _next_stamp(self, name: str) -> int:
+        """A new part's time stamp: now, but after every part already there, so parts sort in
+        the order they were written even when writers' clocks differ (machines sharing the
+        dataset): a row that refers to an earlier one (an exact duplicate whose bytes are
+        stored elsewhere) always comes after it."""
+        stamps = [int(p.name.split("-")[1]) for p in self._part_files(name) if p.name.split("-")[1].isdigit()]
+        return max([time.time_ns(), *(s + 1 for s in stamps)])
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""

@@ -36,7 +36,7 @@ from curate.claims import Owner
 from curate.images import decode_threads, quick_gil_handoffs
 from curate.pipelines.rows import decode_need, prepare_row, regroup, setup_stages
 from curate.pipelines.stage import Stage
-from curate.pipelines.supervise import Died, Journal, Suspects, probe, supervise
+from curate.pipelines.supervise import Died, Journal, Prober, Suspects, supervise
 from curate.pipelines.work import Held, Unit, Work, as_rows, batched, source_of
 from curate.progress import progress_bar, warn
 from curate.store import Dataset, DatasetError, PartWriter
@@ -196,8 +196,9 @@ def _local(work: Work, todo: list[set] | None, tally, owner: Owner, journal: Jou
     the models on this thread, parts written as they fill."""
     stages = work.stages
     batch_size = max(s.batch_size for s in stages)
+    prober = Prober(stages) if suspects.prepare else None  # now, before this process has threads
     batches = _claimed_rows(work, work.plan(todo), tally, batch_size)
-    _write(work.ds, stages, _prepared_and_processed(work, batches, tally, journal, suspects), tally, owner)
+    _write(work.ds, stages, _prepared_and_processed(work, batches, tally, journal, suspects, prober), tally, owner)
     tally.finished([s.__getstate__() for s in stages])
 
 
@@ -225,7 +226,7 @@ def _claimed_rows(work: Work, units: Iterable[Unit], tally, batch_size: int) -> 
 
 
 def _prepared_and_processed(work: Work, batches: Iterable[list[dict]], tally, journal: Journal | None,
-                            suspects: Suspects):
+                            suspects: Suspects, prober: Prober | None):
     """Decode threads prepare rows (ahead of the models); the models run on this thread. The
     journal says what each thread holds; suspects of an earlier crash are prepared alone."""
     stages, key = work.stages, work.stages[0].key
@@ -236,11 +237,11 @@ def _prepared_and_processed(work: Work, batches: Iterable[list[dict]], tally, jo
             try:
                 if k in suspects.dead:
                     raise Died(suspects.dead[k])
-                return probe(stages, row)
+                return prober.probe(row)
             except Died as e:
                 source = source_of(work.ds, stages[0], k)
                 tally.poison(source, str(e))
-                died = {"_error": "worker_died", "_message": f"{e} (source: {source})"}
+                died = {"_error": "worker_died", "_message": str(e) if source == k else f"{e} (source: {source})"}
                 wanted = row.get("_todo", range(len(stages)))
                 return [dict(died) if s in wanted else None for s in range(len(stages))]
         if journal is None:

@@ -27,9 +27,9 @@ from curate.pipelines.stage import Stage
 from curate.pipelines.work import Unit, Work, source_of
 
 # Ray Data retries a task whose worker died forever by default: an image that crashes the
-# decoder would hang the command. Two retries ride out a lost node; then its block is let go.
-RAY_TASK_RETRIES = 2
-ROUNDS = 3  # the pass, then what dead workers held, one row per block, twice
+# decoder would hang the command. Here a block whose worker dies is let go to the rounds after
+# the pass, which try each of its rows alone, twice (a row lost both times is a poison).
+ROUNDS = 3
 
 
 def init_ray(ray_address: str | None = None):
@@ -122,11 +122,10 @@ def run_ray(work: Work, todo: list[set] | None, ray_address: str | None, tally):
             tally.held(h.stage, h.keys, h.holder)
         if any(mine):
             claimed.append((unit, mine))
-    batch_size = min(s.batch_size for s in stages)
     for round_ in range(ROUNDS):
         expected = [set().union(*(mine[k] for _, mine in claimed)) for k in range(len(stages))]
         returned: list[set] = [set() for _ in stages]
-        for results in _pass(ray, work, claimed, batch_size if round_ == 0 else 1):
+        for results in _pass(ray, work, claimed, alone=round_ > 0):
             for k, table in results:
                 returned[k].update(table.column(stages[k].key).to_pylist())
             yield results
@@ -153,40 +152,18 @@ def _worker_died(work: Work, missing: list[set], tally):
         }))]
 
 
-def _pass(ray, work: Work, claimed: list[tuple[Unit, list[set]]], batch_size: int):
-    """One Ray Data pass over the claimed units, in blocks and batches of batch_size rows; a
-    block whose worker died (after retries) is left out, and the pass goes on."""
+def _pass(ray, work: Work, claimed: list[tuple[Unit, list[set]]], alone: bool):
+    """One Ray Data pass over the claimed units, in blocks and batches of the stages' batch
+    size, or (alone) one row per block, batch and actor task; a block whose worker died is
+    left out (no retry), and the pass goes on."""
     stages = work.stages
     if not claimed:
         return
+    batch_size = 1 if alone else min(s.batch_size for s in stages)
     gpus = ray.cluster_resources().get("GPU", 0)
     num_gpus = max(s.resources.gpus for s in stages)
     actors = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
-    units = [{"_unit": pickle.dumps(item)} for item in claimed]
-    data = ray.data.from_items(units, override_num_blocks=len(units))
-    data = data.map_batches(_read_units, fn_kwargs={"work": work}, batch_format="pyarrow", batch_size=1,
-                            max_retries=RAY_TASK_RETRIES)
-    # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
-    # batch so decoding spreads over every core.
-    data = data.repartition(target_num_rows_per_block=batch_size)
-    # Decoding runs as CPU tasks on every core; the models as a pool of actors that load
-    # weights once. The actors ask for no CPU: with equal resource requests Ray Data
-    # fuses the two steps into the actor, and all decoding would then run in the one
-    # model actor, on one core. A model's own CPU work shares the cores.
-    with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with_model = any(s.has_model for s in stages)
-        data = data.map_batches(_prepare_batch if with_model else _prepare_and_process, fn_kwargs={"stages": stages},
-                                batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
-                                max_retries=RAY_TASK_RETRIES)
-        if with_model:
-            data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                                    num_gpus=num_gpus if gpus else 0, num_cpus=0,
-                                    # A dead actor comes back (loading its models again); the
-                                    # batch it held is not retried on it but goes to the next round.
-                                    max_restarts=-1, max_task_retries=0)
-    context = ray.data.DataContext.get_current()
+    context = ray.data.DataContext.get_current()  # a Dataset keeps the settings it was made with
     saved = context.execution_options.preserve_order, context.max_errored_blocks
     # An ordered stage (ingest: the first copy of a file keeps its bytes) sees rows in input order.
     context.execution_options.preserve_order = any(s.ordered for s in stages)
@@ -195,6 +172,33 @@ def _pass(ray, work: Work, claimed: list[tuple[Unit, list[set]]], batch_size: in
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # a lost block's traceback: the next round deals with it
     try:
+        units = [{"_unit": pickle.dumps(item)} for item in claimed]
+        data = ray.data.from_items(units, override_num_blocks=len(units))
+        # Decoding runs as CPU tasks on every core; the models as a pool of actors that load
+        # weights once. The actors ask for no CPU: with equal resource requests Ray Data
+        # fuses the two steps into the actor, and all decoding would then run in the one
+        # model actor, on one core. A model's own CPU work shares the cores.
+        with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = data.map_batches(_read_units, fn_kwargs={"work": work}, batch_format="pyarrow", batch_size=1,
+                                    max_retries=0)
+            # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
+            # batch so decoding spreads over every core.
+            data = data.repartition(target_num_rows_per_block=batch_size)
+            with_model = any(s.has_model for s in stages)
+            data = data.map_batches(_prepare_batch if with_model else _prepare_and_process,
+                                    fn_kwargs={"stages": stages}, batch_format="pyarrow", batch_size=batch_size,
+                                    num_cpus=1, max_retries=0)
+            if with_model:
+                data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
+                                        batch_size=batch_size,
+                                        # alone: the one row an actor's death takes with it
+                                        compute=ray.data.ActorPoolStrategy(
+                                            size=actors, max_tasks_in_flight_per_actor=1 if alone else None),
+                                        num_gpus=num_gpus if gpus else 0, num_cpus=0,
+                                        # A dead actor comes back (loading its models again); the
+                                        # batch it held is not retried on it but goes to the next round.
+                                        max_restarts=-1, max_task_retries=0)
         for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
             yield [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
     finally:

@@ -7,8 +7,8 @@ memory: one slot per thread, one for the batch a model is processing), and clear
 two small memory writes a row, so the normal path keeps its speed. When the child dies by a
 signal, the parent reads the journal, takes the keys in it as suspects and starts the pass
 again (finished parts are written, so it resumes). The new child prepares each suspect
-alone, in a throwaway process forked from a clean forkserver (`probe`): one whose process
-dies (by SIGKILL: twice) becomes a `worker_died` row naming its file. A suspect of a model's
+alone, in a throwaway process (`Prober`): one whose process dies (by SIGKILL: twice)
+becomes a `worker_died` row naming its file. A suspect of a model's
 batch is processed in a batch of its own; one that dies that way twice is recorded the same.
 The rest of the run goes on at full speed.
 """
@@ -34,7 +34,6 @@ from curate.pipelines.stage import Stage
 SLOT = 16 << 10  # bytes a thread's key may take (a long tar member's name)
 MODEL_SLOT = 1 << 20  # the keys of the batch a model is processing
 MAX_FRUITLESS_DEATHS = 3  # deaths in a row with nothing new written and no suspect found: give up
-PROBE_SECONDS = 600.0
 DETERMINISTIC = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
@@ -112,34 +111,75 @@ class Died(Exception):
     """A probe's process died: the row kills whatever prepares it."""
 
 
-def probe(stages: list[Stage], row: dict) -> list[dict | None]:
-    """prepare_row in a process of its own; raises Died if that process dies (a SIGKILL, which
-    may have come from outside, must happen twice)."""
-    context = multiprocessing.get_context("forkserver")
-    row = {k: bytes(v) if isinstance(v, memoryview) else v for k, v in row.items()}
-    for attempt in range(2):
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_probe, args=(send, stages, row), daemon=True)
-        process.start()
-        send.close()
+class Prober:
+    """Prepares suspect rows alone, each in a process of its own. It is a copy of the pass
+    process made before that starts threads or loads models (so forking it is safe and
+    imports nothing), which forks a probe per row; one whose probe dies gets Died (a SIGKILL,
+    which may have come from outside, must happen twice)."""
+
+    def __init__(self, stages: list[Stage]):
+        self.connection, theirs = multiprocessing.Pipe()
+        self.lock = threading.Lock()  # decode threads ask one at a time
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:  # never back into the pass's code, whatever happens here
+                self.connection.close()
+                _die_with_parent()
+                code = _serve(theirs, stages)
+            finally:
+                os._exit(code)
+        theirs.close()
+
+    def probe(self, row: dict) -> list[dict | None]:
+        row = {k: bytes(v) if isinstance(v, memoryview) else v for k, v in row.items()}
+        with self.lock:
+            self.connection.send(row)
+            died, result = self.connection.recv()
+        if died:
+            raise Died(result)
+        return result
+
+
+def _serve(connection, stages: list[Stage]) -> int:
+    """The prober's loop: a probe per row asked for; (died, result or why) back."""
+    while True:
         try:
-            if not receive.poll(PROBE_SECONDS):
-                process.kill()
-                process.join()
-                raise Died(f"preparing it took over {PROBE_SECONDS:.0f} s")
-            return receive.recv()
-        except EOFError:  # it died before it could answer
-            process.join()
-        finally:
+            row = connection.recv()
+        except EOFError:
+            return 0
+        for attempt in range(2):
+            receive, send = multiprocessing.Pipe(duplex=False)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    receive.close()
+                    _die_with_parent()
+                    send.send(prepare_row(stages, row))
+                    code = 0
+                finally:
+                    os._exit(code)
+            send.close()
+            try:
+                answer = (False, receive.recv())
+            except EOFError:  # it died before it could answer
+                answer = None
             receive.close()
-        code = process.exitcode
-        if code is None or code >= 0 or -code in DETERMINISTIC:
-            break  # a crash of its own: no second try (a SIGKILL may have come from outside: one more)
-    raise Died(f"the process preparing it died: {describe_exit(code)}")
+            status = os.waitpid(pid, 0)[1]
+            if answer is not None:
+                break
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            answer = (True, f"the process preparing it died: {describe_exit(code)}")
+            if code >= 0 or -code in DETERMINISTIC:
+                break  # a crash of its own: no second try (a SIGKILL may have come from outside: one more)
+        connection.send(answer)
 
 
-def _probe(send, stages: list[Stage], row: dict) -> None:
-    send.send(prepare_row(stages, row))
+def _die_with_parent() -> None:
+    """This process dies with the one that made it (a kill -9 of the command leaves nothing behind)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def describe_exit(code: int | None) -> str:
@@ -213,8 +253,7 @@ def _child(run_pass, send, suspects: Suspects) -> int:
     """The pass process: dies with the command (a kill -9 of it must not leave a pass behind)."""
     code = 0
     try:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        _die_with_parent()
         run_pass(Relay(send), suspects)
     except BaseException as e:  # everything goes to the parent, which raises it
         code = 1

@@ -85,15 +85,18 @@ def ray_cluster():
     """A real local Ray cluster with two CPUs, shared by the whole test session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Its workers crash for real on files marked for it (curate.images.CRASH_MARKER); this process does not.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"CURATE_TEST_CRASH": "segv"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """Run `curate ARGS` in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env_extra: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    """Run `curate ARGS` in a fresh process, as a user would (env_extra: more environment)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, **kw)
     if check and proc.returncode != 0:
