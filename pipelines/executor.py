@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -109,7 +110,7 @@ def run(ds: Dataset, stages: list[Stage] | Stage, *, engine: str = "local", wher
                 from curate.pipelines.ray_executor import run_ray
 
                 _write(ds, stages, run_ray(work, todo, ray_address, tally), tally, owner)
-            elif hasattr(os, "fork"):
+            elif _can_fork():
                 journal = Journal(decode_threads())
                 supervise(lambda relay, suspects: _local(work, todo, relay, owner, journal, suspects), tally, journal)
             else:
@@ -119,6 +120,13 @@ def run(ds: Dataset, stages: list[Stage] | Stage, *, engine: str = "local", wher
         if stage.source is None:
             summary.todo = summary.done
     return summaries
+
+
+def _can_fork() -> bool:
+    """Whether the pass can run in a forked process: not where there is no fork, nor where
+    this process has used CUDA already (a fork could not use it; commands never do that)."""
+    torch = sys.modules.get("torch")
+    return hasattr(os, "fork") and not (torch is not None and torch.cuda.is_initialized())
 
 
 class Tally:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 
-from curate.models.common import ModelError, device_or_error
+from curate.devices import DeviceError
+from curate.devices import check as check_device
+from curate.models.common import ModelError
 from curate.models.families import family, of_task
 from curate.pipelines.executor import Summary, run
 from curate.pipelines.stage import ModelStage
@@ -68,8 +70,11 @@ def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, where=Non
     """Run the pass; model_settings are image_stages' thresholds and query."""
     if not (clip or quality or tagger or watermark):
         raise ModelError("nothing to score: give --clip, --quality, --tagger and/or --watermark")
-    if engine == "local":
-        device_or_error(device)  # a device that is not here fails now, not after the input is chosen
+    if engine == "local":  # a device that is not here fails now, not after the input is chosen
+        try:
+            check_device(device)
+        except DeviceError as e:
+            raise ModelError(str(e)) from None
     stages = image_stages(clip, tagger, watermark, device, batch_size, **model_settings)
     ranker = None
     if quality:

@@ -156,7 +156,11 @@ def _serve(connection, stages: list[Stage]) -> int:
                 try:
                     receive.close()
                     _die_with_parent()
-                    send.send(prepare_row(stages, row))
+                    result: list = []
+                    thread = threading.Thread(target=lambda: result.append(prepare_row(stages, row)))
+                    thread.start()  # a thread of its own, as the pass (see _child)
+                    thread.join()
+                    send.send(result[0])
                     code = 0
                 finally:
                     os._exit(code)
@@ -192,13 +196,21 @@ def describe_exit(code: int | None) -> str:
 
 
 class Relay:
-    """A child's side of the Tally: each call goes to the parent as a message."""
+    """A child's side of the Tally: each call goes to the parent as a message. The pass calls
+    it for every batch: where a Ctrl-C is raised in the pass (see _child)."""
 
     def __init__(self, connection):
         self.connection = connection
+        self.interrupted = threading.Event()
 
     def __getattr__(self, name: str) -> Callable:
-        return lambda *args: self.connection.send((name, args))
+        def call(*args):
+            if self.interrupted.is_set():
+                self.interrupted.clear()
+                raise KeyboardInterrupt
+            self.connection.send((name, args))
+
+        return call
 
 
 class PassTraceback(Exception):
@@ -219,9 +231,13 @@ def supervise(run_pass: Callable[[Relay, Suspects], None], tally, journal: Journ
         receive, send = multiprocessing.Pipe(duplex=False)
         written = tally.rows_written
         pid = os.fork()
-        if pid == 0:  # the child: run the pass; never return into the caller's code
-            receive.close()
-            os._exit(_child(run_pass, send, suspects))
+        if pid == 0:  # the child: run the pass; never return into the caller's code, whatever happens
+            code = 1
+            try:
+                receive.close()
+                code = _child(run_pass, send, suspects)
+            finally:
+                os._exit(code)
         send.close()
         try:
             error = _listen(receive, tally)
@@ -250,18 +266,35 @@ def supervise(run_pass: Callable[[Relay, Suspects], None], tally, journal: Journ
 
 
 def _child(run_pass, send, suspects: Suspects) -> int:
-    """The pass process: dies with the command (a kill -9 of it must not leave a pass behind)."""
+    """The pass process. It dies with the command (a kill -9 of it must not leave a pass
+    behind), and runs the pass on a thread of its own: OpenMP's threads (torch's) do not
+    survive a fork, and the thread that forked would wait for them forever had the command
+    used them before; a new thread makes new ones. A Ctrl-C reaches this (main) thread, which
+    has the pass stop at its next batch, writing what it finished."""
     code = 0
+    relay = Relay(send)
+    failure: list = []
+
+    def work():
+        try:
+            run_pass(relay, suspects)
+        except BaseException as e:
+            failure.append((e, traceback.format_exc()))
+
     try:
         _die_with_parent()
-        run_pass(Relay(send), suspects)
-    except BaseException as e:  # everything goes to the parent, which raises it
-        code = 1
-        try:
-            pickle.loads(pickle.dumps(e))  # not every exception comes back from a pickle
-        except Exception:
-            e = RuntimeError(f"{type(e).__name__}: {e}")
-        send.send_bytes(b"E" + pickle.dumps((e, traceback.format_exc())))
+        signal.signal(signal.SIGINT, lambda *_: relay.interrupted.set())
+        thread = threading.Thread(target=work, name="curate-pass")
+        thread.start()
+        thread.join()
+        if failure:  # everything goes to the parent, which raises it
+            code = 1
+            error, text = failure[0]
+            try:
+                pickle.loads(pickle.dumps(error))  # not every exception comes back from a pickle
+            except Exception:
+                error = RuntimeError(f"{type(error).__name__}: {error}")
+            send.send_bytes(b"E" + pickle.dumps((error, text)))
     finally:
         send.close()
         sys.stdout.flush()
