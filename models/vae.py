@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.devices import DeviceError, dtype_name, short_name
-from curate.models.common import Adapter, device_or_error, model_name
+from curate.models.common import Adapter, check_files, device_or_error, model_name
 
 
 class VaeError(ValueError):
@@ -109,8 +109,10 @@ def _locate(source: str) -> tuple[str, dict]:
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
+            check_files(str(path))
             return str(path), {}
         if (path / "vae" / "config.json").is_file():
+            check_files(str(path / "vae"))
             return str(path), {"subfolder": "vae"}
         raise VaeError(f"{path} holds no VAE: expected config.json and diffusion_pytorch_model.safetensors, "
                        "or a pipeline directory with a vae/ subfolder")

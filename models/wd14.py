@@ -62,8 +62,12 @@ class WD14(Adapter):
             providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else []
             options = ort.SessionOptions()
             options.intra_op_num_threads = model_threads()  # the rest of the cores decode
-            self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
-                                                 providers=providers + ["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                                     providers=providers + ["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own kinds, whose text names no file
+                raise ModelError(f"{folder / 'model.onnx'} cannot be loaded ({str(e).splitlines()[0][:200]}): it "
+                                 "may be cut short or damaged; fetch the model again") from None
             self._input = self._session.get_inputs()[0].name
         else:
             import timm
