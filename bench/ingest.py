@@ -1,11 +1,19 @@
 """Benchmark: ingest and `curate hash` on both engines against a bare PIL loop.
 
 Prints JSON: images/s of each pipeline, of a bare single-threaded PIL loop doing the
-same decoding over the same files in the same run, their ratio (the pipeline's overhead;
+same work over the same files in the same run, their ratio (the pipeline's overhead;
 above 1 means the pipeline's threads or tasks beat the bare loop), and the speed-up of
-JPEG draft decoding on large photos.
+JPEG draft decoding on large photos. The files are synthetic photos, one in ten a PNG, and
+a quarter of them exact copies of others (scraped folders hold many). For ingest the bare
+loop reads, hashes and verifies each file the way ingest does (a copy of a file seen before
+is not decoded; JPEGs at 1/8 scale, PNG chunk CRCs, nothing converted to RGB).
 
-    python bench/ingest.py [--images 200] [--side 1024] [--engines local,ray]
+With `--compare DIR` (a checkout of another version, e.g. old main) both versions ingest
+the same files in fresh processes, alternating, and the ratio of their times (imports not
+counted) and of their peak memory is given; `memory` is this version's peak at N and 4N
+files, which must not grow with the corpus.
+
+    python bench/ingest.py [--images 200] [--side 1024] [--engines local,ray] [--compare DIR]
 """
 from __future__ import annotations
 
@@ -14,6 +22,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,28 +51,54 @@ def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_images(folder: Path, n: int, side: int) -> list[Path]:
+def write_images(folder: Path, n: int, side: int, duplicates: bool = True) -> list[Path]:
+    """n files; with `duplicates`, every fourth is a copy of an earlier one."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     base = [photo(rng, side, side * 3 // 4) for _ in range(8)]
     paths = []
     for i in range(n):
-        img = base[i % 8].rotate(i * 7 % 360) if i >= 8 else base[i]  # all different bytes
         fmt, ext = ("PNG", "png") if i % 10 == 9 else ("JPEG", "jpg")
-        path = folder / f"{i:05d}.{ext}"
-        img.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        if duplicates and i % 4 == 3:
+            original = paths[i * 7 % i]
+            path = folder / f"{i:05d}{original.suffix}"
+            shutil.copyfile(original, path)
+        else:
+            path = folder / f"{i:05d}.{ext}"
+            img = base[i % 8].rotate(i * 7 % 360) if i >= 8 else base[i]  # all different bytes
+            img.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         paths.append(path)
     return paths
 
 
-def bare_loop(paths: list[Path], min_side: int | None, hash_bytes: bool, stage=None) -> float:
-    """Images/s of plain PIL: read, (sha256), open, draft like the pipeline does, load, RGB,
-    then (for a stage) the stage's own per-image maths: what is left is pipeline overhead."""
+def bare_ingest_loop(paths: list[Path]) -> float:
+    """Images/s of plain PIL doing ingest's work: read, sha256, and for bytes not seen before
+    open and verify (JPEG decoded at 1/8 scale, PNG chunk CRCs, others loaded)."""
+    seen = set()
     started = time.perf_counter()
     for path in paths:
         data = path.read_bytes()
-        if hash_bytes:
-            hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        img = Image.open(io.BytesIO(data))
+        if img.format == "PNG":  # (its EXIF, when it precedes the pixels, is read at open)
+            img.verify()
+            continue
+        img.getexif()
+        if img.format == "JPEG":
+            img.draft(img.mode, (1, 1))
+        img.load()
+    return len(paths) / (time.perf_counter() - started)
+
+
+def bare_loop(paths: list[Path], min_side: int | None, stage=None) -> float:
+    """Images/s of plain PIL: read, open, draft like the pipeline does, load, RGB, then (for a
+    stage) the stage's own per-image maths: what is left is pipeline overhead."""
+    started = time.perf_counter()
+    for path in paths:
+        data = path.read_bytes()
         img = Image.open(io.BytesIO(data))
         if min_side and img.format == "JPEG":
             scale = min_side / min(img.size)
@@ -106,23 +142,121 @@ def draft_speedup(folder: Path, min_side: int = 512, n: int = 4) -> dict:
             "draft_ms": round(draft * 1000, 1), "speedup": round(full / draft, 2)}
 
 
+# Ingest in a fresh process of one version; prints its seconds (imports not counted)
+INGEST = """import sys, time
+from {dataset} import Dataset
+from {ingest} import ingest
+ds = Dataset(sys.argv[2], create=True)
+started = time.perf_counter()
+ingest([sys.argv[1]], ds, show_progress=False)
+print(time.perf_counter() - started)
+"""
+MODULES = {"new": {"dataset": "curate.store", "ingest": "curate.pipelines.ingest"},
+           "old": {"dataset": "curate.manifest", "ingest": "pipelines.ingest"}}
+
+
+def ingest_process(version: str, checkout: Path | None, folder: Path, ds: Path) -> dict:
+    """Seconds of ingest (from `checkout`, else this one) and the process's peak MiB (GNU time's:
+    a child's own counter starts at its parent's)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout or Path(__file__).resolve().parents[1]))
+    shutil.rmtree(ds, ignore_errors=True)
+    peak = ds.with_suffix(".peak")
+    out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(peak), sys.executable, "-c",
+                          INGEST.format(**MODULES[version]), str(folder), str(ds)],
+                         env=env, cwd=checkout or ds.parent, check=True, capture_output=True, text=True).stdout
+    return {"s": float(out.split()[-1]), "peak_mib": round(int(peak.read_text().split()[-1]) / 1024)}
+
+
+def compare(folder: Path, tmp: Path, old: Path, runs: int = 3) -> dict:
+    """New against old ingest of the same files, alternating; medians."""
+    times: dict[str, list[dict]] = {"new": [], "old": []}
+    for _ in range(runs):
+        for version, checkout in (("new", None), ("old", old)):
+            times[version].append(ingest_process(version, checkout, folder, tmp / f"cmp-{version}"))
+    med = {v: {k: float(np.median([r[k] for r in rs])) for k in ("s", "peak_mib")} for v, rs in times.items()}
+    n = len(list(folder.iterdir()))
+    return {"images": n, "new_images_per_s": round(n / med["new"]["s"], 1),
+            "old_images_per_s": round(n / med["old"]["s"], 1), "new_vs_old_speed": round(med["old"]["s"] /
+                                                                                          med["new"]["s"], 2),
+            "new_peak_mib": med["new"]["peak_mib"], "old_peak_mib": med["old"]["peak_mib"]}
+
+
+# A Ray cluster another process started, as a user's would be: it runs until its stdin closes
+HEAD = """import os, sys, ray
+ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+# `curate hash`'s pass on that cluster, from a fresh process: seconds from its start to its
+# imports done, to joining, to the first batch of rows back, and to the last
+JOINER = """import time
+started = time.perf_counter()
+import json, sys
+from curate.pipelines.ray_executor import init_ray, run_ray
+from curate.pipelines.rows import todo_ids
+from curate.pipelines.stats import StatsStage
+from curate.store import Dataset
+imported = time.perf_counter()
+init_ray(sys.argv[2])
+joined = time.perf_counter()
+ds, stage = Dataset(sys.argv[1]), StatsStage()
+ids = todo_ids(ds, stage)
+first, n = None, 0
+for batch in run_ray(ds, [stage], [set(ids)], sorted(ids), None):
+    first = first or time.perf_counter()
+    n += sum(rows.num_rows for _, rows in batch)
+done = time.perf_counter()
+print(json.dumps({"images": n, "imports_s": round(imported - started, 2), "join_s": round(joined - imported, 2),
+                  "first_batch_s": round(first - started, 2), "all_s": round(done - started, 2)}))
+"""
+
+
+def join_cluster(ds: Path, runs: int = 2) -> list[dict]:
+    """A command joining a running cluster: when its first batch comes back (from its start)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        address = head.stdout.readline().strip()
+        return [json.loads(subprocess.run([sys.executable, "-c", JOINER, str(ds), address], env=env, check=True,
+                                          capture_output=True, text=True).stdout.splitlines()[-1])
+                for _ in range(runs)]
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+
+
+def memory(tmp: Path, n: int, side: int) -> dict:
+    """This version's peak MiB ingesting n and 4n different files: it must not grow with the corpus."""
+    out = {}
+    for k in (n, 4 * n):
+        folder = tmp / f"mem-{k}"
+        write_images(folder, k, side, duplicates=False)
+        mib = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+        out[f"{k}_files"] = {"corpus_mib": round(mib), **ingest_process("new", None, folder, tmp / f"mem-ds-{k}")}
+        shutil.rmtree(folder)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--side", type=int, default=1024, help="width of the generated photos")
     parser.add_argument("--engines", default="local,ray")
+    parser.add_argument("--compare", type=Path, help="another checkout (old main) to ingest the same files with")
+    parser.add_argument("--memory", type=int, default=0, help="peak memory ingesting this many files and 4x as many")
     args = parser.parse_args()
-    engines = args.engines.split(",")
+    engines = [e for e in args.engines.split(",") if e]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_images(tmp / "images", args.images, args.side)
         n = len(paths)
         # Warm the page cache and imports, so the first contestant pays no extra.
-        bare_loop(paths[:10], 1, True)
+        bare_loop(paths[:10], 1)
         result = {"images": n, "size": f"{args.side}x{args.side * 3 // 4}", "cpus": os.cpu_count()}
-        bare_ingest = bare_loop(paths, 1, hash_bytes=True)  # ingest validates at 1/8 scale
-        bare_hash = bare_loop(paths, StatsStage.decode_min_side, hash_bytes=False, stage=StatsStage())
+        bare_ingest = bare_ingest_loop(paths)
+        bare_hash = bare_loop(paths, StatsStage.decode_min_side, stage=StatsStage())
         result["bare_pil"] = {"ingest_like_images_per_s": round(bare_ingest, 1),
                               "hash_like_images_per_s": round(bare_hash, 1)}
         if "ray" in engines:
@@ -156,6 +290,22 @@ def main() -> None:
                 "hash_marginal_images_per_s": _round(marginal_hash),
                 "hash_marginal_vs_bare": _round(marginal_hash and marginal_hash / bare_hash, 2),
             }
+        if {"local", "ray"} <= set(engines):  # per image, the figure that matters at scale
+            result["ray_vs_local_per_image"] = {
+                step: _round(result["ray"][f"{step}_marginal_images_per_s"] and result["local"][
+                    f"{step}_marginal_images_per_s"] and result["ray"][f"{step}_marginal_images_per_s"] /
+                    result["local"][f"{step}_marginal_images_per_s"], 2) for step in ("ingest", "hash")}
+        if "ray" in engines:
+            import ray
+
+            ray.shutdown()  # the cluster of this process; a command joins another's below
+            joining = Dataset(tmp / "join", create=True)
+            ingest([str(tmp / "images")], joining, show_progress=False)
+            result["ray_join_running_cluster"] = join_cluster(joining.root)
+        if args.compare:
+            result["old_vs_new_local_ingest"] = compare(tmp / "images", tmp, args.compare.resolve())
+        if args.memory:
+            result["memory"] = memory(tmp, args.memory, args.side)
         result["draft_decoding"] = draft_speedup(tmp)
     print(json.dumps(result, indent=2))
 

@@ -1,7 +1,7 @@
 """Trainer throughput, printed as JSON.
 
     python bench/train.py                      # CPU: data path per core, tiny SDXL steps/s
-    python bench/train.py --device cuda --real-size   # an SDXL-size UNet (random weights), batch 8, bf16
+    python bench/train.py --device cuda --real-size   # an SDXL-size UNet (random weights), batch 8, bf16, full and LoRA
 
 The data path is what the trainer does per sample besides the model: building the
 prompt, tokenizing it, planning batches, reading latents (SDXL-size, 4x128x128 float16)
@@ -12,9 +12,12 @@ size. The rows' metadata is loaded once per run (load_rows_per_s). In "streaming
 cache holds 1 of the table's 2 row groups, so batches read row groups from disk as a table
 larger than the cache does; the windowed shuffle keeps that near one read per group and epoch, which
 row_group_mib_per_sample shows (drawing from the whole table read about one 32 MiB group
-per sample). tiny_cpu_streaming trains on a table larger than the cache. The real-size
-mode times forward + backward + AdamW of SDXL's UNet architecture (2.6B parameters) at
-1024x1024 with precomputed-size text states, and reports peak GPU memory.
+per sample). tiny_cpu_streaming trains on a table larger than the cache; tiny_cpu_lora trains
+rank-8 LoRA adapters (UNet attention and text encoder 1) instead of every weight. The
+real-size mode times forward + backward + AdamW of SDXL's UNet architecture (2.6B
+parameters) at 1024x1024 with precomputed-size text states, fully trained (fp32 weights,
+bf16 autocast) and with rank-32 LoRA adapters (frozen weights in bf16, as the trainer keeps
+them), and reports peak GPU memory for each.
 """
 from __future__ import annotations
 
@@ -120,10 +123,11 @@ def epoch_prompts(rows: int, tmp: Path, sdxl: Path) -> dict:
             f"epoch_prompts_{workers}_workers_us": parallel_us, "bytes_held_per_prompt": round(held / rows, 1)}
 
 
-def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> dict:
+def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False, lora: bool = False) -> dict:
     """Steps/s of the tiny SDXL on CPU, and the share of that time the loop waited for its
     batch. streaming: 4096 rows in 2048-row groups (4 MiB) past a 1 MiB cache, and one torch
-    thread, so the next batch is read on the other core while the model trains."""
+    thread, so the next batch is read on the other core while the model trains. lora: rank-8
+    adapters instead of every weight."""
     from curate.trainer.config import load_config
     from curate.trainer.train import Trainer
     from tests.trainer_helpers import make_latent_dataset
@@ -131,12 +135,13 @@ def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> di
     name = "streaming" if streaming else "tiny"
     if streaming:
         make_latent_dataset(tmp / name, 4096, buckets=[(16, 16)], rows_per_group=2048)
-    else:
-        make_latent_dataset(tmp / name, 16)
+    elif not (tmp / name).exists():  # one epoch for all the steps: a new epoch's prompts would be timed too
+        make_latent_dataset(tmp / name, 4 * (steps + 1))
     torch.set_num_threads(1 if streaming else THREADS)
-    config = load_config(None, output=str(tmp / f"run-{name}"), batch_size=4, precision="fp32", max_steps=steps + 1,
+    output = tmp / f"run-{name}{'-lora' if lora else ''}"
+    config = load_config(None, output=str(output), batch_size=4, precision="fp32", max_steps=steps + 1,
                          validate_every=0, checkpoint_every=10_000, validation_fraction=0.0,
-                         latent_cache_mib=1 if streaming else 8192)
+                         latent_cache_mib=1 if streaming else 8192, lora_rank=8 if lora else 0)
     trainer = Trainer(tmp / name, sdxl, config)
     trainer.train_step(0)  # warm-up
     trainer.data_wait = 0.0
@@ -144,12 +149,16 @@ def tiny_steps(tmp: Path, sdxl: Path, steps: int, streaming: bool = False) -> di
     for step in range(1, steps + 1):
         trainer.train_step(step)
     seconds = time.perf_counter() - started
-    return {"tiny_sdxl_steps_per_s_cpu": round(steps / seconds, 2), "batch_size": 4,
+    return {"tiny_sdxl_steps_per_s_cpu": round(steps / seconds, 2), "samples_per_s": round(4 * steps / seconds, 1),
+            "trained_parameters": sum(p.numel() for p in trainer.params), "batch_size": 4,
             "threads": torch.get_num_threads(), "waiting_for_data_fraction": round(trainer.data_wait / seconds, 3)}
 
 
-def real_size(device: str, batch: int, steps: int) -> dict:
+def real_size(device: str, batch: int, steps: int, lora: bool = False) -> dict:
     from diffusers import UNet2DConditionModel
+
+    from curate.trainer.config import load_config
+    from curate.trainer.lora import add_lora
 
     unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -159,7 +168,9 @@ def real_size(device: str, batch: int, steps: int) -> dict:
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816).to(device)
     unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    if lora:  # as the trainer does it: frozen weights in bf16, rank-32 adapters in fp32
+        add_lora({"unet": unet}, load_config(None, lora_rank=32), torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
     gen = torch.Generator(device).manual_seed(0)
 
     def step():
@@ -183,10 +194,12 @@ def real_size(device: str, batch: int, steps: int) -> dict:
         step()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"sdxl_unet_bf16_batch": batch, "samples_per_s": round(batch * steps / seconds, 2),
+    return {"sdxl_unet_bf16_batch": batch, "lora_rank": 32 if lora else None,
+            "samples_per_s": round(batch * steps / seconds, 2),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "parameters": sum(p.numel() for p in unet.parameters()), "gradient_checkpointing": True,
-            "device_name": torch.cuda.get_device_name()}
+            "parameters": sum(p.numel() for p in unet.parameters()),
+            "trained_parameters": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+            "gradient_checkpointing": True, "device_name": torch.cuda.get_device_name()}
 
 
 def main() -> None:
@@ -206,12 +219,17 @@ def main() -> None:
             if not args.device.startswith("cuda") or not torch.cuda.is_available():
                 parser.error("--real-size needs --device cuda and a GPU")
             result["real_size"] = real_size(args.device, 8, args.steps)
+            torch.cuda.empty_cache()
+            result["real_size_lora"] = real_size(args.device, 8, args.steps, lora=True)
         else:
             sdxl = write_zoo(tmp / "zoo", ["sdxl"])["sdxl"]
             result["data_path"] = data_path(args.rows, tmp, sdxl)
             result["epoch_prompts"] = epoch_prompts(args.prompt_rows, tmp, sdxl)
             result["tiny_cpu"] = tiny_steps(tmp, sdxl, args.steps)
             result["tiny_cpu_streaming"] = tiny_steps(tmp, sdxl, args.steps, streaming=True)
+            result["tiny_cpu_lora"] = tiny_steps(tmp, sdxl, args.steps, lora=True)
+            result["lora_vs_full_samples_per_s"] = round(result["tiny_cpu_lora"]["samples_per_s"]
+                                                         / result["tiny_cpu"]["samples_per_s"], 2)
     print(json.dumps(result, indent=2))
 
 

@@ -9,9 +9,13 @@ the crop would cut away, so a tie is a real tie and is broken by a documented ru
 Sets, as `--set` takes them:
 - `sdxl`: the SDXL paper's list (appendix I), multiples of 64 near 1024x1024.
 - `sd15`: `rule:step=64,min_area=200000,max_area=262144,min_ratio=0.25,max_ratio=4`.
+- `bigasp-v1`, `bigasp-v2`: bigASP's own lists (BIGASP_RATIOS): every pair of multiples of 64
+  from 512 to 2048 whose area lies in [946176, 1048576] and width/height in [0.5, 3] (v1's
+  code: 26 buckets; its post says it used the SDXL paper's) or [0.333, 3] (v2: 31 buckets).
 - `rule:step=S,min_area=A,max_area=B,min_ratio=R,max_ratio=Q`: for every side that is a
   multiple of S, the longest multiple of S with width*height <= max_area, and its mirror; kept if
-  its area >= min_area and width/height lies in [min_ratio, max_ratio] (bigASP v2's way).
+  its area >= min_area and width/height lies in [min_ratio, max_ratio] (kohya's sd-scripts'
+  make_bucket_resolutions' way: one bucket per side, where bigASP keeps every pair in the band).
 - a path to a text file: one `WIDTHxHEIGHT` per line, `#` comments.
 """
 from __future__ import annotations
@@ -33,7 +37,11 @@ SDXL_HEIGHT_WIDTH = [
 ]
 RULE_DEFAULTS = {"step": 64, "min_area": 838_861, "max_area": 1024 * 1024, "min_ratio": 0.25, "max_ratio": 4.0}
 SD15_RULE = "rule:step=64,min_area=200000,max_area=262144,min_ratio=0.25,max_ratio=4"
-SET_HELP = "sdxl, sd15, rule:step=64,min_area=..,max_area=..,min_ratio=..,max_ratio=.. or a file of WIDTHxHEIGHT lines"
+# fpgaminer/bigasp-training: encode-vaes.py at tag bigasp-v1, encode-vaes-buckets.py at bigasp-v2
+# (AR_BUCKETS): sides range(512, 2049, 64), 946176 <= w*h <= 1024*1024, min_ratio <= w/h <= 3.0.
+BIGASP_RATIOS = {"bigasp-v1": 0.5, "bigasp-v2": 0.333}
+SET_HELP = ("sdxl, sd15, bigasp-v1, bigasp-v2, rule:step=64,min_area=..,max_area=..,min_ratio=..,max_ratio=.. "
+            "or a file of WIDTHxHEIGHT lines")
 
 
 class BucketSetError(ValueError):
@@ -51,6 +59,11 @@ def parse_bucket_set(spec: str) -> BucketSet:
         return BucketSet("sdxl", tuple((w, h) for h, w in SDXL_HEIGHT_WIDTH))
     if spec == "sd15":
         return BucketSet("sd15", rule_buckets(**_rule_args(SD15_RULE)))
+    if spec in BIGASP_RATIOS:
+        sides = range(512, 2049, 64)
+        pairs = [(w, h) for w in sides for h in sides
+                 if 946176 <= w * h <= 1024 * 1024 and BIGASP_RATIOS[spec] <= w / h <= 3.0]
+        return BucketSet(spec, tuple(sorted(pairs, key=lambda b: b[0] / b[1])))
     if spec.startswith("rule:") or spec == "rule":
         args = _rule_args(spec)
         name = "rule:" + ",".join(f"{k}={_number(args[k])}" for k in RULE_DEFAULTS)

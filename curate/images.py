@@ -43,6 +43,11 @@ ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
+DRAFT_MODES = ("RGB", "L", "CMYK", "YCbCr")  # JPEG modes the decoder can scale while decoding
+# The pixel modes to_rgb converts itself (any other goes through Pillow's convert, which may refuse)
+CONVERTED_MODES = {"P", "PA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F", "RGBA", "LA", "RGBa", "La", "RGB", "L", "1",
+                   "CMYK", "YCbCr", "LAB", "HSV", "RGB;16"}
+
 # Never decode partially: a truncated file is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel cap (checked before any pixel is decoded) decides what is a bomb, and
@@ -61,6 +66,18 @@ class ImageError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+@dataclass
+class Header:
+    """What an image file says about itself, read without decoding its pixels."""
+
+    width: int  # full size after EXIF orientation
+    height: int
+    format: str
+    mode: str  # the file's own pixel mode
+    animated: bool
+    orientation: int  # the EXIF orientation tag (1: stored upright)
 
 
 @dataclass
@@ -135,12 +152,35 @@ def decode(data: bytes | memoryview, min_side: int | None = None, max_pixels: in
     many pixels; JPEGs are then draft-decoded at the largest reduction that keeps both
     (neither given: full size).
     """
+    return _guarded(data, lambda: _decode(data, min_side, long_side, max_pixels))
+
+
+def verify(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> Header:
+    """Check that the bytes are a whole, well-formed image, making no pixels to throw away.
+
+    What ingest records for every file. JPEGs are decoded at 1/8 scale: the decoder still
+    reads every entropy-coded byte, so truncation and broken tables are caught, while the
+    pixels it makes are 1/64 of the image. PNGs are checked against the CRC of every chunk
+    (what a truncated or damaged file fails), without inflating the pixels. Other formats
+    (GIF, WebP, TIFF, ...) are decoded once at full size. Nothing is converted to RGB, except
+    a pixel mode that the decoder might not convert (`unsupported_mode`)."""
+    return _guarded(data, lambda: _verify(data, max_pixels))
+
+
+def probe(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> Header:
+    """An image's header (size after EXIF orientation, format, mode, animation), decoding no
+    pixels: for the bytes of an image already verified (an exact duplicate)."""
+    return _guarded(data, lambda: _open(data, max_pixels)[1])
+
+
+def _guarded(data: bytes | memoryview, read):
+    """read(), with every way a decoder fails on bad bytes turned into an ImageError."""
     if not len(data):
         raise ImageError("empty", "zero bytes")
     if os.environ.get("CURATE_TEST_CRASH"):
         crash_if_marked(data)
     try:
-        return _decode(data, min_side, long_side, max_pixels)
+        return read()
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -216,7 +256,8 @@ class InPlace(io.RawIOBase):
         return self.pos
 
 
-def _decode(data: bytes | memoryview, min_side: int | None, long_side: int | None, max_pixels: int) -> Decoded:
+def _open(data: bytes | memoryview, max_pixels: int) -> tuple[Image.Image, Header]:
+    """Open the image and read its header; no pixel is decoded."""
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else io.BufferedReader(InPlace(data), 1 << 16))
     fmt = img.format or "unknown"
     w, h = img.size
@@ -226,24 +267,67 @@ def _decode(data: bytes | memoryview, min_side: int | None, long_side: int | Non
         raise ImageError("decompression_bomb", f"{w}x{h} is over the cap of {max_pixels} pixels")
     # is_animated looks for a second frame only; n_frames would walk every frame.
     animated = bool(getattr(img, "is_animated", False))
-    mode = img.mode
-    orientation = img.getexif().get(0x0112, 1)
+    if fmt == "PNG" and "exif" not in img.info and not _png_metadata_after_pixels(data):
+        # Pillow reads a PNG's EXIF by decoding the whole image, in case an eXIf chunk follows the
+        # pixel data; when no metadata chunk does, the chunks before them hold all there is.
+        exif = Image.Image.getexif(img)
+    else:
+        exif = img.getexif()
+    orientation = exif.get(0x0112, 1)
     full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    scale = needed_scale(w, h, min_side, long_side)
-    if scale and fmt == "JPEG" and mode in ("RGB", "L", "CMYK", "YCbCr"):
-        # draft() picks the largest 1/2, 1/4, 1/8 reduction that stays >= the requested
-        # size; ask for the box of the scale the request needs, keeping the aspect ratio.
-        if scale < 1:
-            img.draft(img.mode, (max(1, round(w * scale)), max(1, round(h * scale))))
+    return img, Header(full_w, full_h, fmt, img.mode, animated, orientation)
+
+
+def _png_metadata_after_pixels(data: bytes | memoryview) -> bool:
+    """Whether a PNG has a metadata chunk (eXIf, or text that may hold EXIF or XMP) after its
+    pixel data: found by walking the chunk headers, not by inflating anything."""
+    view, pos, pixels_seen = memoryview(data), 8, False
+    while pos + 8 <= len(view):
+        kind = bytes(view[pos + 4:pos + 8])
+        if kind == b"IDAT":
+            pixels_seen = True
+        elif kind == b"IEND":
+            return False
+        elif pixels_seen and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+            return True
+        pos += 12 + int.from_bytes(view[pos:pos + 4], "big")
+    return False
+
+
+def _load(img: Image.Image, data: bytes | memoryview) -> None:
     # Hand the decoder the whole file in one call: it releases the GIL for each call, and in
     # 64 KB calls (Pillow's default) the decode threads wait on the GIL whenever Python runs
     # elsewhere (the models, their setup): 4x slower on 1.5 MP JPEGs.
     img.decodermaxblock = max(img.decodermaxblock, len(data))
     img.load()  # raises on truncation
+
+
+def _verify(data: bytes | memoryview, max_pixels: int) -> Header:
+    img, header = _open(data, max_pixels)
+    if header.format == "JPEG" and img.mode in DRAFT_MODES:
+        img.draft(img.mode, (1, 1))  # the smallest scale, 1/8
+    if header.format == "PNG" and img.tile:  # (no tile: reading its EXIF decoded it already)
+        img.verify()
+    else:
+        _load(img, data)
+    if img.mode not in CONVERTED_MODES:
+        to_rgb(img)  # a mode to_rgb knows converts; another might not (unsupported_mode)
+    return header
+
+
+def _decode(data: bytes | memoryview, min_side: int | None, long_side: int | None, max_pixels: int) -> Decoded:
+    img, header = _open(data, max_pixels)
+    scale = needed_scale(*img.size, min_side, long_side)
+    if scale and header.format == "JPEG" and img.mode in DRAFT_MODES:
+        # draft() picks the largest 1/2, 1/4, 1/8 reduction that stays >= the requested
+        # size; ask for the box of the scale the request needs, keeping the aspect ratio.
+        if scale < 1:
+            img.draft(img.mode, (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    _load(img, data)
     rgb = to_rgb(img)
-    if orientation in ORIENTATION_TRANSPOSE:
-        rgb = rgb.transpose(ORIENTATION_TRANSPOSE[orientation])
-    return Decoded(rgb, full_w, full_h, fmt, mode, animated)
+    if header.orientation in ORIENTATION_TRANSPOSE:
+        rgb = rgb.transpose(ORIENTATION_TRANSPOSE[header.orientation])
+    return Decoded(rgb, header.width, header.height, header.format, header.mode, header.animated)
 
 
 def needed_scale(w: int, h: int, min_side: int | None, long_side: int | None) -> float:

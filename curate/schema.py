@@ -1,21 +1,34 @@
-"""Arrow schemas of every table, defined once.
+"""The columns of every table, defined once.
 
 Each stage owns one table. Every stage table carries the same bookkeeping columns
 (`STAGE_COLUMNS`): which image, which model and settings produced the row, whether it
 worked, and when. `data/README.md` documents every column; keep the two in step.
+
+Columns are declared as plain data (a name, a type written as text, nullability) that both
+pyarrow and DuckDB types are read from: a command that only runs SQL over the tables
+(`curate sql`, `curate info`) then starts without importing pyarrow (about a tenth of a
+second). `SCHEMAS`, the Arrow schemas, are built the first time something asks for them.
 """
 from __future__ import annotations
 
-import pyarrow as pa
+import functools
+from typing import NamedTuple
+
+
+class Column(NamedTuple):
+    name: str
+    type: str  # string, binary, bool, int8/32/64, uint64, float16/32, timestamp (us, UTC), box, list<T>
+    nullable: bool = True
+
 
 # One row per image per model; `model` says which model and settings produced it.
 STAGE_COLUMNS = [
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # 'ok' or 'error'
-    pa.field("error", pa.string()),  # a code from ERROR_CODES when status='error'
-    pa.field("message", pa.string()),  # free text for people
-    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    Column("image_id", "string", nullable=False),
+    Column("model", "string", nullable=False),
+    Column("status", "string", nullable=False),  # 'ok' or 'error'
+    Column("error", "string"),  # a code from ERROR_CODES when status='error'
+    Column("message", "string"),  # free text for people
+    Column("created_at", "timestamp", nullable=False),
 ]
 
 # The fixed list of error codes. A row with status='error' carries exactly one.
@@ -42,89 +55,121 @@ ERROR_CODES = {
 }
 
 
-def stage_schema(*fields: pa.Field) -> pa.Schema:
-    return pa.schema(STAGE_COLUMNS + list(fields))
+def stage_columns(*columns: Column) -> list[Column]:
+    return STAGE_COLUMNS + list(columns)
 
 
-BOX = pa.struct(
-    [("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()), ("score", pa.float32())]
-)
+# A watermark box: the `box` type
+BOX = [Column("x0", "float32"), Column("y0", "float32"), Column("x1", "float32"), Column("y1", "float32"),
+       Column("score", "float32")]
 
-SCHEMAS: dict[str, pa.Schema] = {
+TABLES: dict[str, list[Column]] = {
     # One row per source file. Exact duplicates share an image_id; only the first row
     # of an image_id carries the bytes, so the dataset stores each image once.
-    "images": pa.schema(
-        [
-            pa.field("image_id", pa.string()),  # sha256 of the file's bytes; null if unreadable
-            pa.field("source", pa.string(), nullable=False),
-            pa.field("bytes", pa.binary()),
-            pa.field("size_bytes", pa.int64()),
-            pa.field("width", pa.int32()),  # after EXIF orientation
-            pa.field("height", pa.int32()),
-            pa.field("format", pa.string()),
-            pa.field("mode", pa.string()),
-            pa.field("animated", pa.bool_()),
-            pa.field("status", pa.string(), nullable=False),
-            pa.field("error", pa.string()),
-            pa.field("message", pa.string()),
-            pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        ]
+    "images": [
+        Column("image_id", "string"),  # sha256 of the file's bytes; null if unreadable
+        Column("source", "string", nullable=False),
+        Column("bytes", "binary"),
+        Column("size_bytes", "int64"),
+        Column("width", "int32"),  # after EXIF orientation
+        Column("height", "int32"),
+        Column("format", "string"),
+        Column("mode", "string"),
+        Column("animated", "bool"),
+        Column("status", "string", nullable=False),
+        Column("error", "string"),
+        Column("message", "string"),
+        Column("created_at", "timestamp", nullable=False),
+    ],
+    "stats": stage_columns(
+        Column("phash", "uint64"),
+        Column("brightness", "float32"),
+        Column("sharpness", "float32"),
+        Column("colorfulness", "float32"),
+        Column("entropy", "float32"),
     ),
-    "stats": stage_schema(
-        pa.field("phash", pa.uint64()),
-        pa.field("brightness", pa.float32()),
-        pa.field("sharpness", pa.float32()),
-        pa.field("colorfulness", pa.float32()),
-        pa.field("entropy", pa.float32()),
+    "embeddings": stage_columns(Column("embedding", "list<float16>")),
+    "quality": stage_columns(Column("rank", "int8"), Column("probs", "list<float32>")),
+    "tags": stage_columns(
+        Column("tags", "list<string>"),  # as the model names them, most confident first
+        Column("tag_scores", "list<float32>"),  # one per tag
+        Column("rating", "string"),  # the most probable rating tag (general, sensitive, ...)
+        Column("rating_score", "float32"),
     ),
-    "embeddings": stage_schema(pa.field("embedding", pa.list_(pa.float16()))),
-    "quality": stage_schema(pa.field("rank", pa.int8()), pa.field("probs", pa.list_(pa.float32()))),
-    "tags": stage_schema(
-        pa.field("tags", pa.list_(pa.string())),  # as the model names them, most confident first
-        pa.field("tag_scores", pa.list_(pa.float32())),  # one per tag
-        pa.field("rating", pa.string()),  # the most probable rating tag (general, sensitive, ...)
-        pa.field("rating_score", pa.float32()),
+    "captions": stage_columns(
+        Column("prompt", "string"),
+        Column("caption", "string"),
+        Column("raw", "string"),
     ),
-    "captions": stage_schema(
-        pa.field("prompt", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("raw", pa.string()),
+    # One row per image per image classifier (model); several classifiers side by side.
+    "classifications": stage_columns(
+        Column("classifier", "string"),  # its short name: the repo's or directory's (the manifest's map key)
+        Column("labels", "list<string>"),  # every label, in the model's order
+        Column("scores", "list<float32>"),  # each label's probability (softmax, or sigmoid if multi-label)
+        Column("label", "string"),  # the most probable label
+        Column("score", "float32"),
     ),
-    "watermarks": stage_schema(
-        pa.field("score", pa.float32()),
-        pa.field("has_watermark", pa.bool_()),
-        pa.field("boxes", pa.list_(BOX)),  # normalised to the original image, 0..1
+    "watermarks": stage_columns(
+        Column("score", "float32"),
+        Column("has_watermark", "bool"),
+        Column("boxes", "list<box>"),  # normalised to the original image, 0..1
     ),
-    "buckets": stage_schema(pa.field("bucket_width", pa.int32()), pa.field("bucket_height", pa.int32())),
+    "buckets": stage_columns(Column("bucket_width", "int32"), Column("bucket_height", "int32")),
     # model = the VAE id and encode settings. The latent is the VAE's output before
     # scaling (the trainer multiplies by scaling_factor), float16, C*H*W row-major.
-    "latents": stage_schema(
-        pa.field("latent", pa.binary()),
-        pa.field("shape", pa.list_(pa.int32())),  # [C, H, W]
-        pa.field("scaling_factor", pa.float32()),
-        pa.field("original_height", pa.int32()),  # the image after EXIF orientation
-        pa.field("original_width", pa.int32()),
-        pa.field("resized_height", pa.int32()),  # after the Lanczos downscale, before the crop
-        pa.field("resized_width", pa.int32()),
-        pa.field("crop_top", pa.int32()),  # top-left of the crop in the resized image
-        pa.field("crop_left", pa.int32()),
-        pa.field("target_height", pa.int32()),  # the bucket
-        pa.field("target_width", pa.int32()),
-        pa.field("mean", pa.binary()),  # with --keep-distribution: float16 C*H*W
-        pa.field("logvar", pa.binary()),
-        pa.field("vae", pa.string()),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
-        pa.field("shift_factor", pa.float32()),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
+    "latents": stage_columns(
+        Column("latent", "binary"),
+        Column("shape", "list<int32>"),  # [C, H, W]
+        Column("scaling_factor", "float32"),
+        Column("original_height", "int32"),  # the image after EXIF orientation
+        Column("original_width", "int32"),
+        Column("resized_height", "int32"),  # after the Lanczos downscale, before the crop
+        Column("resized_width", "int32"),
+        Column("crop_top", "int32"),  # top-left of the crop in the resized image
+        Column("crop_left", "int32"),
+        Column("target_height", "int32"),  # the bucket
+        Column("target_width", "int32"),
+        Column("mean", "binary"),  # with --keep-distribution: float16 C*H*W
+        Column("logvar", "binary"),
+        Column("vae", "string"),  # the VAE and dtype that encoded this row (differs per row with --mixed-vae)
+        Column("shift_factor", "float32"),  # null for SD/SDXL VAEs; the trainer uses (latent - shift) * scale
+        # with --flip: the mirrored crop's latent (and moments), and its crop's left in the flipped image
+        Column("flip_latent", "binary"),
+        Column("flip_mean", "binary"),
+        Column("flip_logvar", "binary"),
+        Column("flip_crop_left", "int32"),
     ),
+    # Hand edits from `curate view`: one row per image per action, never rewritten. The
+    # manifest applies the latest live edit of each kind per image (see EDIT_ACTIONS).
+    "edits": [
+        Column("edit", "string", nullable=False),  # one id per action: a bulk edit's rows share it
+        Column("image_id", "string"),  # null on 'undo' rows
+        Column("action", "string", nullable=False),  # one of EDIT_ACTIONS
+        Column("value", "string"),  # the tag, the caption, or the edit an 'undo' cancels
+        Column("editor", "string"),
+        Column("created_at", "timestamp", nullable=False),
+    ],
     # Head-to-head judgements for the quality head.
-    "ratings": pa.schema(
-        [
-            pa.field("left", pa.string(), nullable=False),
-            pa.field("right", pa.string(), nullable=False),
-            pa.field("winner", pa.string(), nullable=False),  # 'left', 'right' or 'tie'
-            pa.field("rater", pa.string()),
-            pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        ]
-    ),
+    "ratings": [
+        Column("left", "string", nullable=False),
+        Column("right", "string", nullable=False),
+        Column("winner", "string", nullable=False),  # 'left', 'right' or 'tie'
+        Column("rater", "string"),
+        Column("created_at", "timestamp", nullable=False),
+    ],
+}
+
+# What a hand edit does (`edits.action`). Per image, the latest live exclude/include decides
+# `excluded`, the latest live caption replaces the caption, and per image and tag the latest
+# live add_tag/remove_tag decides whether the tag is in `tags`. An 'undo' row cancels every
+# row of the edit named in its value, so the edit before it counts again.
+EDIT_ACTIONS = {
+    "exclude": "leave the image out of the manifest: no stage, no --where and no training sees it",
+    "include": "take an excluded image back",
+    "add_tag": "add the tag in value",
+    "remove_tag": "remove the tag in value (removing `watermark` also clears has_watermark and its boxes)",
+    "caption": "replace the caption with value",
+    "undo": "cancel the edit whose id is in value",
 }
 
 # What each stage table adds to the `manifest` view (one row per ok image, joined with
@@ -140,6 +185,7 @@ MANIFEST_COLUMNS: dict[str, list[str]] = {
         "tags.rating",
     ],
     "captions": ["captions.caption"],
+    "classifications": ["classifications.classes"],
     "watermarks": [
         "watermarks.has_watermark",
         "watermarks.score AS watermark_score",
@@ -148,3 +194,59 @@ MANIFEST_COLUMNS: dict[str, list[str]] = {
     "buckets": ["buckets.bucket_width", "buckets.bucket_height"],
     "latents": ["latents.image_id IS NOT NULL AS has_latent"],
 }
+
+# Tables that join the manifest through a query of their own instead of their latest ok row:
+# every classifier's latest ok row, as one map from 'CLASSIFIER/LABEL' to the label's probability
+# (`classes['nsfw_image_detection/nsfw'] > 0.8`). Written without lambdas, which DuckDB spells
+# differently across versions.
+MANIFEST_SOURCES: dict[str, str] = {
+    "classifications": (
+        "SELECT image_id, map_from_entries(list(struct_pack(k := classifier || '/' || label, v := score) "
+        "ORDER BY classifier, label)) AS classes FROM ("
+        "SELECT image_id, classifier, unnest(labels) AS label, unnest(scores) AS score FROM ("
+        "SELECT * FROM classifications WHERE status = 'ok' "
+        "QUALIFY row_number() OVER (PARTITION BY image_id, classifier ORDER BY created_at DESC) = 1)) "
+        "GROUP BY image_id"),
+}
+
+DUCKDB_TYPES = {"string": "VARCHAR", "binary": "BLOB", "bool": "BOOLEAN", "int8": "TINYINT", "int32": "INTEGER",
+                "int64": "BIGINT", "uint64": "UBIGINT", "float16": "FLOAT", "float32": "FLOAT",
+                "timestamp": "TIMESTAMPTZ"}
+ARROW_TYPES = {"string": "string", "binary": "binary", "bool": "bool_", "int8": "int8", "int32": "int32",
+               "int64": "int64", "uint64": "uint64", "float16": "float16", "float32": "float32"}
+
+
+def duckdb_type(type_: str) -> str:
+    """A column type as DuckDB spells it (float16 is read as FLOAT)."""
+    if type_.startswith("list<"):
+        return duckdb_type(type_[5:-1]) + "[]"
+    if type_ == "box":
+        return "STRUCT(" + ", ".join(f'"{c.name}" {duckdb_type(c.type)}' for c in BOX) + ")"
+    return DUCKDB_TYPES[type_]
+
+
+def arrow_type(type_: str):
+    import pyarrow as pa
+
+    if type_.startswith("list<"):
+        return pa.list_(arrow_type(type_[5:-1]))
+    if type_ == "box":
+        return pa.struct([(c.name, arrow_type(c.type)) for c in BOX])
+    if type_ == "timestamp":
+        return pa.timestamp("us", tz="UTC")
+    return getattr(pa, ARROW_TYPES[type_])()
+
+
+@functools.cache
+def arrow_schemas() -> dict:
+    """table -> pyarrow.Schema"""
+    import pyarrow as pa
+
+    return {name: pa.schema([pa.field(c.name, arrow_type(c.type), c.nullable) for c in columns])
+            for name, columns in TABLES.items()}
+
+
+def __getattr__(name: str):
+    if name == "SCHEMAS":  # `from curate.schema import SCHEMAS` builds them on first use
+        return arrow_schemas()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

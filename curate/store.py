@@ -8,6 +8,8 @@ buffers a run's rows into parts of a bounded size and age, so a kill loses littl
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -15,27 +17,28 @@ import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Iterator
-
-import duckdb
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from curate.claims import ClaimError, Claims, Owner
 from curate.progress import warn
-from curate.schema import MANIFEST_COLUMNS, SCHEMAS
+from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
+
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
 
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-"
 ROW_GROUP_ROWS = 1024
 ROW_GROUP_BYTES = 32 << 20  # fewer rows per group when rows are big (image bytes, SDXL latents): readers stream groups
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+QUIET = "SET enable_progress_bar = false"  # DuckDB draws its own bar on long queries, into our output
 # Rows per part: bounds the work lost to a kill (CURATE_PART_ROWS overrides it, e.g. in tests).
 PART_ROWS = int(os.environ.get("CURATE_PART_ROWS", "2048"))
 PART_SECONDS = 60.0  # and so does time, for slow stages
-PART_BYTES = 256 << 20
+PART_BYTES = 1 << 30  # and a part of image bytes is cut at 1 GiB (streamed to disk: memory holds a row group)
 # Columns that hold already-compressed media (image files): zstd, dictionary encoding and
 # min/max statistics would burn CPU on them to save nothing.
 RAW_COLUMNS = {"images": {"bytes"}}
@@ -68,6 +71,8 @@ def where_clause(where: str) -> str:
     """A user's `--where` (or the trainer's `where`) as SQL to put after WHERE: exactly one
     expression, as DuckDB's own parser reads it, never a statement. What it may read is
     limited by the connection (`Dataset.connect`): the dataset's tables and nothing else."""
+    import duckdb
+
     try:
         duckdb.SQLExpression(where)
     except duckdb.Error as e:
@@ -77,9 +82,15 @@ def where_clause(where: str) -> str:
     return f"(\n{where}\n)"
 
 
-# Parts are local files: Arrow's pre-buffering (made for object stores) reads whole row
-# groups into fresh memory first, which for image bytes cost 2-10x the read itself.
-PARQUET = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+class Rows(NamedTuple):
+    """A query's result as Python values, made without pyarrow (`curate sql` and `info` start
+    faster without it): the column names and one tuple per row."""
+
+    columns: list[str]
+    rows: list[tuple]
+
+    def to_pylist(self) -> list[dict]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
 
 
 def now() -> datetime:
@@ -103,6 +114,7 @@ class Dataset:
         if self.root.exists() and not self.root.is_dir():
             raise DatasetError(f"{root} is a file, not a dataset directory; give a directory (a new one for "
                                "`curate ingest` to make)")
+        self._listed: dict[str, tuple[int, list[Path]]] = {}  # table -> (its folder's mtime, its parts)
         if create:
             try:
                 self.tables_dir.mkdir(parents=True, exist_ok=True)
@@ -117,22 +129,40 @@ class Dataset:
         return self.tables_dir / name
 
     def parts(self, name: str) -> list[Path]:
-        """The table's parts in write order. Temporary parts are not parts yet; a damaged part,
-        or one whose schema is not the table's (another table's part, a column of another type),
+        """The table's parts in write order: complete ones, and of the table's schema.
+
+        A part is only ever renamed into place whole, so a part that ends in a Parquet footer
+        is complete: reading its last 8 bytes is enough, where parsing every footer would
+        cost seconds for the tens of thousands of parts of a 1.5M-image dataset. A part's name
+        carries a tag of the schema it was written with (`schema_tag`); a part without its
+        table's tag (another table's part, one dropped in by another tool) has its schema read,
+        and one that is not the table's (other columns, a column of another type), or damaged,
         is never read as rows: it is skipped with a warning naming it (`unread_parts` lists them)."""
-        good = []
-        for path in self._part_files(name):
+        folder = self.table_dir(name)
+        try:
+            changed = os.stat(folder).st_mtime_ns
+            if self._listed.get(name, (None,))[0] == changed:
+                return list(self._listed[name][1])
+            names = sorted(entry.name for entry in os.scandir(folder) if fnmatch(entry.name, PART_GLOB))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        parts = []
+        for path in (folder / n for n in names if _ends_in_footer(folder / n)):
             problem = checked_part(path, name)
             if problem is None:
-                good.append(path)
+                parts.append(path)
             elif path not in _WARNED:
                 _WARNED.add(path)
                 warn(f"{path} is not read: {problem}")
-        return good
+        # A listing is reused while the folder is unchanged; not if it changed in the last second,
+        # when a part renamed in later could leave its time stamp as it was (coarse clocks).
+        if time.time_ns() - changed > 1e9:
+            self._listed[name] = (changed, parts)
+        return list(parts)
 
     def unread_parts(self) -> list[tuple[str, Path, str]]:
         """(table, part, why) for every part a reader skips: damaged, or not the table's schema."""
-        return [(name, path, problem) for name in SCHEMAS for path in self._part_files(name)
+        return [(name, path, problem) for name in TABLES for path in self._part_files(name)
                 if (problem := checked_part(path, name)) is not None]
 
     def _part_files(self, name: str) -> list[Path]:
@@ -141,37 +171,12 @@ class Dataset:
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
-        schema = SCHEMAS[name]
-        if isinstance(table, dict):
-            table = pa.Table.from_pydict(table, schema=schema)
-        else:
-            table = table.select(schema.names).cast(schema)
+        table = conformed(table, schema_of(name))
         if table.num_rows == 0:
             return None
-        folder = self.table_dir(name)
-        tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
-        final = folder / f"part-{self._next_stamp(name):020d}-{uuid.uuid4().hex[:8]}.parquet"
-        raw = RAW_COLUMNS.get(name, set())
-        cooked = [c for c in table.column_names if c not in raw | BLOB_COLUMNS.get(name, set())]
-        rows_per_group = max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.remove_stale_tmp(name)
-            pq.write_table(table, tmp, row_group_size=rows_per_group, use_dictionary=cooked,
-                           write_statistics=cooked,
-                           compression={c: "none" if c in raw else "zstd" for c in table.column_names})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as e:  # a full disk, a read-only dataset: no partial part stays behind
-            tmp.unlink(missing_ok=True)
-            raise write_error(e, f"a part of {name}", folder) from None
-        return final
+        part = PartFile(self, name)
+        part.write(table, max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))))
+        return part.publish()
 
     def _next_stamp(self, name: str) -> int:
         """A new part's time stamp: now, but after every part already there, so parts sort in
@@ -205,70 +210,102 @@ class Dataset:
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        import pyarrow as pa
+
         return pa.Table.from_batches(list(self.scan(name, columns, filter)), schema=self._schema(name, columns))
 
     def scan(self, name: str, columns: list[str] | dict | None = None, filter=None, batch_size: int = 256,
-             use_threads: bool = True) -> Iterator[pa.RecordBatch]:
+             use_threads: bool = True, ids: set[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a table's rows in batches, reading only the columns asked for (or a
-        projection: name -> expression), on Arrow's threads unless use_threads is False."""
+        projection: name -> expression), on Arrow's threads unless use_threads is False.
+
+        ids: read only the row groups that hold one of these image ids. Passes work in
+        storage order, so a resumed pass skips the groups it finished without reading their
+        image bytes."""
+        import pyarrow.dataset as pads
+        import pyarrow.fs as pafs
+
         parts = self.parts(name)
         if not parts:
             return
-        data = pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format=PARQUET)
+        parquet = _parquet_format()
+        if ids is None:
+            data = pads.dataset([str(p) for p in parts], schema=schema_of(name), format=parquet)
+        else:
+            local = pafs.LocalFileSystem()
+            data = pads.FileSystemDataset([parquet.make_fragment(str(part), local, row_groups=groups)
+                                           for part, groups in row_groups_holding(parts, ids)],
+                                          schema_of(name), parquet, local)
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
     def scan_part(self, name: str, part: Path | str, columns: list[str] | dict, row_groups: list[int] | None = None,
                   batch_size: int = 256) -> Iterator[pa.RecordBatch]:
         """Stream one part's rows (only `row_groups` when given) on this thread, as `scan` does."""
-        (fragment,) = pads.dataset([str(part)], schema=SCHEMAS[name], format=PARQUET).get_fragments()
+        import pyarrow.dataset as pads
+
+        (fragment,) = pads.dataset([str(part)], schema=schema_of(name), format=_parquet_format()).get_fragments()
         if row_groups is not None:
             fragment = fragment.subset(row_group_ids=row_groups)
-        scanner = pads.Scanner.from_fragment(fragment, schema=SCHEMAS[name], columns=columns, batch_size=batch_size,
+        scanner = pads.Scanner.from_fragment(fragment, schema=schema_of(name), columns=columns, batch_size=batch_size,
                                              use_threads=False)
         yield from scanner.to_batches()
 
     @staticmethod
     def row_group_sizes(part: Path | str) -> list[int]:
+        import pyarrow.parquet as pq
+
         metadata = pq.read_metadata(part)
         return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
-        schema = SCHEMAS[name]
+        import pyarrow as pa
+
+        schema = schema_of(name)
         return schema if columns is None else pa.schema([schema.field(c) for c in columns])
 
     # ---- SQL ---------------------------------------------------------------------
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view per table and the `manifest` view, that
-        reads the dataset's parts and nothing else: no other file (read_text, read_csv, glob),
-        no writes (COPY), no ATTACH, no extensions installed or loaded, and its settings locked.
-        A user's `--where` and `curate sql` run on it."""
-        parts = {name: self.parts(name) for name in SCHEMAS}
+    def connect(self, tables: set[str] | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with a view per table and the `manifest` view (or views
+        of the given tables only: listing every table's parts takes a while at 1.5M images),
+        that reads the dataset's parts and nothing else: no other file (read_text, read_csv,
+        glob), no writes (COPY), no ATTACH, no extensions installed or loaded, and its settings
+        locked (DS/cache, curate's own derived files, may be read and written). A user's
+        `--where` and `curate sql` run on it."""
+        import duckdb
+
+        parts = {name: self.parts(name) for name in TABLES if tables is None or name in tables}
         con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
         try:
+            con.execute(QUIET)
             allowed = ", ".join(_quote(str(p)) for table in parts.values() for p in table)
             con.execute(f"SET allowed_paths = [{allowed}]")
+            # DS/cache holds what curate itself derives from the tables (the report's and the view's join).
+            con.execute(f"SET allowed_directories = [{_quote(str(self.root / 'cache') + os.sep)}]")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
-            for sql in self.view_sql(parts):
+            for sql in self.view_sql(tables, parts):
                 con.execute(sql)
         except BaseException:
             con.close()
             raise
         return con
 
-    def view_sql(self, parts: dict[str, list[Path]] | None = None) -> list[str]:
-        statements = []
-        for name, schema in SCHEMAS.items():
-            parts_of = parts[name] if parts is not None else self.parts(name)
-            if parts_of:
-                files = ", ".join(_quote(str(p)) for p in parts_of)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * '
-                                  f'FROM read_parquet([{files}], union_by_name=true)')
-            else:
-                cols = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in schema)
-                statements.append(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE false')
-        statements.append(manifest_view_sql())
-        return statements
+    def view_sql(self, tables: set[str] | None = None, parts: dict[str, list[Path]] | None = None) -> list[str]:
+        """A view per table and the manifest's; or views of the given tables only."""
+        parts = parts or {}
+        views = [self.table_view_sql(name, parts.get(name)) for name in TABLES if tables is None or name in tables]
+        return views if tables is not None else views + manifest_view_sql()
+
+    def table_view_sql(self, name: str, parts: list[Path] | None = None) -> str:
+        """A view of a table's parts as they are now (a typed empty view when it has none)."""
+        parts = self.parts(name) if parts is None else parts
+        if parts:
+            # Every part has its table's columns in the schema's order (writers conform rows to
+            # it, and parts() leaves out any other), so DuckDB may take the first part's schema
+            # for all; union_by_name would read every footer to unify them, seconds at the tens
+            # of thousands of parts of 1.5M images.
+            return f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet({_file_list(parts)})'
+        return f'CREATE OR REPLACE VIEW "{name}" AS {empty_select(name)}'
 
     def refresh_manifest_db(self) -> Path:
         """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
@@ -277,6 +314,8 @@ class Dataset:
         reading it, two refreshes never fight over DuckDB's file lock, and a refresh that
         fails (a full disk, a read-only dataset) keeps the previous file.
         """
+        import duckdb
+
         path = self.root / "manifest.duckdb"
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         try:
@@ -304,11 +343,13 @@ class Dataset:
             raise DatasetError(f"{error}; the previous manifest.duckdb is kept") from None
         return path
 
-    def sql(self, sql: str) -> pa.Table:
+    def sql(self, sql: str, rows: bool = False) -> pa.Table | Rows:
         """Run one read-only query (SELECT or EXPLAIN) over the tables and `manifest`, on a
-        connection that reads nothing but the dataset. manifest.duckdb is refreshed first
-        for other DuckDB clients; where that fails (a full disk, a read-only dataset) the query
-        still runs, with a warning."""
+        connection that reads nothing but the dataset; the result as an Arrow table, or with
+        `rows` as Python values. manifest.duckdb is refreshed first for other DuckDB clients;
+        where that fails (a full disk, a read-only dataset) the query still runs, with a warning."""
+        import duckdb
+
         try:
             self.refresh_manifest_db()
         except DatasetError as e:
@@ -323,28 +364,45 @@ class Dataset:
             # INSTALL, ATTACH or SET: only queries get through.
             if kind not in READ_ONLY_STATEMENTS:
                 raise DatasetError(f"curate sql is read-only: a {kind} statement is refused; give a SELECT query")
-            return con.sql(sql).to_arrow_table()
+            return _result(con.sql(sql), rows)
         except duckdb.Error as e:
             raise DatasetError(f"query failed: {e}") from None
         finally:
             con.close()
 
-    def query(self, sql: str) -> pa.Table:
-        con = self.connect()
+    def query(self, sql: str, rows: bool = False, tables: set[str] | None = None) -> pa.Table | Rows:
+        """Run a query over the tables and the manifest (or over the given tables only)."""
+        import duckdb
+
+        con = self.connect(tables)
         try:
-            return con.sql(sql).to_arrow_table()
+            return _result(con.sql(sql), rows)
         except duckdb.Error as e:
             raise DatasetError(f"query failed: {e}") from None
         finally:
             con.close()
 
-    def select_ids(self, where: str | None = None) -> list[str]:
-        """Ids of ok images, optionally filtered by a SQL expression over `manifest`."""
-        sql = "SELECT image_id FROM manifest"
-        if where:
-            sql += f" WHERE {where_clause(where)}"
+    def query_manifest(self, sql: str, tables: set[str] = frozenset()) -> pa.Table:
+        """A query over `manifest` (and these tables), the manifest joined here with only the stage
+        tables whose columns the query names (all of them for a `*`): each join reads every part
+        of its table, tens of thousands at 1.5M images."""
+        joined = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
+        manifest = (f"WITH manifest_all AS ({edited_manifest_sql(f'({stage_manifest_sql(joined)})')}), "
+                    "manifest AS (SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded) ")
+        return self.query(manifest + sql, tables=joined | tables | {"images", "edits"})
+
+    def select_ids(self, where: str | None = None, undone: tuple[str, str] | None = None) -> list[str]:
+        """Ids of ok images, optionally filtered by a SQL predicate over `manifest` (without one
+        only the images table is read); with undone=(table, model), only those that have no row
+        of that model in that table (a stage's to-do)."""
+        conditions = [where_clause(where)] if where else []
+        if undone:
+            model = undone[1].replace("'", "''")
+            conditions.append(f"image_id NOT IN (SELECT image_id FROM \"{undone[0]}\" WHERE model = '{model}')")
+        sql = "SELECT image_id FROM manifest" + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
         try:
-            return self.query(sql + " ORDER BY image_id").column("image_id").to_pylist()
+            return self.query_manifest(sql + " ORDER BY image_id", {undone[0]} if undone else set()).column(
+                "image_id").to_pylist()
         except DatasetError as e:
             raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
 
@@ -361,16 +419,35 @@ _CHECKED: dict[Path, str | None] = {}  # part -> its problem: a part never chang
 
 
 def checked_part(path: Path, table: str) -> str | None:
-    """part_problem, asked once per part and process (a pass lists a table's parts often)."""
+    """part_problem, asked once per part and process (a pass lists a table's parts often), and
+    only of a part whose name lacks its table's schema tag: curate names what it writes."""
+    if path.stem.endswith(f"-{schema_tag(table)}"):
+        return None
     if path not in _CHECKED:
-        _CHECKED[path] = part_problem(path, SCHEMAS[table])
+        _CHECKED[path] = part_problem(path, schema_of(table))
     return _CHECKED[path]
+
+
+@functools.cache
+def schema_tag(table: str) -> str:
+    """A short hash of a table's columns and types, in the name of each part curate writes."""
+    return hashlib.sha256(repr((table, TABLES[table])).encode()).hexdigest()[:8]
+
+
+def _parquet_format():
+    import pyarrow.dataset as pads
+
+    # Parts are local files: Arrow's pre-buffering (made for object stores) reads whole row
+    # groups into fresh memory first, which for image bytes cost 2-10x the read itself.
+    return pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
 
 
 def part_problem(path: Path, schema: pa.Schema) -> str | None:
     """Why a part is not one of its table's (None: it is): unreadable, a column the table
     does not have or of another type, or a required column missing. Columns added to a table
     later may be missing from older parts (they read as null)."""
+    import pyarrow.parquet as pq
+
     try:
         found = pq.read_schema(path)
     except Exception as e:  # a damaged part must not hide the rest of the table
@@ -389,6 +466,8 @@ def part_problem(path: Path, schema: pa.Schema) -> str | None:
 
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     """Equal types, counting large and small strings, binaries and lists as the same."""
+    import pyarrow as pa
+
     if a == b:
         return True
     for kind, large in ((pa.types.is_string, pa.types.is_large_string), (pa.types.is_binary, pa.types.is_large_binary)):
@@ -413,36 +492,84 @@ def _remove_stale_tmp(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _duck_type(t.value_type) + "[]"
-    if pa.types.is_struct(t):
-        return "STRUCT(" + ", ".join(f'"{f.name}" {_duck_type(f.type)}' for f in t) + ")"
-    simple = {
-        pa.string(): "VARCHAR", pa.binary(): "BLOB", pa.bool_(): "BOOLEAN",
-        pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-        pa.uint64(): "UBIGINT", pa.float16(): "FLOAT", pa.float32(): "FLOAT", pa.float64(): "DOUBLE",
-    }
-    if t in simple:
-        return simple[t]
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    raise TypeError(f"no DuckDB type for {t}")
+def row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, list[int]]]:
+    """(part, its row groups that hold one of the ids), in write order. DuckDB finds the rows by
+    reading the image_id column of every part at once (ids are hashes: row-group statistics
+    never rule a group out); only the parts that hold any have their row groups counted."""
+    import duckdb
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    con = duckdb.connect()
+    con.execute(QUIET)
+    try:
+        con.register("wanted", pa.table({"image_id": pa.array(sorted(ids), pa.string())}))
+        rows = dict(con.sql(f"SELECT filename, list(file_row_number) FROM read_parquet({_file_list(parts)}, "
+                            "filename=true, file_row_number=true) WHERE image_id IN (SELECT image_id FROM wanted) "
+                            "GROUP BY filename").fetchall())
+    finally:
+        con.close()
+    holding = []
+    for part in parts:
+        if str(part) in rows:
+            meta = pq.read_metadata(part)
+            starts = np.cumsum([meta.row_group(k).num_rows for k in range(meta.num_row_groups)])
+            holding.append((part, sorted(set(np.searchsorted(starts, rows[str(part)], side="right").tolist()))))
+    return holding
 
 
-def manifest_view_sql() -> str:
-    """One row per ok image, joined with the latest ok row of every stage table."""
+def _file_list(parts: list[Path]) -> str:
+    """Paths as a DuckDB list literal."""
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts) + "]"
+
+
+def _ends_in_footer(path: Path) -> bool:
+    """Whether the file ends as a Parquet file does: a footer length that fits, then PAR1."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 12:
+                return False
+            f.seek(size - 8)
+            tail = f.read(8)
+    except OSError:
+        return False
+    return tail[4:] == b"PAR1" and int.from_bytes(tail[:4], "little") + 12 <= size
+
+
+def _result(relation: duckdb.DuckDBPyRelation, rows: bool) -> pa.Table | Rows:
+    return Rows(relation.columns, relation.fetchall()) if rows else relation.to_arrow_table()
+
+
+def schema_of(table: str) -> pa.Schema:
+    return arrow_schemas()[table]
+
+
+def manifest_view_sql() -> list[str]:
+    """`manifest_all`: every ok image with the results of every stage and the hand edits
+    applied, and an `excluded` column; `manifest`: the images that are not excluded, without
+    that column. Every stage's input, every --where and the trainer read `manifest`."""
+    return [f"CREATE OR REPLACE VIEW manifest_all AS {edited_manifest_sql(f'({stage_manifest_sql()})')}",
+            "CREATE OR REPLACE VIEW manifest AS SELECT * EXCLUDE (excluded) FROM manifest_all WHERE NOT excluded"]
+
+
+def stage_manifest_sql(tables: set[str] | None = None) -> str:
+    """One row per ok image, joined with the latest ok row of every stage table (no edits). With
+    `tables` (see tables_for), the other stage tables are left out of the join (their columns are
+    null): each join reads every part of its table, tens of thousands at 1.5M images."""
     selects = ["img.*"]
     joins = []
     for table, exprs in MANIFEST_COLUMNS.items():
         selects += exprs
-        joins.append(
-            f'LEFT JOIN (SELECT * FROM "{table}" WHERE status = \'ok\' '
-            f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at DESC) = 1) AS {table} "
-            f"ON {table}.image_id = img.image_id"
-        )
+        latest = MANIFEST_SOURCES.get(table, f'SELECT * FROM "{table}" WHERE status = \'ok\' '
+                                             "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at "
+                                             "DESC) = 1")
+        if tables is not None and table not in tables:
+            latest = f"SELECT * FROM ({latest}) WHERE false" if table in MANIFEST_SOURCES else empty_select(table)
+        joins.append(f"LEFT JOIN ({latest}) AS {table} ON {table}.image_id = img.image_id")
     return (
-        "CREATE OR REPLACE VIEW manifest AS WITH img AS ("
+        "WITH img AS ("
         "SELECT image_id, min(source) AS source, list(source ORDER BY source) AS sources, "
         "any_value(width) AS width, any_value(height) AS height, any_value(format) AS format, "
         "any_value(mode) AS mode, any_value(animated) AS animated, max(size_bytes) AS size_bytes "
@@ -451,39 +578,185 @@ def manifest_view_sql() -> str:
     )
 
 
-class PartWriter:
-    """Buffers rows of one table and writes a part every PART_ROWS rows, PART_BYTES bytes or
-    PART_SECONDS seconds; what is buffered is written on exit, also on Ctrl-C.
+def empty_select(table: str) -> str:
+    """No rows, with the table's columns and types."""
+    cols = ", ".join(f'CAST(NULL AS {duckdb_type(c.type)}) AS "{c.name}"' for c in TABLES[table])
+    return f"SELECT {cols} WHERE false"
 
-    `before` is called before each part is written (it may refuse by raising), `written`
-    with the rows of each part once it is visible."""
+
+def tables_for(predicate: str) -> set[str]:
+    """The stage tables the manifest must join for a predicate: those whose columns it names, and
+    those these columns' expressions read (`tags` reads watermarks too). A word that is not a
+    column, or a column's name inside a string, only adds a join."""
+    words = set(re.findall(r"[A-Za-z_]\w*", predicate))
+    named = {table for table, exprs in MANIFEST_COLUMNS.items()
+             if words & {e.rsplit(" AS ", 1)[1] if " AS " in e else e.rsplit(".", 1)[1] for e in exprs}}
+    return named | {t for table in named for t in re.findall(r"\b(\w+)\.", " ".join(MANIFEST_COLUMNS[table]))
+                    if t in MANIFEST_COLUMNS}
+
+
+def edited_manifest_sql(base: str) -> str:
+    """`base` (a relation with the stage manifest's columns) with the live hand edits applied
+    (schema.EDIT_ACTIONS): the latest exclude/include, caption and add/remove of each tag win."""
+    removed, added = "coalesce(t.removed, [])", "coalesce(t.added, [])"
+    own = "coalesce(b.tags, CAST([] AS VARCHAR[]))"
+    return (
+        "WITH live AS (SELECT * FROM edits e WHERE action <> 'undo' AND NOT EXISTS "
+        "(SELECT 1 FROM edits u WHERE u.action = 'undo' AND u.value = e.edit)), "
+        "excl AS (SELECT image_id, arg_max(action, created_at) = 'exclude' AS excluded FROM live "
+        "WHERE action IN ('exclude', 'include') GROUP BY image_id), "
+        "cap AS (SELECT image_id, arg_max(value, created_at) AS caption FROM live WHERE action = 'caption' "
+        "GROUP BY image_id), "
+        "tag_state AS (SELECT image_id, value AS tag, arg_max(action, created_at) AS action FROM live "
+        "WHERE action IN ('add_tag', 'remove_tag') GROUP BY image_id, value), "
+        "t AS (SELECT image_id, list(tag ORDER BY tag) FILTER (WHERE action = 'add_tag') AS added, "
+        "list(tag) FILTER (WHERE action = 'remove_tag') AS removed FROM tag_state GROUP BY image_id) "
+        "SELECT b.* REPLACE ("
+        f"CASE WHEN t.image_id IS NULL THEN b.tags ELSE list_concat("
+        f"list_filter({own}, lambda x: NOT list_contains({removed}, x)), "
+        f"list_filter({added}, lambda x: NOT list_contains({own}, x))) END AS tags, "
+        "coalesce(c.caption, b.caption) AS caption, "
+        f"CASE WHEN list_contains({removed}, 'watermark') THEN false "
+        f"WHEN list_contains({added}, 'watermark') THEN true ELSE b.has_watermark END AS has_watermark, "
+        f"CASE WHEN list_contains({removed}, 'watermark') THEN b.watermark_boxes[1:0] "
+        "ELSE b.watermark_boxes END AS watermark_boxes), "
+        "coalesce(x.excluded, false) AS excluded "
+        f"FROM {base} AS b LEFT JOIN excl AS x ON x.image_id = b.image_id "
+        "LEFT JOIN cap AS c ON c.image_id = b.image_id LEFT JOIN t ON t.image_id = b.image_id"
+    )
+
+
+def conformed(table: pa.Table | dict, schema: pa.Schema) -> pa.Table:
+    """Rows as a table of exactly the schema's columns and types."""
+    import pyarrow as pa
+
+    if isinstance(table, dict):
+        return pa.Table.from_pydict(table, schema=schema)
+    return table.select(schema.names).cast(schema)
+
+
+class PartFile:
+    """A part being written: row groups go to a temporary file, which `publish` renames into
+    place. A write that fails (a full disk, a read-only dataset) removes the temporary file and
+    says so in one line (write_error): no partial part stays behind."""
+
+    def __init__(self, ds: Dataset, table: str):
+        import pyarrow.parquet as pq
+
+        schema = schema_of(table)
+        self.ds, self.table, self.folder = ds, table, ds.table_dir(table)
+        self.tmp = self.folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        self.writer = None
+        raw = RAW_COLUMNS.get(table, set())
+        cooked = [c for c in schema.names if c not in raw | BLOB_COLUMNS.get(table, set())]
+        with self._failing():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            ds.remove_stale_tmp(table)
+            self.writer = pq.ParquetWriter(self.tmp, schema, use_dictionary=cooked, write_statistics=cooked,
+                                           compression={c: "none" if c in raw else "zstd" for c in schema.names})
+        self.rows = self.bytes = 0
+
+    def write(self, rows: pa.Table, row_group_rows: int | None = None) -> None:
+        with self._failing():
+            self.writer.write_table(rows, row_group_size=row_group_rows)
+        self.rows += rows.num_rows
+        self.bytes += rows.nbytes
+
+    def publish(self) -> Path:
+        """Close the file, make it durable and rename it into place: readers see the whole part or none."""
+        name = f"part-{self.ds._next_stamp(self.table):020d}-{uuid.uuid4().hex[:8]}-{schema_tag(self.table)}.parquet"
+        with self._failing():
+            self.writer.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.folder / name)
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return self.folder / name
+
+    def discard(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError:
+            pass  # the file goes anyway
+        self.tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def _failing(self):
+        try:
+            yield
+        except OSError as e:
+            self.discard()
+            raise write_error(e, f"a part of {self.table}", self.folder) from None
+
+
+class PartWriter:
+    """Writes one table's rows as they come. A part is streamed to its temporary file a row
+    group at a time (at most ROW_GROUP_ROWS rows or ROW_GROUP_BYTES), so memory holds one row
+    group, not a part (256 MiB of image bytes); it is renamed into place when it holds
+    PART_ROWS rows or PART_BYTES bytes, or PART_SECONDS after it began. What was added is kept
+    on exit, also on Ctrl-C.
+
+    `before` is called before each part is published (it may refuse by raising), `written`
+    once it is, with what `note(rows)` (given to add) said of each slice of rows in it."""
 
     def __init__(self, ds: Dataset, table: str, before: Callable[[], None] | None = None,
-                 written: Callable[[pa.Table], None] | None = None):
-        self.ds, self.table, self.before, self.written = ds, table, before, written
-        self.buffer: list[pa.Table] = []
-        self.rows = 0
-        self.bytes = 0
-        self.last_flush = time.monotonic()
+                 written: Callable[[list], None] | None = None):
+        self.ds, self.table, self.schema = ds, table, schema_of(table)
+        self.before, self.written = before, written
+        self.notes: list = []  # what add() was told about the rows of the part being written
+        self.group: list[pa.Table] = []  # rows of the next row group
+        self.group_rows = self.group_bytes = 0
+        self.part: PartFile | None = None
+        self.started = time.monotonic()
 
-    def add(self, table: pa.Table) -> None:
-        self.buffer.append(table)
-        self.rows += table.num_rows
-        self.bytes += table.nbytes
-        if self.rows >= PART_ROWS or self.bytes >= PART_BYTES or time.monotonic() - self.last_flush > PART_SECONDS:
-            self.flush()
+    def add(self, table: pa.Table, note: Callable[[pa.Table], object] | None = None) -> None:
+        table = conformed(table, self.schema)
+        while table.num_rows:  # a model batch can be larger than a part, or a row group
+            room = min(PART_ROWS - self._rows(), ROW_GROUP_ROWS - self.group_rows)
+            head, table = table.slice(0, room), table.slice(room)
+            self.group.append(head)
+            if note is not None:
+                self.notes.append(note(head))
+            self.group_rows += head.num_rows
+            self.group_bytes += head.nbytes
+            if self.group_rows >= ROW_GROUP_ROWS or self.group_bytes >= ROW_GROUP_BYTES:
+                self._write_group()
+            if (self._rows() >= PART_ROWS or self._bytes() >= PART_BYTES
+                    or time.monotonic() - self.started > PART_SECONDS):
+                self.flush()
+
+    def _rows(self) -> int:
+        return self.group_rows + (self.part.rows if self.part else 0)
+
+    def _bytes(self) -> int:
+        return self.group_bytes + (self.part.bytes if self.part else 0)
+
+    def _write_group(self) -> None:
+        if self.group:
+            import pyarrow as pa
+
+            if self.part is None:
+                self.part = PartFile(self.ds, self.table)
+            self.part.write(pa.concat_tables(self.group))
+        self.group, self.group_rows, self.group_bytes = [], 0, 0
 
     def flush(self) -> None:
-        if self.buffer:
-            rows = pa.concat_tables(self.buffer)
-            for start in range(0, rows.num_rows, PART_ROWS):  # a model batch can be larger than a part
-                if self.before:
-                    self.before()
-                self.ds.write_part(self.table, rows.slice(start, PART_ROWS))
-                if self.written:
-                    self.written(rows.slice(start, PART_ROWS))
-        self.buffer, self.rows, self.bytes = [], 0, 0
-        self.last_flush = time.monotonic()
+        """Write what was added and publish the part."""
+        self._write_group()
+        if self.part is not None:
+            if self.before:
+                self.before()
+            self.part.publish()
+            self.part = None
+            if self.written:
+                self.written(self.notes)
+        self.notes = []
+        self.started = time.monotonic()
 
     def __enter__(self):
         return self
@@ -491,3 +764,5 @@ class PartWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type is None or exc_type is KeyboardInterrupt:
             self.flush()  # finished rows are kept even on Ctrl-C
+        elif self.part is not None:
+            self.part.discard()

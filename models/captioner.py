@@ -10,7 +10,9 @@ A spec is `SCHEME:TARGET`, the scheme a caption family of curate.models.families
     vllm:DIR_OR_HUB_ID           vLLM's offline engine, when vllm is installed
     openai:BASE_URL#MODEL        an OpenAI-compatible server (vLLM, Ollama, LM Studio, ...)
 
-A hub id in the transformers schemes may carry `@REVISION`. A directory alone (no scheme)
+A hub id in the transformers schemes may carry `@REVISION`; it is pinned to the commit that
+revision points at (curate.models.common.pin), which its rows name and its workers load. A
+directory alone (no scheme)
 is recognised from its config.json. A captioner keeps settings only (it pickles to Ray
 workers); `load()` brings up the model once per worker; `caption(images, prompts)` returns
 one raw output per image: a string, or a `CaptionError` for that image alone.
@@ -18,12 +20,12 @@ one raw output per image: a string, or a `CaptionError` for that image alone.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 
-from curate.models.common import Adapter, ModelError, model_name
+from curate.models.common import Adapter, ModelError, hub_repo, model_name
 from curate.models.families import family, of_task
 
 JOYCAPTION_SYSTEM = "You are a helpful image captioner."
@@ -114,7 +116,10 @@ class Captioner(Adapter):
 
     def __init__(self, spec: ModelSpec, prompt: str | None = None, max_new_tokens: int | None = None, **settings):
         self.family = spec.scheme
-        super().__init__(spec.target, prompt=prompt, max_new_tokens=max_new_tokens, **settings)
+        named = spec.target + (f"@{spec.revision}" if spec.revision else "")
+        super().__init__(named, prompt=prompt, max_new_tokens=max_new_tokens, **settings)
+        if hub_repo(named):  # the weights, pinned: org/name@COMMIT
+            spec = replace(spec, revision=self.weights.rpartition("@")[2])
         self.spec = spec
         self.prompt, self.max_new_tokens = self.settings["prompt"], self.settings["max_new_tokens"]
         if not self.prompt.strip():

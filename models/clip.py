@@ -4,18 +4,22 @@ The model is an open_clip name (`ViT-B-32:laion2b_s34b_b79k`, open_clip's own re
 a hub id of an open_clip repo (`laion/CLIP-ViT-B-32-laion2B-s34B-b79K`: open_clip_config.json
 plus weights) or a local directory of the same files. Hub ids and directories load through
 open_clip's `local-dir:` loader, so the tiny zoo runs the very code that real weights do.
-Preprocessing is open_clip's own transform for the model (resize, centre crop, normalise);
-the normalising runs batched on the model's device.
+Preprocessing is open_clip's own transform for the model, from the same config open_clip
+merges: a registry name takes its pretrained tag's (SigLIP: mean/std 0.5 and `squash`, no
+crop; DFN: OpenAI's mean/std, `squash`), a directory or hub id its open_clip_config.json's
+`preprocess_cfg`, over open_clip's defaults (OpenAI's mean/std, shortest-side resize and a
+centre crop). The normalising runs batched on the model's device.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from curate.images import resize
-from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.common import HUB_ID, Adapter, ModelError, device_or_error, embedding_columns, normalised_nchw
 
 CONFIG = "open_clip_config.json"
 
@@ -36,6 +40,8 @@ class Clip(Adapter):
 
     def _builtin(self) -> tuple[str, str | None] | None:
         """(name, pretrained tag) when spec names a model in open_clip's own registry."""
+        if Path(self.spec).expanduser().is_dir() or HUB_ID.match(self.spec):
+            return None  # open_clip (seconds of imports: torchvision, timm, transformers) is needed to load only
         import open_clip
 
         name, _, tag = self.spec.partition(":")
@@ -47,16 +53,20 @@ class Clip(Adapter):
         return name, tag
 
     def _config(self) -> dict:
+        """The image size and the preprocess config, merged as open_clip's factory merges them
+        (open_clip.factory.create_model: defaults, then the tag's or the directory's config)."""
         import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
         builtin = self._builtin()
         if builtin:
-            cfg, pre = open_clip.get_model_config(builtin[0]), {}
+            cfg, pre = open_clip.get_model_config(builtin[0]), open_clip.get_pretrained_cfg(*builtin)
         else:
-            raw = json.loads((model_dir(self.spec, (CONFIG,)) / CONFIG).read_text())
+            raw = json.loads((self.model_dir((CONFIG,)) / CONFIG).read_text())
             cfg, pre = raw.get("model_cfg", raw), raw.get("preprocess_cfg", {})
         size = cfg["vision_cfg"]["image_size"]
-        return {"image_size": size if isinstance(size, int) else max(size), "preprocess": pre}
+        return {"image_size": size if isinstance(size, int) else max(size),
+                "preprocess": merge_preprocess_dict(PreprocessCfg(), pre)}
 
     def _create(self, device=None, dtype=None):
         """(model, preprocess) exactly as open_clip builds them for this spec."""
@@ -67,7 +77,7 @@ class Clip(Adapter):
             if builtin:
                 return open_clip.create_model_and_transforms(builtin[0], pretrained=builtin[1], device=device,
                                                              precision=dtype)[::2]
-            local = f"local-dir:{model_dir(self.spec, (CONFIG,))}"
+            local = f"local-dir:{self.model_dir((CONFIG,))}"
             return open_clip.create_model_and_transforms(local, device=device, precision=dtype)[::2]
         except (RuntimeError, FileNotFoundError, ValueError) as e:
             raise ModelError(f"cannot load open_clip model {self.spec!r}: {e}") from None
@@ -90,8 +100,8 @@ class Clip(Adapter):
 
             pre = self._config()["preprocess"]
             steps = open_clip.image_transform(
-                self.image_size, is_train=False, mean=pre.get("mean"), std=pre.get("std"),
-                interpolation=pre.get("interpolation"), resize_mode=pre.get("resize_mode")).transforms
+                self.image_size, is_train=False, mean=pre["mean"], std=pre["std"], interpolation=pre["interpolation"],
+                resize_mode=pre["resize_mode"], fill_color=pre["fill_color"]).transforms
             *pil_steps, to_tensor, normalize = steps
             if "ToTensor" not in type(to_tensor).__name__ or type(normalize).__name__ != "Normalize":
                 raise ModelError(f"open_clip's transform for {self.spec} does not end in ToTensor, Normalize: {steps}")
@@ -113,12 +123,7 @@ class Clip(Adapter):
         pixels = normalised_nchw(batch["pixels"], *self.transform()[1:], self._device, self._dtype)
         with torch.inference_mode():
             features = self._model.encode_image(pixels).float()
-        features = torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
-        bad = ~np.isfinite(features).all(axis=1)
-        embedding = features.astype(np.float16)  # a 2-D array: stored without a Python object per number
-        return {"embedding": [None if b else f for f, b in zip(embedding, bad)] if bad.any() else embedding,
-                "_error": ["bad_output" if b else None for b in bad],
-                "_message": ["the embedding is not finite" if b else None for b in bad]}
+        return embedding_columns(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
 
 
 class FastResize:

@@ -6,15 +6,21 @@ workers (uint8 pixels of the size it says it needs), and `forward(batch)`, which
 model on a batch and gives its output columns. The stages in `curate.pipelines` wrap
 adapters; the adapters know nothing of stages, tables or runs.
 
-Weights are named by a local directory or a hub id. A hub id is resolved to the local
-directory of its files (huggingface_hub's cache, downloaded there when a network exists),
-so published weights and the tiny zoo go through the same loader.
+Weights are named by a local directory or a hub id (`org/name`, or `org/name@REVISION` for a
+branch, tag or commit). A hub id is pinned, when an adapter is made, to the commit its
+revision points at (`org/name@<40 hex digits>`): that is the name its rows carry, so weights
+updated on the hub are new work, never counted as done, and every worker loads the same
+commit. Its files come into huggingface_hub's cache (downloaded there when a network
+exists), only those its family needs (`Family.files`: one weights file, safetensors where
+the repo has them, not every format the repo carries); the adapter then reads the local
+directory, so published weights and the tiny zoo go through the same loader.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -22,26 +28,23 @@ import numpy as np
 
 from curate.models.families import family
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")  # org/name[@REVISION]
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class ModelError(ValueError):
     """A model that cannot be found or loaded, said so that the user can fix it."""
 
 
-def model_dir(spec: str, needs: tuple[str, ...] = ()) -> Path:
-    """The local directory holding `spec`'s files: the directory itself, or a hub id's snapshot."""
+def model_dir(spec: str, needs: tuple[str, ...] = (), files: tuple = ()) -> Path:
+    """The local directory holding `spec`'s files: the directory itself, or the hub snapshot of
+    the files its family needs (`files`, see hub_snapshot)."""
     path = Path(spec).expanduser()
+    hub = hub_repo(spec)
     if path.is_dir():
         folder = path
-    elif HUB_ID.match(spec) and not path.exists():
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(spec))
-        except Exception as e:  # offline without a cached copy, unknown repo, no network
-            raise ModelError(f"cannot get {spec!r} from the hub ({type(e).__name__}: {e}); "
-                             "give a local directory with the model's files instead") from None
+    elif hub:
+        folder = _hub_error(spec, hub_snapshot, hub[0], hub_commit(*hub), files)
     else:
         raise ModelError(f"{spec!r} is neither a directory nor a hub id (org/name)")
     missing = [name for name in needs if not (folder / name).is_file()]
@@ -49,6 +52,80 @@ def model_dir(spec: str, needs: tuple[str, ...] = ()) -> Path:
         raise ModelError(f"{spec} ({folder}) lacks {', '.join(missing)}; is it the right kind of model?")
     check_files(str(folder))
     return folder
+
+
+def hub_repo(spec: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when spec names a hub repo; None for a path that exists."""
+    match = HUB_ID.match(spec)
+    return None if not match or Path(spec).expanduser().exists() else (match[1], match[2])
+
+
+def pin(spec: str) -> str:
+    """A hub id pinned to the commit its revision (default: main) points at now,
+    `org/name@COMMIT`; a directory (or anything else) as given."""
+    hub = hub_repo(spec)
+    return spec if hub is None else f"{hub[0]}@{hub_commit(*hub)}"
+
+
+def hub_commit(repo: str, revision: str | None = None) -> str:
+    """The commit a revision of a hub repo points at: asked of the hub, or offline
+    (HF_HUB_OFFLINE=1) read from the local cache's refs, as huggingface_hub itself does."""
+    if revision and COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    spec = repo + (f"@{revision}" if revision else "")
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "refs" / (
+        revision or "main")
+    if constants.HF_HUB_OFFLINE:
+        if not ref.is_file():
+            raise ModelError(f"cannot get {spec!r} from the hub (offline: HF_HUB_OFFLINE is set and it is not in the "
+                             "cache); give a local directory with the model's files instead")
+        return ref.read_text().strip()
+    commit = _hub_error(spec, lambda: HfApi().model_info(repo, revision=revision).sha)
+    # Remember it in the cache's refs, as huggingface_hub's own downloads do, so an offline run
+    # knows which commit this revision was.
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    temporary = ref.with_name(f".{ref.name}.{os.getpid()}")
+    temporary.write_text(commit)
+    temporary.replace(ref)
+    return commit
+
+
+@functools.lru_cache(maxsize=32)  # a pinned commit's files never change
+def hub_snapshot(repo: str, commit: str, files: tuple) -> Path:
+    """The cache folder of a hub commit, holding the files its family needs. `files` lists file
+    names; a tuple among them is alternatives, of which the first the repo has is fetched
+    (`("model.safetensors", "pytorch_model.bin")`: never both); a name the repo lacks is skipped
+    (the adapter says what it needed). Offline, the cached files stand for the repo's."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.file_download import repo_folder_name
+
+    if constants.HF_HUB_OFFLINE:
+        def present(name):
+            return isinstance(try_to_load_from_cache(repo, name, revision=commit), str)
+    else:
+        listing = {s.rfilename for s in HfApi().model_info(repo, revision=commit).siblings}
+
+        def present(name):
+            return name in listing
+    for entry in files:
+        name = next((n for n in (entry if isinstance(entry, tuple) else (entry,)) if present(n)), None)
+        if name is not None:
+            hf_hub_download(repo, name, revision=commit)
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / commit
+
+
+def _hub_error(spec: str, call, *args):
+    """call(*args), with a failure to reach the hub or find the repo said as a ModelError."""
+    try:
+        return call(*args)
+    except ModelError:
+        raise
+    except Exception as e:  # offline without a cached copy, unknown repo, no network
+        raise ModelError(f"cannot get {spec!r} from the hub ({type(e).__name__}: {e}); "
+                         "give a local directory with the model's files instead") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -91,21 +168,23 @@ def safetensors_problem(file: Path) -> str | None:
 
 @functools.lru_cache(maxsize=64)  # model_key() is asked for every batch
 def model_name(spec: str) -> str:
-    """How a model is named in the `model` column: a hub id as is; a directory by its name and
-    a fingerprint of its files, so two different folders that share a name (two fine-tunes
-    saved as `vae/`, say) never count as each other's work on resume."""
+    """How a model is named in the `model` column: a hub id as is; a directory (or a file) by its
+    name and a fingerprint of its files, so two different folders that share a name (two
+    fine-tunes saved as `vae/`, say) never count as each other's work on resume."""
     path = Path(spec).expanduser()
-    return f"{path.resolve().name}#{fingerprint(str(path.resolve()))}" if path.is_dir() else spec
+    return f"{path.resolve().name}#{fingerprint(str(path.resolve()))}" if path.exists() else spec
 
 
 FINGERPRINT_BYTES = 64 << 10
 
 
 def fingerprint(folder: str) -> str:
-    """8 hex digits from every file's name, size, head and tail: cheap even for GBs of
-    weights, and different for different weights (fine-tunes differ everywhere)."""
+    """8 hex digits from every file's name, size, head and tail (or one file's): cheap even for
+    GBs of weights, and different for different weights (fine-tunes differ everywhere)."""
     digest, folder = hashlib.sha256(), Path(folder)
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = [folder] if folder.is_file() else folder.rglob("*")
+    folder = folder.parent if folder.is_file() else folder
+    for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".")):
         size = file.stat().st_size
         digest.update(f"{file.relative_to(folder).as_posix()}\0{size}\0".encode())
         with open(file, "rb") as f:
@@ -128,6 +207,16 @@ def normalised_nchw(pixels: np.ndarray, mean, std, device, dtype):
     return x.mul_(scale[:, None, None]).sub_(shift[:, None, None]).to(dtype)
 
 
+def embedding_columns(features: np.ndarray) -> dict:
+    """An embedder's output columns: float16 rows (a 2-D array, stored without a Python object
+    per number), and a `bad_output` error for a row that is not finite."""
+    bad = ~np.isfinite(features).all(axis=1)
+    embedding = features.astype(np.float16)
+    return {"embedding": [None if b else f for f, b in zip(embedding, bad)] if bad.any() else embedding,
+            "_error": ["bad_output" if b else None for b in bad],
+            "_message": ["the embedding is not finite" if b else None for b in bad]}
+
+
 class Adapter:
     """A model family's adapter (see the module's docstring). `family` names its declaration
     in curate.models.families; `decode_min_side` / `decode_long_side` say what preprocess
@@ -139,13 +228,17 @@ class Adapter:
 
     def __init__(self, weights: str | None = None, **settings):
         declared = family(self.family)
-        self.weights = weights or declared.weights
-        if not self.weights:
+        if not (weights or declared.weights):
             raise ModelError(f"{self.family}: name the weights (a directory or a hub id); there is no default")
+        self.weights = pin(weights or declared.weights)  # a hub id: the commit it points at now
         try:
             self.settings = declared.resolve(**settings)
         except ValueError as e:
             raise ModelError(str(e)) from None
+
+    def model_dir(self, needs: tuple[str, ...] = ()) -> Path:
+        """The local directory of this adapter's weights (for a hub id, the files its family needs)."""
+        return model_dir(self.weights, needs, family(self.family).files)
 
     def model_value(self) -> str:
         """The `model` column of the rows this adapter's output makes."""

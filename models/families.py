@@ -44,11 +44,15 @@ class Setting:
 @dataclass(frozen=True)
 class Family:
     name: str
-    task: str  # embed, rank, tag, watermark, caption, encode
+    task: str  # embed, rank, tag, watermark, classify, caption, encode
     weights: str  # the default weights (a hub id); "" when they must be given
     adapter: str  # "module:Class" of its adapter, imported only when the family is used
     settings: tuple[Setting, ...] = ()
     note: str = ""
+    # The files its adapter reads from a hub repo, fetched alone (curate.models.common.hub_snapshot);
+    # a tuple is alternatives, the first the repo has. Empty: the loader (transformers' or
+    # diffusers' from_pretrained) chooses its own files.
+    files: tuple = ()
 
     def resolve(self, **given) -> dict:
         """Every setting's value: what was given (None: not given), else its default."""
@@ -88,20 +92,33 @@ HTTP = (Setting("concurrency", 8, "requests in flight (a batch is one wave)", No
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("open_clip", "embed", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "curate.models.clip:Clip",
-           note="a directory, hub id or open_clip NAME:TAG; bigASP used CLIP-B"),
+           note="a directory, hub id or open_clip NAME:TAG; bigASP used CLIP-B",
+           files=("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))),
+    Family("hf_clip", "embed", "openai/clip-vit-base-patch32", "curate.models.hf_clip:HFClip",
+           note="transformers' CLIP image tower: the class token before the projection, as bigASP's scorer reads it",
+           files=("config.json", "preprocessor_config.json", ("model.safetensors", "pytorch_model.bin"))),
     Family("quality", "rank", "", "curate.models.quality:QualityHead",
-           note="a head from `curate quality fit` (DS/heads/quality), on its CLIP's embeddings"),
+           note="a head from `curate quality fit` (DS/heads/quality) on its CLIP's embeddings, or bigASP's scorer.pt "
+                "on hf_clip's"),
     Family("wd14", "tag", "SmilingWolf/wd-vit-tagger-v3", "curate.models.wd14:WD14",
            (Setting("general", 0.35, "keep general tags over this probability"),
             Setting("character", 0.85, "keep character tags over this probability")),
-           "model.onnx or timm weights, with selected_tags.csv"),
-    Family("joytag", "tag", "fpgaminer/joytag", "curate.models.joytag:JoyTag",
+           "model.onnx or timm weights, with selected_tags.csv",
+           files=("selected_tags.csv", ("model.onnx", "model.safetensors"), "config.json")),
+    # The weights are on the hub as fancyfeast/joytag (the JoyTag README's download link);
+    # fpgaminer/joytag is its GitHub repository, with no weights in it.
+    Family("joytag", "tag", "fancyfeast/joytag", "curate.models.joytag:JoyTag",
            (Setting("threshold", 0.4, "keep tags over this probability"),),
-           "448 px, one threshold for all tags"),
+           "448 px, one threshold for all tags", files=("config.json", "model.safetensors", "top_tags.txt")),
     Family("owlv2", "watermark", "google/owlv2-base-patch16-ensemble", "curate.models.owlv2:OWLv2",
            (Setting("query", "a watermark", "what the detector looks for"),
             Setting("threshold", 0.1, "boxes (and has_watermark) over this score")),
-           "boxes kept, normalised to the image"),
+           "boxes kept, normalised to the image",
+           files=("config.json", "preprocessor_config.json", ("model.safetensors", "pytorch_model.bin"),
+                  "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.json")),
+    Family("classifier", "classify", "", "curate.models.classifier:ImageClassifier",
+           note="any transformers image-classification checkpoint (`hf:MODEL`): every label's probability",
+           files=("config.json", "preprocessor_config.json", ("model.safetensors", "pytorch_model.bin"))),
     _caption("llava", "llava-hf/llava-1.5-7b-hf", DEFAULT_PROMPT, "LLaVA family through transformers"),
     _caption("joycaption", "fancyfeast/llama-joycaption-beta-one-hf-llava", JOYCAPTION_PROMPT,
              "LLaVA-format JoyCaption, with its system prompt"),

@@ -1,6 +1,7 @@
-"""JoyTag (fpgaminer/joytag): the project's own implementation of its ViT, loading its
-published files: config.json ({"class": "ViT", "image_size": 448, "n_tags": 5000, ...}),
-model.safetensors and top_tags.txt (one tag per line, in output order).
+"""JoyTag (github.com/fpgaminer/joytag; the weights on the hub as fancyfeast/joytag): the
+project's own implementation of its ViT, loading its published files: config.json
+({"class": "ViT", "image_size": 448, "n_tags": 5000, ...}), model.safetensors and top_tags.txt
+(one tag per line, in output order).
 
 Inference only: stochastic depth and patch dropout (training-time) are identities here.
 The parameter names match the published weights file, so it loads with strict=True.
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.common import Adapter, ModelError, device_or_error, normalised_nchw
 from curate.models.tagging import GENERAL, square_resized, tag_columns
 
 FILES = ("config.json", "model.safetensors", "top_tags.txt")
@@ -153,12 +154,12 @@ class JoyTag(Adapter):
     def __init__(self, weights: str | None = None, threshold: float | None = None):
         super().__init__(weights, threshold=threshold)
         self.spec, self.threshold = self.weights, self.settings["threshold"]
-        config = json.loads((model_dir(self.spec, FILES) / "config.json").read_text())
+        config = json.loads((self.model_dir(FILES) / "config.json").read_text())
         self.size = self.decode_long_side = config["image_size"]  # padded to a square
 
     def load(self, device: str | None = None, dtype: str | None = None) -> None:
         self._device, self._dtype = device_or_error(device, dtype)
-        model, self._names = load_joytag(model_dir(self.spec, FILES))
+        model, self._names = load_joytag(self.model_dir(FILES))
         self._model = model.to(self._device, self._dtype)
         self._categories = np.full(len(self._names), GENERAL)
 

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import expit
 
 from curate.images import resize
-from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.common import Adapter, ModelError, device_or_error, normalised_nchw
 
 MAX_BOXES = 16  # the most confident boxes kept per image
 
@@ -58,7 +58,7 @@ class OWLv2(Adapter):
         self.spec, self.query, self.threshold = self.weights, self.settings["query"], self.settings["threshold"]
         if not self.query.strip():
             raise ModelError("the watermark query is empty; say what to look for, e.g. \"a watermark\"")
-        folder = model_dir(self.spec, ("config.json",))
+        folder = self.model_dir(("config.json",))
         config = json.loads((folder / "config.json").read_text())
         if config.get("model_type") != "owlv2":
             raise ModelError(f"{self.spec} is a {config.get('model_type')!r} model, not OWLv2")
@@ -69,7 +69,7 @@ class OWLv2(Adapter):
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
         self._device, self._dtype = device_or_error(device, dtype)
-        folder = model_dir(self.spec)
+        folder = self.model_dir()
         preprocess = json.loads((folder / "preprocessor_config.json").read_text())
         self._mean, self._std = preprocess["image_mean"], preprocess["image_std"]
         self._model = Owlv2ForObjectDetection.from_pretrained(folder, dtype=self._dtype).to(self._device).eval()

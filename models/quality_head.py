@@ -1,5 +1,5 @@
-"""The quality head's file format: the project's own, written by `curate quality fit` and
-read by `curate score --quality`.
+"""The quality head's file formats: the project's own, written by `curate quality fit` and
+read by `curate score --quality`; and bigASP's released scorer, read as it is.
 
 A head is a directory with `head.safetensors` (the MLP's weights) and `head.json`:
 {"format": "curate-quality-head", "version": 1, "embedder": <the embeddings table's
@@ -66,3 +66,33 @@ def load_head(directory: str | Path, expect_embedder: str | None = None) -> tupl
     head = RankHead(meta["embedding_dim"], meta["hidden"], meta["ranks"])
     head.load_state_dict(load_file(directory / "head.safetensors"))
     return head.eval(), meta
+
+
+# bigASP's quality scorer (fpgaminer/bigasp-training, quality-arena/models.py ScoreClassifier and
+# score-images.py): `torch.save(model.state_dict(), "scorer.pt")` of LayerNorm(768) -> Dropout ->
+# Linear(768, 1536) -> GELU -> Dropout -> Linear(1536, 10), on the raw 768-wide class token of
+# openai/clip-vit-base-patch32 (models/hf_clip.py); the rank is the argmax of its softmax.
+BIGASP_KEYS = {"ln.weight", "ln.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
+
+
+class BigaspScorer(nn.Module):
+    def __init__(self, width: int = 768, ranks: int = RANKS):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.linear1, self.linear2 = nn.Linear(width, width * 2), nn.Linear(width * 2, ranks)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:  # dropout is the identity at inference
+        return self.linear2(nn.functional.gelu(self.linear1(self.ln(embedding.float()))))
+
+
+def load_bigasp_scorer(path: str | Path) -> BigaspScorer:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one that is more than tensors
+        raise ValueError(f"{path} is not bigASP's scorer.pt (a torch state dict): {e}") from None
+    if not isinstance(state, dict) or set(state) != BIGASP_KEYS:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not bigASP's scorer.pt: its keys are {keys}, not {sorted(BIGASP_KEYS)}")
+    head = BigaspScorer(state["ln.weight"].shape[0], state["linear2.weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval()

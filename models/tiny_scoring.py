@@ -81,6 +81,81 @@ def write_quality_head(folder: Path) -> None:
     save_head(folder, head, embedder=Clip(str(clip_dir)).model_value())
 
 
+TINY_HF_CLIP = 32  # image size and width of the tiny transformers CLIP
+
+
+def write_hf_clip(folder: Path) -> None:
+    """Like openai/clip-vit-base-patch32 (what bigASP's embed.py loads): a transformers CLIPModel
+    (config.json, model.safetensors) with its CLIP image processor's preprocessor_config.json."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    small = {"hidden_size": TINY_HF_CLIP, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 77},
+                        vision_config={**small, "image_size": TINY_HF_CLIP, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": TINY_HF_CLIP},
+                          crop_size={"height": TINY_HF_CLIP, "width": TINY_HF_CLIP}).save_pretrained(folder)
+
+
+def write_bigasp_scorer(folder: Path) -> None:
+    """bigASP's quality-arena/scorer.pt layout (torch.save of ScoreClassifier's state dict), random
+    weights, for the class tokens of the tiny hf_clip beside it (the real one: 768 wide)."""
+    import numpy as np
+    import torch
+    from transformers import CLIPVisionModel
+
+    from curate.models.quality_head import BigaspScorer
+
+    torch.manual_seed(0)
+    scorer = BigaspScorer(TINY_HF_CLIP)
+    vision = CLIPVisionModel.from_pretrained(folder.parent / "hf_clip").eval()
+    pixels = torch.from_numpy(np.random.default_rng(0).uniform(-1.5, 1.5, (64, 3, TINY_HF_CLIP, TINY_HF_CLIP)))
+    with torch.no_grad():  # a random tiny CLIP's tokens share most of their length: centre the logits on
+        tokens = vision(pixel_values=pixels.float()).last_hidden_state[:, 0]  # them and amplify, so ranks spread
+        hidden = torch.nn.functional.gelu(scorer.linear1(scorer.ln(tokens)))
+        scorer.linear2.weight.mul_(40 / hidden.std(0).mean())
+        scorer.linear2.bias.copy_(-scorer.linear2.weight @ hidden.mean(0))
+    torch.save(scorer.state_dict(), folder / "scorer.pt")
+
+
+def write_classifier_nsfw(folder: Path) -> None:
+    """Like Falconsai/nsfw_image_detection: a transformers ViTForImageClassification (config.json with
+    id2label normal/nsfw, model.safetensors) and its ViTImageProcessor (a square resize, mean/std 0.5)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                       image_size=32, patch_size=8, id2label={0: "normal", 1: "nsfw"},
+                       label2id={"normal": 0, "nsfw": 1})
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config)
+    with torch.no_grad():  # random features of random images are alike: spread the probabilities
+        model.classifier.weight.mul_(30)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder)
+
+
+def write_classifier_style(folder: Path) -> None:
+    """A multi-label style classifier (problem_type multi_label_classification: a sigmoid per label),
+    a ConvNeXt with its ConvNextImageProcessor (shorter side / crop_pct, then a centre crop)."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
+
+    labels = ["photo", "anime", "3d render"]
+    config = ConvNextConfig(num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], image_size=32,
+                            problem_type="multi_label_classification", id2label=dict(enumerate(labels)),
+                            label2id={name: i for i, name in enumerate(labels)})
+    torch.manual_seed(1)
+    model = ConvNextForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(10)
+    model.save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+
+
 # A Danbooru-like tag list: ratings (9), general tags (0) including `watermark`, characters (4).
 RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
 GENERAL_TAGS = ["1girl", "solo", "outdoors", "sky", "cloud", "tree", "day", "watermark", "signature", "text",
@@ -165,7 +240,8 @@ def write_wd14_timm(folder: Path) -> None:
 
 
 def write_joytag(folder: Path) -> None:
-    """Like fpgaminer/joytag: config.json ({"class": "ViT", ...}) + model.safetensors + top_tags.txt."""
+    """Like fancyfeast/joytag (the published weights): config.json ({"class": "ViT", ...}),
+    model.safetensors and top_tags.txt."""
     import torch
 
     from curate.models.joytag import JoyTagViT
@@ -185,15 +261,18 @@ def write_joytag(folder: Path) -> None:
     (folder / "top_tags.txt").write_text("\n".join(tags) + "\n")
 
 
-def write_owlv2(folder: Path) -> None:
+def write_owlv2(folder: Path, config=None) -> None:
     """Like google/owlv2-base-patch16-ensemble: a transformers directory (config.json,
-    model.safetensors, preprocessor_config.json, CLIP tokenizer files), built offline."""
+    model.safetensors, preprocessor_config.json, CLIP tokenizer files), built offline; tiny
+    unless an Owlv2Config is given (models/real_size.py gives the published one)."""
     import torch
     from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
-    config = Owlv2Config(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 16},
-                         vision_config={**small, "image_size": TINY_OWLV2_SIZE, "patch_size": 16}, projection_dim=32)
+    config = config or Owlv2Config(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 16},
+                                   vision_config={**small, "image_size": TINY_OWLV2_SIZE, "patch_size": 16},
+                                   projection_dim=32)
+    size = config.vision_config.image_size
     torch.manual_seed(0)
     model = Owlv2ForObjectDetection(config)
     with torch.no_grad():  # random class heads saturate every logit: centre them near sigmoid 0.1
@@ -204,8 +283,8 @@ def write_owlv2(folder: Path) -> None:
     model.save_pretrained(folder)
     write_clip_bpe(folder)
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
-                              model_max_length=16)
-    image_processor = Owlv2ImageProcessor(size={"height": TINY_OWLV2_SIZE, "width": TINY_OWLV2_SIZE})
+                              model_max_length=config.text_config.max_position_embeddings)
+    image_processor = Owlv2ImageProcessor(size={"height": size, "width": size})
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     # transformers 5 saves processor_config.json; the published repo has preprocessor_config.json
     saved = json.loads((folder / "processor_config.json").read_text())

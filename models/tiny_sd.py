@@ -109,19 +109,24 @@ def write_tiny_sdxl(target: Path) -> None:
     set_component(target, "tokenizer_2", ["transformers", "CLIPTokenizer"])
 
 
-def write_tiny_sd15(target: Path, positions: int = 77) -> None:
+def write_tiny_sd15(target: Path, positions: int = 77, vae_scaling: float = 0.18215) -> None:
     """positions=248 gives a long-context CLIP text encoder (Long-CLIP, as in XLLsd)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(0.18215), text_encoder=text_encoder(False, positions), tokenizer=None,
+        vae=tiny_vae(vae_scaling), text_encoder=text_encoder(False, positions), tokenizer=None,
         unet=tiny_unet(32, sdxl=False),
         scheduler=PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(target)
     write_tokenizer(target / "tokenizer", positions=positions)
     set_component(target, "tokenizer", ["transformers", "CLIPTokenizer"])
+
+
+def write_tiny_xllsd(target: Path) -> None:
+    """XLLsd's combination: an SD1.5 UNet with the SDXL VAE (its scaling factor) and Long-CLIP (248 positions)."""
+    write_tiny_sd15(target, positions=248, vae_scaling=0.13025)
 
 
 def set_component(target: Path, name: str, value: list) -> None:

@@ -1,22 +1,28 @@
 """VAE adapter: diffusers AutoencoderKL from a hub id or a local directory.
 
 A spec is `SOURCE[@DTYPE]`. SOURCE is a hub id (`stabilityai/sdxl-vae`,
-`madebyollin/sdxl-vae-fp16-fix`) or a directory holding either the VAE itself
+`madebyollin/sdxl-vae-fp16-fix`, optionally `@REVISION`; pinned to its commit, as every hub
+id, curate.models.common) or a directory holding either the VAE itself
 (config.json + diffusion_pytorch_model.safetensors) or a whole pipeline with the VAE in
 its `vae/` subfolder. DTYPE is fp32, fp16 or bf16; without it (auto): fp32 on CPU; on a GPU
 bf16, or fp16 when the VAE's config says it needs no upcast (the fp16-fix VAE). The
 original SDXL VAE overflows in fp16 (its config sets force_upcast); bf16 has fp32's range.
 
-`forward` takes uint8 crops (NHWC) and gives the latent distribution's mean and log-variance.
+`forward` takes uint8 crops (NHWC) and gives the latent distribution's mean and log-variance,
+the whole batch in one call.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
-from curate.devices import DeviceError, dtype_name, short_name
-from curate.models.common import Adapter, check_files, device_or_error, model_name
+from curate.devices import ALIASES, DeviceError, dtype_name, short_name
+from curate.models.common import Adapter, check_files, device_or_error, hub_repo, model_name
+
+DTYPES = {*ALIASES, "auto"}
+DTYPE_LIKE = re.compile(r"b?fp\d+|b?float\d+")  # a mistyped dtype, not a hub revision
 
 
 class VaeError(ValueError):
@@ -36,8 +42,12 @@ class Vae(Adapter):
 
     @classmethod
     def parse(cls, spec: str, default_dtype: str | None = None) -> Vae:
-        """`SOURCE[@DTYPE]`; default_dtype (e.g. from --dtype) applies when there is no @DTYPE."""
-        source, _, dtype = spec.strip().rpartition("@") if "@" in spec else (spec.strip(), "", "")
+        """`SOURCE[@DTYPE]`; default_dtype (e.g. from --dtype) applies when there is no @DTYPE.
+        SOURCE may be `org/name@REVISION`: only a dtype's name after the last @ is a dtype."""
+        spec = spec.strip()
+        source, _, dtype = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        if dtype not in DTYPES and not DTYPE_LIKE.fullmatch(dtype) and hub_repo(spec):
+            source, dtype = spec, ""  # org/name@REVISION
         if not source:
             raise VaeError(f"empty VAE in {spec!r}: give a hub id or a directory, optionally @fp32, @fp16 or @bf16")
         return cls(source, dtype or default_dtype)
@@ -65,8 +75,8 @@ class Vae(Adapter):
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).contiguous()
         x = pixels.float().div(255).sub(0.5).div(0.5).to(vae.device, vae.dtype)
         with torch.inference_mode():
-            mean, logvar = (_moments_one_by_one if vae.device.type == "cpu" else _moments)(vae, x)
-        return {"mean": mean, "logvar": logvar}
+            dist = vae.encode(x).latent_dist
+        return {"mean": dist.mean, "logvar": dist.logvar}
 
 
 def load_vae(spec: Vae, device: str | None):
@@ -82,31 +92,17 @@ def load_vae(spec: Vae, device: str | None):
     return vae.to(dev).eval().requires_grad_(False), short_name(torch_dtype)
 
 
-def _moments(vae, x):
-    dist = vae.encode(x).latent_dist
-    return dist.mean, dist.logvar
-
-
-def _moments_one_by_one(vae, x):
-    """CPU conv rounding depends on the batch and on the thread count: one image at a time on
-    one thread makes a latent the same whatever its batch-mates, engine or machine (the
-    decode threads keep the other cores busy)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        moments = [_moments(vae, x[k:k + 1]) for k in range(len(x))]
-    finally:
-        torch.set_num_threads(threads)
-    return torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments])
-
-
 def _locate(source: str) -> tuple[str, dict]:
-    """Where the VAE's config.json is: the directory or repo itself, or its vae/ subfolder."""
+    """Where the VAE's config.json is: the directory or repo (at its pinned commit) itself, or its
+    vae/ subfolder."""
     from diffusers import AutoencoderKL
 
     path = Path(source).expanduser()
+    hub = hub_repo(source)
+    if hub and hub[1]:
+        source, pinned = hub[0], {"revision": hub[1]}
+    else:
+        pinned = {}
     if path.is_dir():
         if (path / "config.json").is_file():
             check_files(str(path))
@@ -117,7 +113,7 @@ def _locate(source: str) -> tuple[str, dict]:
         raise VaeError(f"{path} holds no VAE: expected config.json and diffusion_pytorch_model.safetensors, "
                        "or a pipeline directory with a vae/ subfolder")
     errors = []
-    for kwargs in ({}, {"subfolder": "vae"}):  # a VAE repo, or a full pipeline repo
+    for kwargs in (pinned, {**pinned, "subfolder": "vae"}):  # a VAE repo, or a full pipeline repo
         try:
             AutoencoderKL.load_config(source, **kwargs)
             return source, kwargs

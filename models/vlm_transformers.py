@@ -2,8 +2,10 @@
 SmolVLM, Qwen2.5-VL) through AutoProcessor + AutoModelForImageTextToText, and moondream2
 through its remote code.
 
-Batched generation pads on the left, so every row's prompt ends where generation starts,
-and decodes greedily: a row's caption does not depend on what else is in its batch.
+Batched generation pads a decoder-only model's prompts on the left, so every row's prompt ends
+where generation starts, and an encoder-decoder's (Florence-2) on the right, so its encoder's
+learned positions start at 0 as they do for a prompt alone; decoding is greedy: a row's
+caption does not depend on what else is in its batch.
 Each model's own processor does its image preprocessing.
 """
 from __future__ import annotations
@@ -39,8 +41,8 @@ class Transformers(Captioner):
             raise _load_error(self.spec, e) from None
         self._model = model.to(self._device).eval()
         tokenizer = getattr(self._processor, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        if tokenizer is not None:  # a decoder-only model continues from the right end of every row
+            tokenizer.padding_side = "right" if model.config.is_encoder_decoder else "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             self._pad_id = tokenizer.pad_token_id
@@ -87,15 +89,17 @@ class Moondream(Captioner):
     The model has no batched API: images are captioned one by one.
     """
 
-    def load(self, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(self, spec, prompt: str | None = None, max_new_tokens: int | None = None, **settings):
         import transformers
 
-        major = int(transformers.__version__.split(".")[0])
-        if major >= 5:
+        if int(transformers.__version__.split(".")[0]) >= 5:  # said before the hub is asked for anything
             raise ModelError(f"moondream2's remote code needs transformers >=4.44,<5; this environment has "
-                               f"{transformers.__version__}. Run it from an environment with transformers 4.x "
-                               "(pip install 'transformers>=4.44,<5'), or serve moondream behind an OpenAI-compatible "
-                               "server (moondream-station, vLLM) and use --model openai:URL#NAME")
+                             f"{transformers.__version__}. Run it from an environment with transformers 4.x "
+                             "(pip install 'transformers>=4.44,<5'), or serve moondream behind an OpenAI-compatible "
+                             "server (moondream-station, vLLM) and use --model openai:URL#NAME")
+        super().__init__(spec, prompt, max_new_tokens, **settings)
+
+    def load(self, device: str | None = None, dtype: str | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self._device, torch_dtype = device_or_error(device, dtype)

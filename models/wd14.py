@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from curate.devices import model_threads
-from curate.models.common import Adapter, ModelError, device_or_error, model_dir, normalised_nchw
+from curate.models.common import Adapter, ModelError, device_or_error, normalised_nchw
 from curate.models.tagging import CHARACTER, GENERAL, square_resized, tag_columns
 
 TAGS_CSV = "selected_tags.csv"
@@ -28,6 +28,19 @@ def read_tags(path) -> tuple[list[str], np.ndarray]:
     return [r["name"] for r in rows], np.array([int(r["category"]) for r in rows])
 
 
+def onnx_session(path, device_type: str):
+    import onnxruntime as ort
+
+    providers = ["CUDAExecutionProvider"] if device_type == "cuda" else []
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = model_threads()  # the rest of the cores decode
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own kinds, whose text names no file
+        raise ModelError(f"{path} cannot be loaded ({str(e).splitlines()[0][:200]}): it may be cut short or "
+                         "damaged; fetch the model again") from None
+
+
 class WD14(Adapter):
     family = "wd14"
     batch_size = 32
@@ -36,14 +49,13 @@ class WD14(Adapter):
         super().__init__(weights, general=general, character=character)
         self.spec = self.weights
         self.thresholds = {GENERAL: self.settings["general"], CHARACTER: self.settings["character"]}
-        folder = model_dir(self.spec, (TAGS_CSV,))
+        folder = self.model_dir((TAGS_CSV,))
         if (folder / "model.onnx").is_file():
-            import onnx
-
             self.backend = "onnx"
-            dims = (onnx.load(str(folder / "model.onnx"), load_external_data=False)
-                    .graph.input[0].type.tensor_type.shape.dim)
-            self.size = dims[1].dim_value  # NHWC
+            # The session that says the input size is the one a CPU run uses: the file is read once
+            # (and `onnx`, half a second of imports, is not needed for it).
+            self._session = onnx_session(folder / "model.onnx", "cpu")
+            self.size = self._session.get_inputs()[0].shape[1]  # NHWC
         elif (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
             self.backend = "timm"
             self.pretrained_cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
@@ -53,21 +65,12 @@ class WD14(Adapter):
         self.decode_long_side = self.size  # padded to a square: the longer side must reach `size`
 
     def load(self, device: str | None = None, dtype: str | None = None) -> None:
-        folder = model_dir(self.spec, (TAGS_CSV,))
+        folder = self.model_dir((TAGS_CSV,))
         self._names, self._categories = read_tags(folder / TAGS_CSV)
         self._device, self._dtype = device_or_error(device, dtype)
         if self.backend == "onnx":
-            import onnxruntime as ort
-
-            providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else []
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = model_threads()  # the rest of the cores decode
-            try:
-                self._session = ort.InferenceSession(str(folder / "model.onnx"), options,
-                                                     providers=providers + ["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own kinds, whose text names no file
-                raise ModelError(f"{folder / 'model.onnx'} cannot be loaded ({str(e).splitlines()[0][:200]}): it "
-                                 "may be cut short or damaged; fetch the model again") from None
+            if self._device.type != "cpu" or getattr(self, "_session", None) is None:  # a Ray worker makes its own
+                self._session = onnx_session(folder / "model.onnx", self._device.type)
             self._input = self._session.get_inputs()[0].name
         else:
             import timm

@@ -6,13 +6,22 @@ random or centre), keep uint8 pixels. Per batch (one bucket, one VAE): encode, d
 latent from the VAE's distribution with per-image seeded noise, store float16 bytes.
 
 Everything random (crop, noise, which VAE of a mixed list) comes from the seed and the
-image_id alone, so a resumed run or the other engine writes the same rows. On CPU each
-image is encoded on its own, which makes a latent independent of its batch-mates:
-resumed runs equal uninterrupted ones bit for bit. On a GPU batches run whole.
+image_id alone, so a resumed run or the other engine writes the same rows. The VAE encodes
+a batch of one bucket in one call, on every core on a CPU. Its rounding depends on the batch
+size and, on a CPU, on the thread count (not on the other images of the batch), so a batch is
+always `batch_size` images: a short one (the last of a bucket) is padded with black crops
+whose outputs are dropped. With the same seed, batch size and device (on a CPU: the same
+number of cores) a resumed run equals an uninterrupted one bit for bit.
+
+With `flip` (`--flip`), each image also gets the latent of its mirrored crop: the crop of the
+horizontally flipped resized image at the mirrored offset, so its crop conditioning
+(`flip_crop_left`) says where that crop is in the flipped image. The trainer's flip_p picks
+one of the two per sample and epoch.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 from PIL import Image
@@ -22,7 +31,7 @@ from curate.images import ImageError, decode
 from curate.models.common import model_name
 from curate.models.families import model_value
 from curate.models.vae import Vae
-from curate.pipelines.stage import Stage, model_resources
+from curate.pipelines.stage import Resources, Stage
 
 
 def image_seed(seed: int, image_id: str, purpose: str) -> int:
@@ -36,19 +45,23 @@ class EncodeStage(Stage):
     columns = ("image_id", "bytes", "width", "height")
     decode_min_side = None  # prepare decodes: each image at the size its own bucket needs
     batch_size = 8
+    held_batches = 16  # crops wait longer to fill batches of their bucket: a short batch is padded
 
     def __init__(self, vaes: list[Vae], bucket_set: BucketSet, crop: str = "random", seed: int = 0,
                  keep_distribution: bool = False, allow_upscale: bool = False, device: str | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, flip: bool = False):
         self.vaes, self.bucket_set, self.crop, self.seed = list(vaes), bucket_set, crop, seed
         self.keep_distribution, self.allow_upscale, self.device = keep_distribution, allow_upscale, device
         self.batch_size = batch_size or self.batch_size
-        self.resources = model_resources(device)
+        self.flip = flip
+        # The VAE is nearly all of the work: on a CPU it gets every core (decoding takes a tenth)
+        self.resources = Resources(cpus=os.cpu_count() or 1, gpus=0 if device == "cpu" else 1)
 
     def model_key(self) -> str:
         return model_value("vae", "+".join(model_name(v.source) for v in self.vaes), {
             "dtype": "+".join(v.dtype or "auto" for v in self.vaes), "set": self.bucket_set.name, "crop": self.crop,
-            "seed": self.seed, "upscale": self.allow_upscale, "distribution": self.keep_distribution})
+            "seed": self.seed, "upscale": self.allow_upscale, "distribution": self.keep_distribution,
+            **({"flip": True} if self.flip else {})})
 
     # ---- CPU side ----------------------------------------------------------------
     def prepare(self, row):
@@ -79,21 +92,15 @@ class EncodeStage(Stage):
             raise ValueError(f"mixed VAEs must share latent channels, got {sorted(channels)}")
 
     def process(self, batch):
-        import torch
-
         vae = self.vaes[batch["vae_index"][0]]
-        moments = vae.forward(batch)
-        mean, logvar = moments["mean"], moments["logvar"]
-        with torch.inference_mode():
-            noise = torch.stack([seeded_noise(mean.shape[1:], image_seed(self.seed, i, "noise"))
-                                 for i in batch["image_id"]])
-            latent = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
-        latent16 = latent.half().cpu().numpy()
-        if self.keep_distribution:  # one copy off the device per batch, not two per image
-            mean16, logvar16 = mean.half().cpu().numpy(), logvar.half().cpu().numpy()
-        out = {"latent": [], "shape": [], "mean": [], "logvar": [], "_error": [], "_message": []}
+        latent16, mean16, logvar16 = self.sample(vae, batch["pixels"], batch["image_id"], "noise")
+        if self.flip:  # the mirrored crops: width is axis 2 of the NHWC pixels
+            flip16 = self.sample(vae, np.ascontiguousarray(np.asarray(batch["pixels"])[:, :, ::-1]),
+                                 batch["image_id"], "flip-noise")
+        out = {"latent": [], "shape": [], "mean": [], "logvar": [], "_error": [], "_message": [],
+               "flip_latent": [], "flip_mean": [], "flip_logvar": [], "flip_crop_left": []}
         for k in range(len(latent16)):
-            finite = bool(np.isfinite(latent16[k]).all())
+            finite = bool(np.isfinite(latent16[k]).all()) and (not self.flip or bool(np.isfinite(flip16[0][k]).all()))
             out["_error"].append(None if finite else "bad_output")
             out["_message"].append(None if finite else "the VAE gave NaN or Inf (fp16 overflow? "
                                                        "use @bf16 or the fp16-fix VAE)")
@@ -102,6 +109,12 @@ class EncodeStage(Stage):
             keep = self.keep_distribution and finite
             out["mean"].append(mean16[k].tobytes() if keep else None)
             out["logvar"].append(logvar16[k].tobytes() if keep else None)
+            flipped = self.flip and finite
+            out["flip_latent"].append(flip16[0][k].tobytes() if flipped else None)
+            out["flip_mean"].append(flip16[1][k].tobytes() if flipped and keep else None)
+            out["flip_logvar"].append(flip16[2][k].tobytes() if flipped and keep else None)
+            out["flip_crop_left"].append(int(batch["resized_width"][k]) - int(batch["crop_left"][k])
+                                         - int(batch["target_width"][k]) if flipped else None)
         names = ("original_height", "original_width", "resized_height", "resized_width",
                  "crop_top", "crop_left", "target_height", "target_width")
         out.update({name: [int(v) for v in batch[name]] for name in names})
@@ -111,6 +124,23 @@ class EncodeStage(Stage):
         out["shift_factor"] = [config.get("shift_factor")] * n
         out["vae"] = [f"{model_name(vae.source)}@{vae.used_dtype}"] * n
         return out
+
+    def sample(self, vae, pixels, image_ids, purpose: str):
+        """float16 numpy (latent sample, mean, logvar) of a batch of crops; each image's noise from
+        its own seed. The moments leave the device only when they are kept; a short batch is padded."""
+        import torch
+
+        n = len(pixels)
+        if n < self.batch_size:  # always full batches: the VAE's rounding depends on the batch size
+            pixels = np.concatenate([pixels, np.zeros((self.batch_size - n, *pixels.shape[1:]), np.uint8)])
+        moments = vae.forward({"pixels": pixels})
+        mean, logvar = moments["mean"][:n], moments["logvar"][:n]
+        with torch.inference_mode():
+            noise = torch.stack([seeded_noise(mean.shape[1:], image_seed(self.seed, i, purpose)) for i in image_ids])
+            latent = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
+        if not self.keep_distribution:
+            return latent.half().cpu().numpy(), None, None
+        return latent.half().cpu().numpy(), mean.half().cpu().numpy(), logvar.half().cpu().numpy()
 
 
 def seeded_noise(shape, seed: int):

@@ -97,7 +97,7 @@ def run(ds: Dataset, stages: list[Stage] | Stage, *, engine: str = "local", wher
     if stages[0].source is None:  # it makes its own input: every row it yields is to do
         todo, total = None, None
     else:
-        todo = work.todo(ds.select_ids(where) if ids is None else list(ids))
+        todo = work.todo(where, ids)
         total = len(set().union(*todo))
     summaries = [Summary(s.table, s.model_key(), todo=len(t) if t is not None else 0)
                  for s, t in zip(stages, todo or [None])]
@@ -174,16 +174,21 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
             raise DatasetError("this run lost its claims on the work (it was stopped or could not record that it "
                                "lives for minutes); run the command again to go on")
 
-    def written(k: int, rows: pa.Table) -> None:
+    def counted(k: int, rows: pa.Table) -> tuple[int, dict, dict]:
+        """What rows hold, noted as they are added (a part streams to disk: its rows are not kept)."""
         status = rows.column("status")
         errors = pc.value_counts(rows.column("error").filter(pc.not_equal(status, "ok"))).to_pylist()
-        tally.written(k, pc.sum(pc.equal(status, "ok")).as_py() or 0, {e["values"]: e["counts"] for e in errors},
-                      stages[k].counts(rows))
+        return pc.sum(pc.equal(status, "ok")).as_py() or 0, {e["values"]: e["counts"] for e in errors}, \
+            stages[k].counts(rows)
+
+    def written(k: int, notes: list[tuple[int, dict, dict]]) -> None:
+        for ok, errors, counts in notes:
+            tally.written(k, ok, errors, counts)
 
     passed: set = set()  # keys any stage has done, for the progress bar
     with ExitStack() as stack:
         writers = [stack.enter_context(PartWriter(ds, s.table, before=guard,
-                                                  written=lambda rows, k=k: written(k, rows)))
+                                                  written=lambda notes, k=k: written(k, notes)))
                    for k, s in enumerate(stages)]
         for batch in results:
             for k, table in batch:
@@ -194,7 +199,7 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
                     new = set(keys) - passed
                     passed |= new
                     tally.passed(len(new))
-                writers[k].add(stages[k].commit(table))
+                writers[k].add(stages[k].commit(table), lambda rows, k=k: counted(k, rows))
 
 
 # ---- the local engine ----------------------------------------------------------------

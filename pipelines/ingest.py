@@ -9,23 +9,29 @@ so ingesting again adds only what is new.
 
 Ingest is the executor's source stage: the driver walks the sources and names each
 candidate (a path, or a tar member's archive, offset and size; nothing is read yet),
-CPU workers read, hash and validate them (`prepare`), and the driver, in walk order,
+CPU workers read, hash and verify them (`prepare`), and the driver, in walk order,
 keeps the bytes of each image's first copy only (`commit`), so both engines write the
 same rows and a killed run resumes to the same table.
+
+Hashing comes first, so an exact duplicate is never decoded: the same bytes give the same
+verdict. A copy of an image already stored takes its size and format from its header; a
+copy whose twin is being verified on another thread waits for that verdict (`Verdicts`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import tarfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.images import MAX_FILE_BYTES, ImageError, decode, read_file
+from curate.images import MAX_FILE_BYTES, Header, ImageError, probe, read_file, verify
 from curate.pipelines.executor import Summary, run
 from curate.pipelines.stage import Stage
 from curate.pipelines.work import DoneKeys
@@ -157,8 +163,49 @@ def read_member(archive: str, offset: int, size: int) -> bytes:
     return data
 
 
-def inspect(c: dict) -> dict:
-    """Read, hash and validate one candidate; returns an images row (bytes included)."""
+class Verdicts:
+    """What this process knows about image ids, shared by its threads: the ids stored ok (ingest's
+    driver fills it as it commits rows) and the verifications in flight.
+
+    A copy of a stored image is not decoded again; a copy whose twin is being verified right
+    now waits for that verdict instead of verifying the same bytes a second time."""
+
+    def __init__(self, stored: set[str]):
+        self.stored = stored
+        self.in_flight: dict[str, Future] = {}
+        self.lock = threading.Lock()
+
+    def check(self, image_id: str, data: bytes) -> tuple[Header | ImageError, bool]:
+        """(the header, or the error the bytes fail with; whether the image is stored already)."""
+        if image_id in self.stored:
+            return _outcome(probe, data), True
+        with self.lock:
+            future = self.in_flight.get(image_id)
+            mine = future is None
+            if mine:
+                future = self.in_flight[image_id] = Future()
+        if mine:
+            try:
+                future.set_result(_outcome(verify, data))
+            except BaseException as e:  # a bug: the twins waiting see it too
+                future.set_exception(e)
+        return future.result(), False
+
+    def committed(self, image_id: str) -> None:
+        """The driver wrote the row of this image's first copy: later copies look it up in `stored`."""
+        self.in_flight.pop(image_id, None)
+
+
+def _outcome(check, data: bytes) -> Header | ImageError:
+    try:
+        return check(data)
+    except ImageError as e:
+        return e
+
+
+def inspect(c: dict, verdicts: Verdicts) -> dict:
+    """Read, hash and verify one candidate; returns an images row (bytes included, except for
+    a copy of an image already stored)."""
     row = {"source": c["source"], "image_id": None, "bytes": None, "size_bytes": None, "width": None,
            "height": None, "format": None, "mode": None, "animated": None,
            "status": "ok", "error": None, "message": None}
@@ -172,9 +219,14 @@ def inspect(c: dict) -> dict:
         else:
             data = read_file(c["path"])
         row["size_bytes"] = len(data)
-        row["image_id"] = hashlib.sha256(data).hexdigest() if data else None
-        d = decode(data, min_side=1)  # full validation; JPEGs at 1/8 scale for speed
-        row.update(bytes=data, width=d.width, height=d.height, format=d.format, mode=d.mode, animated=d.animated)
+        if not data:
+            raise ImageError("empty", "zero bytes")
+        row["image_id"] = hashlib.sha256(data).hexdigest()
+        verdict, stored = verdicts.check(row["image_id"], data)
+        if isinstance(verdict, ImageError):
+            raise verdict
+        row.update(bytes=None if stored else data, width=verdict.width, height=verdict.height, format=verdict.format,
+                   mode=verdict.mode, animated=verdict.animated)
     except ImageError as e:
         row.update(status="error", error=e.code, message=e.message)
     return row
@@ -202,12 +254,14 @@ class IngestStage(Stage):
         # The ids of stored images (ok rows: every ok image_id has its bytes in the first row
         # that names it, and parts land in order), followed as parts appear, for commit().
         self._stored_ids = DoneKeys(ds, "images", "image_id", pc.field("status") == "ok")
-        self._stored = self._stored_ids.new()
+        self._verdicts = Verdicts(self._stored_ids.new())
         self._looked = time.monotonic()
         yield from enumerate_sources(self.sources)
 
     def prepare(self, row: dict) -> dict:
-        return inspect(row)
+        if getattr(self, "_verdicts", None) is None:  # a Ray worker: it knows the copies it has seen
+            self._verdicts = Verdicts(set())
+        return inspect(row, self._verdicts)
 
     def process(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != self.key}
@@ -228,14 +282,16 @@ class IngestStage(Stage):
         """Drop the bytes of an image already stored (an exact duplicate keeps its source only),
         by this run or, since it started, by another (looked for every few seconds)."""
         if time.monotonic() - self._looked > STORED_LOOK_SECONDS:
-            self._stored |= self._stored_ids.new()
+            self._verdicts.stored.update(self._stored_ids.new())
             self._looked = time.monotonic()
         ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
-        keep = []
+        stored, keep = self._verdicts.stored, []
         for image_id, st in zip(ids, status):
-            keep.append(not (st == "ok" and image_id in self._stored))
+            keep.append(not (st == "ok" and image_id in stored))
             if st == "ok":
-                self._stored.add(image_id)
+                stored.add(image_id)
+            if image_id:
+                self._verdicts.committed(image_id)
         if all(keep):
             return rows
         data = rows.column("bytes")

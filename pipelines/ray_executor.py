@@ -190,8 +190,11 @@ def _pass(ray, work: Work, claimed: list[tuple[Unit, list[set]]], alone: bool):
                                     fn_kwargs={"stages": stages}, batch_format="pyarrow", batch_size=batch_size,
                                     num_cpus=1, max_retries=0)
             if with_model:
+                # A model actor regroups what it is handed into batches of one key (one bucket):
+                # handed as many rows as the local engine holds for that, its batches come out full.
+                held = 1 if alone else max(s.batch_size * s.held_batches for s in stages)
                 data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                                        batch_size=batch_size,
+                                        batch_size=held,
                                         # alone: the one row an actor's death takes with it
                                         compute=ray.data.ActorPoolStrategy(
                                             size=actors, max_tasks_in_flight_per_actor=1 if alone else None),

@@ -96,7 +96,9 @@ def process_rows(stage: Stage, keys: list[str], prepared: list[dict], watch: Wat
                                                           "_message": [p["_message"] for _, p in failed]}))
     good = [(i, p) for i, p in zip(keys, prepared) if "_error" not in p]
     for group in _by_key(stage, good):
-        tables += [stage.rows(group_keys, columns) for group_keys, columns in _process_isolating(stage, group, watch)]
+        for start in range(0, len(group), stage.batch_size):
+            tables += [stage.rows(group_keys, columns) for group_keys, columns
+                       in _process_isolating(stage, group[start:start + stage.batch_size], watch)]
     return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
 
@@ -111,12 +113,10 @@ def _by_key(stage: Stage, items: list[tuple[str, dict]]) -> list[list[tuple[str,
 class OneKeyBatches:
     """Regroups prepared rows into batches of one `batch_key`, filled across input batches.
 
-    At most MAX_HELD_BATCHES batches' worth of rows wait; past that the fullest group goes
-    out partly filled, so memory stays bounded however many keys there are. An ordered
-    stage keeps its rows in input order (one group: its rows share any batch).
+    At most the stage's `held_batches` batches' worth of rows wait; past that the fullest
+    group goes out partly filled, so memory stays bounded however many keys there are. An
+    ordered stage keeps its rows in input order (one group: its rows share any batch).
     """
-
-    MAX_HELD_BATCHES = 4
 
     def __init__(self, stage: Stage, watch: Watch | None = None, alone: set = frozenset()):
         self.stage, self.watch, self.alone = stage, watch, alone
@@ -137,7 +137,7 @@ class OneKeyBatches:
             self.held += 1
             if len(group) >= self.stage.batch_size:
                 yield self._emit(key)
-            elif self.held > self.MAX_HELD_BATCHES * self.stage.batch_size:
+            elif self.held > self.stage.held_batches * self.stage.batch_size:
                 yield self._emit(max(self.groups, key=lambda k: len(self.groups[k])))
 
     def flush(self) -> Iterator[pa.Table]:

@@ -27,6 +27,7 @@ its `inputs(ds)` yields on the driver. `key` names the column that identifies an
 
 `batch_key(prepared)` says which rows may share a `process` call: rows of different keys
 never do (e.g. one aspect bucket per batch, so images of one size stack into one tensor).
+Prepared rows wait, up to `held_batches` batches' worth, to fill batches of one key.
 
 `resources` says what one model worker uses: CPU threads for the model (both executors
 give it that many before `setup()`) and GPUs (a Ray actor asks for them where the cluster
@@ -69,6 +70,8 @@ class Stage:
     decode_min_side: int | None = None  # decode the image (shorter side >= this; 0 = full size)
     decode_long_side: int | None = None  # ... and/or longer side >= this (models that pad to a square)
     batch_size: int = 32
+    held_batches: int = 4  # batches' worth of prepared rows that may wait to fill batches of one key (on Ray:
+    # that a model actor is handed at once)
     ordered: bool = False  # commit() must see rows in input order
     resources: Resources = Resources()
 
@@ -153,7 +156,7 @@ class ModelStage(Stage):
     preprocess on CPU workers and its forward on a batch, into the table of its task."""
 
     TABLES = {"embed": "embeddings", "rank": "quality", "tag": "tags", "watermark": "watermarks",
-              "caption": "captions"}
+              "classify": "classifications", "caption": "captions"}
 
     def __init__(self, adapter, device: str | None = None, batch_size: int | None = None, dtype: str | None = None):
         self.adapter, self.device, self.dtype = adapter, device, dtype

@@ -63,6 +63,10 @@ class DoneKeys:
     def of(cls, ds: Dataset, stage: Stage) -> DoneKeys:
         return cls(ds, stage.table, stage.key, stage.done_filter())
 
+    def skip_present(self) -> None:
+        """Leave the parts there now to the caller: new() reads only those that come after."""
+        self.seen.update(part.name for part in self.ds.parts(self.table))
+
     def new(self) -> set:
         """The keys in parts that appeared since the last call (the first call: all of them)."""
         keys: set = set()
@@ -88,9 +92,13 @@ class Work:
         self.done = [DoneKeys.of(self.ds, s) for s in self.stages]
         self.done_since = [set() for _ in self.stages]  # done by other runs after this one planned
 
-    def todo(self, wanted: list[str]) -> list[set]:
-        """Per stage, the wanted keys it has no row for yet (the first look at its table)."""
-        return [set(wanted) - done.new() for done in self.done]
+    def todo(self, where: str | None, wanted: list[str] | None) -> list[set]:
+        """Per stage, the ok images (matching `where`, or of `wanted`) it has no row for yet:
+        one DuckDB query each, so at 99% done only the ids left become Python strings. The
+        parts listed before it are the ones it read: `done` follows only parts after them."""
+        for done in self.done:
+            done.skip_present()
+        return [set(todo_ids(self.ds, s, where, wanted)) for s in self.stages]
 
     # ---- planning ------------------------------------------------------------------
     def plan(self, todo: list[set] | None) -> Iterator[Unit]:
@@ -189,6 +197,15 @@ def _stretches(rows: Iterable[dict], key: str) -> Iterator[list[dict]]:
         stretch.append(row)
     if stretch:
         yield stretch
+
+
+def todo_ids(ds: Dataset, stage: Stage, where: str | None = None, wanted: list[str] | None = None) -> list[str]:
+    """Ok images (matching `where`, or of `wanted`) that have no row for this stage's model yet."""
+    if wanted is None:  # one query: at 99% done only the ids left become Python strings
+        return ds.select_ids(where, undone=(stage.table, stage.model_key()))
+    done = ds.read(stage.table, ["image_id"], filter=pc.field("model") == stage.model_key())
+    done_ids = set(done.column("image_id").to_pylist())
+    return [i for i in wanted if i not in done_ids]
 
 
 def source_of(ds: Dataset, stage: Stage, key: str) -> str:

@@ -1,8 +1,11 @@
 """Shared fixtures: datasets made of generated images, a real local Ray cluster, the CLI."""
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own browser download needs a network we lack
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when a -m expression asks for them (.ci/run: -m slow)."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow (real-size models): run with -m slow, as .ci/run does")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def need(ready: bool, why: str) -> None:
@@ -80,6 +93,27 @@ def dataset(image_dir, tmp_path):
     return ds
 
 
+@pytest.fixture
+def rich_dataset(tmp_path):
+    """(dataset, what was written): ten real images with a row in every stage table (tests/view_helpers.py)."""
+    from curate.pipelines.ingest import ingest
+    from curate.store import Dataset
+    from tests.view_helpers import add_stage_rows, write_images
+
+    write_images(tmp_path / "src")
+    ds = Dataset(tmp_path / "ds", create=True)
+    ingest([str(tmp_path / "src")], ds, show_progress=False)
+    return ds, add_stage_rows(ds)
+
+
+@pytest.fixture(scope="session")
+def sdxl_base(tmp_path_factory) -> str:
+    """The tiny random-weight SDXL pipeline (a base for `curate train`), written once per session."""
+    from curate.models.tiny import write_zoo
+
+    return str(write_zoo(tmp_path_factory.mktemp("zoo"), ["sdxl"])["sdxl"])
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster with two CPUs, shared by the whole test session."""
@@ -93,12 +127,45 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, env_extra: dict | None = None,
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
             **kw) -> subprocess.CompletedProcess:
-    """Run `curate ARGS` in a fresh process, as a user would (env_extra: more environment)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    """Run `curate ARGS` in a fresh process, as a user would (offline, unless `env` says otherwise)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"curate {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def port_of(line: str) -> int:
+    """The port in a page server's first line, `NAME: http://HOST:PORT/ ...`."""
+    match = re.search(r"http://[^:]+:(\d+)/", line)
+    assert match, line
+    return int(match.group(1))
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Local addresses of TCP sockets listening on `port`, from /proc/net/tcp (hex, little-endian)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in open(table).read().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) == port and state == "0A":
+                found.append(address)
+    return found
+
+
+def request(port: int, method: str, path: str, body=None, **headers) -> tuple[int, bytes]:
+    """One HTTP request to a page server on 127.0.0.1 (JSON body unless told otherwise)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()

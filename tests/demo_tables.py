@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-BLOBS = {"bytes", "latent", "mean", "logvar"}
+BLOBS = {"bytes", "latent", "mean", "logvar", "flip_latent", "flip_mean", "flip_logvar"}
 
 
 def demo_tables(demo_root: Path) -> dict[str, pa.Table]:

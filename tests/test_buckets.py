@@ -53,6 +53,27 @@ def test_sets():
     assert {(256, 256), (320, 192), (192, 320)} <= set(rule.buckets)
 
 
+# fpgaminer/bigasp-training encode-vaes-buckets.py (tag bigasp-v2), AR_BUCKETS written out: every
+# pair of multiples of 64 with an area in [946176, 1048576] and 1/3 <= w/h <= 3, as (w, h).
+BIGASP_V2 = [(576, 1664), (576, 1728), (640, 1536), (640, 1600), (704, 1344), (704, 1408), (704, 1472), (768, 1280),
+             (768, 1344), (832, 1152), (832, 1216), (896, 1088), (896, 1152), (960, 1024), (960, 1088),
+             (1024, 960), (1024, 1024), (1088, 896), (1088, 960), (1152, 832), (1152, 896), (1216, 832),
+             (1280, 768), (1344, 704), (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640),
+             (1664, 576), (1728, 576)]
+
+
+def test_bigasp_sets_are_its_code_lists():
+    v2 = parse_bucket_set("bigasp-v2")
+    assert sorted(v2.buckets) == sorted(BIGASP_V2) and v2.name == "bigasp-v2"
+    # the one-bucket-per-side rule with its parameters keeps 23 and misses these (and their transposes)
+    rule = set(parse_bucket_set("rule:step=64,min_area=946176,max_area=1048576,min_ratio=0.333,max_ratio=3").buckets)
+    missing = {(960, 1024), (896, 1088), (832, 1152), (704, 1344)}
+    assert len(rule) == 23 and not (missing | {(h, w) for w, h in missing}) & rule
+    assert missing | {(h, w) for w, h in missing} <= set(v2.buckets)
+    v1 = parse_bucket_set("bigasp-v1").buckets  # v1's code: the same band, w/h from 0.5 (its post: the SDXL list)
+    assert sorted(v1) == sorted(b for b in BIGASP_V2 if b[0] / b[1] >= 0.5) and len(v1) == 26
+
+
 def test_custom_file_and_bad_sets(tmp_path):
     path = tmp_path / "buckets.txt"
     path.write_text("# mine\n640x384\n384x640  # portrait\n512x512\n")

@@ -1,4 +1,5 @@
-"""Captioning with the tiny random-weight LLaVA through the real transformers loader, and caption cleanup."""
+"""Captioning with tiny random-weight models of every scheme's architecture through the real
+transformers loader, and caption cleanup."""
 from __future__ import annotations
 
 import os
@@ -88,6 +89,35 @@ def test_batched_captions_equal_unbatched(tiny_llava):
     one_by_one = [captioner.caption([image], [prompt])[0] for image, prompt in zip(images, prompts)]
     assert batched == one_by_one
     assert all(isinstance(c, str) for c in batched) and len(set(batched)) > 1  # the image matters
+
+
+@pytest.fixture(scope="session")
+def vlm_zoo(tmp_path_factory):
+    from curate.models.tiny import write_zoo
+
+    return write_zoo(tmp_path_factory.mktemp("vlm"), ["llava_next", "qwen2_5_vl", "smolvlm", "florence2", "joycaption"])
+
+
+@pytest.mark.parametrize("scheme, name", [("hf", "llava_next"), ("hf", "qwen2_5_vl"), ("hf", "smolvlm"),
+                                          ("florence2", "florence2"), ("joycaption", "joycaption")])
+def test_every_caption_scheme_batches_as_it_captions_one_by_one(vlm_zoo, scheme, name):
+    """Each scheme on a tiny random model of its own architecture (transformers' config classes,
+    the published processor layout): a batch of differently sized images and prompts of
+    different lengths (padded) gives each image the caption it gets alone."""
+    captioner = make_captioner(parse_spec(f"{scheme}:{vlm_zoo[name]}"), max_new_tokens=10)
+    captioner.load("cpu")
+    images = [captioner.preprocess(decode(encode_image(make_image(60 + 17 * i, 90 - 9 * i, seed=i), "PNG")))["input"]
+              for i in range(6)]
+    prompts = (["<MORE_DETAILED_CAPTION>", "<CAPTION>", "<DETAILED_CAPTION>"] if scheme == "florence2" else
+               ["Describe the image.", "Write a long detailed description of this picture.", "Caption."]) * 2
+    processor = captioner._processor
+    lengths = {processor(images=[[images[0]]], text=[captioner.prompt_text(p)], return_tensors="pt")["input_ids"]
+               .shape[1] for p in prompts}
+    assert len(lengths) > 1  # the batch is padded
+    batched = captioner.caption(images, prompts)
+    one_by_one = [captioner.caption([image], [prompt])[0] for image, prompt in zip(images, prompts)]
+    assert batched == one_by_one
+    assert all(isinstance(c, str) and c.strip() for c in batched) and len(set(batched)) > 1
 
 
 @pytest.fixture

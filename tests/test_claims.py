@@ -26,7 +26,7 @@ def many(tmp_path):
         (src / f"i{i:02d}.jpg").write_bytes(encode_image(make_image(64 + i, 48, seed=i)))
     for i in range(4):
         (src / f"z_copy{i}.jpg").write_bytes((src / f"i{i:02d}.jpg").read_bytes())
-    run_cli("ingest", str(src), str(tmp_path / "ds"), "-q", env_extra=ENV)
+    run_cli("ingest", str(src), str(tmp_path / "ds"), "-q", env=ENV)
     return Dataset(tmp_path / "ds"), src
 
 
@@ -86,7 +86,7 @@ def test_a_second_run_says_who_holds_the_rest_and_a_dead_holder_never_blocks(man
         other = fake_owner(ds.root, "other-run", this_machine(), holder.pid)
         for part in parts[:2]:  # another run is busy with the first two parts
             assert Claims(str(ds.root), "stats", "stats-v1", other).claim(part.stem) is None
-        proc = run_cli("hash", str(ds.root), env_extra={**ENV, "COLUMNS": "300"})
+        proc = run_cli("hash", str(ds.root), env={**ENV, "COLUMNS": "300"})
         left = summary_value(proc.stdout, f"left to the run that holds them: elsewhere pid {holder.pid} "
                                           "(curate hash DS, since earlier)")
         assert left is not None and int(left) > 0, proc.stdout
@@ -95,7 +95,7 @@ def test_a_second_run_says_who_holds_the_rest_and_a_dead_holder_never_blocks(man
     finally:
         holder.kill()
         holder.wait()
-    run_cli("hash", str(ds.root), "-q", env_extra=ENV)  # the holder is gone: its leases are taken over
+    run_cli("hash", str(ds.root), "-q", env=ENV)  # the holder is gone: its leases are taken over
     stats = ds.read("stats").column("image_id").to_pylist()
     assert len(stats) == len(set(stats)) == len(ds.select_ids())
 

@@ -78,7 +78,8 @@ def test_stored_latent_equals_encoding_the_crop_directly(tmp_path, vae_dir):
 
     vae, _ = load_vae(Vae(vae_dir), "cpu")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as encode runs on CPU: the thread count changes conv rounding
+    # as encode runs on CPU, on every core: the thread count changes conv rounding
+    torch.set_num_threads(EncodeStage([Vae(vae_dir)], parse_bucket_set(SMALL)).resources.cpus)
     try:
         check_direct_encoding(vae, vae_dir, [wide, tall])
     finally:
@@ -92,6 +93,7 @@ def check_direct_encoding(vae, vae_dir, rows):
         img = img.crop((r["crop_left"], r["crop_top"], r["crop_left"] + r["target_width"],
                         r["crop_top"] + r["target_height"]))
         x = Normalize([0.5], [0.5])(to_tensor(img))[None]  # the usual way, as diffusers' training scripts do
+        x = torch.cat([x, torch.full((7, *x.shape[1:]), -1.0)])  # in a batch of 8 (the default), padded black
         with torch.inference_mode():
             dist = vae.encode(x).latent_dist
         shape = tuple(r["shape"])
@@ -250,3 +252,55 @@ def test_latents_stream_back_one_row_group_at_a_time(tmp_path):
     for r in got:
         i = int(r["image_id"])
         assert r["original_height"] == i and np.array_equal(latent_array(r["latent"], r["shape"]), values[i])
+
+
+def test_a_bucket_is_encoded_a_batch_at_a_time_and_a_latent_does_not_depend_on_its_batch(tmp_path, vae_dir,
+                                                                                        monkeypatch):
+    from diffusers import AutoencoderKL
+
+    images = {f"img{i}.jpg": make_image(*[(300, 260), (520, 140)][i % 2], seed=i) for i in range(6)}
+    ds = ingest(tmp_path, images)
+    halves = tmp_path / "halves"
+    shutil.copytree(ds, halves)
+    sizes, encode = [], AutoencoderKL.encode
+
+    def counted(self, x, *args, **kw):
+        sizes.append(len(x))
+        return encode(self, x, *args, **kw)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counted)
+    stage = lambda: EncodeStage([Vae(vae_dir)], parse_bucket_set(SMALL), batch_size=4)  # noqa: E731
+    assert run(Dataset(ds), stage(), show_progress=False)[0].ok == 6
+    assert sizes == [4, 4]  # two buckets of three: one call each, padded to the batch size
+    # other batch-mates and other short batches: the same bits
+    half = sorted(Dataset(halves).select_ids())[:3]
+    run(Dataset(halves), stage(), ids=half, show_progress=False)
+    run(Dataset(halves), stage(), show_progress=False)
+    assert latents(halves) == latents(ds)
+
+
+def test_flip_stores_the_mirrored_crops_latent_with_its_own_crop_conditioning(tmp_path, vae_dir):
+    """`--flip`: the flipped latent is the VAE's encoding of the mirrored crop, whose left edge in
+    the flipped resized image is flip_crop_left (the crop's right edge, seen from the other side)."""
+    ds = ingest(tmp_path, {"wide.png": gradient(360, 200)})
+    run_cli("encode", str(ds), "--vae", vae_dir, "--set", SMALL, "--seed", "3", "--keep-distribution", "--flip", "-q")
+    (r,) = Dataset(ds).query("SELECT l.*, i.source FROM latents l JOIN images i USING (image_id)").to_pylist()
+    assert r["model"].endswith(",flip=true")
+    assert r["flip_crop_left"] == r["resized_width"] - r["crop_left"] - r["target_width"] and r["crop_left"] > 0
+    resized = Image.open(r["source"]).convert("RGB").resize((r["resized_width"], r["resized_height"]),
+                                                            Image.Resampling.LANCZOS)
+    crop = resized.crop((r["crop_left"], r["crop_top"], r["crop_left"] + r["target_width"],
+                         r["crop_top"] + r["target_height"]))
+    left, top = r["flip_crop_left"], r["crop_top"]
+    mirrored = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop(
+        (left, top, left + r["target_width"], top + r["target_height"]))
+    assert np.array_equal(np.asarray(mirrored), np.asarray(crop)[:, ::-1])  # the conditioning points at the mirror
+    vae, _ = load_vae(Vae(vae_dir), "cpu")
+    with torch.inference_mode():
+        dist = vae.encode(Normalize([0.5], [0.5])(to_tensor(mirrored))[None]).latent_dist
+    # equal up to float16 rounding: the stage encodes a padded batch on every core, this one image
+    shape, close = tuple(r["shape"]), dict(rtol=0, atol=2e-3)
+    assert np.allclose(np.frombuffer(r["flip_mean"], np.float16).reshape(shape), dist.mean[0].numpy(), **close)
+    sample = dist.mean[0] + dist.std[0] * seeded_noise(shape, image_seed(3, r["image_id"], "flip-noise"))
+    assert np.allclose(np.frombuffer(r["flip_latent"], np.float16).reshape(shape), sample.numpy(), **close)
+    assert not np.array_equal(np.frombuffer(r["flip_latent"], np.float16), np.frombuffer(r["latent"], np.float16))

@@ -33,6 +33,8 @@ def test_demo_writes_the_rows_it_always_wrote(tmp_path):
     assert_demo_tables_unchanged(tmp_path / "demo")
     said = " ".join(proc.stdout.split())  # rich wraps titles to the table's width
     assert "demo: seconds per step" in said and "score: embeddings" in said  # the report, on stdout
+    dataset = tmp_path / "demo" / "dataset"
+    assert f"curate view {dataset}" in said and f"curate report {dataset} -o" in said  # what to try next
     assert not any(bar in proc.stderr for bar in LOADER_BARS), proc.stderr[-2000:]
 
 
@@ -54,7 +56,7 @@ def test_wheel_is_one_package_that_lives_beside_coqui_trainer(tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"curate"}
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["curate"]
-    assert "curate/pipelines/quality/rate.html" in names
+    assert {"curate/pipelines/quality/rate.html", "curate/cli/view.html"} <= set(names)
 
     venv = tmp_path / "venv"  # the heavy dependencies come from this environment
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)

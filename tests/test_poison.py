@@ -34,13 +34,13 @@ def rows(ds_dir, table: str, key: str) -> dict:
 
 def test_ingest_survives_a_decoder_segfault(sources, tmp_path):
     poison = str(sources / "p13.jpg")
-    proc = run_cli("ingest", str(sources), str(tmp_path / "ds"), "-q", env_extra={"CURATE_TEST_CRASH": "segv"})
+    proc = run_cli("ingest", str(sources), str(tmp_path / "ds"), "-q", env={"CURATE_TEST_CRASH": "segv"})
     assert "SIGSEGV" in proc.stderr and poison in proc.stderr and "Traceback" not in proc.stderr
     got = rows(tmp_path / "ds", "images", "source")
     assert len(got) == 30 and got[poison]["error"] == "worker_died" and got[poison]["bytes"] is None
     assert "SIGSEGV" in got[poison]["message"]
     assert sum(r["status"] == "ok" for r in got.values()) == 29
-    run_cli("ingest", str(sources), str(tmp_path / "ds"), "-q", env_extra={"CURATE_TEST_CRASH": "segv"})
+    run_cli("ingest", str(sources), str(tmp_path / "ds"), "-q", env={"CURATE_TEST_CRASH": "segv"})
     assert rows(tmp_path / "ds", "images", "source") == got  # the rerun neither retries it nor adds a row
 
 
@@ -52,7 +52,7 @@ def test_hash_survives_an_abort_or_an_oom_kill(sources, tmp_path, how):
     reference = tmp_path / "ref"
     shutil.copytree(ds_dir, reference)
     run_cli("hash", str(reference), "-q")
-    proc = run_cli("hash", str(ds_dir), "-q", env_extra={"CURATE_TEST_CRASH": how})
+    proc = run_cli("hash", str(ds_dir), "-q", env={"CURATE_TEST_CRASH": how})
     poison = str(sources / "p13.jpg")
     assert poison in proc.stderr and "worker_died" in proc.stderr and "Traceback" not in proc.stderr
     got, want = rows(ds_dir, "stats", "image_id"), rows(reference, "stats", "image_id")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -130,3 +131,78 @@ def test_prompts_fit_cli(tmp_path):
     out = run_cli("prompts", "fit", str(corpus)).stdout
     assert f"tag_count_mean = {fitted['tag_count_mean']}" in out and "tag_count_sd" in out
     assert run_cli("prompts", "fit", str(tmp_path / "missing.txt"), check=False).returncode == 2
+
+
+def preset(name: str, **change) -> PromptConfig:
+    """The [prompts] of a train.toml with only `recipe = NAME` (and `change` on top)."""
+    from curate.trainer.config import config_from_dict, load_config
+
+    prompts = load_config(recipe=name).prompts
+    return config_from_dict({"prompts": {**{k: getattr(prompts, k) for k in prompts.__dataclass_fields__}, **change}}
+                            ).prompts
+
+
+SCORE = re.compile(r"score[ _]\d(?:[ _]up)?")
+
+
+def is_score(tag: str) -> bool:
+    return tag.replace(" ", "_").startswith("score_")
+
+
+def test_bigasp_v1_recipe_over_10000_prompts(tmp_path):
+    """bigASP v1's data.py: 5% empty, int(Normal(32, 19.8)) tags and at least 5, aliases at 20%,
+    underscores in a third of prompts, 1-3 score tags (uniform) formatted like the tags."""
+    aliases = tmp_path / "aliases.csv"
+    aliases.write_text("antecedent,consequent\n" + "".join(f"alias_{t},{t}\n" for t in TAGS))
+    builder = PromptBuilder(preset("bigasp-v1", aliases=str(aliases)), seed=0)
+    prompts = [builder.build(i, 0, TAGS, None, rank=5) for i in ids(N)]
+    shown = [p for p in prompts if p.source != "ucg"]
+    assert abs((N - len(shown)) / N - 0.05) < 0.007 and {p.source for p in shown} == {"tags"}
+    counts = np.array([len(p.tags) for p in shown])
+    assert counts.min() == 5 and abs(np.mean(counts == 5) - stats.norm.cdf(6, 32, 19.8)) < 0.01
+    x = counts[counts >= 6] + np.random.default_rng(1).uniform(0, 1, (counts >= 6).sum())  # int() draws
+    lo = stats.norm.cdf(6, 32, 19.8)
+    assert stats.kstest(x, lambda v: (stats.norm.cdf(v, 32, 19.8) - lo) / (1 - lo)).pvalue > 0.01
+    pieces = [[t.strip() for t in p.text.replace(",", "\n").splitlines() if t.strip()] for p in shown]
+    tags = [t for words in pieces for t in words if not is_score(t)]
+    assert abs(np.mean([t.startswith("alias") for t in tags]) - 0.2) < 0.01
+    underscored = np.mean([all("_" in t for t in words) for words in pieces])
+    assert abs(underscored - 1 / 3) < 0.015  # bigASP's tag_type 0 (the post's default writes none)
+    assert np.bincount([len(p.scores) for p in shown])[1:].tolist() == pytest.approx([len(shown) / 3] * 3, rel=0.06)
+    assert any("score 5" in p.text or "score 1 up" in p.text for p in shown)  # v1 spaces score tags too
+    exact = PromptBuilder(preset("bigasp-v1", tag_count_mean=7.9, tag_count_sd=0.0, ucg=0.0), seed=0)
+    assert len(exact.build("ab" * 32, 0, TAGS, None).tags) == 7  # int(7.9), where ours rounds to 8
+
+
+def test_bigasp_v2_recipe_over_10000_prompts():
+    """bigASP v2's data.py: 5% empty; the caption verbatim, or 10% of the time as many tags as
+    its tokens / 2.5; 1, 2 or 3 score tags at 3:2:1 before the prompt, none 10% of the time."""
+    caption = " ".join(["word"] * 49) + ". Second sentence here."  # 49 + 1 + 3 + 1 = 54 pieces: 21 tags
+    builder = PromptBuilder(preset("bigasp-v2"), seed=0)
+    prompts = [builder.build(i, 0, TAGS, caption, rank=5) for i in ids(N)]
+    shown = [p for p in prompts if p.source != "ucg"]
+    assert abs((N - len(shown)) / N - 0.05) < 0.007
+    sources = [p.source for p in shown]
+    assert abs(sources.count("tags") / len(shown) - 0.1) < 0.01 and set(sources) == {"tags", "caption"}
+    assert {len(p.tags) for p in shown if p.source == "tags"} == {21}
+    assert all(p.text.endswith(caption) for p in shown if p.source == "caption")  # verbatim, in order
+    scored = np.bincount([len(p.scores) for p in shown], minlength=4) / len(shown)
+    assert abs(scored[0] - 0.1) < 0.01
+    assert scored[1:] / scored[1:].sum() == pytest.approx([3 / 6, 2 / 6, 1 / 6], abs=0.015)
+    written = []
+    for p in (p for p in shown if p.source == "caption"):  # the score tags come first, then the caption
+        prefix = p.text[: len(p.text) - len(caption)]
+        written += SCORE.findall(prefix)
+        assert sorted(t.replace(" ", "_") for t in SCORE.findall(prefix)) == sorted(p.scores)
+        assert SCORE.sub("", prefix).strip(", ") == ""
+    assert abs(np.mean([" " in t for t in written]) - 0.2) < 0.015  # a score tag is spaced 20% of the time
+
+
+@pytest.mark.parametrize("formatting", ["noise", "bigasp-v1", "bigasp-v2"])
+def test_kaomoji_keep_their_underscores(formatting):
+    builder = PromptBuilder(PromptConfig(ucg=0, tag_count=False, formatting=formatting, formatting_noise=0.5,
+                                         score_tags=False,
+                                         source_weights={"tags": 1, "caption": 0, "both": 0}))
+    texts = [builder.build(i, 0, ["^_^", ">_<", "long_hair", "smile"], None).text for i in ids(300)]
+    assert all("^_^" in t and ">_<" in t and "^ ^" not in t for t in texts)
+    assert any("long hair" in t for t in texts)  # the rest are still spaced

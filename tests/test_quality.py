@@ -105,6 +105,31 @@ def test_elo_tournament_and_binning():
         qm.bin_ranks(elo, "median")
 
 
+def test_bigasp_recipe_plays_its_tournament(synthetic):
+    """bigASP's TrainRanker notebook: 8192 images from 1500, K 10, 8192 rounds of random pairs, wins."""
+    from curate.pipelines.quality.fit import recipe_settings
+
+    s = recipe_settings("bigasp")
+    assert (s.k, s.start, s.rounds, s.sample, s.pairing, s.outcome, s.binning) == (
+        10.0, 1500.0, 8192, 8192, "random", "win", "width")
+    assert recipe_settings("bigasp", rounds=100, seed=3).rounds == 100 and recipe_settings(None).k == 32.0
+    truth = np.random.default_rng(0).normal(size=500)
+    judge = lambda a, b: 1 / (1 + np.exp(truth[b] - truth[a]))  # noqa: E731
+    elo = qm.elo_tournament(judge, 500, rounds=800, k=10, start=1500, pairing="random", outcome="win", seed=0)
+    assert spearmanr(elo, truth)[0] > 0.9 and elo.mean() == pytest.approx(1500)
+    sure = lambda a, b: np.full(len(a), 0.6)  # noqa: E731
+    win = qm.elo_tournament(sure, 2, rounds=1, k=10, pairing="random", outcome="win")
+    assert sorted(win) == [1495, 1505]  # a win scores 1, not the judge's 0.6
+    assert sorted(qm.elo_tournament(sure, 2, rounds=1, k=10)) == pytest.approx([1499, 1501])
+    ds, _, _ = synthetic
+    run_cli("quality", "fit", str(ds.root), "--recipe", "bigasp", "--rounds", "300", "-o", str(ds.root / "h"), "-q")
+    settings = json.loads((ds.root / "h" / "head.json").read_text())["fit"]["settings"]
+    assert (settings["k"], settings["rounds"], settings["pairing"], settings["outcome"]) == (10.0, 300, "random",
+                                                                                            "win")
+    bad = run_cli("quality", "fit", str(ds.root), "--recipe", "bigasp-v2", check=False)
+    assert bad.returncode == 2 and "not one of bigasp" in bad.stderr
+
+
 def test_import_export_ids_and_paths(dataset, tmp_path):
     rows = dataset.read("images", ["image_id", "source"]).filter(
         dataset.read("images", ["status"]).column("status").to_numpy(zero_copy_only=False) == "ok").to_pylist()

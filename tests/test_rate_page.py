@@ -1,7 +1,6 @@
 """The rating page in a real headless Chromium, against a real `curate quality rate` server."""
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -12,7 +11,7 @@ import sys
 import pytest
 
 from curate.pipelines.quality.ratings import load_ratings
-from tests.conftest import CHROMIUM_ARGS, REPO
+from tests.conftest import CHROMIUM_ARGS, REPO, listening_addresses, port_of, request
 
 
 @pytest.fixture
@@ -32,37 +31,6 @@ def rating_server(dataset):
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
-
-
-def port_of(line: str) -> int:
-    match = re.search(r"http://[^:]+:(\d+)/", line)
-    assert match, line
-    return int(match.group(1))
-
-
-def listening_addresses(port: int) -> list[str]:
-    """Local addresses of TCP sockets listening on `port`, from /proc/net/tcp (hex, little-endian)."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for row in open(table).read().splitlines()[1:]:
-            local, state = row.split()[1], row.split()[3]
-            address, hex_port = local.split(":")
-            if int(hex_port, 16) == port and state == "0A":
-                found.append(address)
-    return found
-
-
-def request(port: int, method: str, path: str, body: dict | None = None, **headers) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                     headers={"Content-Type": "application/json", **headers})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def test_rating_page_with_keyboard(dataset, rating_server, chromium):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import curate.pipelines.rows as pass_rows
-from curate.images import Decoded
+from curate.images import Decoded, decode
 from curate.models.common import ModelError, model_name
 from curate.models.tagging import CHARACTER, GENERAL, RATING, select_tags
 from curate.models.tiny import write_zoo
@@ -22,7 +22,8 @@ from tests.conftest import make_image, run_cli
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2"])
+    write_zoo(root, ["open_clip", "quality_head", "wd14", "wd14_timm", "joytag", "owlv2", "hf_clip", "bigasp_scorer",
+                     "classifier_nsfw", "classifier_style"])
     return root
 
 
@@ -71,6 +72,36 @@ def test_clip_batched_embeddings_equal_open_clip_per_image(dataset, zoo):
     assert row["t"] == "FLOAT[]" and row["norm2"] == pytest.approx(1, abs=5e-3)
 
 
+def real_photo() -> Image.Image:
+    """A real photograph (Grace Hopper, 512x600 JPEG) from matplotlib's sample data."""
+    import matplotlib.cbook
+
+    return Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+
+
+@pytest.mark.parametrize("name, mean, cropped", [("ViT-B-16-SigLIP:webli", 0.5, False),
+                                                  ("ViT-H-14-378-quickgelu:dfn5b", 0.48145466, False),
+                                                  ("ViT-B-32:openai", 0.48145466, True)])
+def test_registry_names_preprocess_as_their_pretrained_tag_says(name, mean, cropped):
+    """open_clip merges a tag's preprocess config (SigLIP: mean/std 0.5, squash) over its defaults;
+    a registry name must not fall back to OpenAI's mean/std and a centre crop."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    from curate.models.clip import Clip
+
+    clip, photo = Clip(name), real_photo()
+    steps, ours_mean, ours_std = clip.transform()
+    pixels = clip.preprocess(decoded(photo))["pixels"]
+    ours = (pixels / 255.0 - ours_mean) / ours_std
+    arch, tag = name.split(":")
+    config = merge_preprocess_dict(PreprocessCfg(size=clip.image_size), open_clip.get_pretrained_cfg(arch, tag))
+    reference = image_transform_v2(PreprocessCfg(**config), is_train=False)(photo).numpy().transpose(1, 2, 0)
+    assert ours_mean[0] == pytest.approx(mean) and pixels.shape == (clip.image_size, clip.image_size, 3)
+    assert any("CenterCrop" in type(step).__name__ for step in steps) == cropped
+    assert np.abs(ours - reference).max() <= 1.01 / 255 / ours_std.min()  # a level of rounding at most
+
+
 def test_quality_ranks_stored_embeddings_and_refuses_another_embedder(dataset, zoo, tmp_path):
     from curate.models.quality_head import RankHead, load_head, save_head
 
@@ -89,6 +120,73 @@ def test_quality_ranks_stored_embeddings_and_refuses_another_embedder(dataset, z
         score(dataset, clip=str(zoo / "open_clip"), quality=str(tmp_path / "other"), show_progress=False)
     with pytest.raises(ModelError, match="no embeddings from 'open_clip:ViT-L-14'"):
         score(dataset, quality=str(tmp_path / "other"), show_progress=False)
+
+
+def test_bigasp_scorer_ranks_the_class_tokens_hf_clip_stores(dataset, zoo, tmp_path, monkeypatch):
+    """bigASP's own quality model: hf_clip stores what its embed.py stored (the last layer's class
+    token, before post-layernorm and projection, of its CLIPProcessor's pixels), and a head in its
+    scorer.pt layout (random weights) ranks them as its score-images.py does."""
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    hub_cache(monkeypatch, tmp_path, zoo, repos={"openai/clip-vit-base-patch32": "hf_clip"})
+    scorer = zoo / "bigasp_scorer" / "scorer.pt"
+    embeddings, quality = score(dataset, clip="hf_clip", quality=str(scorer), batch_size=5, show_progress=False)
+    assert embeddings.ok == quality.ok == 12
+    assert embeddings.model == f"hf_clip:openai/clip-vit-base-patch32@{'0' * 40}"
+    stored = {r["image_id"]: np.array(r["embedding"], np.float32) for r in dataset.read("embeddings").to_pylist()}
+    processor = CLIPImageProcessorPil.from_pretrained(zoo / "hf_clip")  # the PIL processor bigASP's CLIPProcessor was
+    vision = CLIPModel.from_pretrained(zoo / "hf_clip").vision_model.eval()
+    for image_id, image in originals(dataset).items():
+        with torch.no_grad():  # embed.py: hidden_states[-1][:, 0, :], one full-size image at a time
+            pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+            reference = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][0, 0].numpy()
+        assert stored[image_id].shape == (32,) and np.abs(stored[image_id] - reference).max() < 0.05, image_id
+    state = torch.load(scorer, weights_only=True)  # score-images.py's ScoreClassifier, written out plainly
+    rows = dataset.query("SELECT q.rank, q.probs, e.embedding FROM quality q JOIN embeddings e USING (image_id)")
+    for row in rows.to_pylist():
+        x = torch.nn.functional.layer_norm(torch.tensor([row["embedding"]]), (32,), state["ln.weight"],
+                                           state["ln.bias"])
+        x = torch.nn.functional.gelu(x @ state["linear1.weight"].T + state["linear1.bias"])
+        probs = torch.softmax(x @ state["linear2.weight"].T + state["linear2.bias"], dim=1)[0].numpy()
+        assert row["rank"] == probs.argmax() and np.allclose(row["probs"], probs, atol=1e-4)
+    assert len({r["rank"] for r in rows.to_pylist()}) > 1
+    with pytest.raises(ModelError, match="trained on embeddings from 'hf_clip:openai/clip-vit-base-patch32'"):
+        score(dataset, clip=str(zoo / "open_clip"), quality=str(scorer), show_progress=False)
+
+
+def test_classifiers_keep_every_label_side_by_side_and_in_the_manifest(dataset, zoo, tmp_path, monkeypatch):
+    """Two transformers image classifiers side by side (a 2-label NSFW ViT in Falconsai's layout, a
+    multi-label ConvNeXt): every label's probability, as transformers' own pipeline gives it for
+    the pass's decode, in the table and the manifest's map."""
+    from transformers import pipeline
+
+    # A fresh process: the decode threads' preprocess and the model's load import transformers at once
+    run_cli("score", str(dataset.root), "--classifier", f"hf:{zoo / 'classifier_style'}", "-q")
+    hub_cache(monkeypatch, tmp_path, zoo, repos={"Falconsai/nsfw_image_detection": "classifier_nsfw"})
+    nsfw, style = score(dataset, classifiers=["hf:Falconsai/nsfw_image_detection", f"hf:{zoo / 'classifier_style'}"],
+                        show_progress=False)
+    assert nsfw.ok == 12 and style.todo == 0  # side by side; the style classifier's rows resume
+    assert nsfw.model.startswith("classifier:Falconsai/nsfw_image_detection@")
+    rows = {(r["classifier"], r["image_id"]): r for r in dataset.read("classifications").to_pylist()}
+    files = dataset.query("SELECT image_id, bytes FROM images WHERE bytes IS NOT NULL").to_pylist()
+    # each ran alone, so each image was decoded (JPEG draft) to that model's need only, as here
+    for name, folder, need in (("nsfw_image_detection", zoo / "classifier_nsfw", 32),  # a 32 px square
+                               ("classifier_style", zoo / "classifier_style", 37)):  # shorter side 32 / crop_pct 0.875
+        classify = pipeline("image-classification", model=str(folder), device="cpu")
+        for image_id, image in ((r["image_id"], decode(r["bytes"], min_side=need).image) for r in files):
+            row, reference = rows[(name, image_id)], {r["label"]: r["score"] for r in classify(image, top_k=None)}
+            assert row["labels"] == list(classify.model.config.id2label.values())
+            assert row["scores"] == pytest.approx([reference[label] for label in row["labels"]], abs=1e-5)
+            assert row["label"] == row["labels"][int(np.argmax(row["scores"]))]
+    manifest = dataset.query("SELECT image_id, classes FROM manifest").to_pylist()
+    manifest = {r["image_id"]: r["classes"] for r in manifest}
+    for (name, image_id), row in rows.items():
+        got = dict(manifest[image_id])
+        assert [got[f"{name}/{label}"] for label in row["labels"]] == pytest.approx(row["scores"])
+    nsfw_ids = sorted(i for (n, i), r in rows.items() if n == "nsfw_image_detection" and r["scores"][1] > 0.5)
+    assert dataset.select_ids("classes['nsfw_image_detection/nsfw'] > 0.5") == nsfw_ids
+    proc = run_cli("score", str(dataset.root), "--classifier", "onnx:model", check=False)
+    assert proc.returncode == 2 and "use hf:MODEL" in said(proc)
 
 
 def wd14_reference(image: Image.Image, size: int) -> np.ndarray:
@@ -243,12 +341,13 @@ def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, mo
     assert again[0].todo == 0 and again[1].ok == 12 and len(sides) == 12 and set(sides) == {(None, 64)}
 
 
-def hub_cache(monkeypatch, tmp_path, zoo, families):
-    """Put zoo folders into a Hugging Face cache as repos `tiny/<family>`, as a download would."""
+def hub_cache(monkeypatch, tmp_path, zoo, families=(), repos=None):
+    """Put zoo folders into a Hugging Face cache as repos `tiny/<family>` (and {repo id: family}),
+    as a download would."""
     from huggingface_hub import constants
 
-    for name in families:
-        repo = tmp_path / "hub" / f"models--tiny--{name}"
+    for repo_id, name in {**{f"tiny/{name}": name for name in families}, **(repos or {})}.items():
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
         shutil.copytree(zoo / name, repo / "snapshots" / ("0" * 40))
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text("0" * 40)
@@ -257,12 +356,13 @@ def hub_cache(monkeypatch, tmp_path, zoo, families):
 
 def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
     from curate.models.clip import Clip
+    from curate.models.hf_clip import HFClip
     from curate.models.joytag import JoyTag
     from curate.models.owlv2 import OWLv2
     from curate.models.quality import QualityHead
     from curate.models.wd14 import WD14
 
-    adapters = {"open_clip": Clip, "wd14": WD14, "wd14_timm": WD14, "joytag": JoyTag, "owlv2": OWLv2}
+    adapters = {"open_clip": Clip, "wd14": WD14, "wd14_timm": WD14, "joytag": JoyTag, "owlv2": OWLv2, "hf_clip": HFClip}
     hub_cache(monkeypatch, tmp_path, zoo, adapters)
     image = decoded(make_image(120, 80, seed=1))
     for name, cls in adapters.items():
@@ -275,6 +375,44 @@ def test_every_family_loads_by_hub_id_offline(zoo, tmp_path, monkeypatch):
     QualityHead(str(zoo / "quality_head")).load()  # the project's own format: a directory, never a hub id
     with pytest.raises(ModelError, match="cannot get 'tiny/missing' from the hub"):
         Clip("tiny/missing")
+
+
+def test_hub_models_fetch_only_their_files_and_pin_the_commit(dataset, zoo, tmp_path):
+    """From a hub (a real one's API on loopback): only the files a family reads are fetched (one
+    weights format), JoyTag's default weights are fancyfeast/joytag, and the rows name the commit,
+    so an updated repo is new work while the same one resumes, online or offline."""
+    from tests.hub_server import HubServer, commit_of
+
+    repos = tmp_path / "repos"
+    clip = shutil.copytree(zoo / "open_clip", repos / "laion" / "tiny-clip")
+    for decoy in ("open_clip_pytorch_model.bin", "pytorch_model.bin", "flax_model.msgpack"):
+        (clip / decoy).write_bytes(b"another format of the same weights")
+    joytag = shutil.copytree(zoo / "joytag", repos / "fancyfeast" / "joytag")
+    (joytag / "model.onnx").write_bytes(b"another format")
+    online = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def models(table):
+        rows = dataset.query(f"SELECT model, count(*) AS n FROM {table} GROUP BY model").to_pylist()
+        return {r["model"]: r["n"] for r in rows}
+
+    with HubServer(repos) as hub:
+        online["HF_ENDPOINT"] = hub.url
+        run_cli("score", str(dataset.root), "--clip", "laion/tiny-clip", "--tagger", "joytag", env=online)
+        assert hub.downloads("laion/tiny-clip") == {"open_clip_config.json", "open_clip_model.safetensors"}
+        assert hub.downloads("fancyfeast/joytag") == {"config.json", "model.safetensors", "top_tags.txt"}
+        first = commit_of(joytag)
+        assert models("embeddings") == {f"open_clip:laion/tiny-clip@{commit_of(clip)}": 12}
+        assert models("tags") == {f"joytag:fancyfeast/joytag@{first}@threshold=0.4": 12}
+        weights = bytearray((joytag / "model.safetensors").read_bytes())
+        weights[-1] ^= 1  # the repo is updated: a new commit
+        (joytag / "model.safetensors").write_bytes(bytes(weights))
+        run_cli("score", str(dataset.root), "--clip", "laion/tiny-clip", "--tagger", "joytag", env=online)
+    assert models("embeddings") == {f"open_clip:laion/tiny-clip@{commit_of(clip)}": 12}  # the same: resumed
+    assert models("tags") == {f"joytag:fancyfeast/joytag@{first}@threshold=0.4": 12,
+                              f"joytag:fancyfeast/joytag@{commit_of(joytag)}@threshold=0.4": 12}
+    proc = run_cli("score", str(dataset.root), "--clip", "laion/tiny-clip", "--tagger", "joytag",
+                   env={**online, "HF_HUB_OFFLINE": "1"})  # the cache knows which commit main was
+    assert dataset.read("tags").num_rows == 24, proc.stdout
 
 
 def test_cli_runs_the_full_pass_and_explains_bad_flags(dataset, zoo):
@@ -324,17 +462,19 @@ def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
 
 
 def test_ray_engine_writes_the_same_rows(dataset, zoo, ray_cluster):
-    models = dict(clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}", watermark=f"owlv2:{zoo / 'owlv2'}")
+    models = dict(clip=str(zoo / "open_clip"), tagger=f"wd14:{zoo / 'wd14'}", watermark=f"owlv2:{zoo / 'owlv2'}",
+                  classifiers=[f"hf:{zoo / 'classifier_nsfw'}"])
     score(dataset, **models, show_progress=False)
     tables = {"embeddings": ["image_id", "model", "status", "embedding"],
               "tags": ["image_id", "model", "tags", "rating"],
-              "watermarks": ["image_id", "model", "has_watermark", "boxes"]}
+              "watermarks": ["image_id", "model", "has_watermark", "boxes"],
+              "classifications": ["image_id", "model", "classifier", "labels", "label"]}
     local = {t: dataset.read(t).select(c).sort_by("image_id") for t, c in tables.items()}
     for table in tables:
         for part in dataset.parts(table):
             part.unlink()
     summaries = score(dataset, **models, engine="ray", show_progress=False)
-    assert [s.ok for s in summaries] == [12, 12, 12]
+    assert [s.ok for s in summaries] == [12, 12, 12, 12]
     for table, columns in tables.items():
         got = dataset.read(table).select(columns).sort_by("image_id")
         if table == "embeddings":  # float16 from two processes: equal up to rounding

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,3 +135,33 @@ def test_parts_of_another_schema_are_never_read_and_are_reported(dataset, tmp_pa
     proc = run_cli("sql", str(dataset.root), "SELECT count(*) AS n FROM tags", "--format", "csv")
     assert proc.stdout.split() == ['"n"', "0"]
     assert "warning:" in proc.stderr and "part-00000000000000000001-stats.parquet is not read" in proc.stderr
+
+
+def test_select_ids_joins_only_the_tables_a_predicate_names(dataset):
+    from curate.pipelines.executor import run
+    from curate.pipelines.stats import StatsStage
+    from curate.store import tables_for
+
+    assert tables_for("") == set() and tables_for("width > 300") == set()
+    assert tables_for("rank >= 5 AND NOT has_watermark") == {"quality", "watermarks"}
+    assert tables_for("list_contains(tags, 'sky')") == {"tags", "watermarks"}  # the manifest's tags read both
+    run(dataset, StatsStage(), show_progress=False)
+    full = "SELECT image_id FROM manifest WHERE {} ORDER BY image_id"
+    for where in ("sharpness > 0 AND width > height", "phash IS NOT NULL", "caption IS NULL", "true"):
+        assert dataset.select_ids(where) == dataset.query(full.format(where)).column("image_id").to_pylist()
+
+
+def test_parts_are_listed_again_only_when_the_folder_changes(dataset, monkeypatch):
+    import curate.store as store
+
+    checked = []
+    real = store._ends_in_footer
+    monkeypatch.setattr(store, "_ends_in_footer", lambda path: checked.append(path) or real(path))
+    folder = dataset.table_dir("images")
+    os.utime(folder, ns=(0, 0))  # as if it last changed long ago: a listing may be kept
+    first = dataset.parts("images")
+    assert dataset.parts("images") == first and len(checked) == len(first)  # listed once, then kept
+    (folder / "part-99999999999999999999-late.parquet").write_bytes(b"")  # any change: listed again
+    assert dataset.parts("images") == first and len(checked) == 2 * len(first) + 1
+    added = dataset.write_part("images", dataset.read("images").slice(0, 1))  # the folder changes: a new listing
+    assert dataset.parts("images") == first + [added]

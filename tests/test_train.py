@@ -33,11 +33,16 @@ def losses(output) -> dict[int, float]:
 
 def test_overfits_8_latents_and_checkpoint_loads_into_sdxl_pipeline(tmp_path, sdxl):
     from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from curate.trainer.sampling import grid_cell
 
     make_latent_dataset(tmp_path / "ds", 8)
+    (tmp_path / "prompts.txt").write_text("smile, sky --w 64 --h 64 --s 2 --d 4\n")
     config = load_config(None, output=str(tmp_path / "run"), max_steps=25, batch_size=8, precision="fp32",
                          learning_rate=1e-2, lr_schedule="constant", loss="mse", validate_every=25,
-                         validation_fraction=0.0, train_text_encoder=False, prompts={"ucg": 0.0})
+                         validation_fraction=0.0, train_text_encoder=False, prompts={"ucg": 0.0},
+                         sample_prompts=str(tmp_path / "prompts.txt"))
     trainer = Trainer(tmp_path / "ds", sdxl, config)
     start = trainer.validate()["stable_train_loss"]
     summary = trainer.run(show_progress=False)
@@ -47,30 +52,43 @@ def test_overfits_8_latents_and_checkpoint_loads_into_sdxl_pipeline(tmp_path, sd
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], trainer.models.unet.state_dict()["conv_in.weight"])
     image = pipe("smile, sky", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and image.std() > 0
+    pipe.set_progress_bar_config(disable=True)  # the run's sample grid is what the checkpoint renders
+    rendered = pipe("smile, sky", num_inference_steps=2, height=64, width=64, guidance_scale=7.0,
+                    generator=torch.Generator().manual_seed(4)).images[0]
+    grid = Image.open(summary["sample grid"])
+    assert np.array_equal(np.asarray(grid_cell(grid, 1, 1, 0, 0, (64, 64))), np.asarray(rendered))
     assert (tmp_path / "run" / "tensorboard").is_dir() and any((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def resume_config(output) -> dict:
-    return {"output": str(output), "max_steps": 4, "batch_size": 2, "gradient_accumulation": 2, "precision": "fp32",
-            "learning_rate": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "loss": "min_snr", "offset_noise": 0.05,
-            "validate_every": 2, "checkpoint_every": 1, "validation_fraction": 0.0}
+# A LoRA run (LoCon, dropout, text encoder adapters, the EMA on the CPU every second step) resumes as exactly
+LORA = {"lora_rank": 4, "lora_alpha": 2.0, "lora_conv": True, "lora_dropout": 0.2, "ema_device": "cpu",
+        "ema_update_interval": 2}
 
 
-def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl):
+def resume_config(output, extra: dict) -> dict:
+    return extra | {"output": str(output), "max_steps": 4, "batch_size": 2, "gradient_accumulation": 2,
+                    "precision": "fp32", "learning_rate": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "loss": "min_snr",
+                    "offset_noise": 0.05,
+                    "validate_every": 2, "checkpoint_every": 1, "validation_fraction": 0.0}
+
+
+@pytest.mark.parametrize("extra", [{}, LORA], ids=["full", "lora"])
+def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl, extra):
     from diffusers import StableDiffusionXLPipeline
 
     ds = make_latent_dataset(tmp_path / "ds", 8)
     # Both runs are fresh `curate train` processes: torch's thread count (which other tests in
     # this process may have changed) decides the float reduction order, so it must match.
     straight = tmp_path / "straight.toml"
-    straight.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in resume_config(tmp_path / "straight").items()))
+    settings = resume_config(tmp_path / "straight", extra)
+    straight.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()))
     run_cli("train", str(ds.root), "--base", str(sdxl), "--config", str(straight), "-q")
     expected = losses(tmp_path / "straight")
     assert sorted(expected) == [1, 2, 3, 4]
 
     # kill -9 while a checkpoint (step 2 or later) is being written
     toml = tmp_path / "train.toml"
-    toml.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in resume_config(tmp_path / "killed").items()))
+    toml.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in resume_config(tmp_path / "killed", extra).items()))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "curate", "train", str(ds.root), "--base", str(sdxl),
                              "--config", str(toml), "-q"], env=env, stdout=subprocess.DEVNULL,
@@ -90,14 +108,17 @@ def test_kill_9_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, sdxl)
     assert list(checkpoints.glob(".tmp-step-*")), "killed while writing a checkpoint: its temporary folder remains"
     complete = sorted(checkpoints.glob("step-*"))
     assert complete and sorted(losses(tmp_path / "killed")) != [1, 2, 3, 4]
-    StableDiffusionXLPipeline.from_pretrained(complete[-1])  # the previous checkpoint is intact
+    if not extra:
+        StableDiffusionXLPipeline.from_pretrained(complete[-1])  # the previous checkpoint is intact
 
     resumed = run_cli("train", str(ds.root), "--base", str(sdxl), "--config", str(toml), "--resume", "-q")
     assert f"{complete[-1].name[5:].lstrip('0')} -> 4" in resumed.stdout  # it went on from the last checkpoint
     assert not list(checkpoints.glob(".tmp-step-*"))
     assert losses(tmp_path / "killed") == expected  # every step's loss, bit for bit
-    for weights in ("unet", "unet_ema"):  # and the final weights and their moving average
-        final = [load_file(run / "checkpoints" / "step-00000004" / weights / "diffusion_pytorch_model.safetensors")
+    files = (["lora.safetensors", "lora_ema.safetensors"] if extra else
+             ["unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"])
+    for weights in files:  # and the final weights and their moving average
+        final = [load_file(run / "checkpoints" / "step-00000004" / weights)
                  for run in (tmp_path / "straight", tmp_path / "killed")]
         assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
@@ -171,7 +192,7 @@ def test_sd15_with_every_option_trains_and_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     sd15 = write_zoo(tmp_path / "zoo", ["sd15"])["sd15"]
-    make_latent_dataset(tmp_path / "ds", 12, buckets=[(8, 8), (8, 12)])
+    make_latent_dataset(tmp_path / "ds", 12, buckets=[(8, 8), (8, 12)], scaling_factor=0.18215)
     common = dict(max_steps=2, batch_size=2, prediction_type="v_prediction", zero_terminal_snr=True, loss="debiased",
                   offset_noise=0.1, timestep_min=500, timestep_max=1000, mask_watermarks=True, ema_decay=0.5,
                   gradient_checkpointing=True, validation_fraction=0.25, validate_every=2, checkpoint_every=2)

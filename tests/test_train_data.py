@@ -59,6 +59,52 @@ def test_config_rejects_bad_keys_and_types(tmp_path):
     assert proc.returncode == 2 and "did you mean 'batch_size'" in proc.stdout + proc.stderr
 
 
+def test_a_recipe_starts_from_bigasps_code_and_the_file_overrides_it(tmp_path):
+    from curate.trainer.config import config_from_dict
+
+    post = load_config()  # no recipe: the post's figures
+    assert (post.prompts.ucg, post.prompts.alias_rate, post.prompts.formatting, post.recipe) == (0.1, 0.1, "noise",
+                                                                                                  None)
+    path = tmp_path / "train.toml"
+    path.write_text('recipe = "bigasp-v2"\nlearning_rate = 2e-5\n[prompts]\ntag_count_sd = 10.0\n')
+    config = load_config(path)
+    p = config.prompts
+    assert (p.ucg, p.tag_count_min, p.tag_count_rounding, p.tag_count_from, p.alias_rate, p.formatting) == (
+        0.05, 5, "down", "caption", 0.2, "bigasp-v2")
+    assert (p.score_tag_weights, p.score_tag_dropout, p.sentence_shuffle) == ([3.0, 2.0, 1.0], 0.1, False)
+    assert p.source_weights == {"tags": 0.1, "caption": 0.9, "both": 0.0}
+    assert (p.tag_count_sd, config.learning_rate, config.loss) == (10.0, 2e-5, "min_snr")  # the file's keys win
+    assert config_from_dict(config_dict(config)) == config  # what a checkpoint stores resumes the same
+    v1 = load_config(recipe="bigasp-v1").prompts
+    assert (v1.ucg, v1.formatting, v1.score_tag_weights, v1.source_weights["tags"]) == (0.05, "bigasp-v1",
+                                                                                         [1.0, 1.0, 1.0], 0.0)
+    path.write_text('recipe = "bigasp-v3"\n')
+    with pytest.raises(ValueError, match="did you mean 'bigasp-v2'"):
+        load_config(path)
+
+
+def test_chunks_keep_each_start_and_end_token_and_readme_says_where_kohya_differs():
+    from curate.trainer.config import RECIPES, TrainConfig
+    from curate.trainer.data import chunked
+
+    ids = list(range(1000, 1160))  # 160 content tokens: three chunks
+    reference = []  # bigASP's chunk_tokens (data.py), written out: BOS, up to 75 tokens, EOS, pads, per chunk
+    for start in range(0, 225, 75):
+        body = ids[start:start + 75]
+        reference += [1, *body, 2] + [0] * (75 - len(body))
+    assert chunked(ids, 3, bos=1, eos=2, pad=0) == reference and len(reference) == 3 * 77
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "75n + 2 positions" in readme and "n x 77 positions" in readme  # kohya's way, and ours
+    rows = {line.split("|")[1].strip(): line for line in (REPO / "README.md").read_text().splitlines()
+            if line.startswith("| ")}
+    header = rows["prompts"]
+    assert all(f'recipe = "{name}"' in header for name in RECIPES)  # each preset beside the post's figures
+    cells = {k: [c.strip().split(" ")[0] for c in v.split("|")[2:5]] for k, v in rows.items()}  # first words
+    for row, key in (("empty prompt (`ucg`)", "ucg"), ("alias mutation (`alias_rate`)", "alias_rate")):
+        figures = [getattr(TrainConfig().prompts, key)] + [r["prompts"][key] for r in RECIPES.values()]
+        assert cells[row] == [f"{x:.0%}" for x in figures], row
+
+
 def test_rank_0_and_where_are_left_out(tmp_path):
     ds = make_latent_dataset(tmp_path / "ds", 10, ranks=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
     rows = load_rows(ds, load_config(None))
@@ -215,10 +261,34 @@ def test_loss_weights_equal_reference_formulas():
     ref = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
     assert torch.allclose(loss_weights("min_snr", snr, "epsilon", gamma), ref / snr)
     assert torch.allclose(loss_weights("min_snr", snr, "v_prediction", gamma), ref / (snr + 1))
-    # debiased estimation (Yu et al.): 1/sqrt(snr) on the epsilon loss
-    assert torch.allclose(loss_weights("debiased", snr, "epsilon"), 1 / torch.sqrt(snr))
-    assert torch.allclose(loss_weights("debiased", snr, "v_prediction"), 1 / torch.sqrt(snr) * snr / (snr + 1))
+    # debiased estimation (Yu et al.): 1/sqrt(snr) on the epsilon loss, carried exactly into v units
+    assert torch.allclose(loss_weights("debiased_matched", snr, "epsilon"), 1 / torch.sqrt(snr))
+    assert torch.allclose(loss_weights("debiased_matched", snr, "v_prediction"),
+                          1 / torch.sqrt(snr) * snr / (snr + 1))
     assert torch.equal(loss_weights("mse", snr, "epsilon"), torch.ones_like(snr))
+
+
+def kohya_debiased(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """kohya-ss/sd-scripts library/custom_train_functions.py apply_debiased_estimation, its weight."""
+    snr_t = torch.minimum(snr, torch.ones_like(snr) * 1000)  # "if timestep is 0, snr_t is inf, so limit it to 1000"
+    return 1 / (snr_t + 1) if v_prediction else 1 / torch.sqrt(snr_t)
+
+
+def test_debiased_estimation_weighs_as_kohya_also_at_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    t = torch.tensor([0, 1, 10, 100, 400, 700, 998, 999])
+    for zero_terminal in (False, True):
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  rescale_betas_zero_snr=zero_terminal)
+        snr = compute_snr(scheduler, t)
+        for prediction, v in (("epsilon", False), ("v_prediction", True)):
+            if zero_terminal and not v:
+                continue  # epsilon is undefined at snr = 0; the config refuses it
+            assert torch.allclose(loss_weights("debiased", snr, prediction), kohya_debiased(snr, v))
+    assert snr[-1] == 0 and loss_weights("debiased", snr, "v_prediction")[-1] == 1  # the terminal step trains
+    assert loss_weights("debiased_matched", snr, "v_prediction")[-1] == 0  # ... and here it would not
 
 
 def test_sdxl_time_ids_in_diffusers_order(tmp_path, zoo):

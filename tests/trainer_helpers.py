@@ -22,12 +22,14 @@ def image_id(i: int) -> str:
 
 def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] = ((8, 8),), ranks=None,
                         seed: int = 0, vae: str = "tiny-vae", latent_parts: int = 1,
-                        rows_per_group: int | None = None, moments: bool = False) -> Dataset:
+                        rows_per_group: int | None = None, moments: bool = False, scaling_factor: float = 0.13025,
+                        flip: bool = False) -> Dataset:
     """n images; image i gets bucket i % len(buckets) (latent h, w), tags, a caption, a rank and
     (every third) a watermark box. Latents are smooth random fields, so a UNet can fit them.
     Latents are written in `latent_parts` parts, of `rows_per_group` rows per row group if given
     (the writer sizes groups by bytes, ~32 MiB, which small test latents never reach). With
-    `moments`, each latent is stored as its own mean, with a log-variance of log(0.01)."""
+    `moments`, each latent is stored as its own mean, with a log-variance of log(0.01). With `flip`,
+    the mirrored crop's latent is the latent mirrored, with a crop left of 0."""
     rng = np.random.default_rng(seed)
     ds = Dataset(root, create=True)
     ids = [image_id(i) for i in range(n)]
@@ -47,7 +49,7 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         shapes.append([4, h, w])
         geometry.append((h * 8, w * 8))
     columns = stage | {
-        "model": [vae] * n, "latent": latents, "shape": shapes, "scaling_factor": [0.13025] * n,
+        "model": [vae] * n, "latent": latents, "shape": shapes, "scaling_factor": [scaling_factor] * n,
         "original_height": [gh * 2 + 3 for gh, _ in geometry], "original_width": [gw * 2 + 5 for _, gw in geometry],
         "resized_height": [gh + 8 for gh, _ in geometry], "resized_width": [gw for _, gw in geometry],
         "crop_top": [4] * n, "crop_left": [0] * n,
@@ -55,7 +57,10 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
         "mean": latents if moments else [None] * n,
         "logvar": ([np.full_like(np.frombuffer(b, np.float16), np.log(0.01)).tobytes() for b in latents]
                    if moments else [None] * n),
-        "vae": [vae] * n, "shift_factor": [None] * n}
+        "vae": [vae] * n, "shift_factor": [None] * n,
+        "flip_latent": [np.ascontiguousarray(np.frombuffer(b, np.float16).reshape(s)[:, :, ::-1]).tobytes()
+                        for b, s in zip(latents, shapes)] if flip else [None] * n,
+        "flip_mean": [None] * n, "flip_logvar": [None] * n, "flip_crop_left": [0] * n if flip else [None] * n}
     bounds = np.linspace(0, n, latent_parts + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         part = ds.write_part("latents", {k: v[lo:hi] for k, v in columns.items()})

@@ -1,11 +1,13 @@
-"""Checkpoints: complete diffusers pipeline directories with the full training state.
+"""Checkpoints: complete diffusers pipeline directories (or LoRA files) with the full training state.
 
-OUTPUT/checkpoints/step-NNNNNNNN/ loads with `StableDiffusionXLPipeline.from_pretrained`
-(or StableDiffusionPipeline): the trained UNet (and text encoders), the rest of the base
-pipeline hard-linked (copied where links fail), the scheduler config set to what was
-trained (prediction type, zero-terminal SNR). `unet_ema/` holds the EMA weights when EMA
-is on; `training_state/` holds the optimiser, LR schedule, GradScaler, EMA and step, so
-`--resume` continues exactly. A checkpoint is written under `.tmp-*` and renamed when
+OUTPUT/checkpoints/step-NNNNNNNN/ of a full fine-tune loads with
+`StableDiffusionXLPipeline.from_pretrained` (or StableDiffusionPipeline): the trained UNet
+(and text encoders), the rest of the base pipeline hard-linked (copied where links fail),
+the scheduler config set to what was trained (prediction type, zero-terminal SNR).
+`unet_ema/` holds the EMA weights when EMA is on. A LoRA run's checkpoint holds
+lora.safetensors (and lora_ema.safetensors) in the kohya layout (trainer/lora.py) and the
+scheduler config instead. `training_state/` holds the optimiser, LR schedule, GradScaler,
+EMA and step, so `--resume` continues exactly. A checkpoint is written under `.tmp-*` and renamed when
 complete: a process killed while writing leaves the previous checkpoint intact, and the
 next run removes the debris.
 """
@@ -15,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -68,31 +71,19 @@ def fsync_tree(root: Path) -> None:
         fsync_path(path)
 
 
-def save_checkpoint(output: Path, step: int, models, state: dict, ema: dict | None, scheduler_updates: dict,
-                    keep: int) -> Path:
+def save_checkpoint(output: Path, step: int, write_weights: Callable[[Path], None], state: dict, keep: int) -> Path:
+    """write_weights(folder) puts the weights in the new checkpoint's folder (write_pipeline, or
+    write_lora for a LoRA run); the training state goes beside them."""
     root = checkpoints_dir(output)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    base = models.base
-    shutil.copy2(base / "model_index.json", tmp / "model_index.json")
-    index = json.loads((base / "model_index.json").read_text())
-    for name, value in sorted(index.items()):  # only pipeline components: a checkpoint can be a base
-        if isinstance(value, list) and value[0] and name not in models.trained and name != "scheduler":
-            link_tree(base / name, tmp / name)
-    for name, model in models.trained.items():
-        model.save_pretrained(tmp / name, safe_serialization=True)
-    scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text()) | scheduler_updates
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    write_weights(tmp)
     (tmp / STATE).mkdir()
-    if ema is not None:
-        (tmp / "unet_ema").mkdir()
-        shutil.copy2(tmp / "unet" / "config.json", tmp / "unet_ema" / "config.json")
-        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "unet_ema" / "diffusion_pytorch_model.safetensors")
     torch.save(state, tmp / STATE / "state.pt")
+    (tmp / STATE / "config.json").write_text(json.dumps(state["config"], indent=2))  # read by `curate sample`
     fsync_tree(tmp)
     if final.exists():  # a run that re-reaches a step replaces its old checkpoint
         shutil.rmtree(final)
@@ -101,6 +92,34 @@ def save_checkpoint(output: Path, step: int, models, state: dict, ema: dict | No
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_scheduler(folder: Path, base: Path, updates: dict) -> None:
+    """The base's scheduler config with what was trained (prediction type, zero-terminal SNR)."""
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(base, updates), indent=2))
+
+
+def scheduler_config(base: Path, updates: dict) -> dict:
+    return json.loads((Path(base) / "scheduler" / "scheduler_config.json").read_text()) | updates
+
+
+def write_pipeline(folder: Path, models, ema: dict | None, scheduler_updates: dict) -> None:
+    """A complete diffusers pipeline: the trained models, the rest of the base linked, and unet_ema/."""
+    base = models.base
+    shutil.copy2(base / "model_index.json", folder / "model_index.json")
+    index = json.loads((base / "model_index.json").read_text())
+    for name, value in sorted(index.items()):  # only pipeline components: a checkpoint can be a base
+        if isinstance(value, list) and value[0] and name not in models.trained and name != "scheduler":
+            link_tree(base / name, folder / name)
+    for name, model in models.trained.items():
+        model.save_pretrained(folder / name, safe_serialization=True)
+    write_scheduler(folder, base, scheduler_updates)
+    if ema is not None:
+        (folder / "unet_ema").mkdir()
+        shutil.copy2(folder / "unet" / "config.json", folder / "unet_ema" / "config.json")
+        save_file({k: v.contiguous() for k, v in ema.items()},
+                  folder / "unet_ema" / "diffusion_pytorch_model.safetensors")
 
 
 def load_state(checkpoint: Path) -> tuple[dict, dict | None]:

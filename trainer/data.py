@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
@@ -45,7 +46,7 @@ from curate.trainer.tokens import PromptTokenizer
 
 # Everything but the latent: what a Row keeps in memory
 ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",
-               *CONDITIONING]
+               *CONDITIONING, "flip_crop_left"]
 
 
 @dataclass(slots=True)  # no per-instance __dict__: millions of rows
@@ -64,6 +65,7 @@ class Row:
     rank: int | None
     has_watermark: bool
     boxes: list[dict]
+    flip_crop_left: int | None  # the mirrored crop's left in the flipped image (encode --flip), else None
 
     @property
     def bucket(self) -> tuple[int, ...]:
@@ -74,6 +76,7 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text.
 
     Only the small columns are read; a Row points at its latent for LatentCache to read later.
+    Columns become Python values a column at a time (a dict per row would cost minutes at 1.5M).
     """
     conditions = ["has_latent"]
     if not config.keep_rank_0:
@@ -81,26 +84,28 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     try:
         if config.where:
             conditions.append(where_clause(config.where))
-        text = ds.query("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS has_watermark, "
-                        f"watermark_boxes FROM manifest WHERE {' AND '.join(conditions)}")
+        text = ds.query_manifest("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS "
+                                 f"has_watermark, watermark_boxes FROM manifest WHERE {' AND '.join(conditions)}")
     except DatasetError as e:
         raise ValueError(f"bad where {config.where!r}: {e}") from None
-    by_id = {}
-    for batch in text.to_batches(50_000):  # Python objects for 50,000 rows at a time, not the whole table
-        for t in batch.to_pylist():
-            # A tagger names ~10,000 tags: one string object per tag, not one per row that has it
-            # (3.3 KB a row less with 40 tags; GBs at a million rows, in every training process)
-            t["tags"] = list(map(intern, t["tags"] or ()))
-            by_id[t["image_id"]] = t
+    by_id = dict(zip(text.column("image_id").to_pylist(), zip(
+        tag_lists(text.column("tags")), text.column("caption").to_pylist(), text.column("rank").to_pylist(),
+        text.column("has_watermark").to_pylist(), text.column("watermark_boxes").to_pylist())))
     del text
     latest: dict[str, tuple] = {}  # image_id -> (created_at, Row): only Rows stay alive, not the read records
-    parts: dict[str, str] = {}  # one string object per part file, shared by its rows
     for group in latent_row_groups(ds, config.latents_model, ROW_COLUMNS, positions=True):
-        for r in group.to_pylist():  # write order: of two rows created at the same time, the later one wins
-            image_id = r["image_id"]
-            if image_id in by_id and (image_id not in latest or r["created_at"] >= latest[image_id][0]):
-                latest[image_id] = (r["created_at"],
-                                    make_row(r, by_id[image_id], parts.setdefault(r["part"], r["part"])))
+        part, row_group = intern(group.column("part")[0].as_py()), group.column("row_group")[0].as_py()
+        c = {name: group.column(name).to_pylist() for name in [*ROW_COLUMNS, "row"]}
+        for k, image_id in enumerate(c["image_id"]):  # write order: of two rows created at once, the later wins
+            if image_id in by_id and (image_id not in latest or c["created_at"][k] >= latest[image_id][0]):
+                tags, caption, rank, has_watermark, boxes = by_id[image_id]
+                time_ids = sdxl_time_ids((c["original_height"][k], c["original_width"][k]),
+                                         (c["crop_top"][k], c["crop_left"][k]),
+                                         (c["target_height"][k], c["target_width"][k]))
+                latest[image_id] = (c["created_at"][k], Row(
+                    image_id, tuple(c["shape"][k]), part, row_group, c["row"][k], c["scaling_factor"][k],
+                    c["shift_factor"][k] or 0.0, tuple(time_ids), (c["resized_height"][k], c["resized_width"][k]),
+                    tags, caption, rank, bool(has_watermark), boxes or [], c["flip_crop_left"][k]))
     rows = [row for _, row in latest.values()]
     if not rows:
         raise ValueError("no rows to train on: no ok latents among the chosen images "
@@ -108,14 +113,19 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     return sorted(rows, key=lambda r: r.image_id)
 
 
-def make_row(r: dict, text: dict, part: str) -> Row:
-    """A Row from a latents record (with its position) and its image's manifest text."""
-    return Row(r["image_id"], tuple(r["shape"]), part, r["row_group"], r["row"], r["scaling_factor"],
-               r["shift_factor"] or 0.0,
-               tuple(sdxl_time_ids((r["original_height"], r["original_width"]), (r["crop_top"], r["crop_left"]),
-                                   (r["target_height"], r["target_width"]))),
-               (r["resized_height"], r["resized_width"]), text["tags"], text["caption"], text["rank"],
-               bool(text["has_watermark"]), list(text["watermark_boxes"] or []))
+def tag_lists(tags: pa.ChunkedArray, rows_at_once: int = 100_000) -> list[list[str]]:
+    """Each row's tags as a list of strings, one string object per tag name: a tagger names
+    ~10,000 tags, so a million rows share them instead of holding 40 copies each (3.3 KB a row,
+    GBs in every training process). Read through the column's dictionary of names."""
+    out: list[list[str]] = []
+    for start in range(0, len(tags), rows_at_once):
+        lists = tags.slice(start, rows_at_once).combine_chunks()
+        encoded = pc.list_flatten(lists).dictionary_encode()
+        names = np.array([intern(t) for t in encoded.dictionary.to_pylist()] + [""], dtype=object)
+        values = names[encoded.indices.fill_null(len(names) - 1).to_numpy()]
+        offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py()
+        out += [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    return out
 
 
 def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Row]]:
@@ -164,8 +174,10 @@ class LatentCache:
 
 
 def latent_cache(config: TrainConfig) -> LatentCache:
-    """The cache for a run: the moments too when latents are resampled."""
+    """The cache for a run: the moments too when latents are resampled, the mirrored crops' with flip_p."""
     columns = ("latent", "mean", "logvar") if config.resample_latents else ("latent",)
+    if config.flip_p:
+        columns += tuple(f"flip_{c}" for c in columns)
     return LatentCache(int(config.latent_cache_mib * 2**20), columns)
 
 
@@ -208,6 +220,17 @@ class TrainData:
         if self.batches_per_epoch == 0:
             raise ValueError(f"no bucket holds batch_size={self.config.batch_size} rows ({len(self.rows)} rows in "
                              f"{len(set(r.bucket for r in self.rows))} buckets); lower batch_size")
+        unflipped = sum(r.flip_crop_left is None for r in self.rows)
+        if self.config.flip_p and unflipped:
+            raise ValueError(f"flip_p needs the mirrored crops' latents, which {unflipped} of {len(self.rows)} rows "
+                             "lack: encode with `curate encode --flip`")
+
+    def flipped(self, row: Row, epoch: int) -> bool:
+        """Whether `row` trains on its mirrored crop in `epoch`: a draw seeded by (seed, epoch, image)."""
+        if not self.config.flip_p:
+            return False
+        draw = np.random.default_rng([self.seed, epoch, image_seed(row.image_id), 3]).random()
+        return bool(draw < self.config.flip_p)
 
     def epoch_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
         """`epoch`'s prompts, waiting for their build (started now or by an earlier prefetch);
@@ -314,30 +337,53 @@ class TrainData:
             self._plan = (epoch, self.plan(epoch))
         return epoch, self._plan[1][index]
 
+    def write_schedule(self, path: Path, epoch: int) -> None:
+        """EveryDream2's write_schedule: the epoch's batches, a row per sample (global micro-step,
+        bucket in pixels, prompt chunks, image, whether the mirrored crop is used), as TSV."""
+        chunks = self.epoch_prompts(epoch).chunks
+        lines = ["micro_step\twidth\theight\tchunks\timage_id\tflipped"]
+        for index, batch in enumerate(self.plan(epoch)):
+            micro = epoch * self.batches_per_epoch + index
+            for i in batch:
+                row = self.rows[i]
+                lines.append(f"{micro}\t{row.time_ids[5]}\t{row.time_ids[4]}\t{chunks[i]}\t{row.image_id}\t"
+                             f"{str(self.flipped(row, epoch)).lower()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
+
     def collate(self, indices: list[int], epoch: int, tokenizers: list) -> dict:
         prompts = self.epoch_prompts(epoch)
         rows = [self.rows[i] for i in indices]
+        flips = [self.flipped(r, epoch) for r in rows]
         n_chunks = int(prompts.chunks[indices].max())
         positions = self.tokenizer.model_max_length
+        latents = self.latent_samples(rows, epoch, flips)
         batch = {
             "image_ids": [r.image_id for r in rows],
             "latents": torch.from_numpy(np.stack([(latent.astype(np.float32) - r.shift_factor) * r.scaling_factor
-                                                  for r, latent in zip(rows, self.latent_samples(rows, epoch))])),
-            "time_ids": torch.tensor([r.time_ids for r in rows], dtype=torch.float32),
+                                                  for r, latent in zip(rows, latents)])),
+            "time_ids": torch.tensor([flipped_time_ids(r) if f else r.time_ids for r, f in zip(rows, flips)],
+                                     dtype=torch.float32),
             "input_ids": [torch.tensor([chunked(prompts.tokens_of(i).tolist(), n_chunks, tok.bos_token_id,
                                                 tok.eos_token_id, tok.pad_token_id, positions) for i in indices])
                           for tok in tokenizers],
             "n_chunks": n_chunks,
         }
         if self.config.mask_watermarks:
-            batch["mask"] = torch.stack([watermark_mask(r) for r in rows])
+            batch["mask"] = torch.stack([watermark_mask(r, f) for r, f in zip(rows, flips)])
         return batch
 
-    def latent_samples(self, rows: list[Row], epoch: int) -> list[np.ndarray]:
-        """The latents to train on: with `resample_latents` and the moments stored (encode
-        --keep-distribution), a fresh draw from the VAE's distribution for each image and
-        epoch, seeded by (seed, epoch, image); otherwise the sample stored at encoding."""
-        arrays = self.latents.arrays(rows)
+    def latent_samples(self, rows: list[Row], epoch: int, flips: list[bool] | None = None) -> list[np.ndarray]:
+        """The latents to train on (the mirrored crop's where `flips` says): with `resample_latents`
+        and the moments stored (encode --keep-distribution), a fresh draw from the VAE's
+        distribution for each image and epoch, seeded by (seed, epoch, image); otherwise the
+        sample stored at encoding."""
+        stored = self.latents.arrays(rows)
+        flips = flips or [False] * len(rows)
+        arrays = {c: [stored[f"flip_{c}" if f else c][k] for k, f in enumerate(flips)]
+                  for c in ("latent", "mean", "logvar") if c in stored}
         if not self.config.resample_latents:
             return arrays["latent"]
         out = []
@@ -351,18 +397,26 @@ class TrainData:
         return out
 
 
-def watermark_mask(row: Row) -> torch.Tensor:
-    """1 where the loss counts, 0 over watermark boxes, in latent coordinates [1, h, w]."""
+def flipped_time_ids(row: Row) -> tuple[int, ...]:
+    """The mirrored crop's conditioning: the same sizes and top, its own left."""
+    orig_h, orig_w, top, _, target_h, target_w = row.time_ids
+    return (orig_h, orig_w, top, row.flip_crop_left, target_h, target_w)
+
+
+def watermark_mask(row: Row, flipped: bool = False) -> torch.Tensor:
+    """1 where the loss counts, 0 over watermark boxes, in latent coordinates [1, h, w] (of the
+    mirrored crop when `flipped`: the boxes mirror too)."""
     _, h, w = row.shape
     mask = torch.ones(1, h, w)
-    orig_h, orig_w, top, left, target_h, target_w = row.time_ids
+    orig_h, orig_w, top, left, target_h, target_w = flipped_time_ids(row) if flipped else row.time_ids
     res_h, res_w = row.resized
     for box in row.boxes:
         # normalised original -> resized pixels -> crop pixels -> latent cells (covering the box)
+        box_x0, box_x1 = (1 - box["x1"], 1 - box["x0"]) if flipped else (box["x0"], box["x1"])
         y0 = (box["y0"] * res_h - top) * h / target_h
         y1 = (box["y1"] * res_h - top) * h / target_h
-        x0 = (box["x0"] * res_w - left) * w / target_w
-        x1 = (box["x1"] * res_w - left) * w / target_w
+        x0 = (box_x0 * res_w - left) * w / target_w
+        x1 = (box_x1 * res_w - left) * w / target_w
         r0, r1 = max(0, math.floor(y0)), min(h, math.ceil(y1))
         c0, c1 = max(0, math.floor(x0)), min(w, math.ceil(x1))
         if r1 > r0 and c1 > c0:

@@ -4,9 +4,14 @@ SDXL (model_index.json names a text_encoder_2): two CLIP text encoders; the UNet
 both penultimate hidden states side by side, encoder 2's projected pooled embedding,
 and the six micro-conditioning time ids. SD1.5: one encoder's last hidden state; a
 text encoder with more than 77 positions (Long-CLIP, 248) reads the whole prompt at once.
-Prompts over 75 tokens go through the 77-position encoders in chunks of 75 whose
-hidden states are concatenated, as A1111 and kohya do; the pooled embedding is the
-first chunk's.
+Prompts over 75 tokens go through the 77-position encoders in chunks of 75, each with its
+own start and end token, whose hidden states are concatenated (n x 77 positions), as bigASP
+and A1111 do; the pooled embedding is the first chunk's. kohya's sd-scripts keeps only the
+first start and the last end token (75n + 2 positions): README says where that matters.
+
+`clip_skip` counts as A1111 and EveryDream2 do: the states of the N-th layer from the end
+(SD1.5 then applies the final layer norm, as diffusers' pipeline does); SD1.5 reads the last
+layer by default, SDXL the penultimate, so for SDXL values up to 2 change nothing.
 """
 from __future__ import annotations
 
@@ -16,12 +21,49 @@ from pathlib import Path
 import torch
 
 from curate.trainer.config import TrainConfig
+from curate.trainer.lora import LORA_FILE, add_lora, load_lora, set_lora
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
                   target_size: tuple[int, int]) -> list[int]:
     """As diffusers' StableDiffusionXLPipeline._get_add_time_ids: original, crop, target; height before width."""
     return list(original_size + crop_top_left + target_size)
+
+
+def text_layer(clip_skip: int, sdxl: bool) -> int:
+    """Which hidden state, counted from the end, the UNet reads (1: the last)."""
+    return max(clip_skip, 2 if sdxl else 1)
+
+
+def pipeline_clip_skip(clip_skip: int, sdxl: bool) -> int | None:
+    """The same layer as diffusers' pipelines count it (layers skipped past their default)."""
+    return (text_layer(clip_skip, sdxl) - (2 if sdxl else 1)) or None
+
+
+def text_states(encoder, out, layer: int, sdxl: bool) -> torch.Tensor:
+    """The hidden states of `layer` (from the end) of an encoder's output; SD1.5 normalises them
+    with the final layer norm (the last layer's already are), SDXL does not."""
+    if layer == 1:
+        return out.last_hidden_state
+    states = out.hidden_states[-layer]
+    return states if sdxl else encoder.final_layer_norm(states)
+
+
+def check_latent_scaling(rows: list, base: str | Path) -> None:
+    """The latents must be scaled as the base's VAE scales them (its config's scaling_factor and
+    shift_factor; XLLsd's SD1.5 UNet with the SDXL VAE: 0.13025): a UNet trained on latents of
+    another scale makes images that the base's pipeline decodes wrongly."""
+    path = Path(base) / "vae" / "config.json"
+    if not path.is_file():
+        return
+    vae = json.loads(path.read_text())
+    expected = (round(vae.get("scaling_factor", 0.18215), 5), round(vae.get("shift_factor") or 0.0, 5))
+    found = sorted({(round(r.scaling_factor, 5), round(r.shift_factor, 5)) for r in rows})
+    if found != [expected]:
+        raise ValueError(f"the latents are scaled by (scaling_factor, shift_factor) {found}, the base's VAE by "
+                         f"{expected} ({path}): encode them with the base's VAE (curate encode --vae {base})")
 
 
 def pipeline_tokenizer(base: str | Path):
@@ -48,11 +90,14 @@ class Models:
         index = json.loads(index_path.read_text())
         self.sdxl = bool(index.get("text_encoder_2") and index["text_encoder_2"][0])
         self.device = device
-        trained = {"unet", *(["text_encoder"] if config.train_text_encoder else []),
+        self.lora = config.lora_rank > 0
+        self.layer = text_layer(config.clip_skip, self.sdxl)
+        trained = {*(["unet"] if config.train_unet else []), *(["text_encoder"] if config.train_text_encoder else []),
                    *(["text_encoder_2"] if config.train_text_encoder_2 and self.sdxl else [])}
 
         def source(name: str) -> Path:
-            return checkpoint / name if checkpoint is not None and name in trained else self.base / name
+            full = checkpoint is not None and name in trained and not self.lora
+            return checkpoint / name if full else self.base / name
 
         self.unet = UNet2DConditionModel.from_pretrained(source("unet")).to(device)
         self.text_encoders = [CLIPTextModel.from_pretrained(source("text_encoder")).to(device)]
@@ -69,6 +114,10 @@ class Models:
         self.trained = {name: components[name] for name in sorted(trained)}
         for model in [self.unet, *self.text_encoders]:
             model.requires_grad_(any(model is m for m in self.trained.values()))
+        if self.lora:
+            add_lora(self.trained, config, AUTOCAST.get(config.precision) if device.type == "cuda" else None)
+            if checkpoint is not None:
+                set_lora(self.trained, load_lora(checkpoint / LORA_FILE, self.trained))
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for name in ("text_encoder", "text_encoder_2"):
@@ -86,8 +135,8 @@ class Models:
         for i, (encoder, ids) in enumerate(zip(self.text_encoders, input_ids)):
             batch = ids.shape[0]
             chunks = ids.to(self.device).reshape(batch * n_chunks, -1)
-            out = encoder(chunks, output_hidden_states=self.sdxl)
-            states = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
+            out = encoder(chunks, output_hidden_states=self.layer > 1)
+            states = text_states(encoder, out, self.layer, self.sdxl)
             hidden.append(states.reshape(batch, -1, states.shape[-1]))
             if i == 1:
                 pooled = out.text_embeds.reshape(batch, n_chunks, -1)[:, 0]

@@ -9,14 +9,21 @@ model a new variation. The rules, each switchable in `PromptConfig`:
 - source: tags, caption or both, drawn by `source_weights` among what the image has.
 - tag_count: the number of tags ~ round(Normal(mean, sd)), at least 1, so the model sees
   everything from one tag to a 225-token prompt (mean 32, sd 19.8 from real user prompts).
+  bigASP's code truncates instead and keeps at least 5 (`tag_count_rounding`, `tag_count_min`);
+  v2 takes the count from the caption's length (`tag_count_from = "caption"`: its tokens / 2.5).
 - shuffle_tags: tags in random order before truncation, so truncation keeps a random subset.
+- keep_tags: the image's first N tags (a trigger word, a character) always come first, in
+  their order and as written (no alias, no formatting noise); the rest shuffle (EveryDream2's).
 - priority_tags: always kept when present, caption prompts included (`watermark`, added
   when a watermark was found).
 - aliases: each tag becomes a random synonym with probability `alias_rate`.
-- formatting_noise: with probability `formatting_noise`, underscores/spaces and the
-  separator change, as real users type them.
+- formatting: `noise` (ours): with probability `formatting_noise`, underscores/spaces and the
+  separator change, as real users type them; `bigasp-v1` / `bigasp-v2`: as bigASP's code
+  writes tags (a third of prompts with underscores, a third with spaces, a third mixed; see
+  bigasp_text). Kaomoji (`^_^`, `>_<`, ...) keep their underscores in every style.
 - score_tags: 1 to 3 of the tags applicable to the image's rank r (`score_r`, and
-  `score_k_up` for 1 <= k <= r), so no prompt needs the whole ladder.
+  `score_k_up` for 1 <= k <= r), so no prompt needs the whole ladder; how often 1, 2 or 3 by
+  `score_tag_weights`, none at all with probability `score_tag_dropout`.
 - sentence_shuffle: caption sentences in random order (XLLsd's "shuffle by sentence").
 """
 from __future__ import annotations
@@ -35,6 +42,15 @@ import numpy as np
 SEPARATORS = [", ", ",", " , ", " ", ",  "]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 STANDARD_NORMAL = NormalDist()
+FORMATTING = ("noise", "bigasp-v1", "bigasp-v2")
+# Danbooru tags whose underscore is part of the face: the WD tagger's demo app (SmilingWolf's
+# wd-tagger space, from toriato's stable-diffusion-webui-wd14-tagger) leaves these as they are.
+KAOMOJI = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o",
+                     "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
+# CLIP's pre-tokenizer pieces (contractions, letter runs, single digits, punctuation runs): about
+# a caption's token count, which BPE raises a little for rare words.
+CLIP_PIECES = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
+TOKENS_PER_TAG = 2.5  # bigASP v2's estimate ("On average a tag costs 2.5 tokens")
 
 
 @dataclass
@@ -43,23 +59,43 @@ class PromptConfig:
     tag_count: bool = True
     tag_count_mean: float = 32.0
     tag_count_sd: float = 19.8
+    tag_count_min: int = 1
+    tag_count_rounding: str = "nearest"  # or "down" (bigASP: int() of the draw)
+    tag_count_from: str = "normal"  # or "caption": the caption's tokens / 2.5 (bigASP v2), else the normal draw
     shuffle_tags: bool = True
+    keep_tags: int = 0
     priority_tags: list[str] = field(default_factory=lambda: ["watermark"])
     aliases: str | None = None  # CSV with antecedent,consequent columns (danbooru's tag_aliases)
     alias_rate: float = 0.1
+    formatting: str = "noise"  # noise, bigasp-v1 or bigasp-v2
     formatting_noise: float = 0.2
     score_tags: bool = True
+    score_tag_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # for 1, 2 and 3 score tags
+    score_tag_dropout: float = 0.0
     sentence_shuffle: bool = True
     source_weights: dict[str, float] = field(default_factory=lambda: {"tags": 1.0, "caption": 1.0, "both": 1.0})
 
     def validate(self) -> None:
-        for name in ("ucg", "alias_rate", "formatting_noise"):
+        for name in ("ucg", "alias_rate", "formatting_noise", "score_tag_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"prompts.{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name, allowed in (("formatting", FORMATTING), ("tag_count_rounding", ("nearest", "down")),
+                              ("tag_count_from", ("normal", "caption"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"prompts.{name} = {getattr(self, name)!r} is not one of "
+                                 f"{', '.join(map(repr, allowed))}")
+        if self.tag_count_min < 1:
+            raise ValueError(f"prompts.tag_count_min must be at least 1, got {self.tag_count_min}")
+        weights = self.score_tag_weights
+        if len(weights) != 3 or any(w < 0 for w in weights) or not any(weights):
+            raise ValueError(f"prompts.score_tag_weights takes three non-negative weights for 1, 2 and 3 score tags "
+                             f"(not all 0), got {weights}")
         bad = set(self.source_weights) - {"tags", "caption", "both"}
         if bad or any(w < 0 for w in self.source_weights.values()) or not any(self.source_weights.values()):
             raise ValueError("prompts.source_weights takes non-negative weights for tags, caption and both "
                              f"(not all 0), got {self.source_weights}")
+        if self.keep_tags < 0:
+            raise ValueError(f"prompts.keep_tags must be >= 0, got {self.keep_tags}")
         if self.tag_count_sd < 0:
             raise ValueError(f"prompts.tag_count_sd must be >= 0, got {self.tag_count_sd}")
         if self.aliases and not Path(self.aliases).is_file():
@@ -117,27 +153,78 @@ class PromptBuilder:
         caption = (caption or "").strip()
         source = self.choose_source(rng, bool(tags), bool(caption))
         scores = self.pick_scores(rng, rank)
-        parts: list[str] = []
         chosen, drawn = [], 0
         if source in ("tags", "both"):
-            chosen, drawn = self.pick_tags(rng, tags)
+            chosen, drawn = self.pick_tags(rng, tags, caption)
+        # priority tags ride along with a caption: the model must learn them from every prompt
+        riding = [t for t in tags if t in c.priority_tags] if source == "caption" else []
+        if c.formatting == "noise":
+            text = self.noisy_text(rng, source, scores, chosen, riding, caption)
+        else:
+            text = self.bigasp_text(rng, source, scores, chosen, riding, caption)
+        return Prompt(text, source, chosen, drawn, scores)
+
+    def noisy_text(self, rng: random.Random, source: str, scores: list[str], chosen: list[str],
+                   riding: list[str], caption: str) -> str:
+        """Ours: tags joined by ', ' with underscores as spaces, unless formatting noise strikes."""
         style = self.pick_style(rng)
-        tag_text = style_join(scores + [self.mutate(rng, t) for t in chosen], style,
-                              keep=set(scores) | set(c.priority_tags))
-        if source in ("caption", "both"):
-            sentences = SENTENCE_END.split(caption)
-            if c.sentence_shuffle:
-                sentences = sample(rng, sentences)
-            cap_text = " ".join(sentences)
-            if source == "caption":  # priority tags ride along: the model must learn them from every prompt
-                kept = scores + [t for t in tags if t in c.priority_tags]
-                parts = [style_join(kept, style, keep=set(kept)), cap_text]
-            else:
-                parts = [cap_text, tag_text] if rng.random() < 0.5 else [tag_text, cap_text]
+        fixed = set(chosen[: self.config.keep_tags])  # pick_tags puts the image's first keep_tags first
+        tag_text = style_join(scores + [t if t in fixed else self.mutate(rng, t) for t in chosen], style,
+                              keep=set(scores) | set(self.config.priority_tags) | fixed)
+        if source == "caption":
+            kept = scores + riding
+            parts = [style_join(kept, style, keep=set(kept)), self.caption_text(rng, caption)]
+        elif source == "both":
+            cap_text = self.caption_text(rng, caption)
+            parts = [cap_text, tag_text] if rng.random() < 0.5 else [tag_text, cap_text]
         else:
             parts = [tag_text]
-        text = style[0].join(p for p in parts if p)
-        return Prompt(text, source, chosen, drawn, scores)
+        return style[0].join(p for p in parts if p)
+
+    def bigasp_text(self, rng: random.Random, source: str, scores: list[str], chosen: list[str],
+                    riding: list[str], caption: str) -> str:
+        """As bigASP's data.py writes a prompt (fpgaminer/bigasp-training, tags bigasp-v1 and
+        bigasp-v2): per prompt, tags keep their underscores (a third), take spaces (a third) or
+        mixed (a third: each tag spaced at 80%); ',' between tags, then a space at 80%; v1 makes
+        20% of prompts separate each tag by a space instead of ',' at 20%. v1 writes score tags
+        first among the tags, formatted alike; v2 puts each chosen score tag before the prompt,
+        spaced at 20%, followed by ', ', ' ' or ','."""
+        v1 = self.config.formatting == "bigasp-v1"
+        words = below(rng, 3)  # bigASP's tag_type: 0 underscores, 1 spaces, 2 mixed
+        loose = v1 and rng.random() < 0.2  # v1's delim_type 1: commas or (20%) spaces
+
+        def join(items: list[str]) -> str:
+            out = ""
+            for tag in items:
+                tag = spaced(tag) if words == 1 or (words == 2 and rng.random() < 0.8) else underscored(tag)
+                if out:
+                    out += ("," if not loose or rng.random() < 0.8 else " ") + (" " if rng.random() < 0.8 else "")
+                out += tag
+            return out
+
+        first = scores if v1 else []
+        if source == "caption":
+            parts = [join(first + riding), self.caption_text(rng, caption)]
+        else:
+            fixed = set(chosen[: self.config.keep_tags])
+            tag_text = join(first + [t if t in fixed else self.mutate(rng, t) for t in chosen])
+            parts = [tag_text]
+            if source == "both":
+                cap_text = self.caption_text(rng, caption)
+                parts = [cap_text, tag_text] if rng.random() < 0.5 else [tag_text, cap_text]
+        text = ", ".join(p for p in parts if p)
+        if not v1 and scores:
+            for tag in scores:
+                tag = spaced(tag) if rng.random() < 0.2 else tag
+                text = tag + (", ", " ", ",")[below(rng, 3)] + text
+            text = text.strip()
+        return text
+
+    def caption_text(self, rng: random.Random, caption: str) -> str:
+        sentences = SENTENCE_END.split(caption)
+        if self.config.sentence_shuffle:
+            sentences = sample(rng, sentences)
+        return " ".join(sentences)
 
     def choose_source(self, rng: random.Random, has_tags: bool, has_caption: bool) -> str:
         weights = {k: w for k, w in self.config.source_weights.items()
@@ -150,25 +237,35 @@ class PromptBuilder:
         return names[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
 
     def pick_scores(self, rng: random.Random, rank: int | None) -> list[str]:
-        if not self.config.score_tags or rank is None:
+        """1 to 3 applicable score tags, as many as score_tag_weights draws among the counts the
+        rank allows (rank 0 has one tag, rank 1 two). bigASP v2's code clips its 3:2:1 draw
+        instead, so a rank-1 image gets both of its tags half the time where this gives 40%."""
+        c = self.config
+        if not c.score_tags or rank is None or (c.score_tag_dropout and rng.random() < c.score_tag_dropout):
             return []
         options = applicable_scores(int(rank))
-        return sample(rng, options, 1 + below(rng, min(3, len(options))))
+        cumulative = list(itertools.accumulate(c.score_tag_weights[:min(3, len(options))]))
+        return sample(rng, options, 1 + bisect.bisect_right(cumulative, rng.random() * cumulative[-1]))
 
-    def pick_tags(self, rng: random.Random, tags: list[str]) -> tuple[list[str], int]:
+    def pick_tags(self, rng: random.Random, tags: list[str], caption: str = "") -> tuple[list[str], int]:
         c = self.config
+        fixed, tags = tags[: c.keep_tags], tags[c.keep_tags :]
         priority = [t for t in tags if t in c.priority_tags]
         rest = [t for t in tags if t not in c.priority_tags]
         drawn, keep = 0, len(rest)
         if c.tag_count:
-            drawn = max(1, round(c.tag_count_mean + c.tag_count_sd * STANDARD_NORMAL.inv_cdf(max(rng.random(), 1e-12))))
-            keep = max(0, drawn - len(priority))
+            if c.tag_count_from == "caption" and caption:  # a tag prompt about as long as the caption it stands for
+                count = len(CLIP_PIECES.findall(caption)) / TOKENS_PER_TAG
+            else:
+                count = c.tag_count_mean + c.tag_count_sd * STANDARD_NORMAL.inv_cdf(max(rng.random(), 1e-12))
+            drawn = max(c.tag_count_min, round(count) if c.tag_count_rounding == "nearest" else int(count))
+            keep = max(0, drawn - len(fixed) - len(priority))
         if not c.shuffle_tags:
-            return priority + rest[:keep], drawn
+            return fixed + priority + rest[:keep], drawn
         chosen = sample(rng, rest, keep)
         for t in priority:  # each at a random place: the order stays uniformly random
             chosen.insert(below(rng, len(chosen) + 1), t)
-        return chosen, drawn
+        return fixed + chosen, drawn
 
     def mutate(self, rng: random.Random, tag: str) -> str:
         options = self.synonyms.get(tag)
@@ -199,12 +296,16 @@ def sample(rng: random.Random, items: list, k: int | None = None) -> list:
 
 def style_join(tags: list[str], style: tuple[str, str], keep: set[str]) -> str:
     separator, words = style
-    out = []
-    for t in tags:
-        if t not in keep:
-            t = t.replace("_", " ") if words == "spaces" else t.replace(" ", "_")
-        out.append(t)
-    return separator.join(out)
+    return separator.join(t if t in keep else spaced(t) if words == "spaces" else underscored(t) for t in tags)
+
+
+def spaced(tag: str) -> str:
+    """Underscores as spaces (`long_hair` -> `long hair`), a kaomoji as it is."""
+    return tag if tag in KAOMOJI else tag.replace("_", " ")
+
+
+def underscored(tag: str) -> str:
+    return tag if tag in KAOMOJI else tag.replace(" ", "_")
 
 
 def fit_tag_count(lines: list[str]) -> dict:

@@ -26,13 +26,20 @@ import torch
 from curate.devices import choose
 from curate.progress import progress_bar
 from curate.store import Dataset
-from curate.trainer.checkpoint import checkpoint_step, latest_checkpoint, load_state, remove_debris, save_checkpoint
+from curate.trainer.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_state,
+    remove_debris,
+    save_checkpoint,
+    write_pipeline,
+)
 from curate.trainer.config import TrainConfig, config_dict
 from curate.trainer.data import TrainData, latent_cache, load_rows, split_rows
+from curate.trainer.lora import load_lora_ema, write_lora
 from curate.trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
-from curate.trainer.model import Models, pipeline_tokenizer
-
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+from curate.trainer.model import AUTOCAST, Models, check_latent_scaling, pipeline_tokenizer
+from curate.trainer.optimizers import make_optimizer, scaled
 
 
 def all_reduce_mean(tensors: list[torch.Tensor], world: int, bucket_bytes: int = 64 * 2**20) -> None:
@@ -73,6 +80,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         tokenizer = pipeline_tokenizer(base)
         train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
+        check_latent_scaling(train_rows + val_rows, base)
         latents = latent_cache(config)  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
@@ -88,27 +96,48 @@ class Trainer:
         self.next_batch: tuple[int, Future] | None = None
         self.data_lock = threading.Lock()
         self.data_wait = 0.0  # seconds the loop waited for a batch
+        self.scheduled: set[int] = set()  # epochs whose batches went to schedule/ (write_schedule)
 
         te_lr = config.text_encoder_learning_rate or config.learning_rate
+        self.learning_rates = {"unet": scaled(config.learning_rate, config), "text_encoder": scaled(te_lr, config)}
         groups = [{"params": [p for p in m.parameters() if p.requires_grad],
-                   "lr": config.learning_rate if name == "unet" else te_lr} for name, m in self.models.trained.items()]
+                   "lr": self.learning_rates["unet" if name == "unet" else "text_encoder"]}
+                  for name, m in self.models.trained.items()]
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
-                                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        self.lr_group = list(self.models.trained).index("unet") if "unet" in self.models.trained else 0  # logged
+        self.optimizer = make_optimizer(groups, config, self.device)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=config.grad_scaler_init,
                                            enabled=config.precision == "fp16")
-        self.ema = ({n: p.detach().float().clone() for n, p in self.models.unet.named_parameters()}
-                    if config.ema_decay else None)
+        # EveryDream2's ema_strength_target: the share of the start the EMA keeps after the whole run
+        self.ema_decay = (config.ema_strength_target ** (config.ema_update_interval / config.max_steps)
+                          if config.ema_strength_target else config.ema_decay)
+        self.ema_device = torch.device(config.ema_device) if config.ema_device else self.device
+        self.ema = ({n: p.detach().float().to(self.ema_device, copy=True) for n, p in self.ema_params()}
+                    if self.ema_decay else None)
+        self.scheduler_updates = {"prediction_type": self.models.prediction_type}
+        if config.zero_terminal_snr:
+            self.scheduler_updates |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        self.sampler = None  # built at the first sample (it loads the VAE)
+        if config.sample_prompts:  # a mistake in the file stops the run now, not hours in
+            from curate.trainer.sampling import read_prompts
+
+            read_prompts(config.sample_prompts)
         self.step = 0
         if checkpoint is not None:
             state, ema = load_state(checkpoint)
+            if self.models.lora:
+                ema = load_lora_ema(checkpoint, self.models.unet)
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
             self.scaler.load_state_dict(state["scaler"])
             self.step = state["step"]
             if self.ema is not None and ema is not None:
-                self.ema = {n: t.float() for n, t in ema.items()}
+                self.ema = {n: t.float().to(self.ema_device) for n, t in ema.items()}
+
+    def ema_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the EMA averages: the UNet's trained weights (its adapters in a LoRA run)."""
+        return [(n, p) for n, p in self.models.unet.named_parameters() if p.requires_grad]
 
     def epoch_at(self, step: int) -> int:
         """The epoch of optimizer step `step`'s first micro-batch."""
@@ -141,8 +170,10 @@ class Trainer:
         """Forward and loss of this worker's share of global micro-batch `micro`."""
         c = self.config
         batch, size = self.batch_for(micro)
+        torch.manual_seed(seed_for(c.seed, micro, 1))  # dropout (LoRA's) draws from the global generator
         generator = torch.Generator().manual_seed(seed_for(c.seed, micro))
-        noise = make_noise((size, *batch["latents"].shape[1:]), c.offset_noise, generator)[self.rank :: self.world]
+        noise = make_noise((size, *batch["latents"].shape[1:]), c.offset_noise, generator,
+                           c.pyramid_noise_discount)[self.rank :: self.world]
         timesteps = torch.randint(c.timestep_min, c.timestep_max, (size,), generator=generator)[self.rank :: self.world]
         return self.loss_on(batch, noise, timesteps, c.loss)
 
@@ -163,6 +194,9 @@ class Trainer:
     def build_batch(self, micro: int) -> tuple[dict, int]:
         with self.data_lock:
             epoch, indices = self.data.batch_at(micro)
+            if self.config.write_schedule and self.rank == 0 and epoch not in self.scheduled:
+                self.data.write_schedule(self.output / "schedule" / f"epoch-{epoch:04d}.tsv", epoch)
+                self.scheduled.add(epoch)
             if epoch < self.last_epoch:
                 self.data.prefetch(epoch + 1)  # built on a thread of its own while this epoch trains
             return self.data.collate(indices[self.rank :: self.world], epoch, self.models.tokenizers), len(indices)
@@ -189,11 +223,11 @@ class Trainer:
         self.scaler.update()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:  # one fused update for all 1,680 SDXL tensors, not a kernel launch each
-            with torch.no_grad():
-                named = list(self.models.unet.named_parameters())
-                torch._foreach_lerp_([self.ema[n] for n, _ in named], [p.detach().float() for _, p in named],
-                                     1 - c.ema_decay)
+        if self.ema is not None and (step + 1) % c.ema_update_interval == 0:
+            with torch.no_grad():  # one fused update for all 1,680 SDXL tensors, not a kernel launch each
+                named = self.ema_params()
+                torch._foreach_lerp_([self.ema[n] for n, _ in named],
+                                     [p.detach().float().to(self.ema_device) for _, p in named], 1 - self.ema_decay)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -226,24 +260,47 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
-        m = self.models
-        updates = {"prediction_type": m.prediction_type}
-        if self.config.zero_terminal_snr:
-            updates |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        m, c = self.models, self.config
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(),
-                 "scaler": self.scaler.state_dict(), "config": config_dict(self.config)}
-        return save_checkpoint(self.output, self.step, m, state, self.ema, updates, self.config.keep_checkpoints)
+                 "scaler": self.scaler.state_dict(), "config": config_dict(c)}
+        def write(folder: Path) -> None:
+            if m.lora:
+                write_lora(folder, m, c, self.ema, self.scheduler_updates)
+            else:
+                write_pipeline(folder, m, self.ema, self.scheduler_updates)
+
+        return save_checkpoint(self.output, self.step, write, state, c.keep_checkpoints)
+
+    def sample(self, writer) -> Path:
+        """The sample grid of this step: samples/step-N.png, and in TensorBoard."""
+        from curate.trainer.sampling import Sampler, save_png
+
+        if self.sampler is None:
+            self.sampler = Sampler.for_training(self.models, self.scheduler_updates, self.config, self.device)
+        self.models.train(False)  # no dropout (LoRA's) in what people look at
+        ema = self.ema if self.config.sample_weights != "trained" else None
+        grid = self.sampler.grid(f"step {self.step}", self.models.unet, ema,
+                                 trained=self.ema is None or self.config.sample_weights != "ema")
+        path = save_png(grid, self.output / "samples" / f"step-{self.step:08d}.png")
+        writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
+        return path
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, show_progress: bool = True) -> dict:
         c, lead = self.config, self.rank == 0
         start, started = self.step, time.perf_counter()
-        log, writer, first, loss, metrics, saved = None, None, None, float("nan"), {}, None
+        log, writer, first, loss, metrics, saved, grid = None, None, None, float("nan"), {}, None, None
         if lead:
             self.output.mkdir(parents=True, exist_ok=True)
             remove_debris(self.output)
             log = self.open_log(start)
+            settings = {"learning_rate": self.learning_rates["unet"]}  # as used: scale_lr's, the EMA's decay
+            if any(name != "unet" for name in self.models.trained):
+                settings["text_encoder_learning_rate"] = self.learning_rates["text_encoder"]
+            if self.ema is not None:
+                settings["ema_decay"] = self.ema_decay
+            log.write(json.dumps({"step": start, **settings}) + "\n")
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start + 1 if start else None)
@@ -260,7 +317,7 @@ class Trainer:
                     self.step = step + 1
                     first = loss if first is None else first
                     if lead:
-                        lr = self.lr_schedule.get_last_lr()[0]
+                        lr = self.lr_schedule.get_last_lr()[self.lr_group]
                         log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
                         log.flush()
                         if self.step % c.log_every == 0 or self.step == c.max_steps:
@@ -275,6 +332,9 @@ class Trainer:
                             log.write(json.dumps({"step": self.step, **metrics}) + "\n")
                         if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
                             saved = self.save()
+                        if c.sample_prompts and (self.step == c.max_steps
+                                                 or c.sample_every and self.step % c.sample_every == 0):
+                            grid = self.sample(writer)
                     advance(1)
         finally:
             if lead:
@@ -287,6 +347,8 @@ class Trainer:
                 "waiting for data (s)": round(self.data_wait, 1),
                 "first loss": round(first, 5) if first is not None else None, "last loss": round(loss, 5),
                 **{k: round(v, 5) for k, v in metrics.items()}, "checkpoint": str(saved) if saved else None,
+                "sample grid": str(grid) if grid else None, "learning rate": self.learning_rates["unet"],
+                **({"ema decay": self.ema_decay} if self.ema else {}),
                 "seconds": round(seconds, 1)}
         if lead:
             (self.output / "summary.json").write_text(json.dumps(summary, indent=2))

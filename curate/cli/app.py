@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from curate.buckets import SET_HELP
 from curate.cli.common import (
     BatchSizeOpt,
     DatasetArg,
@@ -16,12 +17,15 @@ from curate.cli.common import (
     Engine,
     EngineOpt,
     FormatOpt,
+    HostOpt,
     OutputOpt,
+    PortOpt,
     QuietOpt,
     RayAddressOpt,
     WhereOpt,
     fail,
     open_dataset,
+    serve_page,
 )
 from curate.cli.quality import quality_app
 from curate.devices import DeviceError
@@ -100,7 +104,7 @@ def sql(
     """Run a read-only SQL query over the dataset (DuckDB)."""
     ds = open_dataset(dataset)
     try:
-        result = ds.sql(query)
+        result = ds.sql(query, rows=format in ("table", "json"))  # Python values: no pyarrow to import
     except DatasetError as e:
         fail(str(e))
     write_or_fail(result, format, output)
@@ -173,8 +177,7 @@ def hash_(dataset: DatasetArg, where: WhereOpt = None, engine: EngineOpt = Engin
     report("hash", summaries[0])
 
 
-BucketSetOpt = Annotated[str, typer.Option("--set", help="Bucket set: sdxl, sd15, rule:step=64,min_area=..,max_area=..,"
-                                                         "min_ratio=..,max_ratio=.., or a file of WIDTHxHEIGHT lines.")]
+BucketSetOpt = Annotated[str, typer.Option("--set", help=f"Bucket set: {SET_HELP}.")]
 UpscaleOpt = Annotated[bool, typer.Option("--allow-upscale", help="Let images smaller than a bucket "
                                                                   "be scaled up into it.")]
 
@@ -226,6 +229,8 @@ def encode(
     keep_distribution: Annotated[bool, typer.Option("--keep-distribution", help="Also store the latent mean and "
                                                     "log-variance so the trainer can resample.")] = False,
     allow_upscale: UpscaleOpt = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store the mirrored crop's latent, with its own crop "
+                                                      "conditioning, for the trainer's flip_p.")] = False,
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -245,7 +250,8 @@ def encode(
     try:
         vaes = [Vae.parse(v, dtype) for v in (mixed_vae.split(",") if mixed_vae else [vae])]
         assign_buckets(ds, bucket_set, where, allow_upscale, show_progress=not quiet)
-        stage = EncodeStage(vaes, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size)
+        stage = EncodeStage(vaes, bucket_set, crop.value, seed, keep_distribution, allow_upscale, device, batch_size,
+                            flip)
         summaries = run(ds, stage, engine=engine.value, where=where, ray_address=ray_address, show_progress=not quiet)
     except model_errors() as e:
         fail(str(e))
@@ -255,16 +261,23 @@ def encode(
 @app.command()
 def score(
     dataset: DatasetArg,
-    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model for embeddings: a directory, a hub id "
-                                                               f"({family('open_clip').weights}) or an open_clip name "
-                                                               "(ViT-B-32:openai).")] = None,
-    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory "
-                                                                     "(from `curate quality fit`): ranks 0-9 from "
-                                                                     "the CLIP embeddings.")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="The embedder: an open_clip model (a directory, a hub "
+                                                               f"id such as {family('open_clip').weights}, or an "
+                                                               "open_clip name as ViT-B-32:openai), or hf_clip[:MODEL] "
+                                                               f"(default {family('hf_clip').weights}): transformers' "
+                                                               "CLIP class token, what bigASP's scorer reads.")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quality head directory (from `curate quality "
+                                                                     "fit`), or bigASP's scorer.pt (on hf_clip "
+                                                                     "embeddings): ranks 0-9 from the stored "
+                                                                     "embeddings.")] = None,
     tagger: Annotated[Optional[str], typer.Option("--tagger", help=f"{weights_help('tag')}; MODEL a directory or a "
                                                                    "hub id.")] = None,
     watermark: Annotated[Optional[str], typer.Option("--watermark", help=f"{weights_help('watermark')}: the watermark "
                                                                          "detector.")] = None,
+    classifier: Annotated[Optional[list[str]], typer.Option(
+        "--classifier", help="hf:MODEL, a transformers image-classification checkpoint (an NSFW detector such as "
+        "Falconsai/nsfw_image_detection, a style or aesthetic classifier): every label's probability, in the "
+        "classifications table and the manifest's `classes` map. Repeat it for several.")] = None,
     general_threshold: Annotated[Optional[float], typer.Option(
         "--general-threshold", min=0, max=1, help=f"Keep general tags over this probability (default: WD14 "
         f"{default_of('wd14', 'general')}, JoyTag {default_of('joytag', 'threshold')}).")] = None,
@@ -279,12 +292,13 @@ def score(
     where: WhereOpt = None, engine: EngineOpt = Engine.local, ray_address: RayAddressOpt = None,
     batch_size: BatchSizeOpt = None, device: DeviceOpt = None, quiet: QuietOpt = False,
 ):
-    """The scoring pass: CLIP embeddings, quality ranks, tags and watermarks, one decode per image."""
+    """The scoring pass: CLIP embeddings, quality ranks, tags, watermarks and classes, one decode per image."""
     from curate.pipelines.score import score as run_score
 
     ds = open_dataset(dataset)
     try:
-        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark, where=where,
+        summaries = run_score(ds, clip=clip, quality=quality, tagger=tagger, watermark=watermark,
+                              classifiers=classifier or (), where=where,
                               engine=engine.value, ray_address=ray_address, device=device,
                               batch_size=batch_size, show_progress=not quiet,
                               general_threshold=general_threshold, character_threshold=character_threshold,
@@ -348,6 +362,54 @@ def caption(
     except model_errors() as e:
         fail(str(e))
     report("caption", summaries[0])
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="train.toml: its [prompts] settings and seed "
+                                                                   "build the example prompts.")]
+
+
+@app.command()
+def view(dataset: DatasetArg, where: WhereOpt = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8766,
+         config: ConfigOpt = None):
+    """Look at the dataset in a local web page: a grid over any filter, everything known about an image, and
+    edits (exclude, tags, captions) that the manifest, every --where and the trainer honour."""
+    from curate.cli.view import serve
+    from curate.cli.view_data import ViewData
+    from curate.trainer.config import load_config
+
+    ds = open_dataset(dataset)
+    try:
+        settings = load_config(config)
+        data = ViewData(ds, settings.prompts, settings.seed)
+        images = data.count(where)
+        server = serve(data, where, host, port)
+    except (ValueError, DatasetError, OSError) as e:
+        fail(str(e))
+    console.print(f"{images} images{' match --where' if where else ''}")
+    serve_page(server, "view", host)
+    print_summary("view", {"edits and undos this session": data.made})
+
+
+@app.command("report")
+def report_(
+    dataset: DatasetArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write.")] = "report.html",
+    where: WhereOpt = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="The model you will train (as for curate train): "
+                                                               "adds the trainer's dry run.")] = None,
+    config: ConfigOpt = None,
+):
+    """One self-contained HTML page about the dataset (opens offline): counts, errors, ranks, tags, captions, sizes,
+    buckets, watermarks, duplicates, the quality fit and what training will see."""
+    from curate.cli.report import write_report
+    from curate.trainer.config import load_config
+
+    ds = open_dataset(dataset)
+    try:
+        summary = write_report(ds, Path(output), load_config(config, where=where), base)
+    except (ValueError, DatasetError, OSError) as e:
+        fail(str(e))
+    print_summary(f"report -> {output}", summary)
 
 
 @app.command()
@@ -449,3 +511,41 @@ def train(
     except (ValueError, DatasetError) as e:
         fail(str(e))
     print_summary(f"train -> {settings.output}", summary)
+
+
+class SampleWeights(str, Enum):
+    trained = "trained"
+    ema = "ema"
+    both = "both"
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder (runs/a/checkpoints/step-N): a pipeline, or a "
+                                                   "LoRA run's.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="One prompt a line, with kohya's options: --n NEGATIVE "
+                                                           "--w WIDTH --h HEIGHT --d SEED --s STEPS --l GUIDANCE.")],
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Folder for the grid (default: the run's "
+                                                                        "samples/).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="A LoRA checkpoint's base model (default: the one it "
+                                                               "was trained on).")] = None,
+    weights: Annotated[Optional[SampleWeights], typer.Option("--weights", help="trained, ema, or both side by side "
+                                                                              "(default: both when the checkpoint "
+                                                                              "has EMA weights).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Denoising steps (default: the run's "
+                                                                        "sample_steps; a line's --s wins).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Guidance scale (default: the run's "
+                                                                         "sample_guidance; --l wins).")] = None,
+    device: DeviceOpt = None,
+):
+    """Render a prompts file with a saved checkpoint, as the trainer's sample grids are made."""
+    from curate.trainer.sampling import sample_checkpoint
+
+    if not Path(prompts).is_file():
+        fail(f"no such prompts file: {prompts}")
+    try:
+        path = sample_checkpoint(checkpoint, prompts, output, base, weights.value if weights else None, device,
+                                 steps, guidance)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    print(path)

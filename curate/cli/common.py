@@ -31,6 +31,8 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=DTYPE_HELP + ".
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="table, csv, json (one object per line) or parquet.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write to this file instead of printing.")]
+HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on; the default is this machine only.")]
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")]
 
 
 def fail(message: str) -> NoReturn:
@@ -43,3 +45,20 @@ def open_dataset(path: str) -> Dataset:
         return Dataset(path)
     except DatasetError as e:
         fail(str(e))
+
+
+def serve_page(server, name: str, host: str) -> None:
+    """Print a local page's address, then serve it until Ctrl-C (warning first when others can reach it)."""
+    from curate.web import LOOPBACK_NAMES
+
+    bound_host, bound_port = server.server_address[:2]
+    if host not in LOOPBACK_NAMES:
+        console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the "
+                      "images and change what is stored[/yellow]")
+    try:  # the address is printed inside: a Ctrl-C right after it still ends with the summary
+        print(f"{name}: http://{bound_host}:{bound_port}/  (Ctrl-C to stop)", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

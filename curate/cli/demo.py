@@ -288,4 +288,10 @@ def run_demo(root: Path, engine: str = "local") -> Demo:
         step(demo)
         demo.timings[name] = round(time.perf_counter() - started, 1)
     print_summary("demo: seconds per step", demo.timings | {"total": round(sum(demo.timings.values()), 1)})
+    dataset = root / "dataset"
+    report.print("\n[bold]next[/bold]: look at the dataset in your browser (edits there reach training), and write "
+                 "a one-page report of it:", soft_wrap=True)
+    report.print(f"  curate view {dataset}", highlight=False, soft_wrap=True)
+    report.print(f"  curate report {dataset} -o {root / 'report.html'} --base {root / 'models' / 'sdxl'}",
+                 highlight=False, soft_wrap=True)
     return demo

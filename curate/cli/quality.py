@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from curate.cli.common import DatasetArg, QuietOpt, WhereOpt, fail, open_dataset
+from curate.cli.common import DatasetArg, HostOpt, PortOpt, QuietOpt, WhereOpt, fail, open_dataset, serve_page
 from curate.progress import console, print_summary
 from curate.store import DatasetError
 
@@ -20,9 +20,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for pair choice, spli
 @quality_app.command()
 def rate(
     dataset: DatasetArg,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; "
-                                                     "the default is this machine only.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8765,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8765,
     where: WhereOpt = None,
     rater: Annotated[Optional[str], typer.Option("--rater", help="Your name in the ratings table "
                                                                  "(default: the login name).")] = None,
@@ -48,17 +47,7 @@ def rate(
         server = serve(session, host, port)
     except (DatasetError, ValueError, OSError) as e:
         fail(str(e))
-    bound_host, bound_port = server.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]listening on {host}: anyone who can reach this machine can see the "
-                      "images and rate[/yellow]")
-    try:  # the address is printed inside: a Ctrl-C right after it still ends with the summary
-        print(f"rating page: http://{bound_host}:{bound_port}/  (Ctrl-C to stop)", flush=True)
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_page(server, "rating page", host)
     print_summary("quality rate", {"judgements this session": len(session.written), "ratings in total": session.total})
 
 
@@ -68,11 +57,16 @@ def fit(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="The head's directory "
                                                                          "(default: DS/heads/quality).")] = None,
     embedder: EmbedderOpt = None,
-    k: Annotated[float, typer.Option("--k", min=0.1, help="ELO K factor.")] = 32.0,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="ELO tournament rounds (Swiss pairing, "
-                                                                "one game per image per round).")] = 50,
-    sample: Annotated[int, typer.Option("--sample", min=2, help="Images in the tournament (a seeded "
-                                                                "random sample of the pool).")] = 10_000,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="bigasp: bigASP's tournament (8192 images from "
+                                                                   "1500, K 10, 8192 rounds of random pairs, wins "
+                                                                   "not probabilities); flags override it.")] = None,
+    k: Annotated[Optional[float], typer.Option("--k", min=0.1, help="ELO K factor (default 32).")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="ELO tournament rounds, one game per "
+                                                                          "image per round (default 50, Swiss "
+                                                                          "pairing).")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", min=2, help="Images in the tournament (a seeded "
+                                                                          "random sample of the pool; default "
+                                                                          "10000).")] = None,
     binning: Annotated[str, typer.Option("--binning", help="width: equal-width ELO bins; "
                                                            "quantile: equal-count bins.")] = "width",
     holdout: Annotated[float, typer.Option("--holdout", help="Share of rated pairs kept out "
@@ -87,13 +81,13 @@ def fit(
     """Train the pair model, run the ELO tournament, bin into 10 ranks, train and save the rank head."""
     from pathlib import Path
 
-    from curate.pipelines.quality.fit import FitSettings, fit_quality
+    from curate.pipelines.quality.fit import fit_quality, recipe_settings
 
     ds = open_dataset(dataset)
     out = Path(output) if output else ds.root / "heads" / "quality"
-    settings = FitSettings(embedder=embedder, k=k, rounds=rounds, sample=sample, binning=binning,
-                           holdout=holdout, seed=seed, where=where, baseline=baseline)
     try:
+        settings = recipe_settings(recipe, embedder=embedder, k=k, rounds=rounds, sample=sample, binning=binning,
+                                   holdout=holdout, seed=seed, where=where, baseline=baseline)
         report = fit_quality(ds, out, settings, show_progress=not quiet)
     except (DatasetError, ValueError) as e:
         fail(str(e))

@@ -26,12 +26,23 @@ class FitSettings:
     k: float = qm.ELO_K
     rounds: int = qm.ELO_ROUNDS
     sample: int = qm.ELO_SAMPLE
+    start: float = qm.ELO_START
+    pairing: str = "swiss"  # or random (bigASP)
+    outcome: str = "probability"  # or win (bigASP)
     binning: str = "width"
     holdout: float = 0.2
     seed: int = 0
     where: str | None = None
     head_epochs: int = 40
     baseline: str | None = None  # LAION aesthetic predictor weights, to compare against
+
+
+def recipe_settings(recipe: str | None, **given) -> FitSettings:
+    """FitSettings from a recipe's ELO settings (qm.ELO_RECIPES), under what was given (None: not given)."""
+    if recipe is not None and recipe not in qm.ELO_RECIPES:
+        raise ValueError(f"--recipe {recipe!r} is not one of {', '.join(qm.ELO_RECIPES)}")
+    values = {**(qm.ELO_RECIPES[recipe] if recipe else {}), **{k: v for k, v in given.items() if v is not None}}
+    return FitSettings(**values)
 
 
 def fit_quality(ds: Dataset, output: str | Path, settings: FitSettings = FitSettings(),
@@ -85,7 +96,8 @@ def _fit(ds: Dataset, output: Path, settings: FitSettings, show_progress: bool) 
                                   seed=s.seed, epochs=pair_epochs, progress=advance)
         score = qm.scores(net, pool[sample])
         elo = qm.elo_tournament(lambda a, b: 1 / (1 + np.exp(score[b] - score[a])), len(sample),
-                                rounds=s.rounds, k=s.k, seed=s.seed, progress=advance)
+                                rounds=s.rounds, k=s.k, seed=s.seed, start=s.start, pairing=s.pairing,
+                                outcome=s.outcome, progress=advance)
         ranks, edges = qm.bin_ranks(elo, s.binning)
         head = qm.train_rank_head(pool[sample], ranks, seed=s.seed, epochs=s.head_epochs, progress=advance)
 

@@ -19,14 +19,21 @@ from torch import nn
 
 from curate.models.quality_head import RANKS, RankHead
 
-# ELO defaults. bigASP does not publish its settings, so these are chess's: K=32 on the
-# 400-point logistic scale, everyone starting at 1500. 50 Swiss rounds let the best and
-# worst images drift far enough apart to fill ten ranks.
+# ELO defaults: chess's, K=32 on the 400-point logistic scale, everyone starting at 1500. 50
+# Swiss rounds let the best and worst images drift far enough apart to fill ten ranks.
+# bigASP's post gives no settings; its code does (ELO_RECIPES).
 ELO_K = 32.0
 ELO_ROUNDS = 50
 ELO_START = 1500.0
 ELO_SAMPLE = 10_000
 PAIR_EPOCHS = 80
+# fpgaminer/bigasp-training quality-arena/TrainRanker.ipynb: 8192 images (DATASET_SIZE =
+# 4096 * 2) start at 1500, K = 10, 8192 rounds (2048 * 4) of random pairs, and the pair
+# model's verdict counts as a win (p > 0.5), not as its probability. Its rounds pair every
+# image with a random derangement, so each plays twice and keeps one update (the second
+# overwrites the first); here each plays once a round, against a random opponent.
+ELO_RECIPES = {"bigasp": {"k": 10.0, "start": 1500.0, "rounds": 8192, "sample": 8192, "pairing": "random",
+                          "outcome": "win"}}
 
 
 class ScoreNet(nn.Module):
@@ -80,22 +87,30 @@ def pair_accuracy(left_score: np.ndarray, right_score: np.ndarray, winner: list[
 
 
 def elo_tournament(judge: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, *, rounds: int = ELO_ROUNDS,
-                   k: float = ELO_K, seed: int = 0, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """ELO ratings of n players after `rounds` Swiss rounds; judge(a, b) = P(a beats b).
+                   k: float = ELO_K, seed: int = 0, start: float = ELO_START, pairing: str = "swiss",
+                   outcome: str = "probability", progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """ELO ratings of n players, all starting at `start`, after `rounds` rounds of one game
+    each; judge(a, b) = P(a beats b).
 
-    Swiss pairing (neighbours by current rating, shuffled among near-equals) spends the
-    games where the outcome is uncertain, as a tournament does. The judge's probability is
-    used as the game's score, so its confidence counts and no coin is flipped.
+    pairing "swiss" (neighbours by current rating, shuffled among near-equals) spends the
+    games where the outcome is uncertain, as a tournament does; "random" pairs at random, as
+    bigASP did. outcome "probability" uses the judge's probability as the game's score, so its
+    confidence counts and no coin is flipped; "win" scores 1 to the side it favours (bigASP).
     """
+    if pairing not in ("swiss", "random") or outcome not in ("probability", "win"):
+        raise ValueError(f"pairing {pairing!r} must be 'swiss' or 'random', outcome {outcome!r} "
+                         "'probability' or 'win'")
     rng = np.random.default_rng(seed)
-    ratings = np.full(n, ELO_START)
+    ratings = np.full(n, float(start))
     for _ in range(rounds):
-        order = np.argsort(-(ratings + rng.uniform(0, k, n)))
+        order = rng.permutation(n) if pairing == "random" else np.argsort(-(ratings + rng.uniform(0, k, n)))
         a, b = order[0:n - 1:2], order[1:n:2]
-        outcome = judge(a, b)
+        outcome_a = judge(a, b)
+        if outcome == "win":
+            outcome_a = (outcome_a > 0.5).astype(np.float64)
         expected = 1.0 / (1.0 + 10 ** ((ratings[b] - ratings[a]) / 400.0))
-        ratings[a] += k * (outcome - expected)
-        ratings[b] -= k * (outcome - expected)
+        ratings[a] += k * (outcome_a - expected)
+        ratings[b] -= k * (outcome_a - expected)
         if progress:
             progress(1)
     return ratings
