@@ -566,7 +566,9 @@ def stage_manifest_sql(tables: set[str] | None = None) -> str:
                                              "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY created_at "
                                              "DESC) = 1")
         if tables is not None and table not in tables:
-            latest = f"SELECT * FROM ({latest}) WHERE false" if table in MANIFEST_SOURCES else empty_select(table)
+            # a table read through its own query: that query over an empty table of the same name
+            latest = f'WITH "{table}" AS ({empty_select(table)}) {latest}' if table in MANIFEST_SOURCES \
+                else empty_select(table)
         joins.append(f"LEFT JOIN ({latest}) AS {table} ON {table}.image_id = img.image_id")
     return (
         "WITH img AS ("
