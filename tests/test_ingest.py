@@ -18,7 +18,11 @@ from curate.store import Dataset, PartWriter, now
 
 
 def counting(monkeypatch, module, name: str) -> list:
-    """Count the calls of module.name (the real function still runs)."""
+    """Count the calls of module.name (the real function still runs). The pass runs in this
+    process, where the counts are (the local engine otherwise runs it in a forked one)."""
+    import curate.pipelines.executor as executor
+
+    monkeypatch.setattr(executor, "_can_fork", lambda: False)
     calls, real = [], getattr(module, name)
 
     def counted(data, *args, **kw):
