@@ -271,18 +271,10 @@ class Dataset:
         glob), no writes (COPY), no ATTACH, no extensions installed or loaded, and its settings
         locked (DS/cache, curate's own derived files, may be read and written). A user's
         `--where` and `curate sql` run on it."""
-        import duckdb
-
         parts = {name: self.parts(name) for name in TABLES if tables is None or name in tables}
-        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        # DS/cache holds what curate itself derives from the tables (the report's and the view's join).
+        con = guarded_connection([p for table in parts.values() for p in table], [self.root / "cache"])
         try:
-            con.execute(QUIET)
-            allowed = ", ".join(_quote(str(p)) for table in parts.values() for p in table)
-            con.execute(f"SET allowed_paths = [{allowed}]")
-            # DS/cache holds what curate itself derives from the tables (the report's and the view's join).
-            con.execute(f"SET allowed_directories = [{_quote(str(self.root / 'cache') + os.sep)}]")
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
             for sql in self.view_sql(tables, parts):
                 con.execute(sql)
         except BaseException:
@@ -416,6 +408,24 @@ class Dataset:
 
 _WARNED: set[Path] = set()  # parts already warned about in this process
 _CHECKED: dict[Path, str | None] = {}  # part -> its problem: a part never changes once it has its name
+
+
+def guarded_connection(paths: list[Path] = (), directories: list[Path] = ()) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that reads and writes only these files and directories:
+    no other file, no ATTACH of another, no extension installed or loaded, settings locked."""
+    import duckdb
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        con.execute(QUIET)
+        con.execute(f"SET allowed_paths = [{', '.join(_quote(str(p)) for p in paths)}]")
+        con.execute(f"SET allowed_directories = [{', '.join(_quote(str(d) + os.sep) for d in directories)}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def checked_part(path: Path, table: str) -> str | None:

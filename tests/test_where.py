@@ -77,3 +77,20 @@ def test_sql_cannot_read_or_write_outside_the_dataset(dataset, tmp_path):
             dataset.sql(query)
     assert not leak.exists() and not (tmp_path / "x.db").exists()
     assert dataset.sql("SELECT count(*) AS n FROM manifest").to_pylist() == [{"n": 12}]
+
+
+def test_view_and_report_filters_read_the_dataset_and_nothing_else(dataset, tmp_path):
+    from curate.cli.report import write_report
+    from curate.cli.view_data import ViewData
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the page")
+    outside = [f"image_id IN (SELECT content FROM read_text('{secret}'))",
+               f"image_id IN (SELECT column0 FROM read_csv('{secret}'))"]
+    view = ViewData(dataset)
+    for where in outside:
+        with pytest.raises(ValueError, match="bad filter"):
+            view.count(where)
+        with pytest.raises(ValueError, match="bad --where"):
+            write_report(dataset, tmp_path / "report.html", TrainConfig(where=where))
+    assert view.count("width > height") == 5  # the page's own join (in DS/cache) still works
