@@ -249,7 +249,7 @@ def owner_alive(root: Path, owner: str, asking: str) -> bool:
     except (OSError, ValueError):
         return True  # unreadable for now: assume it lives rather than take its work
     if info.get("machine") == this_machine():
-        return _pid_running(info.get("pid", -1))
+        return pid_running(info.get("pid", -1))
     return fs_now(root, asking) - touched < STALE
 
 
@@ -273,7 +273,9 @@ def describe(root: Path, owner: str) -> str:
     return f"{info.get('host')} pid {info.get('pid')} ({info.get('command')}, since {info.get('started')})"
 
 
-def _pid_running(pid) -> bool:
+def pid_running(pid) -> bool:
+    """Whether a process of this machine runs: not gone, and not a zombie (a killed command's
+    child stays one until something reaps it, which in a container may be never)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -282,4 +284,8 @@ def _pid_running(pid) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux): signal 0 is all there is to ask
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

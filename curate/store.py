@@ -21,7 +21,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
-from curate.claims import ClaimError, Claims, Owner
+from curate.claims import ClaimError, Claims, Owner, pid_running
 from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
 
@@ -95,16 +95,6 @@ class Rows(NamedTuple):
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Dataset:
@@ -498,7 +488,7 @@ def _quote(text: str) -> str:
 def _remove_stale_tmp(folder: Path) -> None:
     for tmp in folder.glob(TMP_PREFIX + "*"):
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_running(int(match.group(1))):
             tmp.unlink(missing_ok=True)
 
 
