@@ -240,13 +240,6 @@ class Dataset:
                                              use_threads=False)
         yield from scanner.to_batches()
 
-    @staticmethod
-    def row_group_sizes(part: Path | str) -> list[int]:
-        import pyarrow.parquet as pq
-
-        metadata = pq.read_metadata(part)
-        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
         import pyarrow as pa
 

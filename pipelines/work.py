@@ -27,7 +27,7 @@ import pyarrow.dataset as pads
 
 from curate.claims import ClaimError
 from curate.pipelines.stage import Stage
-from curate.store import Dataset, write_error
+from curate.store import Dataset, row_groups_holding, write_error
 
 CHUNK = 256  # a source stage's rows per unit, on average
 MAX_CHUNK = 4 * CHUNK
@@ -108,25 +108,30 @@ class Work:
             yield from self._plan_source()
             return
         remaining = [set(t) for t in todo]  # a key goes to the first unit that holds it
-        source, key = self.stages[0].source, self.stages[0].key
-        projection = {"k": pc.field(key), "use": plan_filter(self.stages)}
-        for part in self.ds.parts(source):
+        wanted = set().union(*remaining)
+        if not wanted:
+            return
+        source = self.stages[0].source
+        projection = {"k": pc.field(self.stages[0].key), "use": plan_filter(self.stages)}
+        # DuckDB finds the row groups that hold a key to do (issue 23's fast path: at 99% done a
+        # resumed pass reads a few row groups' keys, not every part's); only those are read here.
+        for part, groups in row_groups_holding(self.ds.parts(source), wanted):
             keys: list[set] = [set() for _ in self.stages]
-            rows: list[int] = []
-            position = 0
-            for batch in self.ds.scan_part(source, part, projection, batch_size=1 << 16):
-                for i, (k, use) in enumerate(zip(batch.column("k").to_pylist(), batch.column("use").to_pylist())):
-                    if use and any(k in r for r in remaining):
-                        for s, r in enumerate(remaining):
-                            if k in r:
-                                keys[s].add(k)
-                                r.discard(k)
-                        rows.append(position + i)
-                position += batch.num_rows
-            if rows:
-                starts = np.cumsum([0] + self.ds.row_group_sizes(part))
-                groups = sorted(set((np.searchsorted(starts, rows, side="right") - 1).tolist()))
-                yield Unit(part.stem, keys, part=str(part), row_groups=groups)
+            used = []
+            for group in groups:
+                holds = False
+                for batch in self.ds.scan_part(source, part, projection, [group], batch_size=1 << 16):
+                    for k, use in zip(batch.column("k").to_pylist(), batch.column("use").to_pylist()):
+                        if use and any(k in r for r in remaining):
+                            for s, r in enumerate(remaining):
+                                if k in r:
+                                    keys[s].add(k)
+                                    r.discard(k)
+                            holds = True
+                if holds:
+                    used.append(group)
+            if used:
+                yield Unit(part.stem, keys, part=str(part), row_groups=used)
 
     def _plan_source(self) -> Iterator[Unit]:
         stage = self.stages[0]
