@@ -3,7 +3,7 @@
 A command's report (end-of-run summaries, `info`, `train --dry-run`) goes to stdout, so it
 can be piped or saved; progress bars, warnings and log lines go to stderr. The libraries
 that load weights draw bars of their own ("Loading weights", "Fetching files"): `quiet_loaders`
-turns those off, so ours are the only ones.
+turns those off, so ours are the only ones (the `datasets` library's too).
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def quiet_loaders() -> None:
     """No progress bars from huggingface_hub, transformers or diffusers while they load weights.
     Set through the environment too, so Ray workers and child processes inherit it."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # datasets' own, when an ingest loads one
     os.environ["TRANSFORMERS_VERBOSITY"] = os.environ.get("TRANSFORMERS_VERBOSITY", "error")
     os.environ["DIFFUSERS_VERBOSITY"] = os.environ.get("DIFFUSERS_VERBOSITY", "error")
     for name in ("huggingface_hub.utils", "transformers.utils.logging", "diffusers.utils.logging"):

@@ -46,6 +46,8 @@ ERROR_CODES = {
     "unsupported_mode": "a pixel mode that cannot be converted to RGB",
     # archives
     "unsafe_path": "a tar member whose name escapes the archive (absolute or ..)",
+    # imports
+    "bad_sidecar": "a caption or tags file that comes with an image cannot be read (not UTF-8, bad YAML or JSON)",
     # stages
     "prepare_failed": "the stage could not prepare this image for its model",
     "process_failed": "the model failed on this image (the rest of its batch went on)",

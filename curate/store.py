@@ -178,7 +178,7 @@ class Dataset:
 
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
-        _remove_stale_tmp(self.table_dir(name))
+        remove_stale_temporaries(self.table_dir(name))
 
     # ---- claims on work (curate/claims.py) --------------------------------------------
     @contextmanager
@@ -294,7 +294,7 @@ class Dataset:
         path = self.root / "manifest.duckdb"
         tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         try:
-            _remove_stale_tmp(self.root)  # left by a killed refresh
+            remove_stale_temporaries(self.root)  # left by a killed refresh
             con = duckdb.connect(str(tmp))
             try:
                 for sql in self.view_sql():
@@ -378,6 +378,15 @@ class Dataset:
         try:
             return self.query_manifest(sql + " ORDER BY image_id", {undone[0]} if undone else set()).column(
                 "image_id").to_pylist()
+        except DatasetError as e:
+            raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
+
+    def select(self, where: str | None, columns: list[str]) -> pa.Table:
+        """Manifest rows of ok images (these columns; `["*"]` all), optionally filtered by a SQL
+        predicate over `manifest`, in image_id order."""
+        sql = f"SELECT {', '.join(columns)} FROM manifest" + (f" WHERE ({where})" if where else "")
+        try:
+            return self.query_manifest(sql + " ORDER BY image_id")
         except DatasetError as e:
             raise DatasetError(f"bad --where {where!r}: {e}. Columns: {', '.join(self.manifest_columns())}") from None
 
@@ -478,7 +487,8 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _remove_stale_tmp(folder: Path) -> None:
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files (`.tmp-<pid>-*`) in `folder` of processes that no longer run."""
     for tmp in folder.glob(TMP_PREFIX + "*"):
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
         if match and not pid_running(int(match.group(1))):

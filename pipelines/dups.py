@@ -110,7 +110,7 @@ def dataset_info(ds: Dataset) -> Rows:
             size = round(sum(p.stat().st_size for p in parts) / 2**20, 2)
             names = [c.name for c in columns]
             if "status" not in names:
-                n = con.sql(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+                n = con.sql(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]
                 out.append((name, None, n, None, "", len(parts), size))
                 continue
             model = "model" if "model" in names else "NULL"

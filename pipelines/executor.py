@@ -174,22 +174,29 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
             raise DatasetError("this run lost its claims on the work (it was stopped or could not record that it "
                                "lives for minutes); run the command again to go on")
 
-    def counted(k: int, rows: pa.Table) -> tuple[int, dict, dict]:
-        """What rows hold, noted as they are added (a part streams to disk: its rows are not kept)."""
+    def counted(k: int, table: str, rows: pa.Table) -> tuple[int, int, dict, dict]:
+        """What rows stage k writes to a table hold, noted as they are added (a part streams to
+        disk: its rows are not kept); ok rows and errors are counted of the stage's own table."""
+        counts = stages[k].counts(table, rows)
+        if table != stages[k].table:
+            return k, 0, {}, counts
         status = rows.column("status")
         errors = pc.value_counts(rows.column("error").filter(pc.not_equal(status, "ok"))).to_pylist()
-        return pc.sum(pc.equal(status, "ok")).as_py() or 0, {e["values"]: e["counts"] for e in errors}, \
-            stages[k].counts(rows)
+        return k, pc.sum(pc.equal(status, "ok")).as_py() or 0, {e["values"]: e["counts"] for e in errors}, counts
 
-    def written(k: int, notes: list[tuple[int, dict, dict]]) -> None:
-        for ok, errors, counts in notes:
-            tally.written(k, ok, errors, counts)
+    def written(notes: list[tuple[int, int, dict, dict]]) -> None:
+        for note in notes:
+            tally.written(*note)
 
     passed: set = set()  # keys any stage has done, for the progress bar
     with ExitStack() as stack:
-        writers = [stack.enter_context(PartWriter(ds, s.table, before=guard,
-                                                  written=lambda notes, k=k: written(k, notes)))
-                   for k, s in enumerate(stages)]
+        writers: dict[str, PartWriter] = {}
+
+        def write(k: int, table: str, rows: pa.Table) -> None:
+            if table not in writers:  # one for each table written (ingest's commit adds imported captions)
+                writers[table] = stack.enter_context(PartWriter(ds, table, before=guard, written=written))
+            writers[table].add(rows, lambda part_rows: counted(k, table, part_rows))
+
         for batch in results:
             for k, table in batch:
                 keys = table.column(stages[k].key).to_pylist()
@@ -199,7 +206,14 @@ def _write(ds: Dataset, stages: list[Stage], results: Iterable[list[tuple[int, p
                     new = set(keys) - passed
                     passed |= new
                     tally.passed(len(new))
-                writers[k].add(stages[k].commit(table), lambda rows, k=k: counted(k, rows))
+                committed = stages[k].commit(table)
+                if isinstance(committed, dict):  # its own rows and other tables' rows
+                    table = committed.pop(stages[k].table)
+                    for other, rows in committed.items():
+                        write(k, other, rows)
+                else:
+                    table = committed
+                write(k, stages[k].table, table)
 
 
 # ---- the local engine ----------------------------------------------------------------

@@ -16,10 +16,18 @@ same rows and a killed run resumes to the same table.
 Hashing comes first, so an exact duplicate is never decoded: the same bytes give the same
 verdict. A copy of an image already stored takes its size and format from its header; a
 copy whose twin is being verified on another thread waits for that verdict (`Verdicts`).
+
+Captions and tags that come with the images (kohya/EveryDream2 side files, webdataset and
+img2dataset members and parquet, Hugging Face dataset columns) are named with their image
+while walking, read with it, and written to `captions` and `tags` (pipelines/sidecars.py);
+an image stored by an earlier run is named again when it has side files, so an edited one
+is imported. Hugging Face datasets and parquet files of images are sources of their own
+(pipelines/hf_source.py).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 import threading
@@ -33,6 +41,17 @@ import pyarrow.compute as pc
 
 from curate.images import MAX_FILE_BYTES, Header, ImageError, probe, read_file, verify
 from curate.pipelines.executor import Summary, run
+from curate.pipelines.hf_source import hf_candidates, is_hf_source, is_image_parquet, read_image, release
+from curate.pipelines.sidecars import (
+    MAX_SIDE_BYTES,
+    TEXT_READINGS,
+    SideImports,
+    folder_sides,
+    img2dataset_records,
+    is_side_file,
+    read_sides,
+    tar_samples,
+)
 from curate.pipelines.stage import Stage
 from curate.pipelines.work import DoneKeys
 from curate.schema import SCHEMAS
@@ -81,38 +100,50 @@ def is_tar(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES) and os.path.isfile(path)
 
 
-def check_sources(sources: list[str]) -> None:
-    """Fail before writing anything if a source is missing (a typo must not half-ingest)."""
-    missing = [s for s in sources if not os.path.lexists(s)]
+def check_sources(sources: list[str], caption_column: str | None = None, tags_column: str | None = None) -> None:
+    """Fail before writing anything if a source is missing (a typo must not half-ingest), or a
+    Hugging Face source lacks an image column or a column asked for."""
+    missing = [s for s in sources if not s.startswith("hf:") and not os.path.lexists(s)]
     if missing:
         raise FileNotFoundError(f"source does not exist: {', '.join(missing)}")
+    for src in sources:
+        if is_hf_source(src):
+            next(hf_candidates(src, caption_column, tags_column), None)
 
 
-def enumerate_sources(sources: list[str]) -> Iterator[dict]:
+def enumerate_sources(sources: list[str], caption_column: str | None = None,
+                      tags_column: str | None = None) -> Iterator[dict]:
     """Every candidate in walk order (sorted names), so two runs see the same order."""
     for src in sources:
         p = os.path.abspath(src)
-        if os.path.isdir(p) and not os.path.islink(p):
-            yield from _walk(p)
+        if is_hf_source(src):
+            yield from hf_candidates(src, caption_column, tags_column)
+        elif os.path.isdir(p) and not os.path.islink(p):
+            yield from _walk(p, caption_column, tags_column)
         elif is_tar(p):
-            yield from tar_members(p)
+            yield from tar_samples(tar_members(p), img2dataset_records(p.rpartition(".tar")[0]))
         else:
             yield candidate(display_name(p), path=p)
 
 
-def _walk(root: str) -> Iterator[dict]:
+def _walk(root: str, caption_column: str | None, tags_column: str | None) -> Iterator[dict]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         # A directory named like an image is an entry users expect to hear about.
         for d in dirnames:
             if is_candidate(d):
                 yield candidate(display_name(os.path.join(dirpath, d)), path=os.path.join(dirpath, d))
+        names, records = set(filenames), img2dataset_records(dirpath)
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
             if is_tar(full):
-                yield from tar_members(full)
-            elif is_candidate(name) or (os.path.isfile(full) and sniffs_as_image(full)):
-                yield candidate(display_name(full), path=full)
+                yield from tar_samples(tar_members(full), img2dataset_records(full.rpartition(".tar")[0]))
+            elif is_image_parquet(full):
+                yield from hf_candidates(full, caption_column, tags_column)
+            elif is_candidate(name) or (not is_side_file(name) and os.path.isfile(full) and sniffs_as_image(full)):
+                shown = display_name(full)
+                side = folder_sides(full, shown, names, records)
+                yield candidate(shown, path=full, **({"side": side} if side else {}))
 
 
 def tar_members(archive: str) -> Iterator[dict]:
@@ -124,6 +155,14 @@ def tar_members(archive: str) -> Iterator[dict]:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 name = display_name(member.name)
+                if is_side_file(name) and member.isfile() and member.size <= MAX_SIDE_BYTES \
+                        and not os.path.isabs(member.name) and ".." not in Path(member.name).parts:
+                    # a sample's caption or metadata: grouped with its image by tar_samples
+                    ext = os.path.splitext(name)[1].lower()
+                    where = {"data": tar.extractfile(member).read()} if compressed or member.issparse() else \
+                        {"archive": archive, "offset": member.offset_data, "size": member.size}
+                    yield candidate(prefix + name, side_member=True, ext=ext, **where)
+                    continue
                 if not is_candidate(name):
                     continue
                 if os.path.isabs(member.name) or ".." in Path(member.name).parts:
@@ -203,21 +242,31 @@ def _outcome(check, data: bytes) -> Header | ImageError:
         return e
 
 
+def read_bytes(c: dict) -> bytes:
+    """The bytes a candidate (or a side file of one) names."""
+    if c.get("data") is not None:
+        return c["data"]
+    if c.get("archive"):
+        return read_member(c["archive"], c["offset"], c["size"])
+    if c.get("hf"):
+        return read_image(c["hf"])
+    return read_file(c["path"])
+
+
+def blank_row(source: str) -> dict:
+    return {"source": source, "image_id": None, "bytes": None, "size_bytes": None, "width": None,
+            "height": None, "format": None, "mode": None, "animated": None,
+            "status": "ok", "error": None, "message": None}
+
+
 def inspect(c: dict, verdicts: Verdicts) -> dict:
     """Read, hash and verify one candidate; returns an images row (bytes included, except for
     a copy of an image already stored)."""
-    row = {"source": c["source"], "image_id": None, "bytes": None, "size_bytes": None, "width": None,
-           "height": None, "format": None, "mode": None, "animated": None,
-           "status": "ok", "error": None, "message": None}
+    row = blank_row(c["source"])
     try:
         if c.get("error"):
             raise ImageError(*c["error"])
-        if c.get("data") is not None:
-            data = c["data"]
-        elif c.get("archive"):
-            data = read_member(c["archive"], c["offset"], c["size"])
-        else:
-            data = read_file(c["path"])
+        data = read_bytes(c)
         row["size_bytes"] = len(data)
         if not data:
             raise ImageError("empty", "zero bytes")
@@ -241,8 +290,12 @@ class IngestStage(Stage):
     batch_size = INGEST_BATCH
     ordered = True  # the first copy of an image, in walk order, keeps the bytes
 
-    def __init__(self, sources: list[str]):
+    def __init__(self, sources: list[str], sidecar_text: str = "auto", caption_column: str | None = None,
+                 tags_column: str | None = None):
         self.sources = list(sources)
+        self.sidecar_text = sidecar_text  # how .txt/.caption side files read (pipelines/sidecars.py)
+        self.caption_column, self.tags_column = caption_column, tags_column  # Hugging Face sources
+        self._sides: SideImports | None = None
 
     def model_key(self) -> str:
         return "ingest"
@@ -251,17 +304,38 @@ class IngestStage(Stage):
         return pc.scalar(True)  # a source with any row is ingested
 
     def inputs(self, ds: Dataset) -> Iterator[dict]:
-        # The ids of stored images (ok rows: every ok image_id has its bytes in the first row
-        # that names it, and parts land in order), followed as parts appear, for commit().
+        # Only light columns: the table may hold a terabyte of bytes. Every ok image_id has
+        # its bytes in the first row that names it, and parts land in order, so "has an ok
+        # row" means "stored".
+        # Stored ids appear as other runs write parts; commit() looks for them (_stored_ids).
         self._stored_ids = DoneKeys(ds, "images", "image_id", pc.field("status") == "ok")
-        self._verdicts = Verdicts(self._stored_ids.new())
+        self._stored_ids.skip_present()
         self._looked = time.monotonic()
-        yield from enumerate_sources(self.sources)
+        existing = ds.read("images", ["source", "image_id", "status"])
+        ids, status = existing.column("image_id").to_pylist(), existing.column("status").to_pylist()
+        # source -> its image when stored ok, whose side files are read again (they may have changed)
+        seen = dict(zip(existing.column("source").to_pylist(), (i if s == "ok" else None for i, s in zip(ids, status))))
+        self._verdicts = Verdicts({i for i, s in zip(ids, status) if s == "ok"})
+        self._ds = ds
+        del existing, ids, status
+        for c in enumerate_sources(self.sources, self.caption_column, self.tags_column):
+            if c["source"] not in seen:
+                seen[c["source"]] = None
+                yield c
+            elif c.get("side") and seen[c["source"]]:
+                yield {"source": c["source"], "known": seen[c["source"]], "side": c["side"]}
+                seen[c["source"]] = None
 
     def prepare(self, row: dict) -> dict:
         if getattr(self, "_verdicts", None) is None:  # a Ray worker: it knows the copies it has seen
             self._verdicts = Verdicts(set())
-        return inspect(row, self._verdicts)
+        known = row.get("known")  # an image stored by an earlier run: only its side files are read
+        out = inspect(row, self._verdicts) if known is None else \
+            {**blank_row(row["source"]), "image_id": known, "status": "known"}
+        sides = read_sides(row["side"], out["image_id"], self.sidecar_text, read_bytes) \
+            if row.get("side") and out["status"] != "error" else None
+        out["_side"] = json.dumps(sides) if sides else None
+        return out
 
     def process(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != self.key}
@@ -272,18 +346,24 @@ class IngestStage(Stage):
             columns = {"status": ["error"] * n, "error": columns["_error"], "message": columns["_message"]}
         columns = {**columns, "source": ids, "created_at": [now()] * n}
         schema = SCHEMAS["images"]
-        return pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
+        table = pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
+        return table.append_column("_side", pa.array(columns.get("_side", [None] * n), pa.string()))
 
-    def counts(self, rows: pa.Table) -> dict[str, int]:
+    def counts(self, table: str, rows: pa.Table) -> dict[str, int]:
+        if table != self.table:  # a side file's caption or tags
+            ok = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0
+            return {k: v for k, v in {f"{table} imported": ok, "side files unreadable": len(rows) - ok}.items() if v}
         duplicates = pc.sum(pc.and_(pc.equal(rows.column("status"), "ok"), pc.is_null(rows.column("bytes")))).as_py()
         return {"duplicate": duplicates} if duplicates else {}
 
-    def commit(self, rows: pa.Table) -> pa.Table:
-        """Drop the bytes of an image already stored (an exact duplicate keeps its source only),
-        by this run or, since it started, by another (looked for every few seconds)."""
+    def commit(self, rows: pa.Table) -> pa.Table | dict[str, pa.Table]:
+        """Drop the bytes of an image already stored (an exact duplicate keeps its source only), by
+        this run or, since it started, by another (looked for every few seconds); the captions and
+        tags of side files go to their tables when they are new."""
         if time.monotonic() - self._looked > STORED_LOOK_SECONDS:
             self._verdicts.stored.update(self._stored_ids.new())
             self._looked = time.monotonic()
+        rows, imported = self._imports(rows)
         ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
         stored, keep = self._verdicts.stored, []
         for image_id, st in zip(ids, status):
@@ -292,14 +372,34 @@ class IngestStage(Stage):
                 stored.add(image_id)
             if image_id:
                 self._verdicts.committed(image_id)
-        if all(keep):
-            return rows
-        data = rows.column("bytes")
-        return rows.set_column(rows.schema.get_field_index("bytes"), "bytes",
-                               pc.if_else(pa.array(keep), data, pa.nulls(len(rows), data.type)))
+        if not all(keep):
+            data = rows.column("bytes")
+            rows = rows.set_column(rows.schema.get_field_index("bytes"), "bytes",
+                                   pc.if_else(pa.array(keep), data, pa.nulls(len(rows), data.type)))
+        return {self.table: rows, **imported} if imported else rows
+
+    def _imports(self, rows: pa.Table) -> tuple[pa.Table, dict[str, pa.Table]]:
+        """The images rows to write (not those of images stored before), and the new side rows."""
+        sides = [json.loads(s) for s in rows.column("_side").to_pylist() if s]
+        rows = rows.drop_columns(["_side"])
+        known = pc.equal(rows.column("status"), "known")
+        if pc.any(known).as_py():  # (a filter copies every image's bytes: only when it drops rows)
+            rows = rows.filter(pc.invert(known))
+        if not sides:
+            return rows, {}
+        if self._sides is None:
+            self._sides = SideImports(self._ds)
+        return rows, self._sides.tables(sides)
 
 
 def ingest(sources: list[str], ds: Dataset, show_progress: bool = True, engine: str = "local",
-           ray_address: str | None = None) -> Summary:
-    check_sources(sources)
-    return run(ds, IngestStage(sources), engine=engine, ray_address=ray_address, show_progress=show_progress)[0]
+           ray_address: str | None = None, sidecar_text: str = "auto", caption_column: str | None = None,
+           tags_column: str | None = None) -> Summary:
+    if sidecar_text not in TEXT_READINGS:
+        raise ValueError(f"sidecar_text must be one of {', '.join(TEXT_READINGS)}, not {sidecar_text!r}")
+    try:
+        check_sources(sources, caption_column, tags_column)
+        stage = IngestStage(sources, sidecar_text, caption_column, tags_column)
+        return run(ds, stage, engine=engine, ray_address=ray_address, show_progress=show_progress)[0]
+    finally:
+        release()  # the Hugging Face datasets read in this process

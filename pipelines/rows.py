@@ -201,3 +201,16 @@ def regroup(stages: list[Stage], prepared_batches: Iterable[tuple[list[str], lis
                 yield from ([(k, table)] for table in batches.add(mine_keys, mine))
     for k, batches in enumerate(regroup):
         yield from ([(k, table)] for table in batches.flush())
+
+
+def binary_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
+    """A binary column's values as views of Arrow's memory (None for nulls), without a copy."""
+    blobs = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        _, offset_buffer, data_buffer = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offset_buffer, width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = memoryview(data_buffer or b"")
+        blobs += [data[offsets[i]:offsets[i + 1]] if valid else None
+                  for i, valid in enumerate(chunk.is_valid().to_pylist())]
+    return blobs

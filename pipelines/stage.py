@@ -19,7 +19,9 @@ A stage maps input rows to rows of its own table:
   rest of its batch.
 - `rows(ids, columns)` turns output columns into the table's rows (by default: the
   bookkeeping columns every stage table has, then the stage's own); `commit(rows)` sees
-  them on the driver, in input order for an `ordered` stage, just before they are written.
+  them on the driver, in input order for an `ordered` stage, just before they are written;
+  it may return {table: rows} to write rows of other tables as well (ingest: the captions
+  and tags it imports from side files).
 
 Input: rows of the `source` table still to do (no row for this stage's `model_key` yet),
 narrowed by `source_filter()`; or, for a stage whose `source` is None (ingest), the rows
@@ -85,7 +87,9 @@ class Stage:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def inputs(self, ds: Dataset) -> Iterator[dict]:
-        """A source stage's input rows (only when `source` is None)."""
+        """A source stage's input rows (only when `source` is None): those its table does not
+        hold yet (the executor claims and does them; ingest also yields, for files it holds, side
+        files to read again)."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -132,11 +136,12 @@ class Stage:
                                      else column_array(columns.get(f.name), f.type, n)
                                      for f in schema], schema=schema)
 
-    def commit(self, rows: pa.Table) -> pa.Table:
+    def commit(self, rows: pa.Table) -> pa.Table | dict[str, pa.Table]:
         return rows
 
-    def counts(self, rows: pa.Table) -> dict[str, int]:
-        """What written rows hold beyond ok rows and errors (ingest: duplicates), for the summary."""
+    def counts(self, table: str, rows: pa.Table) -> dict[str, int]:
+        """What rows this stage writes to a table hold beyond ok rows and errors (ingest:
+        duplicates, captions imported), for the summary."""
         return {}
 
 

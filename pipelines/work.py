@@ -20,12 +20,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from curate.claims import ClaimError
+from curate.pipelines.rows import binary_views
 from curate.pipelines.stage import Stage
 from curate.store import Dataset, row_groups_holding, write_error
 
@@ -135,10 +135,12 @@ class Work:
 
     def _plan_source(self) -> Iterator[Unit]:
         stage = self.stages[0]
-        done = self.done[0].new()
+        # The stage's inputs() leaves out what its table holds (ingest: files ingested before, but
+        # for their side files); `done` follows only the parts that come after it looked.
+        self.done[0].skip_present()
         seen: set = set()  # a row named twice in the input (a source given twice) counts once
         for stretch in _stretches(stage.inputs(self.ds), stage.key):
-            rows = [r for r in stretch if r[stage.key] not in done and r[stage.key] not in seen]
+            rows = [r for r in stretch if r[stage.key] not in seen]
             seen.update(r[stage.key] for r in rows)
             if rows:
                 name = hashlib.sha256(str(stretch[0][stage.key]).encode()).hexdigest()[:20]
@@ -258,16 +260,7 @@ def as_rows(batch: pa.RecordBatch | pa.Table) -> list[dict]:
     if "bytes" not in batch.column_names:
         return batch.to_pylist()
     rows = batch.drop_columns(["bytes"]).to_pylist()
-    column = batch.column("bytes")
-    blobs = []
-    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        _, offset_buffer, data_buffer = chunk.buffers()
-        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        offsets = np.frombuffer(offset_buffer, width)[chunk.offset:chunk.offset + len(chunk) + 1]
-        data = memoryview(data_buffer or b"")
-        blobs += [data[offsets[i]:offsets[i + 1]] if valid else None
-                  for i, valid in enumerate(chunk.is_valid().to_pylist())]
-    for row, blob in zip(rows, blobs):
+    for row, blob in zip(rows, binary_views(batch.column("bytes"))):
         row["bytes"] = blob
     return rows
 

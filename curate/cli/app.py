@@ -70,15 +70,32 @@ def default_of(name: str, setting: str):
     return family(name).default(setting)
 
 
+class SidecarText(str, Enum):
+    auto = "auto"
+    caption = "caption"
+    tags = "tags"
+
+
 @app.command()
 def ingest(
-    sources: Annotated[list[str], typer.Argument(help="Folders, image files or tar archives, then the dataset "
-                                                      "directory last.")],
+    sources: Annotated[list[str], typer.Argument(help="Folders, image files, tar archives, Hugging Face datasets "
+                                                      "(a save_to_disk folder, a parquet file, hf:HUB_ID), then "
+                                                      "the dataset directory last.")],
+    sidecar_text: Annotated[SidecarText, typer.Option("--sidecar-text", help="How .txt/.caption files beside the "
+                                                      "images read: auto (a comma list of short tags is tags, "
+                                                      "'CAPTION ||| tags' both, else a caption), caption or tags."
+                                                      )] = SidecarText.auto,
+    caption_column: Annotated[Optional[str], typer.Option("--caption-column", help="Hugging Face sources: the "
+                                                          "caption column (default: caption or text).")] = None,
+    tags_column: Annotated[Optional[str], typer.Option("--tags-column", help="Hugging Face sources: the tags column, "
+                                                       "a list or a comma-separated string (default: tags).")] = None,
     engine: EngineOpt = Engine.local,
     ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ):
-    """Add images to a dataset: every image file gets one row, ok or with an error code."""
+    """Add images to a dataset: every image file gets one row, ok or with an error code; the captions
+    and tags that come with them (side files, shard members, dataset columns) are imported."""
+    from curate.pipelines.hf_source import SourceError
     from curate.pipelines.ingest import check_sources
     from curate.pipelines.ingest import ingest as run_ingest
 
@@ -86,10 +103,11 @@ def ingest(
         fail("give at least one source and the dataset directory: curate ingest SRC... DS")
     *srcs, ds_path = sources
     try:
-        check_sources(srcs)
+        check_sources(srcs, caption_column, tags_column)
         summary = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet,
-                             engine=engine.value, ray_address=ray_address)
-    except (FileNotFoundError, DatasetError) as e:
+                             engine=engine.value, ray_address=ray_address, sidecar_text=sidecar_text.value,
+                             caption_column=caption_column, tags_column=tags_column)
+    except (FileNotFoundError, DatasetError, SourceError) as e:
         fail(str(e))
     report(f"ingest -> {ds_path}", summary)
 
@@ -410,6 +428,41 @@ def report_(
     except (ValueError, DatasetError, OSError) as e:
         fail(str(e))
     print_summary(f"report -> {output}", summary)
+
+
+@app.command()
+def export(
+    dataset: DatasetArg,
+    dest: Annotated[str, typer.Argument(help="The export directory: new, empty, or an earlier export of the same "
+                                             "format (then only what is new is added).")],
+    format: Annotated[str, typer.Option("--format", help="kohya (images, .txt captions, sd-scripts dataset.toml), "
+                                                         "imagefolder (metadata.jsonl), webdataset (tar shards) "
+                                                         "or parquet (rows with image bytes).")] = "kohya",
+    where: WhereOpt = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="The text: tags, caption or both (kohya: 'CAPTION ||| "
+                                                         "tags', the caption kept and the tags shuffled).")] = "both",
+    link: Annotated[str, typer.Option("--link", help="copy the bytes, or hard/sym-link the source files that still "
+                                                     "hold them (kohya, imagefolder).")] = "copy",
+    shard_size: Annotated[float, typer.Option("--shard-size", help="webdataset and parquet: MB of images per "
+                                                                   "file.")] = 1000,
+    quiet: QuietOpt = False,
+):
+    """Export images with their captions and tags for other trainers and libraries."""
+    from curate.pipelines.export import ExportError
+    from curate.pipelines.export import export as run_export
+
+    ds = open_dataset(dataset)
+    try:
+        summary = run_export(ds, dest, format, where=where, prompt=prompt, link=link, shard_mb=shard_size,
+                             show_progress=not quiet)
+    except (ExportError, DatasetError, OSError) as e:
+        fail(str(e))
+    unavailable = summary.pop("unavailable")
+    print_summary(f"export -> {dest}", summary | ({"unavailable": len(unavailable)} if unavailable else {}))
+    if unavailable:
+        listed = ", ".join(f"{i[:12]} ({source})" for i, source in unavailable[:5])
+        fail(f"{len(unavailable)} image(s) not exported: their bytes are no longer available (not in the dataset, "
+             f"and no source file holds them any more): {listed}{', ...' if len(unavailable) > 5 else ''}")
 
 
 @app.command()
