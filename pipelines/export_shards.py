@@ -158,6 +158,11 @@ class ParquetParts(Sharded):
                                            names=["bytes", "path"])
         table = table.add_column(0, "text", pa.array([prompt_text(i, self.prompt) for i in items], pa.string()))
         table = table.add_column(0, "image", image)
+        for i, field in enumerate(table.schema):  # datasets has no map type (the manifest's `classes`)
+            if pa.types.is_map(field.type):
+                entry = pa.struct([pa.field("key", field.type.key_type, nullable=False),
+                                   pa.field("value", field.type.item_type)])
+                table = table.set_column(i, field.name, table.column(i).cast(pa.list_(entry)))
         if self.writer is None:
             features = Features.from_arrow_schema(table.schema)
             features["image"] = Image()  # datasets decodes the column as images

@@ -291,7 +291,8 @@ def test_the_trainer_reads_imported_text(tmp_path):
         "created_at": [now()], "latent": [latent], "shape": [[4, 8, 8]], "scaling_factor": [0.13025],
         "original_height": [64], "original_width": [96], "resized_height": [64], "resized_width": [96],
         "crop_top": [0], "crop_left": [16], "target_height": [64], "target_width": [64], "mean": [None],
-        "logvar": [None], "vae": ["vae"], "shift_factor": [None]})
+        "logvar": [None], "vae": ["vae"], "shift_factor": [None], "flip_latent": [None], "flip_mean": [None],
+        "flip_logvar": [None], "flip_crop_left": [None]})
     row = load_rows(ds, load_config(None))[0]
     assert (row.caption, row.tags) == ("A red kite over a beach", ["kite", "beach", "sky"])
 

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from conftest import REPO, need, run_cli
-from demo_tables import demo_tables
+from demo_tables import BLOBS, demo_tables
 
 FIXTURE = Path(__file__).parent / "fixtures" / "demo_tables"
 LOADER_BARS = ("Loading weights", "Writing model shards", "Loading pipeline components", "Fetching")
+
+
+# The VAE encodes on every core, and its rounding depends on the thread count: the latents'
+# bits in the fixture are a 2-core machine's (CI's). Elsewhere every other column is compared.
+LATENT_BITS_CORES = 2
 
 
 def assert_demo_tables_unchanged(demo_root: Path) -> None:
@@ -23,6 +28,8 @@ def assert_demo_tables_unchanged(demo_root: Path) -> None:
         expected = pq.read_table(FIXTURE / f"{name}.parquet")
         assert table.schema == expected.schema, name
         for column in expected.column_names:
+            if name == "latents" and column in BLOBS and os.cpu_count() != LATENT_BITS_CORES:
+                continue
             assert table.column(column).to_pylist() == expected.column(column).to_pylist(), (name, column)
 
 
