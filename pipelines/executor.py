@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import sys
 import time
 from collections import Counter, deque
@@ -226,7 +227,20 @@ def _local(work: Work, todo: list[set] | None, tally, owner: Owner, journal: Jou
     prober = Prober(stages) if suspects.prepare else None  # now, before this process has threads
     batches = _claimed_rows(work, work.plan(todo), tally, batch_size)
     _write(work.ds, stages, _prepared_and_processed(work, batches, tally, journal, suspects, prober), tally, owner)
-    tally.finished([s.__getstate__() for s in stages])
+    tally.finished([_portable(s.__getstate__()) for s in stages])
+
+
+def _portable(state: dict) -> dict:
+    """The values of a stage's state that can go to the command's process (a pickle through
+    the relay): settings and counters, not a function made in the pass (encode's VAE check)."""
+    out = {}
+    for name, value in state.items():
+        try:
+            pickle.dumps(value)
+        except Exception:  # pickling fails in many ways (AttributeError, TypeError, PicklingError)
+            continue
+        out[name] = value
+    return out
 
 
 def _claimed_rows(work: Work, units: Iterable[Unit], tally, batch_size: int) -> Iterator[list[dict]]:

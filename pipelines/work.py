@@ -181,8 +181,10 @@ class Work:
         for batch in self.ds.scan_part(stages[0].source, unit.part, projection, unit.row_groups, batch_size):
             batch = _kept(batch)
             keys = batch.column(key).to_pylist()
-            keep = [k not in first for k in keys]
-            first.update(keys)
+            keep = []
+            for k in keys:  # one at a time: a key may come twice in one batch
+                keep.append(k not in first)
+                first.add(k)
             if not all(keep):
                 batch, keys = batch.filter(pa.array(keep)), [k for k, f in zip(keys, keep) if f]
             todo = [[s for s, m in enumerate(mine) if k in m] for k in keys]

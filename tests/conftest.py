@@ -169,3 +169,12 @@ def request(port: int, method: str, path: str, body=None, **headers) -> tuple[in
         return response.status, response.read()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """The local engine's pass in this process, not in the forked one it otherwise watches: for
+    tests that count calls in it (a child's counts never come back)."""
+    import curate.pipelines.executor as executor
+
+    monkeypatch.setattr(executor, "_can_fork", lambda: False)

@@ -18,11 +18,7 @@ from curate.store import Dataset, PartWriter, now
 
 
 def counting(monkeypatch, module, name: str) -> list:
-    """Count the calls of module.name (the real function still runs). The pass runs in this
-    process, where the counts are (the local engine otherwise runs it in a forked one)."""
-    import curate.pipelines.executor as executor
-
-    monkeypatch.setattr(executor, "_can_fork", lambda: False)
+    """Count the calls of module.name (the real function still runs)."""
     calls, real = [], getattr(module, name)
 
     def counted(data, *args, **kw):
@@ -33,7 +29,7 @@ def counting(monkeypatch, module, name: str) -> list:
     return calls
 
 
-def test_a_copy_is_never_decoded(tmp_path, monkeypatch):
+def test_a_copy_is_never_decoded(tmp_path, monkeypatch, in_process):
     src = tmp_path / "src"
     src.mkdir()
     jpg, png = encode_image(make_image(320, 240, seed=1)), encode_image(make_image(200, 300, seed=2), "PNG")
