@@ -264,9 +264,9 @@ def main() -> None:
         bare_hash = bare_loop(paths, StatsStage.decode_min_side, stage=StatsStage())
         result["bare_pil"] = {"ingest_like_images_per_s": round(bare_ingest, 1),
                               "hash_like_images_per_s": round(bare_hash, 1)}
-        if "ray" in engines:
-            init_ray()  # starting the cluster is not part of any command's figure
         for engine in engines:
+            if engine == "ray":  # started only now: its idle processes would take the local engine's cores
+                init_ray()  # starting the cluster is not part of any command's figure
             # Each command pays fixed costs (Ray starts worker processes and a model actor,
             # and imports our modules in each); a real run has a million images. So each
             # engine runs a small set, then the full set: the difference is the per-image

@@ -49,6 +49,7 @@ from curate.store import schema_tag  # noqa: E402
 IMAGE_PART_ROWS, STAGE_PART_ROWS, CAPTION_PART_ROWS = 700, 2048, 100
 WORDS = np.array("a the photo of woman man cat dog sitting standing red blue green light dark tree sky city "
                  "street night day smiling portrait close up wearing dress hat outdoors indoors water".split())
+SD15_SCALING = 0.18215  # the VAE of the base `train` uses: the trainer refuses latents of another scaling
 MODELS = {"stats": "stats-v1", "buckets": "sdxl"}  # the `model` values of `curate hash` and `curate buckets`
 # What each version calls things: (module of Dataset, module of todo_ids and input_rows, module of StatsStage)
 MODULES = {"new": ("curate.store", "curate.pipelines.work", "curate.pipelines.stats"),
@@ -160,7 +161,7 @@ def build(root: Path, n: int) -> None:
         shapes = [[4, 8, 8], [4, 8, 12], [4, 12, 8]]
         which = rng.integers(0, 3, k)
         return {"latent": [rng.standard_normal(int(np.prod(shapes[w])), np.float32).astype(np.float16).tobytes()
-                           for w in which], "shape": [shapes[w] for w in which], "scaling_factor": [0.13025] * k,
+                           for w in which], "shape": [shapes[w] for w in which], "scaling_factor": [SD15_SCALING] * k,
                 **{c: [64] * k for c in ("original_height", "original_width", "resized_height", "resized_width",
                                          "target_height", "target_width")},
                 "crop_top": [0] * k, "crop_left": [0] * k, "vae": ["vae"] * k}

@@ -2,9 +2,11 @@
 
 Runs `curate --help`, `curate info`, `curate sql` on a one-image dataset and `curate score` of
 one image with the tiny zoo (CLIP, WD14 ONNX, OWLv2) on CPU, each as a fresh process, and
-prints JSON: the median seconds of each. With `--compare DIR` (a checkout of another
-version, e.g. old main) the same commands run from there too, alternating the two versions
-run by run so that load on the machine falls on both alike, and the ratio new/old is given.
+prints JSON: the median seconds of each, wall and CPU (user + system: on a loaded machine
+the wall time is mostly waiting for a core, the CPU time is what the command costs). With
+`--compare DIR` (a checkout of another version, e.g. old main) the same commands run from
+there too, alternating the two versions run by run so that load on the machine falls on
+both alike, and the ratios new/old are given.
 
     python bench/startup.py [--runs 5] [--compare /work/old-main]
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,9 +51,9 @@ def setup(tmp: Path) -> dict[str, list[str]]:
     }
 
 
-def timed(version: Path | None, args: list[str], tmp: Path) -> float:
-    """Seconds from start to exit of `python -m curate ARGS`, from `version`'s checkout (None:
-    this one). A score run gets a fresh copy of the dataset, so it has its image to do."""
+def timed(version: Path | None, args: list[str], tmp: Path) -> tuple[float, float]:
+    """Seconds from start to exit of `python -m curate ARGS`, wall and CPU, from `version`'s checkout
+    (None: this one). A score run gets a fresh copy of the dataset, so it has its image to do."""
     if args[0] == "score":
         shutil.rmtree(tmp / "run", ignore_errors=True)
         shutil.copytree(tmp / "ds", tmp / "run")
@@ -58,10 +61,15 @@ def timed(version: Path | None, args: list[str], tmp: Path) -> float:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if version is not None:
         env["PYTHONPATH"] = str(version)
-    started = time.perf_counter()
+    cpu, started = _children_cpu(), time.perf_counter()
     subprocess.run([sys.executable, "-m", "curate", *args], check=True, capture_output=True, env=env,
                    cwd=version or tmp)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -76,14 +84,19 @@ def main() -> None:
         result = {"cpus": os.cpu_count(), "runs": args.runs}
         for name, command in commands.items():
             times: dict[str, list[float]] = {v: [] for v in versions}
+            cpu: dict[str, list[float]] = {v: [] for v in versions}
             for v, path in versions.items():  # once each first: caches warm for both alike
                 timed(path, command, tmp)
             for _ in range(args.runs):
                 for v, path in versions.items():
-                    times[v].append(timed(path, command, tmp))
+                    wall, used = timed(path, command, tmp)
+                    times[v].append(wall)
+                    cpu[v].append(used)
             figures = {f"{v}_s": round(statistics.median(t), 3) for v, t in times.items()}
+            figures |= {f"{v}_cpu_s": round(statistics.median(t), 3) for v, t in cpu.items()}
             if "old" in times:
                 figures["new_vs_old"] = round(statistics.median(times["new"]) / statistics.median(times["old"]), 3)
+                figures["new_vs_old_cpu"] = round(statistics.median(cpu["new"]) / statistics.median(cpu["old"]), 3)
             result[name] = figures
     print(json.dumps(result, indent=2))
 
