@@ -192,19 +192,24 @@ sys.stdin.read()
 JOINER = """import time
 started = time.perf_counter()
 import json, sys
+from curate.pipelines.executor import Summary, Tally
 from curate.pipelines.ray_executor import init_ray, run_ray
-from curate.pipelines.rows import todo_ids
 from curate.pipelines.stats import StatsStage
+from curate.pipelines.work import Work
 from curate.store import Dataset
 imported = time.perf_counter()
 init_ray(sys.argv[2])
 joined = time.perf_counter()
 ds, stage = Dataset(sys.argv[1]), StatsStage()
-ids = todo_ids(ds, stage)
+work = Work(ds, [stage])
+todo = work.todo(None, None)
+tally = Tally([stage], [Summary(stage.table, stage.model_key())], lambda n: None, None)
 first, n = None, 0
-for batch in run_ray(ds, [stage], [set(ids)], sorted(ids), None):
-    first = first or time.perf_counter()
-    n += sum(rows.num_rows for _, rows in batch)
+with ds.owner() as owner:
+    work.owner = owner.id
+    for batch in run_ray(work, todo, None, tally):
+        first = first or time.perf_counter()
+        n += sum(rows.num_rows for _, rows in batch)
 done = time.perf_counter()
 print(json.dumps({"images": n, "imports_s": round(imported - started, 2), "join_s": round(joined - imported, 2),
                   "first_batch_s": round(first - started, 2), "all_s": round(done - started, 2)}))

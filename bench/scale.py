@@ -44,6 +44,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curate.schema import SCHEMAS  # noqa: E402
+from curate.store import schema_tag  # noqa: E402
 
 IMAGE_PART_ROWS, STAGE_PART_ROWS, CAPTION_PART_ROWS = 700, 2048, 100
 WORDS = np.array("a the photo of woman man cat dog sitting standing red blue green light dark tree sky city "
@@ -51,7 +52,7 @@ WORDS = np.array("a the photo of woman man cat dog sitting standing red blue gre
 SD15_SCALING = 0.18215  # the VAE of the base `train` uses: the trainer refuses latents of another scaling
 MODELS = {"stats": "stats-v1", "buckets": "sdxl"}  # the `model` values of `curate hash` and `curate buckets`
 # What each version calls things: (module of Dataset, module of todo_ids and input_rows, module of StatsStage)
-MODULES = {"new": ("curate.store", "curate.pipelines.rows", "curate.pipelines.stats"),
+MODULES = {"new": ("curate.store", "curate.pipelines.work", "curate.pipelines.stats"),
            "old": ("curate.manifest", "pipelines.runner", "pipelines.stats")}
 TRAIN_TOML = """max_steps = 1
 batch_size = 4
@@ -67,7 +68,9 @@ def ids_for(n: int) -> list[str]:
 
 
 def write(folder: Path, k: int, table: pa.Table) -> None:
-    pq.write_table(table, folder / f"part-{k:020d}-{k % 10**8:08x}.parquet", compression="zstd")
+    # named as curate names its parts: with the tag of the schema they were written with
+    pq.write_table(table, folder / f"part-{k:020d}-{k % 10**8:08x}-{schema_tag(folder.name)}.parquet",
+                   compression="zstd")
 
 
 def parts(root: Path, name: str, ids: list[str], rows_per_part: int, make) -> None:
@@ -171,11 +174,18 @@ SNIPPETS = {
     "todo": ("from {store} import Dataset\nfrom {rows} import todo_ids, input_rows\nfrom {stats} import StatsStage\n"
              "ds, stage = Dataset({ds!r}), StatsStage()\nids = todo_ids(ds, stage)\n"
              "first = next(input_rows(ds, [stage], ids))\nprint(len(ids), len(first))"),
+    # the same in the claimed units of pipelines/work.py: the to-do, then the first unit's rows
+    "todo-new": ("from {store} import Dataset\nfrom {rows} import Work, as_rows\nfrom {stats} import StatsStage\n"
+                 "ds, stage = Dataset({ds!r}), StatsStage()\nwork = Work(ds, [stage])\ntodo = work.todo(None, None)\n"
+                 "unit = next(work.plan(todo))\nfirst = as_rows(next(work.read(unit, unit.keys, 256)))\n"
+                 "print(len(todo[0]), len(first))"),
 }
 
 
 def command(op: str, version: str, ds: Path, zoo: Path, work: Path) -> list[str]:
     store, rows, stats = MODULES[version]
+    if op == "todo" and version == "new":
+        op = "todo-new"
     if op in SNIPPETS:
         return ["-c", SNIPPETS[op].format(store=store, rows=rows, stats=stats, ds=str(ds))]
     if op == "info":

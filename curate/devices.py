@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 
+# Asking whether CUDA is there must not set it up in this process: the local engine runs a
+# pass in a forked process, which could not use CUDA then. torch asks NVML instead when this is set.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 # name -> torch's attribute; the short name is the canonical one
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", **{k: k for k in DTYPES}}
@@ -43,18 +47,29 @@ def choose(device: str | None = None, dtype: str | None = None, gpu_dtype: str |
     wanted = dtype_name(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DeviceError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: no CUDA device here; use --device cpu")
+    check(device)
+    dev = torch.device(device)
     if wanted is None:
         if dev.type != "cuda":
             wanted = "fp32"
         else:
             wanted = dtype_name(gpu_dtype) or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     return dev, getattr(torch, DTYPES[wanted])
+
+
+def check(device: str | None) -> None:
+    """Fail now if `device` is not one this machine has, without setting CUDA up in this
+    process (choose() asks the GPU what dtypes it has, which does)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise DeviceError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: no CUDA device here; use --device cpu")
 
 
 def short_name(torch_dtype) -> str:

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import io
 import os
+import signal
 import stat
 import struct
 import sys
@@ -26,6 +27,10 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold (2x its warning level)
+# For tests of crash recovery: with CURATE_TEST_CRASH set (segv, abort or kill), a file whose
+# bytes end with this marker crashes the decoding process for real, as a faulty C decoder or
+# the OOM killer would. Unset (always, outside tests), nothing is looked at.
+CRASH_MARKER = b"curate-test-crash"
 
 # EXIF orientation tag value -> the transpose that shows the image upright.
 ORIENTATION_TRANSPOSE = {
@@ -172,6 +177,8 @@ def _guarded(data: bytes | memoryview, read):
     """read(), with every way a decoder fails on bad bytes turned into an ImageError."""
     if not len(data):
         raise ImageError("empty", "zero bytes")
+    if os.environ.get("CURATE_TEST_CRASH"):
+        crash_if_marked(data)
     try:
         return read()
     except ImageError:
@@ -193,6 +200,21 @@ def _guarded(data: bytes | memoryview, read):
         raise ImageError("truncated", f"{type(e).__name__}: {e}") from None
     except MemoryError:
         raise ImageError("decompression_bomb", "ran out of memory decoding") from None
+
+
+def crash_if_marked(data) -> None:
+    """The crash CURATE_TEST_CRASH asks for, if the bytes end with CRASH_MARKER."""
+    if bytes(memoryview(data)[-len(CRASH_MARKER):]) != CRASH_MARKER:
+        return
+    how = os.environ["CURATE_TEST_CRASH"]
+    if how == "segv":
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV, in C, where Python cannot catch it
+    elif how == "abort":
+        os.abort()
+    elif how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def declares_zero_size(data: bytes) -> bool:

@@ -35,6 +35,11 @@ def progress_bar(label: str, total: int | None, enabled: bool = True) -> Iterato
         yield lambda n: progress.advance(task, n)
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, one line."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def print_summary(title: str, rows: dict, aside: bool = False) -> None:
     """A two-column table at the end of a run, on stdout; `aside`: on stderr, when stdout
     carries the command's data in a machine format (csv, json) that it must not break."""

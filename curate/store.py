@@ -13,16 +13,23 @@ DuckDB reads the parts through the same pyarrow filesystem, registered into each
 """
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
+from curate.claims import ClaimError, Claims, Owner, pid_running
+from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
 from curate.storage import S3, duckdb_filesystem, filesystem, is_remote, uri
 
@@ -51,6 +58,38 @@ class DatasetError(Exception):
     """A user-facing problem with a dataset directory or a query over it."""
 
 
+def write_error(e: OSError, what: str, folder: Path) -> DatasetError:
+    """An error writing to the dataset, said in one line: a full disk with the free space
+    left, a read-only dataset, or the OS's own words."""
+    code = e.errno or (errno.ENOSPC if "No space left" in str(e) else None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return DatasetError(f"the disk is full: no space left writing {what} in {folder} ({free}); free some "
+                            "space and run the command again: it goes on from where it stopped")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DatasetError(f"cannot write {what} in {folder}: {os.strerror(code)} (a read-only dataset can be "
+                            "read with sql, info and dups)")
+    return DatasetError(f"cannot write {what} in {folder}: {e}")
+
+
+def where_clause(where: str) -> str:
+    """A user's `--where` (or the trainer's `where`) as SQL to put after WHERE: exactly one
+    expression, as DuckDB's own parser reads it, never a statement. What it may read is
+    limited by the connection (`Dataset.connect`): the dataset's tables and nothing else."""
+    import duckdb
+
+    try:
+        duckdb.SQLExpression(where)
+    except duckdb.Error as e:
+        raise DatasetError(f"bad --where {where!r}: give one SQL expression over the manifest's columns, such as "
+                           f"\"rank >= 5 AND NOT has_watermark\" ({str(e).splitlines()[0]})") from None
+    # Its own lines: a trailing -- comment ends at the newline, before the closing parenthesis.
+    return f"(\n{where}\n)"
+
+
 class Rows(NamedTuple):
     """A query's result as Python values, made without pyarrow (`curate sql` and `info` start
     faster without it): the column names and one tuple per row."""
@@ -66,16 +105,6 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Dataset:
     def __init__(self, root: str | os.PathLike, create: bool = False):
         self.remote = is_remote(root)
@@ -87,8 +116,14 @@ class Dataset:
             return
         self.root = Path(root).resolve()
         self.tables_dir = self.root / "tables"
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"{root} is a file, not a dataset directory; give a directory (a new one for "
+                               "`curate ingest` to make)")
         if create:
-            self.tables_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.tables_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(e, "the dataset's tables/ folder", self.root) from None
         elif not self.tables_dir.is_dir():
             raise DatasetError(f"{self.root} is not a curate dataset (no tables/ folder); "
                                f"run `curate ingest SRC {root}` first")
@@ -110,12 +145,17 @@ class Dataset:
         return f"{self.tables_dir}/{name}" if self.remote else self.tables_dir / name
 
     def parts(self, name: str) -> list[Path]:
-        """Complete parts of a table in write order; temporary and damaged parts are skipped.
+        """The table's parts in write order: complete ones, and of the table's schema.
 
         A part is only ever renamed into place whole, so a part that ends in a Parquet footer
         is complete: reading its last 8 bytes is enough, where parsing every footer would
-        cost seconds for the tens of thousands of parts of a 1.5M-image dataset. An object is
-        complete once it is listed (see the module's docstring)."""
+        cost seconds for the tens of thousands of parts of a 1.5M-image dataset. A part's name
+        carries a tag of the schema it was written with (`schema_tag`); a part without its
+        table's tag (another table's part, one dropped in by another tool) has its schema read,
+        and one that is not the table's (other columns, a column of another type), or damaged,
+        is never read as rows: it is skipped with a warning naming it (`unread_parts` lists them).
+        An object in object storage is complete once it is listed (see the module's docstring);
+        there, a part without its table's schema tag is skipped the same way."""
         if self.remote:
             return self._remote_parts(name)
         folder = self.table_dir(name)
@@ -126,7 +166,14 @@ class Dataset:
             names = sorted(entry.name for entry in os.scandir(folder) if fnmatch(entry.name, PART_GLOB))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        parts = [folder / n for n in names if _ends_in_footer(folder / n)]
+        parts = []
+        for path in (folder / n for n in names if _ends_in_footer(folder / n)):
+            problem = checked_part(path, name)
+            if problem is None:
+                parts.append(path)
+            elif path not in _WARNED:
+                _WARNED.add(path)
+                warn(f"{path} is not read: {problem}")
         # A listing is reused while the folder is unchanged; not if it changed in the last second,
         # when a part renamed in later could leave its time stamp as it was (coarse clocks).
         if time.time_ns() - changed > 1e9:
@@ -137,8 +184,29 @@ class Dataset:
         import pyarrow.fs as pafs
 
         listed = self.fs.get_file_info(pafs.FileSelector(filesystem(self.table_dir(name))[1], allow_not_found=True))
-        return sorted(uri(self.fs, i.path) for i in listed
-                      if i.type == pafs.FileType.File and fnmatch(i.base_name, PART_GLOB))
+        parts = []
+        for path in sorted(uri(self.fs, i.path) for i in listed
+                           if i.type == pafs.FileType.File and fnmatch(i.base_name, PART_GLOB)):
+            if checked_part(path, name) is None:
+                parts.append(path)
+            elif path not in _WARNED:
+                _WARNED.add(path)
+                warn(f"{path} is not read: {checked_part(path, name)}")
+        return parts
+
+    def unread_parts(self) -> list[tuple[str, Path, str]]:
+        """(table, part, why) for every part a reader skips: damaged, or not the table's schema."""
+        return [(name, path, problem) for name in TABLES for path in self._part_files(name)
+                if (problem := checked_part(path, name)) is not None]
+
+    def _part_files(self, name: str) -> list[Path] | list[str]:
+        folder = self.table_dir(name)
+        if self.remote:
+            import pyarrow.fs as pafs
+
+            listed = self.fs.get_file_info(pafs.FileSelector(filesystem(folder)[1], allow_not_found=True))
+            return sorted(uri(self.fs, i.path) for i in listed if fnmatch(i.base_name, PART_GLOB))
+        return sorted(folder.glob(PART_GLOB)) if folder.is_dir() else []
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
         """Write rows as one new part, atomically. Returns the part's path (None if no rows)."""
@@ -149,6 +217,15 @@ class Dataset:
         part.write(table, max(1, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))))
         return part.publish()
 
+    def _next_stamp(self, name: str) -> int:
+        """A new part's time stamp: now, but after every part already there, so parts sort in
+        the order they were written even when writers' clocks differ (machines sharing the
+        dataset): a row that refers to an earlier one (an exact duplicate whose bytes are
+        stored elsewhere) always comes after it."""
+        names = [str(p).rsplit("/", 1)[-1] for p in self._part_files(name)]
+        stamps = [int(n.split("-")[1]) for n in names if n.split("-")[1].isdigit()]
+        return max([time.time_ns(), *(s + 1 for s in stamps)])
+
     def remove_stale_tmp(self, name: str) -> None:
         """Remove temporary parts left by processes that no longer run."""
         remove_stale_temporaries(self.staging_dir(name))
@@ -157,6 +234,24 @@ class Dataset:
         """Where a part is written before it is published: beside the parts, or for a remote
         dataset in a local folder it is uploaded from."""
         return Path(tempfile.gettempdir()) / "curate-parts" if self.remote else self.table_dir(name)
+
+    # ---- claims on work (curate/claims.py) --------------------------------------------
+    @contextmanager
+    def owner(self) -> Iterator[Owner]:
+        """This run, for claiming work: its record lives while the block runs."""
+        owner = Owner(self.root)
+        try:
+            owner.start()
+        except ClaimError as e:
+            raise write_error(e, "this run's record", owner.folder_root) from None
+        try:
+            yield owner
+        finally:
+            owner.stop()
+
+    def claims(self, table: str, model: str, owner: Owner | str) -> Claims:
+        """Claims on the units of one stage's work, made for `owner` (a run, or its id)."""
+        return Claims(str(self.root), table, model, owner if isinstance(owner, str) else owner.id)
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -178,10 +273,7 @@ class Dataset:
         parts = self.parts(name)
         if not parts:
             return
-        # Local parts: Arrow's pre-buffering (made for object stores, and kept for them) reads whole
-        # row groups into fresh memory first, which for image bytes cost 2-10x the read itself.
-        parquet = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(
-            pre_buffer=self.remote))
+        parquet = _parquet_format(self.remote)
         fs = self.fs if self.remote else pafs.LocalFileSystem()
         if ids is None:
             data = pads.dataset([filesystem(p)[1] for p in parts], schema=schema_of(name), format=parquet,
@@ -192,6 +284,18 @@ class Dataset:
                                           schema_of(name), parquet, fs)
         yield from data.to_batches(columns=columns, filter=filter, batch_size=batch_size, use_threads=use_threads)
 
+    def scan_part(self, name: str, part: Path | str, columns: list[str] | dict, row_groups: list[int] | None = None,
+                  batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Stream one part's rows (only `row_groups` when given) on this thread, as `scan` does."""
+        import pyarrow.dataset as pads
+
+        (fragment,) = pads.dataset([str(part)], schema=schema_of(name), format=_parquet_format()).get_fragments()
+        if row_groups is not None:
+            fragment = fragment.subset(row_group_ids=row_groups)
+        scanner = pads.Scanner.from_fragment(fragment, schema=schema_of(name), columns=columns, batch_size=batch_size,
+                                             use_threads=False)
+        yield from scanner.to_batches()
+
     def _schema(self, name: str, columns: list[str] | None) -> pa.Schema:
         import pyarrow as pa
 
@@ -200,60 +304,90 @@ class Dataset:
 
     # ---- SQL ---------------------------------------------------------------------
     def connect(self, tables: set[str] | None = None) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view per table and the `manifest` view; or a
-        view of the given tables only (listing every table's parts takes a while at 1.5M images)."""
-        con = duckdb_connect(self.remote)
-        for sql in self.view_sql(tables):
-            con.execute(sql)
+        """An in-memory DuckDB connection with a view per table and the `manifest` view (or views
+        of the given tables only: listing every table's parts takes a while at 1.5M images),
+        that reads the dataset's parts and nothing else: no other file (read_text, read_csv,
+        glob), no writes (COPY), no ATTACH, no extensions installed or loaded, and its settings
+        locked (DS/cache, curate's own derived files, may be read and written). A user's
+        `--where` and `curate sql` run on it."""
+        parts = {name: self.parts(name) for name in TABLES if tables is None or name in tables}
+        # DS/cache holds what curate itself derives from the tables (the report's and the view's join).
+        con = guarded_connection([p for table in parts.values() for p in table], [] if self.remote else
+                                 [self.root / "cache"], self.remote)
+        try:
+            for sql in self.view_sql(tables, parts):
+                con.execute(sql)
+        except BaseException:
+            con.close()
+            raise
         return con
 
-    def view_sql(self, tables: set[str] | None = None) -> list[str]:
+    def view_sql(self, tables: set[str] | None = None, parts: dict[str, list[Path]] | None = None) -> list[str]:
         """A view per table and the manifest's; or views of the given tables only."""
-        if tables is not None:
-            return [self.table_view_sql(name) for name in TABLES if name in tables]
-        return [self.table_view_sql(name) for name in TABLES] + manifest_view_sql()
+        parts = parts or {}
+        views = [self.table_view_sql(name, parts.get(name)) for name in TABLES if tables is None or name in tables]
+        return views if tables is not None else views + manifest_view_sql()
 
-    def table_view_sql(self, name: str) -> str:
+    def table_view_sql(self, name: str, parts: list[Path] | None = None) -> str:
         """A view of a table's parts as they are now (a typed empty view when it has none)."""
-        parts = self.parts(name)
+        parts = self.parts(name) if parts is None else parts
         if parts:
             # Every part has its table's columns in the schema's order (writers conform rows to
-            # it), so DuckDB may take the first part's schema for all; union_by_name would read
-            # every footer to unify them, seconds at the tens of thousands of parts of 1.5M images.
+            # it, and parts() leaves out any other), so DuckDB may take the first part's schema
+            # for all; union_by_name would read every footer to unify them, seconds at the tens
+            # of thousands of parts of 1.5M images.
             return f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet({_file_list(parts)})'
         return f'CREATE OR REPLACE VIEW "{name}" AS {empty_select(name)}'
 
     def refresh_manifest_db(self) -> Path:
         """Write manifest.duckdb: the same views, for DuckDB clients outside curate.
 
-        Written aside and renamed, so a client that has the old file open keeps reading
-        it and two refreshes never fight over DuckDB's file lock.
+        Written aside, checked and renamed, so a client that has the old file open keeps
+        reading it, two refreshes never fight over DuckDB's file lock, and a refresh that
+        fails (a full disk, a read-only dataset) keeps the previous file.
         """
-        path = self.root / "manifest.duckdb"
-        remove_stale_temporaries(self.root)  # left by a killed refresh
-        tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         import duckdb
 
-        con = duckdb.connect(str(tmp))
+        path = self.root / "manifest.duckdb"
+        tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.duckdb"
         try:
-            for sql in self.view_sql():
-                con.execute(sql)
-        finally:
-            con.close()
-        os.replace(tmp, path)
+            remove_stale_temporaries(self.root)  # left by a killed refresh
+            con = duckdb.connect(str(tmp))
+            try:
+                for sql in self.view_sql():
+                    con.execute(sql)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            check = duckdb.connect(str(tmp), read_only=True)  # DuckDB may not say that its writes failed
+            try:
+                check.execute("SELECT * FROM manifest LIMIT 0")
+            finally:
+                check.close()
+            os.replace(tmp, path)
+        except (OSError, duckdb.Error) as e:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            error = write_error(e, "manifest.duckdb", self.root) if isinstance(e, OSError) else e
+            raise DatasetError(f"{error}; the previous manifest.duckdb is kept") from None
         return path
 
     def sql(self, sql: str, rows: bool = False) -> pa.Table | Rows:
-        """Run one read-only query (SELECT or EXPLAIN) on a freshly refreshed manifest.duckdb
-        (a remote dataset has none: its views need the filesystem registered in the connection);
-        the result as an Arrow table, or with `rows` as Python values."""
+        """Run one read-only query (SELECT or EXPLAIN) over the tables and `manifest`, on a
+        connection that reads nothing but the dataset; the result as an Arrow table, or with
+        `rows` as Python values. manifest.duckdb is refreshed first for other DuckDB clients;
+        where that fails (a full disk, a read-only dataset) the query still runs, with a warning."""
         import duckdb
 
-        if self.remote:
-            con = self.connect()
-        else:
-            con = duckdb.connect(str(self.refresh_manifest_db()), read_only=True)
-            con.execute(QUIET)
+        try:
+            if not self.remote:  # a remote dataset has none: its views need the filesystem registered
+                self.refresh_manifest_db()
+        except DatasetError as e:
+            warn(f"manifest.duckdb was not refreshed: {e}")
+        con = self.connect()
         try:
             statements = con.extract_statements(sql)
             if len(statements) != 1:
@@ -294,7 +428,7 @@ class Dataset:
         """Ids of ok images, optionally filtered by a SQL predicate over `manifest` (without one
         only the images table is read); with undone=(table, model), only those that have no row
         of that model in that table (a stage's to-do)."""
-        conditions = [f"({where})"] if where else []
+        conditions = [where_clause(where)] if where else []
         if undone:
             model = undone[1].replace("'", "''")
             conditions.append(f"image_id NOT IN (SELECT image_id FROM \"{undone[0]}\" WHERE model = '{model}')")
@@ -322,23 +456,108 @@ class Dataset:
             con.close()
 
 
-def duckdb_connect(remote: bool) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection, without its progress bar; for a remote dataset, reading
-    s3:// paths through pyarrow's filesystem."""
+_WARNED: set[Path] = set()  # parts already warned about in this process
+_CHECKED: dict[Path, str | None] = {}  # part -> its problem: a part never changes once it has its name
+
+
+def guarded_connection(paths: list[Path] = (), directories: list[Path] = (),
+                       remote: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that reads and writes only these files and directories:
+    no other file, no ATTACH of another, no extension installed or loaded, settings locked.
+    With `remote`, s3:// paths are read through pyarrow's filesystem (httpfs cannot be
+    installed offline)."""
     import duckdb
 
-    con = duckdb.connect()
-    con.execute(QUIET)
-    if remote:
-        con.register_filesystem(duckdb_filesystem(filesystem(S3)[0]))
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        con.execute(QUIET)
+        if remote:
+            con.register_filesystem(duckdb_filesystem(filesystem(S3)[0]))
+        con.execute(f"SET allowed_paths = [{', '.join(_quote(str(p)) for p in paths)}]")
+        con.execute(f"SET allowed_directories = [{', '.join(_quote(str(d) + os.sep) for d in directories)}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
     return con
+
+
+def checked_part(path: Path | str, table: str) -> str | None:
+    """part_problem, asked once per part and process (a pass lists a table's parts often), and
+    only of a part whose name lacks its table's schema tag: curate names what it writes. In
+    object storage such a part is not read (its schema would cost a request per part)."""
+    if str(path).endswith(f"-{schema_tag(table)}.parquet"):
+        return None
+    if isinstance(path, str):
+        return "not named with this table's schema tag (not written by curate for this table)"
+    if path not in _CHECKED:
+        _CHECKED[path] = part_problem(path, schema_of(table))
+    return _CHECKED[path]
+
+
+@functools.cache
+def schema_tag(table: str) -> str:
+    """A short hash of a table's columns and types, in the name of each part curate writes."""
+    return hashlib.sha256(repr((table, TABLES[table])).encode()).hexdigest()[:8]
+
+
+def _parquet_format(remote: bool = False):
+    import pyarrow.dataset as pads
+
+    # Arrow's pre-buffering (made for object stores, and kept for them) reads whole row groups
+    # into fresh memory first, which for local image bytes cost 2-10x the read itself.
+    return pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=remote))
+
+
+def part_problem(path: Path, schema: pa.Schema) -> str | None:
+    """Why a part is not one of its table's (None: it is): unreadable, a column the table
+    does not have or of another type, or a required column missing. Columns added to a table
+    later may be missing from older parts (they read as null)."""
+    import pyarrow.parquet as pq
+
+    try:
+        found = pq.read_schema(path)
+    except Exception as e:  # a damaged part must not hide the rest of the table
+        return f"unreadable ({type(e).__name__}: {e})"
+    for field in found:
+        if schema.get_field_index(field.name) < 0:
+            return f"column {field.name!r} is not in this table's schema (a part of another table?)"
+        expected = schema.field(field.name).type
+        if not _same_type(field.type, expected):
+            return f"column {field.name!r} is {field.type}, not {expected}"
+    missing = [f.name for f in schema if not f.nullable and found.get_field_index(f.name) < 0]
+    if missing:
+        return f"lacks the column(s) {', '.join(missing)}"
+    return None
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """Equal types, counting large and small strings, binaries and lists as the same."""
+    import pyarrow as pa
+
+    if a == b:
+        return True
+    for kind, large in ((pa.types.is_string, pa.types.is_large_string), (pa.types.is_binary, pa.types.is_large_binary)):
+        if (kind(a) or large(a)) and (kind(b) or large(b)):
+            return True
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(f(a) for f in lists) and any(f(b) for f in lists):
+        return _same_type(a.value_type, b.value_type)
+    if pa.types.is_struct(a) and pa.types.is_struct(b):
+        return [f.name for f in a] == [f.name for f in b] and all(_same_type(x.type, y.type) for x, y in zip(a, b))
+    return False
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Remove the temporary files (`.tmp-<pid>-*`) in `folder` of processes that no longer run."""
     for tmp in folder.glob(TMP_PREFIX + "*"):
         match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", tmp.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_running(int(match.group(1))):
             tmp.unlink(missing_ok=True)
 
 
@@ -350,7 +569,7 @@ def row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, lis
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    con = duckdb_connect(is_remote(parts[0]))
+    con = guarded_connection(parts, remote=is_remote(parts[0]))
     try:
         con.register("wanted", pa.table({"image_id": pa.array(sorted(ids), pa.string())}))
         rows = dict(con.sql(f"SELECT filename, list(file_row_number) FROM read_parquet({_file_list(parts)}, "
@@ -486,54 +705,71 @@ def conformed(table: pa.Table | dict, schema: pa.Schema) -> pa.Table:
 
 
 class PartFile:
-    """A part being written: row groups go to a temporary file, which `publish` renames into place."""
+    """A part being written: row groups go to a temporary file, which `publish` renames into
+    place. A write that fails (a full disk, a read-only dataset) removes the temporary file and
+    says so in one line (write_error): no partial part stays behind."""
 
     def __init__(self, ds: Dataset, table: str):
         import pyarrow.parquet as pq
 
         schema = schema_of(table)
-        self.ds, self.folder = ds, ds.table_dir(table)
-        staging = ds.staging_dir(table)
-        staging.mkdir(parents=True, exist_ok=True)
-        ds.remove_stale_tmp(table)
-        self.tmp = staging / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        self.ds, self.table, self.folder = ds, table, ds.table_dir(table)
+        self.staging = ds.staging_dir(table)
+        self.tmp = self.staging / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        self.writer = None
         raw = RAW_COLUMNS.get(table, set())
         cooked = [c for c in schema.names if c not in raw | BLOB_COLUMNS.get(table, set())]
-        self.writer = pq.ParquetWriter(self.tmp, schema, use_dictionary=cooked, write_statistics=cooked,
-                                       compression={c: "none" if c in raw else "zstd" for c in schema.names})
+        with self._failing():
+            self.staging.mkdir(parents=True, exist_ok=True)
+            ds.remove_stale_tmp(table)
+            self.writer = pq.ParquetWriter(self.tmp, schema, use_dictionary=cooked, write_statistics=cooked,
+                                           compression={c: "none" if c in raw else "zstd" for c in schema.names})
         self.rows = self.bytes = 0
 
     def write(self, rows: pa.Table, row_group_rows: int | None = None) -> None:
-        self.writer.write_table(rows, row_group_size=row_group_rows)
+        with self._failing():
+            self.writer.write_table(rows, row_group_size=row_group_rows)
         self.rows += rows.num_rows
         self.bytes += rows.nbytes
 
     def publish(self) -> Path | str:
         """Close the file, make it durable and rename it into place (upload it under its name):
         readers see the whole part or none."""
-        self.writer.close()
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        if self.ds.remote:
-            import pyarrow.fs as pafs
+        name = f"part-{self.ds._next_stamp(self.table):020d}-{uuid.uuid4().hex[:8]}-{schema_tag(self.table)}.parquet"
+        with self._failing():
+            self.writer.close()
+            if self.ds.remote:
+                import pyarrow.fs as pafs
 
-            final = f"{self.folder}/{name}"
-            pafs.copy_files(str(self.tmp), filesystem(final)[1], destination_filesystem=self.ds.fs)
-            self.tmp.unlink()
-            return final
-        final = self.folder / name
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, final)
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return final
+                final = f"{self.folder}/{name}"
+                pafs.copy_files(str(self.tmp), filesystem(final)[1], destination_filesystem=self.ds.fs)
+                self.tmp.unlink()
+                return final
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.folder / name)
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return self.folder / name
 
     def discard(self) -> None:
-        self.writer.close()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError:
+            pass  # the file goes anyway
         self.tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def _failing(self):
+        try:
+            yield
+        except OSError as e:
+            self.discard()
+            raise write_error(e, f"a part of {self.table}", self.folder) from None
 
 
 class PartWriter:
@@ -541,21 +777,29 @@ class PartWriter:
     group at a time (at most ROW_GROUP_ROWS rows or ROW_GROUP_BYTES), so memory holds one row
     group, not a part (256 MiB of image bytes); it is renamed into place when it holds
     PART_ROWS rows or PART_BYTES bytes, or PART_SECONDS after it began. What was added is kept
-    on exit, also on Ctrl-C."""
+    on exit, also on Ctrl-C.
 
-    def __init__(self, ds: Dataset, table: str):
+    `before` is called before each part is published (it may refuse by raising), `written`
+    once it is, with what `note(rows)` (given to add) said of each slice of rows in it."""
+
+    def __init__(self, ds: Dataset, table: str, before: Callable[[], None] | None = None,
+                 written: Callable[[list], None] | None = None):
         self.ds, self.table, self.schema = ds, table, schema_of(table)
+        self.before, self.written = before, written
+        self.notes: list = []  # what add() was told about the rows of the part being written
         self.group: list[pa.Table] = []  # rows of the next row group
         self.group_rows = self.group_bytes = 0
         self.part: PartFile | None = None
         self.started = time.monotonic()
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, note: Callable[[pa.Table], object] | None = None) -> None:
         table = conformed(table, self.schema)
         while table.num_rows:  # a model batch can be larger than a part, or a row group
             room = min(PART_ROWS - self._rows(), ROW_GROUP_ROWS - self.group_rows)
             head, table = table.slice(0, room), table.slice(room)
             self.group.append(head)
+            if note is not None:
+                self.notes.append(note(head))
             self.group_rows += head.num_rows
             self.group_bytes += head.nbytes
             if self.group_rows >= ROW_GROUP_ROWS or self.group_bytes >= ROW_GROUP_BYTES:
@@ -583,8 +827,13 @@ class PartWriter:
         """Write what was added and publish the part."""
         self._write_group()
         if self.part is not None:
+            if self.before:
+                self.before()
             self.part.publish()
             self.part = None
+            if self.written:
+                self.written(self.notes)
+        self.notes = []
         self.started = time.monotonic()
 
     def __enter__(self):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -49,6 +50,7 @@ def model_dir(spec: str, needs: tuple[str, ...] = (), files: tuple = ()) -> Path
     missing = [name for name in needs if not (folder / name).is_file()]
     if missing:
         raise ModelError(f"{spec} ({folder}) lacks {', '.join(missing)}; is it the right kind of model?")
+    check_files(str(folder))
     return folder
 
 
@@ -124,6 +126,44 @@ def _hub_error(spec: str, call, *args):
     except Exception as e:  # offline without a cached copy, unknown repo, no network
         raise ModelError(f"cannot get {spec!r} from the hub ({type(e).__name__}: {e}); "
                          "give a local directory with the model's files instead") from None
+
+
+@functools.lru_cache(maxsize=64)
+def check_files(folder: str) -> None:
+    """Fail now, in a line naming the file, on what would otherwise fail later with a raw
+    traceback: a JSON file that does not parse (a broken config), a safetensors file shorter
+    than its own header says (a download cut short)."""
+    for file in sorted(Path(folder).rglob("*")):
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        if file.suffix == ".json":
+            try:
+                json.loads(file.read_bytes())
+            except ValueError as e:
+                raise ModelError(f"{file} is not valid JSON ({e}): fix it, or fetch the model again") from None
+        elif file.suffix == ".safetensors":
+            problem = safetensors_problem(file)
+            if problem:
+                raise ModelError(f"{file} {problem}: fetch the model again") from None
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (None: nothing): an 8-byte header
+    length, a JSON header, then the tensors' bytes, which must all be there."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length > size - 8:
+            return f"is cut short ({size} bytes, not even its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "has a damaged header (not a safetensors file?)"
+    if 8 + length + end > size:
+        return f"is cut short ({size} bytes of the {8 + length + end} its header lists)"
+    return None
 
 
 @functools.lru_cache(maxsize=64)  # model_key() is asked for every batch

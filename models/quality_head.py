@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from curate.models.common import check_files
+
 FORMAT = "curate-quality-head"
 RANKS = 10
 
@@ -52,6 +54,7 @@ def load_head(directory: str | Path, expect_embedder: str | None = None) -> tupl
     meta_path = directory / "head.json"
     if not meta_path.is_file():
         raise ValueError(f"{directory} is not a quality head (no head.json); make one with `curate quality fit`")
+    check_files(str(directory))
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a curate quality head (format={meta.get('format')!r})")

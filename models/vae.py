@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.devices import ALIASES, DeviceError, dtype_name, short_name
-from curate.models.common import Adapter, device_or_error, hub_repo, model_name
+from curate.models.common import Adapter, check_files, device_or_error, hub_repo, model_name
 
 DTYPES = {*ALIASES, "auto"}
 DTYPE_LIKE = re.compile(r"b?fp\d+|b?float\d+")  # a mistyped dtype, not a hub revision
@@ -105,8 +105,10 @@ def _locate(source: str) -> tuple[str, dict]:
         pinned = {}
     if path.is_dir():
         if (path / "config.json").is_file():
+            check_files(str(path))
             return str(path), {}
         if (path / "vae" / "config.json").is_file():
+            check_files(str(path / "vae"))
             return str(path), {"subfolder": "vae"}
         raise VaeError(f"{path} holds no VAE: expected config.json and diffusion_pytorch_model.safetensors, "
                        "or a pipeline directory with a vae/ subfolder")

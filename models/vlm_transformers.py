@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from curate.models.captioner import JOYCAPTION_SYSTEM, Captioner
-from curate.models.common import ModelError, device_or_error
+from curate.models.common import ModelError, check_files, device_or_error
 from curate.models.families import MOONDREAM_PROMPT
 
 
@@ -31,6 +31,8 @@ class Transformers(Captioner):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self._device, self._dtype = device_or_error(device, dtype)
+        if Path(self.spec.target).is_dir():
+            check_files(self.spec.target)
         try:
             self._processor = AutoProcessor.from_pretrained(self.spec.target, revision=self.spec.revision)
             model = AutoModelForImageTextToText.from_pretrained(self.spec.target, revision=self.spec.revision,

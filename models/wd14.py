@@ -34,7 +34,11 @@ def onnx_session(path, device_type: str):
     providers = ["CUDAExecutionProvider"] if device_type == "cuda" else []
     options = ort.SessionOptions()
     options.intra_op_num_threads = model_threads()  # the rest of the cores decode
-    return ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own kinds, whose text names no file
+        raise ModelError(f"{path} cannot be loaded ({str(e).splitlines()[0][:200]}): it may be cut short or "
+                         "damaged; fetch the model again") from None
 
 
 class WD14(Adapter):

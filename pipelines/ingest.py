@@ -36,6 +36,7 @@ import json
 import os
 import tarfile
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
@@ -57,6 +58,7 @@ from curate.pipelines.sidecars import (
     tar_samples,
 )
 from curate.pipelines.stage import Stage
+from curate.pipelines.work import DoneKeys
 from curate.schema import SCHEMAS
 from curate.storage import LOCATOR_COLUMNS, exists, filesystem, is_remote, list_files, read_object, stat
 from curate.store import Dataset, now
@@ -67,7 +69,8 @@ IMAGE_EXTENSIONS = {
 }
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-INGEST_BATCH = 64  # candidates per unit of work
+INGEST_BATCH = 64  # candidates per batch
+STORED_LOOK_SECONDS = 5.0  # how often commit() looks for images that other runs stored
 
 
 def candidate(source: str, **where) -> dict:
@@ -335,16 +338,22 @@ class IngestStage(Stage):
         self.sources, self.reference = list(sources), reference
         self.sidecar_text = sidecar_text  # how .txt/.caption side files read (pipelines/sidecars.py)
         self.caption_column, self.tags_column = caption_column, tags_column  # Hugging Face sources
-        self._duplicates = 0
         self._sides: SideImports | None = None
 
     def model_key(self) -> str:
         return "ingest"
 
+    def done_filter(self):
+        return pc.scalar(True)  # a source with any row is ingested
+
     def inputs(self, ds: Dataset) -> Iterator[dict]:
         # Only light columns: the table may hold a terabyte of bytes. Every ok image_id has
         # its bytes in the first row that names it, and parts land in order, so "has an ok
         # row" means "stored".
+        # Stored ids appear as other runs write parts; commit() looks for them (_stored_ids).
+        self._stored_ids = DoneKeys(ds, "images", "image_id", pc.field("status") == "ok")
+        self._stored_ids.skip_present()
+        self._looked = time.monotonic()
         existing = ds.read("images", ["source", "image_id", "status"])
         ids, status = existing.column("image_id").to_pylist(), existing.column("status").to_pylist()
         # source -> its image when stored ok, whose side files are read again (they may have changed)
@@ -383,24 +392,29 @@ class IngestStage(Stage):
         table = pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}, schema=schema)
         return table.append_column("_side", pa.array(columns.get("_side", [None] * n), pa.string()))
 
-    def counts(self) -> dict[str, int]:
-        counts = {"duplicate": self._duplicates} if self._duplicates else {}
-        return counts | (dict(self._sides.added) if self._sides else {})
+    def counts(self, table: str, rows: pa.Table) -> dict[str, int]:
+        if table != self.table:  # a side file's caption or tags
+            ok = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0
+            return {k: v for k, v in {f"{table} imported": ok, "side files unreadable": len(rows) - ok}.items() if v}
+        duplicates = pc.sum(pc.and_(pc.equal(rows.column("status"), "ok"), pc.is_null(rows.column("bytes")))).as_py()
+        return {"duplicate": duplicates} if duplicates else {}
 
     def commit(self, rows: pa.Table) -> pa.Table | dict[str, pa.Table]:
         """Drop the bytes (or locator) of an image already stored (an exact duplicate keeps its source
-        only); the captions and tags of side files go to their tables when they are new."""
+        only), by this run or, since it started, by another (looked for every few seconds); the
+        captions and tags of side files go to their tables when they are new."""
+        if time.monotonic() - self._looked > STORED_LOOK_SECONDS:
+            self._verdicts.stored.update(self._stored_ids.new())
+            self._looked = time.monotonic()
         rows, imported = self._imports(rows)
         ids, status = rows.column("image_id").to_pylist(), rows.column("status").to_pylist()
         stored, keep = self._verdicts.stored, []
         for image_id, st in zip(ids, status):
-            duplicate = st == "ok" and image_id in stored
-            keep.append(not duplicate)
+            keep.append(not (st == "ok" and image_id in stored))
             if st == "ok":
                 stored.add(image_id)
             if image_id:
                 self._verdicts.committed(image_id)
-            self._duplicates += duplicate
         if not all(keep):
             for name in ("bytes", *LOCATOR_COLUMNS):
                 data = rows.column(name)

@@ -2,34 +2,39 @@
 process them.
 
 `run_ray` yields the same [(stage index, rows)] lists as the local engine, from the same
-`prepare_row` and `process_pass`, so both engines write the same rows. The input is the
-source table's parts, read by Ray tasks, or a source stage's rows (ingest: files and tar
-members named on the driver, read by the tasks). `init_ray` joins a cluster
+`prepare_row` and `process_pass`, so both engines write the same rows. The driver claims
+the pass's units of work when it starts (pipelines/work.py: a second run finds them held
+and says by whom); Ray tasks read the units' rows (source parts, or a source stage's rows:
+ingest's files and tar members named on the driver). `init_ray` joins a cluster
 (`--ray-address`, RAY_ADDRESS) or starts a local one, and keeps Ray quiet.
+
+A worker that dies (a decoder crash, the OOM killer, a lost node; a model actor too) loses
+only its block: the pass goes on at full speed without it, the actors keep their models.
+Then the keys it held go through again one row per block and batch, twice if need be: a
+row lost both times is the one that kills its worker and becomes a `worker_died` row.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.pipelines.rows import input_columns, input_filter, input_rows, prepare_row, process_pass, setup_stages
+from curate.pipelines.rows import prepare_row, process_pass, setup_stages
 from curate.pipelines.stage import Stage
+from curate.pipelines.work import Unit, Work, source_of
 from curate.storage import storage_env
-from curate.store import Dataset, row_groups_holding
 
-# Ray Data retries a task whose worker died forever by default: an image that crashes
-# the decoder would hang the command. Two retries ride out a lost node; then it fails.
-RAY_TASK_RETRIES = 2
+# Ray Data retries a task whose worker died forever by default: an image that crashes the
+# decoder would hang the command. Here a block whose worker dies is let go to the rounds after
+# the pass, which try each of its rows alone, twice (a row lost both times is a poison).
+ROUNDS = 3
 
 
 def init_ray(ray_address: str | None = None):
     """Join the cluster at ray_address / RAY_ADDRESS, or start a local one; quietly."""
-    import logging
-
     import ray
 
     if not ray.is_initialized():
@@ -55,31 +60,28 @@ def init_ray(ray_address: str | None = None):
     return ray
 
 
-def _read_row_groups(groups: pa.Table, stages: list[Stage], todo_ref: list, batch_size: int):
-    """Ray task: read row groups of the source table (the input columns of the rows to do) and
-    hand them on a batch at a time, each a block of its own, so decoding spreads over every core."""
-    import ray
+def _read_units(batch: pa.Table, work: Work) -> pa.Table:
+    """Ray task: the rows of claimed units (pickled (unit, keys) items) that the pass does."""
+    tables = []
+    for unit, mine in (pickle.loads(b) for b in batch.column("_unit").to_pylist()):
+        if unit.rows is not None:  # a source stage's rows: pickled, as paths may not be UTF-8
+            rows = work.rows(unit, mine)
+            tables.append(pa.table({"_row": pa.array([pickle.dumps(r) for r in rows], pa.binary())}))
+        else:
+            tables += [pa.Table.from_batches([b]) for b in work.read(unit, mine, 1 << 16)]
+    return pa.concat_tables(tables) if tables else pa.table({})
 
-    keep = input_filter(stages, ray.get(todo_ref[0]))
-    for part, group in zip(groups.column("part").to_pylist(), groups.column("row_group").to_pylist()):
-        rows = pq.ParquetFile(part).read_row_group(group, columns=input_columns(stages)).filter(keep)
-        for start in range(0, rows.num_rows, batch_size):
-            yield rows.slice(start, batch_size)
 
-
-def _prepare_batch(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
+def _prepare_batch(batch: pa.Table, stages: list[Stage]) -> pa.Table:
     """Ray task: decode and prepare rows; results travel pickled (any shape)."""
-    import ray
-
-    todo = [None if ids is None else set(ids.to_pylist()) for ids in ray.get(todo_ref[0])]
     if "_row" in batch.column_names:  # a source stage's rows, pickled by the driver
         rows = [pickle.loads(b) for b in batch.column("_row").to_pylist()]
     else:
         rows = batch.to_pylist()
     key = stages[0].key
-    prepared = [pickle.dumps(prepare_row(stages, r, todo), protocol=5) for r in rows]
-    return pa.table({"_key": pa.array([r[key] for r in rows], pa.string()),
-                     "_prepared": pa.array(prepared, pa.binary())})
+    keys = [r[key] for r in rows]
+    prepared = [pickle.dumps(prepare_row(stages, r), protocol=5) for r in rows]
+    return pa.table({"_key": pa.array(keys, pa.string()), "_prepared": pa.array(prepared, pa.binary())})
 
 
 def _process_batch(stages: list[Stage], batch: pa.Table) -> pa.Table:
@@ -102,10 +104,10 @@ class _ProcessBatch:
         return _process_batch(self.stages, batch)
 
 
-def _prepare_and_process(batch: pa.Table, stages: list[Stage], todo_ref: list) -> pa.Table:
+def _prepare_and_process(batch: pa.Table, stages: list[Stage]) -> pa.Table:
     """Ray task for a pass without a model (ingest, hash, buckets): both steps in one task,
     with no actor to hand rows to."""
-    return _process_batch(stages, _prepare_batch(batch, stages, todo_ref))
+    return _process_batch(stages, _prepare_batch(batch, stages))
 
 
 def _to_ipc(table: pa.Table) -> bytes:
@@ -115,98 +117,98 @@ def _to_ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _input(ray, ds: Dataset, stages: list[Stage], everything: list[str] | None, batch_size: int):
-    """The pass's input as a Ray Dataset in blocks of one batch, so work spreads over every core."""
-    if everything is None:  # a source stage: its rows are named here, read and checked by the tasks
-        # Pickled: paths may hold bytes that are not UTF-8, which Arrow strings cannot.
-        rows = [{"_row": pickle.dumps(r)} for r in stages[0].inputs(ds)]
-        if not rows:
-            return None
-        return ray.data.from_items(rows, override_num_blocks=-(-len(rows) // batch_size))
-    # The driver finds the row groups that hold the rows to do (ray.data.read_parquet would
-    # fetch and sample every part's metadata in tasks of its own first: seconds per command).
-    # Reading runs in tasks that ask for less than a core, so Ray does not fuse them with the
-    # decoding: a row group's batches then decode on every core, not one after another.
-    groups = [{"part": str(part), "row_group": group} for part, holding in
-              row_groups_holding(ds.parts(stages[0].source), set(everything)) for group in holding]
-    if not groups:
-        return None
-    return ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
-        _read_row_groups, fn_kwargs={"stages": stages, "todo_ref": [ray.put(pa.array(everything, pa.string()))],
-                                     "batch_size": batch_size}, batch_format="pyarrow", batch_size=None,
-        num_cpus=0.5)
-
-
-def run_ray(ds: Dataset, stages: list[Stage], todo: list, everything: list[str] | None, ray_address: str | None):
+def run_ray(work: Work, todo: list[set] | None, ray_address: str | None, tally):
     ray = init_ray(ray_address)
+    stages = work.stages
+    claimed = []
+    for unit in work.plan(todo):
+        mine, held = work.claim(unit)
+        for h in held:
+            tally.held(h.stage, h.keys, h.holder)
+        if any(mine):
+            claimed.append((unit, mine))
+    for round_ in range(ROUNDS):
+        expected = [set().union(*(mine[k] for _, mine in claimed)) for k in range(len(stages))]
+        returned: list[set] = [set() for _ in stages]
+        for results in _pass(ray, work, claimed, alone=round_ > 0):
+            for k, table in results:
+                returned[k].update(table.column(stages[k].key).to_pylist())
+            yield results
+        missing = [e - r for e, r in zip(expected, returned)]  # a dead worker's block
+        if not any(missing):
+            return
+        claimed = [(unit, [m & keys for m, keys in zip(missing, mine)]) for unit, mine in claimed]
+        claimed = [(unit, mine) for unit, mine in claimed if any(mine)]
+    yield from _worker_died(work, missing, tally)  # lost alone, round after round
+
+
+def _worker_died(work: Work, missing: list[set], tally):
+    """worker_died rows for keys whose worker died every time they went through."""
+    for k, keys in enumerate(missing):
+        if not keys:
+            continue
+        stage = work.stages[k]
+        sources = {key: source_of(work.ds, stage, key) for key in sorted(keys)}
+        for source in sources.values():
+            tally.poison(source, "the Ray worker preparing it died every time")
+        yield [(k, stage.rows(list(sources), {
+            "_error": ["worker_died"] * len(sources),
+            "_message": [f"the Ray worker holding this image died every time (source: {s})" for s in sources.values()],
+        }))]
+
+
+def _pass(ray, work: Work, claimed: list[tuple[Unit, list[set]]], alone: bool):
+    """One Ray Data pass over the claimed units, in blocks and batches of the stages' batch
+    size, or (alone) one row per block, batch and actor task; a block whose worker died is
+    left out (no retry), and the pass goes on."""
+    stages = work.stages
+    if not claimed:
+        return
+    batch_size = 1 if alone else min(s.batch_size for s in stages)
     gpus = ray.cluster_resources().get("GPU", 0)
     num_gpus = max(s.resources.gpus for s in stages)
     actors = max(1, int(gpus // num_gpus)) if num_gpus and gpus else 1
-    batch_size = min(s.batch_size for s in stages)
-    data = _input(ray, ds, stages, everything, batch_size)
-    if data is None:
-        return
-    # Decoding runs as CPU tasks on every core; the models as a pool of actors that load
-    # weights once. The actors ask for no CPU: with equal resource requests Ray Data
-    # fuses the two steps into the actor, and all decoding would then run in the one
-    # model actor, on one core. A model's own CPU work shares the cores.
-    todo_ref = ray.put([None if t is None else pa.array(sorted(t), pa.string()) for t in todo])
-    with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with_model = any(s.has_model for s in stages)
-        data = data.map_batches(_prepare_batch if with_model else _prepare_and_process,
-                                fn_kwargs={"stages": stages, "todo_ref": [todo_ref]},
-                                batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
-                                max_retries=RAY_TASK_RETRIES)
-        if with_model:
-            # A model actor regroups what it is handed into batches of one key (one bucket):
-            # handed as many rows as the local engine holds for that, its batches come out full.
-            held = max(s.batch_size * s.held_batches for s in stages)
-            data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
-                                    batch_size=held, compute=ray.data.ActorPoolStrategy(size=actors),
-                                    num_gpus=num_gpus if gpus else 0, num_cpus=0,
-                                    # A restarted actor would meet the same batch again; a rerun
-                                    # of the command resumes instead. (Restartable actors also
-                                    # make Ray log a spurious error line for every pool.)
-                                    max_restarts=0)
-    context = ray.data.DataContext.get_current()
-    preserve = context.execution_options.preserve_order
+    context = ray.data.DataContext.get_current()  # a Dataset keeps the settings it was made with
+    saved = context.execution_options.preserve_order, context.max_errored_blocks
     # An ordered stage (ingest: the first copy of a file keeps its bytes) sees rows in input order.
     context.execution_options.preserve_order = any(s.ordered for s in stages)
-    done: set[str] = set()
+    context.max_errored_blocks = -1  # a lost block goes to the next round instead of ending the pass
+    quiet = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a lost block's traceback: the next round deals with it
     try:
+        units = [{"_unit": pickle.dumps(item)} for item in claimed]
+        data = ray.data.from_items(units, override_num_blocks=len(units))
+        # Decoding runs as CPU tasks on every core; the models as a pool of actors that load
+        # weights once. The actors ask for no CPU: with equal resource requests Ray Data
+        # fuses the two steps into the actor, and all decoding would then run in the one
+        # model actor, on one core. A model's own CPU work shares the cores.
+        with warnings.catch_warnings():  # these remote args have no named parameter in map_batches yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = data.map_batches(_read_units, fn_kwargs={"work": work}, batch_format="pyarrow", batch_size=1,
+                                    max_retries=0)
+            # A part holds thousands of rows and Ray makes one task per block: cut blocks to one
+            # batch so decoding spreads over every core.
+            data = data.repartition(target_num_rows_per_block=batch_size)
+            with_model = any(s.has_model for s in stages)
+            data = data.map_batches(_prepare_batch if with_model else _prepare_and_process,
+                                    fn_kwargs={"stages": stages}, batch_format="pyarrow", batch_size=batch_size,
+                                    num_cpus=1, max_retries=0)
+            if with_model:
+                # A model actor regroups what it is handed into batches of one key (one bucket):
+                # handed as many rows as the local engine holds for that, its batches come out full.
+                held = 1 if alone else max(s.batch_size * s.held_batches for s in stages)
+                data = data.map_batches(_ProcessBatch, fn_constructor_args=(stages,), batch_format="pyarrow",
+                                        batch_size=held,
+                                        # alone: the one row an actor's death takes with it
+                                        compute=ray.data.ActorPoolStrategy(
+                                            size=actors, max_tasks_in_flight_per_actor=1 if alone else None),
+                                        num_gpus=num_gpus if gpus else 0, num_cpus=0,
+                                        # A dead actor comes back (loading its models again); the
+                                        # batch it held is not retried on it but goes to the next round.
+                                        max_restarts=-1, max_task_retries=0)
         for batch in data.iter_batches(batch_format="pyarrow", batch_size=None):
-            results = [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
-            for k, table in results:
-                done.update(table.column(stages[k].key).to_pylist())
-            yield results
-    except ray.exceptions.WorkerCrashedError:
-        if everything is None:
-            raise
-        # A decode task's worker died and kept dying on retry: an image that crashes the
-        # decoder (or memory running out). Finish the rest one image per task, so a death
-        # names its image.
-        yield from _isolate_crashes(ds, stages, todo, [i for i in everything if i not in done])
+            yield [(row["_stage"], pa.ipc.open_stream(row["_rows"]).read_all()) for row in batch.to_pylist()]
     finally:
-        context.execution_options.preserve_order = preserve
-
-
-def _isolate_crashes(ds: Dataset, stages: list[Stage], todo: list, remaining: list[str]):
-    """Prepare each remaining image in its own Ray task (no retries); one whose worker dies
-    gets a worker_died row. The models run here in the driver: this is the rare path."""
-    import ray
-
-    probe = ray.remote(max_retries=0, num_cpus=1)(prepare_row)
-    setup_stages(stages)
-    for rows in input_rows(ds, stages, remaining):
-        # Each task gets only its own image's membership, not the whole to-do lists.
-        wanted = [[{r["image_id"]} & t for t in todo] for r in rows]
-        refs = [probe.remote(stages, r, w) for r, w in zip(rows, wanted)]
-        prepared = []
-        for ref, w in zip(refs, wanted):
-            try:
-                prepared.append(ray.get(ref))
-            except ray.exceptions.WorkerCrashedError:
-                died = {"_error": "worker_died", "_message": "the worker process died preparing this image"}
-                prepared.append([dict(died) if ids else None for ids in w])
-        yield process_pass(stages, [r["image_id"] for r in rows], prepared)
+        context.execution_options.preserve_order, context.max_errored_blocks = saved
+        quiet.setLevel(level)

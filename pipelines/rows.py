@@ -1,5 +1,6 @@
-"""What both engines do with a pass's rows: read the input, prepare each row (decode once,
-every stage's input), and process batches of one key with failures isolated per row.
+"""What both engines do with a pass's rows: prepare each row (decode once, every stage's
+input), and process batches of one key with failures isolated per row. (Which rows:
+pipelines/work.py.)
 
 The local engine (pipelines/executor.py) and the Ray engine (pipelines/ray_executor.py)
 call these same functions, so they write the same rows.
@@ -7,25 +8,26 @@ call these same functions, so they write the same rows.
 from __future__ import annotations
 
 import gc
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from curate.devices import limit_threads
 from curate.images import ImageError, decode, shrink
 from curate.pipelines.stage import Stage
-from curate.storage import LOCATOR_COLUMNS, holds_image, image_data
-from curate.store import Dataset
+from curate.storage import image_data
+
+Watch = Callable[[list], None]  # told the keys of each batch a model is about to process ([] after)
 
 
 # ---- preparing rows ------------------------------------------------------------------
-def prepare_row(stages: list[Stage], row: dict[str, Any], todo: list) -> list[dict | None]:
-    """Decode one input row once and prepare it for every stage that has it to do (None
-    for the others); failures become `_error`/`_message` for each stage concerned."""
-    wanted = [k for k, ids in enumerate(todo) if ids is None or row[stages[k].key] in ids]
+def prepare_row(stages: list[Stage], row: dict[str, Any]) -> list[dict | None]:
+    """Decode one input row once and prepare it for every stage that has it to do (its
+    `_todo`; a source stage's row: all), None for the others; failures become
+    `_error`/`_message` for each stage concerned."""
+    wanted = row.pop("_todo", None)
+    wanted = range(len(stages)) if wanted is None else wanted
     out: list[dict | None] = [None] * len(stages)
     try:
         if "location" in row:  # a referenced image is read at its source
@@ -88,7 +90,7 @@ def stage_share(k: int, keys: list[str], prepared: list[list[dict | None]]) -> t
     return [i for i, _ in mine], [p for _, p in mine]
 
 
-def process_rows(stage: Stage, keys: list[str], prepared: list[dict]) -> pa.Table:
+def process_rows(stage: Stage, keys: list[str], prepared: list[dict], watch: Watch | None = None) -> pa.Table:
     """Run the model on one batch. A failing batch is retried row by row."""
     tables = []
     failed = [(i, p) for i, p in zip(keys, prepared) if "_error" in p]
@@ -98,8 +100,8 @@ def process_rows(stage: Stage, keys: list[str], prepared: list[dict]) -> pa.Tabl
     good = [(i, p) for i, p in zip(keys, prepared) if "_error" not in p]
     for group in _by_key(stage, good):
         for start in range(0, len(group), stage.batch_size):
-            tables += [stage.rows(group_keys, columns)
-                       for group_keys, columns in _process_isolating(stage, group[start:start + stage.batch_size])]
+            tables += [stage.rows(group_keys, columns) for group_keys, columns
+                       in _process_isolating(stage, group[start:start + stage.batch_size], watch)]
     return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
 
@@ -119,16 +121,19 @@ class OneKeyBatches:
     ordered stage keeps its rows in input order (one group: its rows share any batch).
     """
 
-    def __init__(self, stage: Stage):
-        self.stage = stage
+    def __init__(self, stage: Stage, watch: Watch | None = None, alone: set = frozenset()):
+        self.stage, self.watch, self.alone = stage, watch, alone
         self.groups: dict[Any, list[tuple[str, dict]]] = {}
         self.held = 0
 
     def add(self, keys: list[str], prepared: list[dict]) -> Iterator[pa.Table]:
         if self.stage.ordered:
-            yield process_rows(self.stage, keys, prepared)
+            yield process_rows(self.stage, keys, prepared, self.watch)
             return
         for item in zip(keys, prepared):
+            if item[0] in self.alone:  # suspected of killing the model's process: a batch of its own
+                yield process_rows(self.stage, [item[0]], [item[1]], self.watch)
+                continue
             key = None if "_error" in item[1] else self.stage.batch_key(item[1])
             group = self.groups.setdefault(key, [])
             group.append(item)
@@ -145,17 +150,24 @@ class OneKeyBatches:
     def _emit(self, key) -> pa.Table:
         group = self.groups.pop(key)
         self.held -= len(group)
-        return process_rows(self.stage, [i for i, _ in group], [p for _, p in group])
+        return process_rows(self.stage, [i for i, _ in group], [p for _, p in group], self.watch)
 
 
-def _process_isolating(stage: Stage, items: list[tuple[str, dict]]) -> Iterator[tuple[list[str], dict]]:
+def _process_isolating(stage: Stage, items: list[tuple[str, dict]],
+                       watch: Watch | None = None) -> Iterator[tuple[list[str], dict]]:
     """(keys, output columns) for a group; if the batch fails, each row again on its own,
     so the one that broke it becomes an error row and the rest still count."""
     if not items:
         return
     keys = [i for i, _ in items]
     try:
-        result = stage.process(_collate(stage.key, keys, [p for _, p in items]))
+        if watch:
+            watch(keys)
+        try:
+            result = stage.process(_collate(stage.key, keys, [p for _, p in items]))
+        finally:
+            if watch:
+                watch([])
         lengths = {len(v) for v in result.values()}
         if lengths != {len(items)}:
             raise ValueError(f"process returned {lengths} rows for {len(items)} inputs")
@@ -164,7 +176,7 @@ def _process_isolating(stage: Stage, items: list[tuple[str, dict]]) -> Iterator[
             yield keys, {"_error": [getattr(e, "code", "process_failed")], "_message": [f"{type(e).__name__}: {e}"]}
             return
         for item in items:
-            yield from _process_isolating(stage, [item])
+            yield from _process_isolating(stage, [item], watch)
         return
     yield keys, result
 
@@ -180,10 +192,11 @@ def _collate(key: str, keys: list[str], prepared: list[dict]) -> dict[str, Any]:
     return batch
 
 
-def regroup(stages: list[Stage], prepared_batches: Iterable[tuple[list[str], list]]):
-    """Hand each stage its share of every pass batch, regrouped into batches of one key;
-    yield each output batch as [(stage index, rows)]."""
-    regroup = [OneKeyBatches(stage) for stage in stages]
+def regroup(stages: list[Stage], prepared_batches: Iterable[tuple[list[str], list]], watch: Watch | None = None,
+            alone: set = frozenset()):
+    """Hand each stage its share of every pass batch, regrouped into batches of one key
+    (keys in `alone` in batches of their own); yield each output batch as [(stage index, rows)]."""
+    regroup = [OneKeyBatches(stage, watch, alone) for stage in stages]
     for keys, prepared in prepared_batches:
         for k, batches in enumerate(regroup):
             mine_keys, mine = stage_share(k, keys, prepared)
@@ -191,72 +204,6 @@ def regroup(stages: list[Stage], prepared_batches: Iterable[tuple[list[str], lis
                 yield from ([(k, table)] for table in batches.add(mine_keys, mine))
     for k, batches in enumerate(regroup):
         yield from ([(k, table)] for table in batches.flush())
-
-
-# ---- choosing the input --------------------------------------------------------------
-def todo_ids(ds: Dataset, stage: Stage, where: str | None = None, wanted: list[str] | None = None) -> list[str]:
-    """Ok images (matching `where`, or of `wanted`) that have no row for this stage's model yet."""
-    if wanted is None:  # one query: at 99% done only the ids left become Python strings
-        return ds.select_ids(where, undone=(stage.table, stage.model_key()))
-    done = ds.read(stage.table, ["image_id"], filter=pc.field("model") == stage.model_key())
-    done_ids = set(done.column("image_id").to_pylist())
-    return [i for i in wanted if i not in done_ids]
-
-
-def input_filter(stages: list[Stage], ids: list[str] | pa.Array) -> pads.Expression:
-    """Rows of the pass's source table to feed (all stages of one pass share the first one's)."""
-    stage = stages[0]
-    expr = pc.field("image_id").isin(pa.array(ids, pa.string()))
-    if stage.source == "images":
-        expr = expr & (pc.field("status") == "ok")
-        if any("bytes" in s.columns for s in stages):  # the one row of an image that holds its bytes (or locator)
-            expr = expr & holds_image()
-    return expr & stage.source_filter()
-
-
-def input_columns(stages: list[Stage]) -> list[str]:
-    """The source columns a pass reads: every stage's, and what input_filter needs."""
-    columns = set().union(*(s.columns for s in stages))
-    if stages[0].source == "images":
-        columns |= {"image_id", "status"}
-        if "bytes" in columns:  # a referenced image's bytes are read where its locator points
-            columns |= {*LOCATOR_COLUMNS, "size_bytes"}
-    return sorted(columns)
-
-
-def input_rows(ds: Dataset, stages: list[Stage], ids: list[str] | None) -> Iterator[list[dict]]:
-    """The pass's input rows, in lists of the largest batch size of its stages (each stage's
-    own batches are regrouped from them): the source table's rows for `ids`, or a source
-    stage's own rows."""
-    batch_size = max(s.batch_size for s in stages)
-    if ids is None:
-        yield from _chunks(stages[0].inputs(ds), batch_size)
-        return
-    # The filter is read as a column and applied only to batches it drops rows from:
-    # Arrow's filter copies every image's bytes even when it keeps them all. One reading
-    # thread: the decode threads have the cores, and Arrow's own would compete.
-    projection = {c: pc.field(c) for c in input_columns(stages)} | {"_keep": input_filter(stages, ids)}
-    source = ds.scan(stages[0].source, projection, batch_size=batch_size, use_threads=False, ids=set(ids))
-    for table in _rebatch((_kept(b) for b in source), batch_size):
-        yield _rows(table)
-
-
-def _kept(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """The batch's rows whose `_keep` is true, without the column; not copied when all are."""
-    keep = batch.column("_keep")
-    batch = batch.drop_columns(["_keep"])
-    return batch if keep.null_count == 0 and pc.all(keep).as_py() is not False else batch.filter(keep)
-
-
-def _rows(table: pa.Table) -> list[dict]:
-    """Rows as dicts; image bytes as views of Arrow's memory that the decoder reads in
-    place. (to_pylist, and even Arrow's scalars, copy each image: about 1 ms for 2 MB.)"""
-    if "bytes" not in table.column_names:
-        return table.to_pylist()
-    rows = table.drop_columns(["bytes"]).to_pylist()
-    for row, blob in zip(rows, binary_views(table.column("bytes"))):
-        row["bytes"] = blob
-    return rows
 
 
 def binary_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
@@ -270,29 +217,3 @@ def binary_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
         blobs += [data[offsets[i]:offsets[i + 1]] if valid else None
                   for i, valid in enumerate(chunk.is_valid().to_pylist())]
     return blobs
-
-
-def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
-    buffer: list[pa.RecordBatch] = []
-    rows = 0
-    for b in batches:
-        buffer.append(b)
-        rows += b.num_rows
-        while rows >= size:
-            table = pa.Table.from_batches(buffer)
-            yield table.slice(0, size)
-            rest = table.slice(size)
-            buffer, rows = rest.to_batches(), rest.num_rows
-    if rows:
-        yield pa.Table.from_batches(buffer)
-
-
-def _chunks(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

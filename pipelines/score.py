@@ -9,7 +9,9 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from curate.models.common import ModelError, device_or_error
+from curate.devices import DeviceError
+from curate.devices import check as check_device
+from curate.models.common import ModelError
 from curate.models.families import family, of_task
 from curate.pipelines.executor import Summary, run
 from curate.pipelines.stage import ModelStage
@@ -100,8 +102,11 @@ def score(ds, *, clip=None, quality=None, tagger=None, watermark=None, classifie
     """Run the pass; model_settings are image_stages' thresholds and query."""
     if not (clip or quality or tagger or watermark or classifiers):
         raise ModelError("nothing to score: give --clip, --quality, --tagger, --watermark and/or --classifier")
-    if engine == "local":
-        device_or_error(device)  # a device that is not here fails now, not after the input is chosen
+    if engine == "local":  # a device that is not here fails now, not after the input is chosen
+        try:
+            check_device(device)
+        except DeviceError as e:
+            raise ModelError(str(e)) from None
     stages = image_stages(clip, tagger, watermark, device, batch_size, classifiers=classifiers, **model_settings)
     ranker = None
     if quality:

@@ -87,7 +87,9 @@ class Stage:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def inputs(self, ds: Dataset) -> Iterator[dict]:
-        """A source stage's input rows (only when `source` is None)."""
+        """A source stage's input rows (only when `source` is None): those its table does not
+        hold yet (the executor claims and does them; ingest also yields, for files it holds, side
+        files to read again)."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -103,6 +105,10 @@ class Stage:
 
     def source_filter(self) -> pads.Expression:
         return pc.scalar(True)  # every row of `source`
+
+    def done_filter(self) -> pads.Expression:
+        """Rows of the stage's own table that count as done (its `model`'s): resume skips them."""
+        return pc.field("model") == self.model_key()
 
     def batch_key(self, prepared: dict[str, Any]) -> Hashable:
         return None  # any rows may share a batch
@@ -133,8 +139,9 @@ class Stage:
     def commit(self, rows: pa.Table) -> pa.Table | dict[str, pa.Table]:
         return rows
 
-    def counts(self) -> dict[str, int]:
-        """What the stage counted beyond ok rows and errors (ingest: duplicates), for the summary."""
+    def counts(self, table: str, rows: pa.Table) -> dict[str, int]:
+        """What rows this stage writes to a table hold beyond ok rows and errors (ingest:
+        duplicates, captions imported), for the summary."""
         return {}
 
 

@@ -119,7 +119,9 @@ def ray_cluster():
     """A real local Ray cluster with two CPUs, shared by the whole test session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Its workers crash for real on files marked for it (curate.images.CRASH_MARKER); this process does not.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"CURATE_TEST_CRASH": "segv"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -167,3 +169,12 @@ def request(port: int, method: str, path: str, body=None, **headers) -> tuple[in
         return response.status, response.read()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """The local engine's pass in this process, not in the forked one it otherwise watches: for
+    tests that count calls in it (a child's counts never come back)."""
+    import curate.pipelines.executor as executor
+
+    monkeypatch.setattr(executor, "_can_fork", lambda: False)

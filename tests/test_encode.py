@@ -255,7 +255,7 @@ def test_latents_stream_back_one_row_group_at_a_time(tmp_path):
 
 
 def test_a_bucket_is_encoded_a_batch_at_a_time_and_a_latent_does_not_depend_on_its_batch(tmp_path, vae_dir,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, in_process):
     from diffusers import AutoencoderKL
 
     images = {f"img{i}.jpg": make_image(*[(300, 260), (520, 140)][i % 2], seed=i) for i in range(6)}

@@ -112,3 +112,70 @@ def test_poison_image_is_recorded_as_worker_died(dataset, ray_cluster):
     assert summary.ok == 11 and summary.errors == {"worker_died": 1}
     rows = {r["image_id"]: r for r in dataset.read("stats").to_pylist()}
     assert len(rows) == 12 and rows[poison]["error"] == "worker_died"
+
+
+class SlowModel(StatsStage):
+    """A stage with a model (so a Ray actor holds it) that takes its time, so kills land mid-run."""
+
+    batch_size = 4
+
+    def model_key(self):
+        return "slow-model"
+
+    def setup(self):
+        pass
+
+    def process(self, batch):
+        import time
+
+        time.sleep(0.4)
+        return super().process(batch)
+
+
+def ray_processes(kind: str) -> list:
+    """This machine's Ray worker processes running `kind` (a task's or an actor's name)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::") and kind in title:
+            found.append(proc)
+    return found
+
+
+def test_killed_ray_workers_and_model_actor_leave_the_same_tables(tmp_path, ray_cluster):
+    import time
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"i{i:02d}.jpg").write_bytes(encode_image(make_image(80 + i, 60, seed=i)))
+    ds = Dataset(tmp_path / "ds", create=True)
+    ingest([str(src)], ds, show_progress=False)
+    reference = run(ds, SlowModel(), show_progress=False)[0]
+    expected = rows(ds, "stats", "image_id")
+    for part in ds.parts("stats"):
+        part.unlink()
+    kills = []
+
+    def killer():
+        for kind in ("MapWorker", "_prepare_batch", "MapWorker", "_prepare_batch"):  # the model actor, decoders
+            deadline = time.monotonic() + 60
+            while not ray_processes(kind) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            for proc in ray_processes(kind)[:1]:
+                proc.kill()
+                kills.append(kind)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(ds, SlowModel(), engine="ray", show_progress=False)[0]
+    thread.join(timeout=60)
+    assert "MapWorker" in kills and "_prepare_batch" in kills
+    assert summary.ok == reference.ok == 40 and not summary.errors
+    assert rows(ds, "stats", "image_id") == expected

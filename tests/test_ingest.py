@@ -29,7 +29,7 @@ def counting(monkeypatch, module, name: str) -> list:
     return calls
 
 
-def test_a_copy_is_never_decoded(tmp_path, monkeypatch):
+def test_a_copy_is_never_decoded(tmp_path, monkeypatch, in_process):
     src = tmp_path / "src"
     src.mkdir()
     jpg, png = encode_image(make_image(320, 240, seed=1)), encode_image(make_image(200, 300, seed=2), "PNG")

@@ -1,4 +1,6 @@
 """A pass of several stages: one read and one decode per image, one table per stage, resume per stage."""
+import multiprocessing
+import os
 import sys
 
 import numpy as np
@@ -30,7 +32,7 @@ class MeanColour(Stage):
 
 @pytest.fixture
 def count_decodes(monkeypatch):
-    calls = []
+    calls = multiprocessing.Manager().list()  # the local engine decodes in a process of its own
 
     def counting(data, min_side=None, **kw):
         calls.append(min_side)
@@ -51,7 +53,7 @@ def test_pass_decodes_once_for_all_stages(dataset, count_decodes):
 
 def test_pass_resumes_each_stage_on_its_own(dataset, count_decodes):
     run(dataset, StatsStage(), show_progress=False)[0]
-    count_decodes.clear()
+    del count_decodes[:]
     stats, colour = run(dataset, [StatsStage(), MeanColour()], show_progress=False)
     assert stats.todo == 0 and colour.ok == 12
     assert len(count_decodes) == 12 and dataset.read("stats").num_rows == 12
@@ -86,3 +88,44 @@ def test_pass_on_ray_writes_the_same_rows(dataset, ray_cluster):
     assert [s.ok for s in summaries] == [12, 12]
     assert dataset.read("embeddings").select(columns).sort_by("image_id").equals(local)
     assert dataset.read("stats").num_rows == 12
+
+
+TORCH_FIRST = """
+import sys
+import torch
+from curate.pipelines.executor import run
+from curate.pipelines.stage import Stage
+from curate.store import Dataset
+
+torch.set_num_threads(2)
+(torch.randn(500, 500) @ torch.randn(500, 500)).sum()  # OpenMP's threads start in this process
+
+
+class TorchModel(Stage):
+    table, columns, batch_size = "embeddings", ("image_id", "width"), 4
+
+    def model_key(self):
+        return "torch-model"
+
+    def setup(self):
+        torch.set_num_threads(2)
+
+    def process(self, batch):
+        x = torch.randn(len(batch["image_id"]), 256)
+        return {"embedding": list((x @ torch.randn(256, 256))[:, :3].half().numpy())}
+
+
+print(run(Dataset(sys.argv[1]), TorchModel(), show_progress=False)[0].ok)
+"""
+
+
+def test_a_pass_in_a_process_that_already_ran_torch_threads(dataset):
+    """OpenMP's threads do not survive a fork, and the forking thread would wait for them
+    forever: the pass process runs its models on a thread of its own."""
+    import subprocess
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-c", TORCH_FIRST, str(dataset.root)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.split() == ["12"], proc.stderr

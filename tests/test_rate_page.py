@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,3 +120,32 @@ def test_rate_binds_where_told(dataset):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def raw_post(port: int, body: bytes, length: str) -> int:
+    """POST /api/judge with a Content-Length of our choosing; the reply's status (0: none came)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /api/judge HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + length.encode() + b"\r\n\r\n" + body)
+        s.shutdown(socket.SHUT_WR)  # a server reading "until the end" would wait for this forever otherwise
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", reply)
+    return int(match.group(1)) if match else 0
+
+
+def test_hostile_request_bodies_get_400_and_the_server_goes_on(rating_server):
+    port, proc = rating_server
+    nested = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion limit
+    assert raw_post(port, b"x" * 10_000, "-1") == 400  # a negative length: never read to the end
+    assert raw_post(port, b"{}", str(1 << 40)) == 400  # a huge one: refused before reading
+    assert raw_post(port, nested[:4000], "4000") == 400  # nested within the size cap
+    assert raw_post(port, b'{"winner": ' + b"[" * 3000 + b"]" * 3000 + b"}", str(6011)) == 400  # over the cap
+    assert raw_post(port, b"[" * 2000 + b"]" * 2000, "4000") == 400  # deep nesting under the cap
+    assert raw_post(port, b"[1, 2]", "6") == 400  # JSON, but not an object
+    assert proc.poll() is None
+    status, body = request(port, "GET", "/api/state")
+    assert status == 200 and "left" in json.loads(body)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -318,7 +319,7 @@ def test_owlv2_detect_equals_the_models_own_forward(zoo, size):
 
 
 def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, monkeypatch):
-    sides = []
+    sides = multiprocessing.Manager().list()  # the local engine decodes in a process of its own
     real = pass_rows.decode
     monkeypatch.setattr(pass_rows, "decode",
                         lambda data, min_side=None, **kw: sides.append((min_side, kw.get("long_side")))
@@ -335,7 +336,7 @@ def test_the_pass_decodes_each_image_once_and_resumes_per_model(dataset, zoo, mo
     for row in dataset.query("SELECT image_id, tags, has_watermark FROM manifest").to_pylist():
         own = tagger[row["image_id"]]
         assert row["tags"] == (own + ["watermark"] if row["has_watermark"] and "watermark" not in own else own)
-    sides.clear()
+    del sides[:]
     again = score(dataset, clip=str(zoo / "open_clip"), tagger=f"joytag:{zoo / 'joytag'}", show_progress=False)
     assert again[0].todo == 0 and again[1].ok == 12 and len(sides) == 12 and set(sides) == {(None, 64)}
 

@@ -56,17 +56,30 @@ def test_not_a_dataset(tmp_path):
         Dataset(tmp_path / "nothing")
 
 
-def test_scan_by_ids_reads_only_the_row_groups_holding_them(tmp_path):
+def test_plan_reads_only_the_row_groups_holding_the_ids(tmp_path):
     """A resumed pass asks for the images left; the row groups it finished are not read."""
+    from curate.pipelines.stage import Stage
+    from curate.pipelines.work import Work
+
+    class OverStats(Stage):  # a stage whose input is the stats table
+        source, table, columns = "stats", "buckets", ("image_id",)
+
+        def model_key(self):
+            return "over-stats"
+
     ds = Dataset(tmp_path / "ds", create=True)
     parts = [[f"{k}{i:03d}" for i in range(5)] for k in "abc"]
     for ids in parts:  # a part is one row group here
         rows = [{"image_id": i, "model": "m", "status": "ok", "created_at": now()} for i in ids]
         ds.write_part("stats", pa.Table.from_pylist(rows, schema=ds.read("stats").schema))
-    read = [b.column("image_id").to_pylist() for b in ds.scan("stats", ["image_id"], ids={"b002", "zzz"})]
-    assert sorted(sum(read, [])) == parts[1]  # the whole group of b002, nothing of a or c
-    assert list(ds.scan("stats", ["image_id"], ids={"zzz"})) == []
-    assert sum(b.num_rows for b in ds.scan("stats", ["image_id"], ids={"a000", "c004"})) == 10
+    work = Work(ds, [OverStats()], owner="me")
+    names = [p.stem for p in ds.parts("stats")]
+    units = list(work.plan([{"b002", "zzz"}]))
+    assert [(u.name, u.row_groups, u.keys) for u in units] == [(names[1], [0], [{"b002"}])]  # nothing of a or c
+    read = [b.column("image_id").to_pylist() for b in work.read(units[0], units[0].keys, 64)]
+    assert read == [["b002"]]
+    assert list(work.plan([{"zzz"}])) == []
+    assert [u.name for u in work.plan([{"a000", "c004"}])] == [names[0], names[2]]
 
 
 def documented_columns(readme: str) -> dict[str, set[str]]:
@@ -92,6 +105,36 @@ def test_data_readme_documents_every_column_and_error_code():
     for table, schema in SCHEMAS.items():
         own = set(schema.names) - (common if common <= set(schema.names) else set())
         assert own <= documented.get(table, set()), f"{table}: {own - documented.get(table, set())} undocumented"
+
+
+def test_parts_of_another_schema_are_never_read_and_are_reported(dataset, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    from conftest import run_cli
+
+    from curate.pipelines.executor import run
+    from curate.pipelines.stats import StatsStage
+
+    run(dataset, StatsStage(), show_progress=False)
+    manifest_before = dataset.query("SELECT image_id, phash, tags FROM manifest ORDER BY image_id").to_pylist()
+    tags_dir = dataset.table_dir("tags")
+    tags_dir.mkdir()
+    # another table's part dropped into tags/, and a tags part whose `tags` column is a string
+    pq.write_table(dataset.read("stats"), tags_dir / "part-00000000000000000001-stats.parquet")
+    wrong = pa.table({"image_id": dataset.select_ids()[:3], "model": ["m"] * 3, "status": ["ok"] * 3,
+                      "tags": ["a, b"] * 3, "created_at": pa.array([now()] * 3, pa.timestamp("us", tz="UTC"))})
+    pq.write_table(wrong, tags_dir / "part-00000000000000000002-wrong.parquet")
+    assert dataset.read("tags").num_rows == 0
+    assert dataset.query("SELECT image_id, phash, tags FROM manifest ORDER BY image_id").to_pylist() == manifest_before
+    unread = {path.name: why for table, path, why in dataset.unread_parts() if table == "tags"}
+    assert "not in this table's schema" in unread["part-00000000000000000001-stats.parquet"]
+    assert "'tags' is string" in unread["part-00000000000000000002-wrong.parquet"]
+
+    monkeypatch.setenv("COLUMNS", "250")  # the report's lines unwrapped
+    proc = run_cli("info", str(dataset.root))
+    assert "part-00000000000000000001-stats.parquet" in proc.stdout and "part-00000000000000000002" in proc.stdout
+    proc = run_cli("sql", str(dataset.root), "SELECT count(*) AS n FROM tags", "--format", "csv")
+    assert proc.stdout.split() == ['"n"', "0"]
+    assert "warning:" in proc.stderr and "part-00000000000000000001-stats.parquet is not read" in proc.stderr
 
 
 def test_select_ids_joins_only_the_tables_a_predicate_names(dataset):

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import torch
 
 from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
-from curate.store import Dataset, DatasetError
+from curate.store import Dataset, DatasetError, where_clause
 from curate.trainer.config import TrainConfig
 from curate.trainer.epoch_prompts import CHUNK, EpochPrompts, build_epoch, default_workers
 from curate.trainer.model import sdxl_time_ids
@@ -81,9 +81,9 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     conditions = ["has_latent"]
     if not config.keep_rank_0:
         conditions.append("(rank IS NULL OR rank > 0)")
-    if config.where:
-        conditions.append(f"({config.where})")
     try:
+        if config.where:
+            conditions.append(where_clause(config.where))
         text = ds.query_manifest("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS "
                                  f"has_watermark, watermark_boxes FROM manifest WHERE {' AND '.join(conditions)}")
     except DatasetError as e:

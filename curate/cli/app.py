@@ -53,7 +53,11 @@ def storage_options(
 
 def main() -> None:
     quiet_loaders()
-    app()
+    try:
+        app()
+    except DatasetError as e:  # said by the store wherever it happened: a full disk, a read-only dataset
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(2) from None
 
 
 def model_errors() -> tuple[type[Exception], ...]:
@@ -118,7 +122,7 @@ def ingest(
         summary = run_ingest(srcs, Dataset(ds_path, create=True), show_progress=not quiet,
                              engine=engine.value, ray_address=ray_address, sidecar_text=sidecar_text.value,
                              caption_column=caption_column, tags_column=tags_column, reference=reference)
-    except (FileNotFoundError, SourceError) as e:
+    except (FileNotFoundError, DatasetError, SourceError) as e:
         fail(str(e))
     report(f"ingest -> {ds_path}", summary)
 
@@ -159,7 +163,6 @@ def dups(
 ):
     """Exact duplicate groups (same bytes, several sources) and near duplicates (phash distance)."""
     from curate.pipelines.dups import duplicate_groups, has_stats
-    from curate.progress import console
 
     ds = open_dataset(dataset)
     try:
@@ -183,7 +186,12 @@ def info(dataset: DatasetArg, format: FormatOpt = "table", output: OutputOpt = N
 
     ds = open_dataset(dataset)
     write_or_fail(dataset_info(ds), format, output)
-    print_summary(f"dataset {ds.root}", image_summary(ds), aside=format != "table" and output is None)
+    aside = format != "table" and output is None
+    print_summary(f"dataset {ds.root}", image_summary(ds), aside=aside)
+    unread = ds.unread_parts()
+    if unread:
+        print_summary("parts not read (damaged, or not their table's schema)",
+                      {str(path.relative_to(ds.root)): why for _, path, why in unread}, aside=aside)
 
 
 @app.command("hash")

@@ -23,7 +23,7 @@ from curate import edits
 from curate.buckets import Crop
 from curate.pipelines.dups import DEFAULT_THRESHOLD
 from curate.schema import MANIFEST_COLUMNS
-from curate.store import PART_GLOB, Dataset, edited_manifest_sql, stage_manifest_sql
+from curate.store import PART_GLOB, Dataset, edited_manifest_sql, guarded_connection, stage_manifest_sql
 from curate.trainer.prompts import PromptBuilder, PromptConfig
 from curate.web import IMAGE_ID
 
@@ -54,7 +54,8 @@ class ViewData:
         self.prompts = PromptBuilder(prompts or PromptConfig(), seed=seed)
         self.lock = threading.Lock()  # one connection, one query at a time
         self.made = 0  # edits and undos through this page
-        self.con = duckdb.connect()
+        # The page's filter is a user's expression: it reads the dataset and nothing else.
+        self.con = guarded_connection(directories=[ds.tables_dir, ds.root / "cache"])
         self.con.execute(ds.table_view_sql("edits"))
         self.base = stage_manifest(ds, self.con)
         manifest_views(self.con, self.base)
