@@ -239,7 +239,7 @@ class Dataset:
     @contextmanager
     def owner(self) -> Iterator[Owner]:
         """This run, for claiming work: its record lives while the block runs."""
-        owner = Owner(self.root)
+        owner = Owner(self.claims_root)
         try:
             owner.start()
         except ClaimError as e:
@@ -251,7 +251,15 @@ class Dataset:
 
     def claims(self, table: str, model: str, owner: Owner | str) -> Claims:
         """Claims on the units of one stage's work, made for `owner` (a run, or its id)."""
-        return Claims(str(self.root), table, model, owner if isinstance(owner, str) else owner.id)
+        return Claims(str(self.claims_root), table, model, owner if isinstance(owner, str) else owner.id)
+
+    @property
+    def claims_root(self) -> Path:
+        """Where claims live: in the dataset; for one in object storage (no atomic create or link
+        there) in a local folder, so they hold between the runs of one machine only."""
+        if not self.remote:
+            return self.root
+        return Path(tempfile.gettempdir()) / "curate-claims" / hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
