@@ -222,7 +222,7 @@ class Dataset:
         the order they were written even when writers' clocks differ (machines sharing the
         dataset): a row that refers to an earlier one (an exact duplicate whose bytes are
         stored elsewhere) always comes after it."""
-        names = [str(p).rsplit("/", 1)[-1] for p in self._part_files(name)]
+        names = [part_name(p) for p in self._part_files(name)]
         stamps = [int(n.split("-")[1]) for n in names if n.split("-")[1].isdigit()]
         return max([time.time_ns(), *(s + 1 for s in stamps)])
 
@@ -296,8 +296,11 @@ class Dataset:
                   batch_size: int = 256) -> Iterator[pa.RecordBatch]:
         """Stream one part's rows (only `row_groups` when given) on this thread, as `scan` does."""
         import pyarrow.dataset as pads
+        import pyarrow.fs as pafs
 
-        (fragment,) = pads.dataset([str(part)], schema=schema_of(name), format=_parquet_format()).get_fragments()
+        fs = self.fs if self.remote else pafs.LocalFileSystem()
+        (fragment,) = pads.dataset([filesystem(part)[1]], schema=schema_of(name), format=_parquet_format(self.remote),
+                                   filesystem=fs).get_fragments()
         if row_groups is not None:
             fragment = fragment.subset(row_group_ids=row_groups)
         scanner = pads.Scanner.from_fragment(fragment, schema=schema_of(name), columns=columns, batch_size=batch_size,
@@ -592,6 +595,11 @@ def row_groups_holding(parts: list[Path], ids: set[str]) -> list[tuple[Path, lis
             starts = np.cumsum([meta.row_group(k).num_rows for k in range(meta.num_row_groups)])
             holding.append((part, sorted(set(np.searchsorted(starts, rows[str(part)], side="right").tolist()))))
     return holding
+
+
+def part_name(part: Path | str) -> str:
+    """A part's file name, of a local path or an s3:// location."""
+    return str(part).rsplit("/", 1)[-1]
 
 
 def _file_list(parts: list[Path]) -> str:

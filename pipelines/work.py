@@ -28,7 +28,7 @@ from curate.claims import ClaimError
 from curate.pipelines.rows import binary_views
 from curate.pipelines.stage import Stage
 from curate.storage import LOCATOR_COLUMNS, holds_image
-from curate.store import Dataset, row_groups_holding, write_error
+from curate.store import Dataset, part_name, row_groups_holding, write_error
 
 CHUNK = 256  # a source stage's rows per unit, on average
 MAX_CHUNK = 4 * CHUNK
@@ -66,18 +66,18 @@ class DoneKeys:
 
     def skip_present(self) -> None:
         """Leave the parts there now to the caller: new() reads only those that come after."""
-        self.seen.update(part.name for part in self.ds.parts(self.table))
+        self.seen.update(part_name(part) for part in self.ds.parts(self.table))
 
     def new(self) -> set:
         """The keys in parts that appeared since the last call (the first call: all of them)."""
         keys: set = set()
         for part in self.ds.parts(self.table):
-            if part.name in self.seen:
+            if part_name(part) in self.seen:
                 continue
             for batch in self.ds.scan_part(self.table, part, {"k": pc.field(self.key), "done": self.filter}):
                 keys.update(k for k, d in zip(batch.column("k").to_pylist(), batch.column("done").to_pylist())
                             if d and k is not None)
-            self.seen.add(part.name)
+            self.seen.add(part_name(part))
         return keys
 
 
@@ -132,7 +132,7 @@ class Work:
                 if holds:
                     used.append(group)
             if used:
-                yield Unit(part.stem, keys, part=str(part), row_groups=used)
+                yield Unit(part_name(part).removesuffix(".parquet"), keys, part=str(part), row_groups=used)
 
     def _plan_source(self) -> Iterator[Unit]:
         stage = self.stages[0]
