@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curate.models.tiny_scoring import save_weights
+from curate.models.tiny_scoring import save_weights, write_once
 
 JOYTAG = {"class": "ViT", "image_size": 448, "n_tags": 5000, "num_blocks": 12, "patch_size": 16, "d_model": 768,
           "mlp_dim": 3072, "num_heads": 12, "stochdepth_rate": 0.05, "use_sine": True, "loss_type": "focal2",
@@ -126,10 +126,5 @@ def write_real_size(root: str | Path, names: list[str] | None = None) -> dict[st
     """Write the named models (all by default) under root/<name>; existing ones are kept."""
     written = {}
     for name in names or FAMILIES:
-        target = Path(root) / name
-        if not (target / ".complete").exists():
-            target.mkdir(parents=True, exist_ok=True)
-            FAMILIES[name](target)
-            (target / ".complete").touch()
-        written[name] = target
+        written[name] = write_once(Path(root) / name, FAMILIES[name])
     return written

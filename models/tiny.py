@@ -47,10 +47,5 @@ def write_zoo(root: str | Path, names: list[str] | None = None) -> dict[str, Pat
     for name in names or sorted(FAMILIES):
         if name in NEEDS:
             write_zoo(root, NEEDS[name])
-        target = root / name
-        if not (target / ".complete").exists():
-            target.mkdir(parents=True, exist_ok=True)
-            FAMILIES[name](target)
-            (target / ".complete").touch()
-        written[name] = target
+        written[name] = tiny_scoring.write_once(root / name, FAMILIES[name])
     return written

@@ -46,6 +46,15 @@ def write_laion_aesthetic(target: Path) -> None:
     torch.save(AestheticPredictor().state_dict(), target / WEIGHTS_FILE)
 
 
+def write_once(target: Path, write) -> Path:
+    """Run `write(target)` unless an earlier run finished it (a `.complete` marker, made last)."""
+    if not (target / ".complete").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        write(target)
+        (target / ".complete").touch()
+    return target
+
+
 def save_weights(model, path: Path) -> None:
     from safetensors.torch import save_file
 
