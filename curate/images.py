@@ -18,6 +18,7 @@ import signal
 import stat
 import struct
 import sys
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold (2x its warning level)
 # bytes end with this marker crashes the decoding process for real, as a faulty C decoder or
 # the OOM killer would. Unset (always, outside tests), nothing is looked at.
 CRASH_MARKER = b"curate-test-crash"
+# For tests that kill a run mid-work: with CURATE_TEST_DECODE_DELAY=S, every read of an image
+# waits S seconds first, so the work lasts long enough to be interrupted on a fast machine.
 
 # EXIF orientation tag value -> the transpose that shows the image upright.
 ORIENTATION_TRANSPOSE = {
@@ -179,6 +182,8 @@ def _guarded(data: bytes | memoryview, read):
         raise ImageError("empty", "zero bytes")
     if os.environ.get("CURATE_TEST_CRASH"):
         crash_if_marked(data)
+    if os.environ.get("CURATE_TEST_DECODE_DELAY"):
+        time.sleep(float(os.environ["CURATE_TEST_DECODE_DELAY"]))
     try:
         return read()
     except ImageError:

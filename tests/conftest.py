@@ -1,6 +1,7 @@
 """Shared fixtures: datasets made of generated images, a real local Ray cluster, the CLI."""
 from __future__ import annotations
 
+import atexit
 import http.client
 import io
 import json
@@ -8,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +126,18 @@ def ray_cluster():
              runtime_env={"env_vars": {"CURATE_TEST_CRASH": "segv"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()
+    # After the whole suite, ray.shutdown() has hung closing its GCS error subscription (seen in
+    # full runs only, since the local engine's passes run in forked processes; cause not found).
+    # Give it a minute, then stop the cluster's processes directly so the session can end.
+    stopping = threading.Thread(target=ray.shutdown, daemon=True)
+    stopping.start()
+    stopping.join(60)
+    if stopping.is_alive():
+        atexit.unregister(ray.shutdown)  # it would wait for the stuck call at exit
+        node = ray._private.worker._global_node
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        print("\nray.shutdown() hung after a minute: the test cluster's processes were killed", file=sys.stderr)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
