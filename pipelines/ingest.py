@@ -368,6 +368,8 @@ class IngestStage(Stage):
             elif c.get("side") and seen[c["source"]]:
                 yield {"source": c["source"], "known": seen[c["source"]], "side": c["side"]}
                 seen[c["source"]] = None
+            else:  # named all the same: the units of work are cut from the whole walk (Work.plan)
+                yield {"source": c["source"], "present": True}
 
     def prepare(self, row: dict) -> dict:
         if getattr(self, "_verdicts", None) is None:  # a Ray worker: it knows the copies it has seen

@@ -87,9 +87,10 @@ class Stage:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def inputs(self, ds: Dataset) -> Iterator[dict]:
-        """A source stage's input rows (only when `source` is None): those its table does not
-        hold yet (the executor claims and does them; ingest also yields, for files it holds, side
-        files to read again)."""
+        """A source stage's input rows (only when `source` is None), every one it would make, in a
+        stable order: those its table holds already marked `present: True` (the executor cuts its
+        units of work from all of them, so concurrent runs name a unit alike, and does and claims
+        the rest; ingest also yields, for files it holds, side files to read again)."""
         raise NotImplementedError
 
     def setup(self) -> None:

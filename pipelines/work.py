@@ -136,12 +136,14 @@ class Work:
 
     def _plan_source(self) -> Iterator[Unit]:
         stage = self.stages[0]
-        # The stage's inputs() leaves out what its table holds (ingest: files ingested before, but
-        # for their side files); `done` follows only the parts that come after it looked.
+        # The stage's inputs() marks what its table holds `present` (ingest: files ingested before,
+        # but for their side files); `done` follows only the parts that come after it looked.
+        # Stretches are cut from every input, present or not, so two runs that started at
+        # different moments name the same stretch the same and claim it from each other.
         self.done[0].skip_present()
         seen: set = set()  # a row named twice in the input (a source given twice) counts once
         for stretch in _stretches(stage.inputs(self.ds), stage.key):
-            rows = [r for r in stretch if r[stage.key] not in seen]
+            rows = [r for r in stretch if not r.get("present") and r[stage.key] not in seen]
             seen.update(r[stage.key] for r in rows)
             if rows:
                 name = hashlib.sha256(str(stretch[0][stage.key]).encode()).hexdigest()[:20]
