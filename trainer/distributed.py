@@ -43,7 +43,7 @@ def train_on_ray(dataset: str, base: str, config: TrainConfig, resume: bool = Fa
     config_values = config_dict(config) | {"output": str(output)}
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [package_parent(),
                                                                                          os.environ.get("PYTHONPATH")])),
                                            **storage_env()}})  # workers reach an s3:// dataset as we do
     settings = {"dataset": dataset if is_remote(dataset) else str(Path(dataset).resolve()),
@@ -57,3 +57,14 @@ def train_on_ray(dataset: str, base: str, config: TrainConfig, resume: bool = Fa
         raise RuntimeError(f"training failed on Ray: {result.error}")
     summary = output / "summary.json"  # written by rank 0 at the end of its run
     return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+def package_parent() -> str:
+    """The folder that holds the `curate` package (a worker imports it from there): not this
+    file's grandparent, which in an installed wheel is the package itself, and on a worker's
+    path would make its subpackages (`trainer`, `models`) top-level names."""
+    import os
+
+    import curate
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(curate.__file__)))
