@@ -157,7 +157,7 @@ class Dataset:
         An object in object storage is complete once it is listed (see the module's docstring);
         there, a part without its table's schema tag is skipped the same way."""
         if self.remote:
-            return self._remote_parts(name)
+            return self._readable(name, self._part_files(name))
         folder = self.table_dir(name)
         try:
             changed = os.stat(folder).st_mtime_ns
@@ -166,32 +166,24 @@ class Dataset:
             names = sorted(entry.name for entry in os.scandir(folder) if fnmatch(entry.name, PART_GLOB))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        parts = []
-        for path in (folder / n for n in names if _ends_in_footer(folder / n)):
-            problem = checked_part(path, name)
-            if problem is None:
-                parts.append(path)
-            elif path not in _WARNED:
-                _WARNED.add(path)
-                warn(f"{path} is not read: {problem}")
+        parts = self._readable(name, [folder / n for n in names if _ends_in_footer(folder / n)])
         # A listing is reused while the folder is unchanged; not if it changed in the last second,
         # when a part renamed in later could leave its time stamp as it was (coarse clocks).
         if time.time_ns() - changed > 1e9:
             self._listed[name] = (changed, parts)
         return list(parts)
 
-    def _remote_parts(self, name: str) -> list[str]:
-        import pyarrow.fs as pafs
-
-        listed = self.fs.get_file_info(pafs.FileSelector(filesystem(self.table_dir(name))[1], allow_not_found=True))
+    @staticmethod
+    def _readable(name: str, paths: list) -> list:
+        """The paths that are parts of this table; each other one is named in a warning, once."""
         parts = []
-        for path in sorted(uri(self.fs, i.path) for i in listed
-                           if i.type == pafs.FileType.File and fnmatch(i.base_name, PART_GLOB)):
-            if checked_part(path, name) is None:
+        for path in paths:
+            problem = checked_part(path, name)
+            if problem is None:
                 parts.append(path)
             elif path not in _WARNED:
                 _WARNED.add(path)
-                warn(f"{path} is not read: {checked_part(path, name)}")
+                warn(f"{path} is not read: {problem}")
         return parts
 
     def unread_parts(self) -> list[tuple[str, Path, str]]:
