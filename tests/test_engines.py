@@ -115,7 +115,8 @@ def test_poison_image_is_recorded_as_worker_died(dataset, ray_cluster):
 
 
 class SlowModel(StatsStage):
-    """A stage with a model (so a Ray actor holds it) that takes its time, so kills land mid-run."""
+    """A stage with a model (so a Ray actor holds it) that takes its time, decoding too,
+    so kills land mid-run."""
 
     batch_size = 4
 
@@ -124,6 +125,12 @@ class SlowModel(StatsStage):
 
     def setup(self):
         pass
+
+    def prepare(self, row):
+        import time
+
+        time.sleep(0.1)
+        return super().prepare(row)
 
     def process(self, batch):
         import time
@@ -163,11 +170,12 @@ def test_killed_ray_workers_and_model_actor_leave_the_same_tables(tmp_path, ray_
     kills = []
 
     def killer():
-        for kind in ("MapWorker", "_prepare_batch", "MapWorker", "_prepare_batch"):  # the model actor, decoders
+        # A decoder first, at once (its tasks are short), then the model actor once it holds a batch.
+        for kind, wait in (("_prepare_batch", 0), ("MapWorker", 0.3), ("_prepare_batch", 0)):
             deadline = time.monotonic() + 60
             while not ray_processes(kind) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.3)
+                time.sleep(0.02)
+            time.sleep(wait)
             for proc in ray_processes(kind)[:1]:
                 proc.kill()
                 kills.append(kind)
