@@ -116,8 +116,10 @@ def epoch_prompts(rows: int, tmp: Path, sdxl: Path) -> dict:
     serial, parallel = (TrainData(loaded, load_config(None, prompt_workers=n), tokenizer) for n in (1, workers))
     prompts, epoch = timed(lambda: serial.epoch_prompts(0))  # a first epoch: piece caches cold
     _, parallel_us = timed(lambda: parallel.epoch_prompts(0))
-    held = sum(a.nbytes for a in vars(prompts).values())
-    return {"rows": rows, "mean_tokens": round(float(prompts.starts[-1]) / rows, 1), "build_us": build,
+    arrays = [prompts.order, prompts.position, prompts.chunks, prompts.tag_counts, *prompts.tokens, *prompts.starts]
+    held = sum(a.nbytes for a in arrays)
+    tokens = sum(len(t) for t in prompts.tokens)
+    return {"rows": rows, "mean_tokens": round(tokens / rows, 1), "build_us": build,
             "tokenizer_us": own, "prompt_tokenizer_cold_us": cold, "prompt_tokenizer_warm_us": warm,
             "tokenize_speedup_warm": round(own / warm, 1), "epoch_prompts_us": epoch,
             f"epoch_prompts_{workers}_workers_us": parallel_us, "bytes_held_per_prompt": round(held / rows, 1)}

@@ -138,9 +138,10 @@ def test_the_next_micro_batch_and_epoch_are_built_while_one_trains(tmp_path, sdx
     assert (torch.equal(batch["latents"], expected["latents"])
             and torch.equal(batch["input_ids"][0], expected["input_ids"][0]))
     assert sorted(trainer.data.epochs) == [0, 1]  # epoch 1's prompts were started with epoch 0's first batch
-    ahead, fresh = trainer.data.epochs[1].result(), trainer.data.build_prompts(1)
-    assert np.array_equal(ahead.tokens, fresh.tokens) and np.array_equal(ahead.starts, fresh.starts)
-    assert not np.array_equal(ahead.tokens, trainer.data.epoch_prompts(0).tokens)
+    ahead, fresh = trainer.data.epoch_prompts(1), trainer.data.build_prompts(1)
+    rows = range(len(trainer.data.rows))
+    assert all(np.array_equal(ahead.tokens_of(i), fresh.tokens_of(i)) for i in rows)
+    assert not all(np.array_equal(ahead.tokens_of(i), trainer.data.epoch_prompts(0).tokens_of(i)) for i in rows)
     trainer.train_step(1)
     trainer.train_step(2)
     assert trainer.next_batch is None  # nothing is built past the last micro-step

@@ -151,8 +151,9 @@ def test_prompt_worker_processes_build_the_same_prompts(tmp_path, zoo, monkeypat
     built = []
     prompts = parallel.build_prompts(3, built.append)
     assert built == [16] * 6 + [4]  # in row order, one advance per span
-    for name in ("tokens", "starts", "chunks", "tag_counts"):
+    for name in ("order", "chunks", "tag_counts"):
         assert np.array_equal(getattr(prompts, name), getattr(serial, name)), name
+    assert all(np.array_equal(prompts.tokens_of(i), serial.tokens_of(i)) for i in range(len(rows)))
     assert parallel.tokenize.pieces == {}  # the workers did the work, each with its own piece cache
     for row in rows:
         row.tags = [3]  # not a tag: the workers fail, and the trainer says so
@@ -160,6 +161,37 @@ def test_prompt_worker_processes_build_the_same_prompts(tmp_path, zoo, monkeypat
         parallel.build_prompts(4)
     with pytest.raises(ValueError, match="prompt_workers must be 0"):
         load_config(None, prompt_workers=-1)
+
+
+def test_the_first_batch_waits_for_one_span_of_prompts_not_the_epoch(tmp_path, zoo, monkeypatch):
+    """At 1.5M rows an epoch's prompts take minutes: the plan takes a span of them at a time,
+    so the first batch needs one span built, and the whole plan is the same either way."""
+    import threading
+
+    from curate.trainer.data import EpochPlan
+    from curate.trainer.epoch_prompts import build_span
+
+    monkeypatch.setattr(curate.trainer.epoch_prompts, "PROMPT_SPAN", 16)
+    config = load_config(None, batch_size=4)
+    rows = load_rows(make_latent_dataset(tmp_path / "ds", 100, buckets=[(8, 8), (8, 12)]), config)
+    data = TrainData(rows, config, tokenizer(zoo))
+    prompts = data.new_prompts(0)
+    first = [rows[i] for i in prompts.order[:16]]
+    prompts.add(build_span(data.prompts, data.tokenize, 0, [(r.image_id, r.tags, r.caption, r.rank,
+                                                            r.has_watermark) for r in first]))
+    plan = EpochPlan(prompts, rows, 4, np.random.default_rng([0, 0, 4]))
+    planned = threading.Thread(target=plan.first, args=(1,), daemon=True)
+    planned.start()
+    planned.join(timeout=30)
+    assert not planned.is_alive() and prompts.built == 16  # one span: the rest of the epoch is not built
+    assert plan.batches and {i for batch in plan.batches for i in batch} <= set(prompts.order[:16].tolist())
+
+    whole = data.plan(0)  # built and planned to the end by the trainer's own path
+    assert whole[: len(plan.batches)] == plan.batches and whole == data.plan(0)
+    per_bucket = Counter(r.bucket for r in rows)
+    assert Counter(rows[b[0]].bucket for b in whole) == {k: n // 4 for k, n in per_bucket.items()}
+    assert all(len(b) == 4 and len({rows[i].bucket for i in b}) == 1 for b in whole)
+    assert len({i for b in whole for i in b}) == 4 * len(whole) == 4 * data.batches_per_epoch
 
 
 def test_prompt_tokenizer_gives_the_tokenizers_own_ids(zoo):

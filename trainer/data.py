@@ -8,8 +8,10 @@ so a fair random sample) is kept for validation.
 Every batch holds one bucket (one latent shape). Within a bucket, samples are grouped by
 the number of 75-token chunks their prompt needs before batching, so the padded
 lengths the model sees (75/150/225 tokens) follow the prompts' own length distribution
-instead of collapsing to the longest prompt of every batch. An epoch's plan is a pure
-function of (seed, epoch), so a resumed run sees the same batches. A table larger than
+instead of collapsing to the longest prompt of every batch. An epoch's prompts and plan are
+built a span of rows at a time (see EpochPlan), so the first step does not wait for a whole
+epoch's prompts, and the plan is a pure function of (seed, epoch): a resumed run sees the
+same batches. A table larger than
 the latent cache is shuffled within windows of row groups that fit it (TrainData.windows).
 
 Latents are not held in memory: a Row keeps only its metadata and where its latent lives
@@ -25,7 +27,7 @@ import math
 import re
 import threading
 from collections import Counter, OrderedDict, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from sys import intern
@@ -234,9 +236,8 @@ class TrainData:
         self.tokenize = PromptTokenizer(tokenizer.backend_tokenizer)
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
-        self.epochs: dict[int, Future] = {}  # epoch -> its prompts (see prefetch); the two newest
-        self.built: dict[int, int] = {}  # epoch -> rows whose prompts are built so far
-        self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, plan) of the last batch_at
+        self.epochs: dict[int, EpochPrompts] = {}  # epoch -> its prompts, being built (see prefetch); the two newest
+        self.plans: dict[int, EpochPlan] = {}  # epoch -> its batches planned so far; the two newest
         self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
 
     def require_batches(self) -> None:
@@ -256,18 +257,24 @@ class TrainData:
         return bool(draw < self.config.flip_p)
 
     def epoch_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
-        """`epoch`'s prompts, waiting for their build (started now or by an earlier prefetch);
-        advance(rows) follows the build's progress."""
+        """All of `epoch`'s prompts, waiting for their build (started now or by an earlier
+        prefetch); advance(rows) follows the build's progress."""
         self.prefetch(epoch)
-        future, shown = self.epochs[epoch], 0
-        while advance:
-            finished = not wait([future], timeout=0.2).not_done
-            if self.built[epoch] > shown:
-                advance(self.built[epoch] - shown)
-                shown = self.built[epoch]
+        prompts, shown = self.epochs[epoch], 0
+        while True:
+            finished = prompts.wait(timeout=0.2)
+            if advance and prompts.built > shown:
+                advance(prompts.built - shown)
+                shown = prompts.built
             if finished:
-                break
-        return future.result()
+                return prompts
+
+    def prompts_for(self, epoch: int, indices: list[int]) -> EpochPrompts:
+        """`epoch`'s prompts, once those of rows `indices` are built."""
+        self.prefetch(epoch)
+        prompts = self.epochs[epoch]
+        prompts.wait(int(prompts.position[indices].max()) + 1)
+        return prompts
 
     def prefetch(self, epoch: int) -> None:
         """Start building `epoch`'s prompts on a thread of their own, after the epochs already
@@ -275,51 +282,43 @@ class TrainData:
         a process that exits (Ctrl-C, an error) does not wait minutes for prompts nobody uses."""
         if epoch in self.epochs:
             return
-        earlier, future = list(self.epochs.values()), Future()
-
-        def progress(rows: int) -> None:
-            self.built[epoch] += rows
+        earlier, prompts = list(self.epochs.values()), self.new_prompts(epoch)
 
         def build() -> None:
-            wait(earlier)  # one build at a time
+            for other in earlier:  # one build at a time
+                with other.ready:
+                    other.ready.wait_for(lambda: other.done)
             try:
-                future.set_result(self.build_prompts(epoch, progress))
+                self.build_prompts(epoch, into=prompts)
             except BaseException as e:
-                future.set_exception(e)
+                prompts.fail(e)
 
-        self.epochs = {e: f for e, f in self.epochs.items() if e >= epoch - 1} | {epoch: future}
-        self.built[epoch] = 0
+        self.epochs = {e: p for e, p in self.epochs.items() if e >= epoch - 1} | {epoch: prompts}
         threading.Thread(target=build, name=f"prompts-epoch-{epoch}", daemon=True).start()
 
-    def build_prompts(self, epoch: int, advance: Callable[[int], None] | None = None) -> EpochPrompts:
-        return build_epoch(self.rows, epoch, self.prompts, self.tokenize, self.max_chunks,
+    def new_prompts(self, epoch: int) -> EpochPrompts:
+        """`epoch`'s prompts, none built yet, in the epoch's order: each window of row groups (see
+        windows) in turn, its rows in random order. A span of that order is a random sample of
+        its window, and the plan batches a span at a time."""
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        windows = [np.asarray(w, np.int64) for w in self.windows(rng)]
+        return EpochPrompts(np.concatenate([w[rng.permutation(len(w))] for w in windows]), self.max_chunks,
+                            np.cumsum([len(w) for w in windows]).tolist())
+
+    def build_prompts(self, epoch: int, advance: Callable[[int], None] | None = None,
+                      into: EpochPrompts | None = None) -> EpochPrompts:
+        return build_epoch(into or self.new_prompts(epoch), self.rows, epoch, self.prompts, self.tokenize,
                            self.config.prompt_workers or default_workers(), advance)
 
-    def plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches (row indices): one bucket each, grouped by prompt chunks, in random
-        order within each window of row groups (see windows); rows a window leaves short of a
-        full batch go on to the next one."""
-        chunks = self.epoch_prompts(epoch).chunks.tolist()
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        size, plan, carried = self.config.batch_size, [], {}
-        for window in self.windows(rng):
-            groups: dict[tuple, list[int]] = defaultdict(list)
-            for i in window:
-                groups[(self.rows[i].bucket, chunks[i])].append(i)
-            batches, leftovers = [], defaultdict(list, carried)
-            for (bucket, _), members in sorted(groups.items()):
-                members = [members[j] for j in rng.permutation(len(members))]
-                full = len(members) // size * size
-                batches += [members[k : k + size] for k in range(0, full, size)]
-                leftovers[bucket] += members[full:]
-            carried = {}
-            for bucket, members in sorted(leftovers.items()):
-                members = [members[j] for j in rng.permutation(len(members))]
-                full = len(members) // size * size
-                batches += [members[k : k + size] for k in range(0, full, size)]
-                carried[bucket] = members[full:]
-            plan += [batches[j] for j in rng.permutation(len(batches))]
-        return plan
+    def plan(self, epoch: int, batches: int | None = None) -> list[list[int]]:
+        """The epoch's batches (row indices), at least its first `batches` (all by default): see
+        EpochPlan. Planned as far as asked, as the prompts they need are built."""
+        if epoch not in self.plans:
+            self.prefetch(epoch)
+            self.plans = {e: p for e, p in self.plans.items() if e >= epoch - 1} | {
+                epoch: EpochPlan(self.epochs[epoch], self.rows, self.config.batch_size,
+                                 np.random.default_rng([self.seed, epoch, 4]))}
+        return self.plans[epoch].first(self.batches_per_epoch if batches is None else batches)
 
     def windows(self, rng: np.random.Generator) -> list[list[int]]:
         """Row indices in windows of whole row groups. A table that fits the latent cache is one
@@ -356,9 +355,7 @@ class TrainData:
     def batch_at(self, step: int) -> tuple[int, list[int]]:
         """(epoch, row indices) of the global micro-step `step`."""
         epoch, index = divmod(step, self.batches_per_epoch)
-        if self._plan is None or self._plan[0] != epoch:  # planned once per epoch, not once per micro-step
-            self._plan = (epoch, self.plan(epoch))
-        return epoch, self._plan[1][index]
+        return epoch, self.plan(epoch, index + 1)[index]
 
     def write_schedule(self, path: Path, epoch: int) -> None:
         """EveryDream2's write_schedule: the epoch's batches, a row per sample (global micro-step,
@@ -377,7 +374,7 @@ class TrainData:
         tmp.replace(path)
 
     def collate(self, indices: list[int], epoch: int, tokenizers: list) -> dict:
-        prompts = self.epoch_prompts(epoch)
+        prompts = self.prompts_for(epoch, indices)
         rows = [self.rows[i] for i in indices]
         flips = [self.flipped(r, epoch) for r in rows]
         n_chunks = int(prompts.chunks[indices].max())
@@ -418,6 +415,52 @@ class TrainData:
                      .standard_normal(r.shape, np.float32))
             out.append(mean.astype(np.float32) + np.exp(0.5 * logvar.astype(np.float32)) * noise)
         return out
+
+
+class EpochPlan:
+    """An epoch's batches, planned a span of its prompts' order at a time (so the first batch
+    waits for one span of prompts, not for the whole epoch), a window at most (so that the
+    span's batches read only its window's row groups). Within a span, rows are grouped by
+    bucket and by the 75-token chunks their prompt needs, so that the padded lengths the model
+    sees follow the prompts' own length distribution; each group is cut into batches, the
+    rows left over join the bucket's rows left over from earlier spans, and those make more
+    batches; what is still short of a batch goes on to the next span, and the span's batches
+    come in random order. Every bucket gives floor(rows / batch_size) batches an epoch."""
+
+    def __init__(self, prompts: EpochPrompts, rows: list[Row], size: int, rng: np.random.Generator):
+        self.prompts, self.rows, self.size, self.rng = prompts, rows, size, rng
+        self.batches: list[list[int]] = []
+        self.carried: dict[tuple, list[int]] = {}
+        self.planned = 0  # rows of prompts.order planned
+
+    def first(self, n: int) -> list[list[int]]:
+        total = len(self.prompts.order)
+        while len(self.batches) < n and self.planned < total:
+            # a span of prompts, or less at the end of a window: a span's batches mix its rows
+            window_end = next(e for e in self.prompts.window_ends if e > self.planned)
+            end = min(self.planned + self.prompts.span, window_end)
+            self.prompts.wait(end)
+            self.add_span(self.prompts.order[self.planned : end].tolist())
+            self.planned = end
+        return self.batches
+
+    def add_span(self, span: list[int]) -> None:
+        chunks, size, rng = self.prompts.chunks, self.size, self.rng
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in span:
+            groups[(self.rows[i].bucket, int(chunks[i]))].append(i)
+        batches, leftovers = [], defaultdict(list, self.carried)
+        for (bucket, _), members in sorted(groups.items()):
+            full = len(members) // size * size
+            batches += [members[k : k + size] for k in range(0, full, size)]
+            leftovers[bucket] += members[full:]
+        self.carried = {}
+        for bucket, members in sorted(leftovers.items()):
+            members = [members[j] for j in rng.permutation(len(members))]
+            full = len(members) // size * size
+            batches += [members[k : k + size] for k in range(0, full, size)]
+            self.carried[bucket] = members[full:]
+        self.batches += [batches[j] for j in rng.permutation(len(batches))]
 
 
 def flipped_time_ids(row: Row) -> tuple[int, ...]:

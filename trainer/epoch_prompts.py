@@ -1,13 +1,15 @@
-"""An epoch's prompts: every training row's prompt, built and tokenized, in one array.
+"""An epoch's prompts: every training row's prompt, built and tokenized, span by span.
 
 A prompt takes ~0.1 ms on one core (building ~0.05, tokenizing the rest), so a 1.5M-row
-epoch takes minutes, and the run waits for its first epoch's before the first step. Rows
-are cut into spans of PROMPT_SPAN; with several workers, the spans go to worker
-processes. A worker is a fresh `python` that imports only the prompt builder and the
-tokenizer, and reads spans of row text (pickled: a tag repeated across a span's rows is
-sent once) on its stdin. Not multiprocessing's fork, which copies the trainer's state
-(Ray's and CUDA's threads, Ray's signal handlers: a pool forked in a Ray worker never
-ended), nor its spawn, which re-imports the caller's main script.
+epoch takes minutes. The rows are built in the epoch's own random order, in spans of
+PROMPT_SPAN rows, and each span is usable as soon as it is built: the batch plan (see
+TrainData.plan) takes a span at a time, so the first step waits for one span (about a
+second), not for the whole epoch. With several workers, the spans go to worker processes. A
+worker is a fresh `python` that imports only the prompt builder and the tokenizer, and reads
+spans of row text (pickled: a tag repeated across a span's rows is sent once) on its stdin.
+Not multiprocessing's fork, which copies the trainer's state (Ray's and CUDA's threads,
+Ray's signal handlers: a pool forked in a Ray worker never ended), nor its spawn, which
+re-imports the caller's main script.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pickle
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -32,18 +34,60 @@ RowText = tuple[str, list[str], "str | None", "int | None", bool]
 Span = tuple[np.ndarray, np.ndarray, np.ndarray]  # token ids, tokens per prompt, tags per prompt
 
 
-@dataclass
 class EpochPrompts:
-    """An epoch's prompts, as the content tokens (no BOS/EOS) of every row in one array:
-    row i's are tokens[starts[i]:starts[i + 1]]. About 200 bytes a prompt, where a Prompt
-    object and an array per prompt took ~1.8 KB (GBs for a bigASP-size table)."""
-    tokens: np.ndarray
-    starts: np.ndarray
-    chunks: np.ndarray  # 75-token chunks each row's prompt takes (1..max_chunks)
-    tag_counts: np.ndarray  # image tags in each prompt, -1 for a prompt without tags (the dry-run report)
+    """An epoch's prompts as the content tokens (no BOS/EOS) of its rows, one array per span
+    of `order` (about 200 bytes a prompt, where a Prompt object and an array per prompt took
+    ~1.8 KB: GBs for a bigASP-size table). Filled a span at a time by build_epoch, on another
+    thread: `wait` blocks until the spans a reader needs are in."""
+
+    def __init__(self, order: np.ndarray, max_chunks: int, window_ends: list[int] | None = None):
+        self.order = order  # row indices in the order their prompts are built
+        self.window_ends = window_ends or [len(order)]  # where each window of row groups ends in `order`
+        self.position = np.empty(len(order), np.int64)  # row index -> its place in `order`
+        self.position[order] = np.arange(len(order))
+        self.span, self.max_chunks = PROMPT_SPAN, max_chunks
+        self.chunks = np.zeros(len(order), np.uint8)  # per row: 75-token chunks its prompt takes (1..max_chunks)
+        self.tag_counts = np.zeros(len(order), np.int16)  # per row: tags in its prompt, -1 without tags (dry run)
+        self.tokens: list[np.ndarray] = []  # per span: its prompts' tokens, one after another
+        self.starts: list[np.ndarray] = []  # per span: where each prompt's tokens start, and the end
+        self.built = 0  # rows of `order` whose prompts are in
+        self.error: BaseException | None = None
+        self.ready = threading.Condition()
+
+    def add(self, span: Span) -> None:
+        ids, counts, tags = span
+        rows = self.order[self.built : self.built + len(counts)]
+        self.chunks[rows] = np.clip(-(-counts // CHUNK), 1, self.max_chunks)
+        self.tag_counts[rows] = tags
+        with self.ready:
+            self.tokens.append(ids)
+            self.starts.append(np.concatenate([[0], np.cumsum(counts)]))
+            self.built += len(counts)
+            self.ready.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.ready:
+            self.error = error
+            self.ready.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self.built == len(self.order) or self.error is not None
+
+    def wait(self, rows: int | None = None, timeout: float | None = None) -> bool:
+        """Whether the first `rows` of `order` (all by default) are built, waiting up to
+        `timeout` seconds (for ever by default); a failed build raises its error here."""
+        rows = len(self.order) if rows is None else rows
+        with self.ready:
+            self.ready.wait_for(lambda: self.built >= rows or self.error is not None, timeout)
+        if self.error is not None:
+            raise self.error
+        return self.built >= rows
 
     def tokens_of(self, i: int) -> np.ndarray:
-        return self.tokens[self.starts[i] : self.starts[i + 1]]
+        span, k = divmod(int(self.position[i]), self.span)
+        starts = self.starts[span]
+        return self.tokens[span][starts[k] : starts[k + 1]]
 
 
 def default_workers() -> int:
@@ -62,31 +106,24 @@ def build_span(builder: PromptBuilder, tokenize: PromptTokenizer, epoch: int, ro
     return ids, counts, np.array(tag_counts, np.int16)
 
 
-def build_epoch(rows: list, epoch: int, builder: PromptBuilder, tokenize: PromptTokenizer, max_chunks: int,
+def build_epoch(prompts: EpochPrompts, rows: list, epoch: int, builder: PromptBuilder, tokenize: PromptTokenizer,
                 workers: int = 1, advance: Callable[[int], None] | None = None) -> EpochPrompts:
-    """Every row's prompt for `epoch` (rows with image_id, tags, caption, rank, has_watermark);
-    advance(rows) after each span, in row order."""
-    spans = ([(r.image_id, r.tags, r.caption, r.rank, r.has_watermark) for r in rows[k : k + PROMPT_SPAN]]
-             for k in range(0, len(rows), PROMPT_SPAN))
-    workers = min(workers, -(-len(rows) // PROMPT_SPAN))
+    """Fill `prompts` with the prompts of `rows` (with image_id, tags, caption, rank,
+    has_watermark) for `epoch`, a span at a time in prompts.order; advance(rows) after each."""
+    order = prompts.order.tolist()
+    spans = ([(r.image_id, r.tags, r.caption, r.rank, r.has_watermark) for r in map(rows.__getitem__, order[k : k + n])]
+             for n in [prompts.span] for k in range(0, len(order), n))
+    workers = min(workers, -(-len(order) // prompts.span))
     if workers > 1:
         setup = (builder.config, builder.seed, tokenize.backend.to_str())
-        return joined(in_workers(workers, setup, ((epoch, span) for span in spans)), max_chunks, advance)
-    return joined((build_span(builder, tokenize, epoch, span) for span in spans), max_chunks, advance)
-
-
-def joined(spans: Iterable[Span], max_chunks: int, advance: Callable[[int], None] | None) -> EpochPrompts:
-    tokens, lengths, tag_counts = [np.zeros(0, np.uint16)], [np.zeros(0, np.int64)], [np.zeros(0, np.int16)]
-    for ids, counts, tags in spans:
-        tokens.append(ids)
-        lengths.append(counts)
-        tag_counts.append(tags)
+        built = in_workers(workers, setup, ((epoch, span) for span in spans))
+    else:
+        built = (build_span(builder, tokenize, epoch, span) for span in spans)
+    for span in built:
+        prompts.add(span)
         if advance:
-            advance(len(counts))
-    length = np.concatenate(lengths)
-    chunks = np.clip(-(-length // CHUNK), 1, max_chunks).astype(np.uint8)
-    return EpochPrompts(np.concatenate(tokens), np.concatenate([[0], np.cumsum(length)]), chunks,
-                        np.concatenate(tag_counts))
+            advance(len(span[1]))
+    return prompts
 
 
 def in_workers(n: int, setup: tuple, tasks: Iterator[tuple[int, list[RowText]]]) -> Iterator[Span]:

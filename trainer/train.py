@@ -318,12 +318,6 @@ class Trainer:
 
             writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=start + 1 if start else None)
         try:
-            # The first epoch's prompts (started while the models loaded; later ones build
-            # while the epoch before trains): minutes for a large table, so they get a bar.
-            epoch = self.epoch_at(start)
-            with progress_bar(f"prompts, epoch {epoch}", len(self.data.rows),
-                              enabled=show_progress and lead) as advance:
-                self.data.epoch_prompts(epoch, advance)
             with progress_bar("train", c.max_steps - start, enabled=show_progress and lead) as advance:
                 for step in range(start, c.max_steps):
                     loss = self.train_step(step)
