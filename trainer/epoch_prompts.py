@@ -114,7 +114,7 @@ def build_epoch(prompts: EpochPrompts, rows: list, epoch: int, builder: PromptBu
     spans = ([(r.image_id, r.tags, r.caption, r.rank, r.has_watermark) for r in map(rows.__getitem__, order[k : k + n])]
              for n in [prompts.span] for k in range(0, len(order), n))
     workers = min(workers, -(-len(order) // prompts.span))
-    if workers > 1:
+    if workers > 1 or len(order) > prompts.span:  # in worker processes: the trainer's threads keep the GIL
         setup = (builder.config, builder.seed, tokenize.backend.to_str())
         built = in_workers(workers, setup, ((epoch, span) for span in spans))
     else:

@@ -18,7 +18,9 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,6 +69,20 @@ def all_reduce_mean(tensors: list[torch.Tensor], world: int, bucket_bytes: int =
             t.copy_(averaged.view_as(t))
 
 
+def in_background(work: Callable[[], object]) -> Future:
+    """work() on a daemon thread: a run that fails meanwhile ends without waiting for it."""
+    future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
 def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
 
@@ -82,14 +98,16 @@ class Trainer:
             raise ValueError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
         torch.manual_seed(config.seed)
         tokenizer = pipeline_tokenizer(base)
-        train_rows, val_rows = split_rows(load_rows(Dataset(dataset), config), config)
+        # The rows are read while the models load (a DuckDB query and a pass over the latents'
+        # small columns, which release the GIL: about a minute at 1.5M images).
+        loading = in_background(partial(load_rows, Dataset(dataset), config))
+        self.models = Models(base, config, self.device, checkpoint)
+        train_rows, val_rows = split_rows(loading.result(), config)
         check_latent_scaling(train_rows + val_rows, base)
         latents = latent_cache(config)  # one bound on latent memory for all three sets
         self.data = TrainData(train_rows, config, tokenizer, latents=latents)
         self.data.require_batches()
-        # The first epoch's prompts are built (in worker processes) while the models load
         self.data.prefetch(self.epoch_at(checkpoint_step(checkpoint) if checkpoint else 0))
-        self.models = Models(base, config, self.device, checkpoint)
         self.last_epoch = (config.max_steps * config.gradient_accumulation - 1) // self.data.batches_per_epoch
         self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
         self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer, latents=latents)
