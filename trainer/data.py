@@ -22,6 +22,7 @@ per 1024x1024 SDXL latent for the whole table.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import re
@@ -65,7 +66,7 @@ class Row:
     caption: str | None
     rank: int | None
     has_watermark: bool
-    boxes: list[dict]
+    boxes: list[dict] | tuple  # NO_BOXES without
     flip_crop_left: int | None  # the mirrored crop's left in the flipped image (encode --flip), else None
 
     @property
@@ -74,6 +75,16 @@ class Row:
 
 
 def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
+    """load_rows_now with Python's cycle collector paused: it would scan the millions of lists
+    and Rows being made again and again (a third of the time at 1.5M rows); they hold no cycles."""
+    gc.disable()
+    try:
+        return load_rows_now(ds, config)
+    finally:
+        gc.enable()
+
+
+def load_rows_now(ds: Dataset, config: TrainConfig) -> list[Row]:
     """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text.
 
     Only the small columns are read; a Row points at its latent for LatentCache to read later.
@@ -98,25 +109,49 @@ def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
     if not groups or not latents.num_rows:
         raise ValueError("no rows to train on: no ok latents among the chosen images "
                          "(run `curate encode`, check --where)")
-    # The latest row of each image (write order: of two rows created at once, the later wins)
-    latents = latents.sort_by([("image_id", "ascending"), ("created_at", "ascending"), ("write_order", "ascending")])
-    ids = latents["image_id"]
-    last = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1)).to_numpy(zero_copy_only=False)
-    latents = latents.filter(pa.array(np.append(last, True)))
-    text = text.take(pc.index_in(latents["image_id"], value_set=text["image_id"]))
+    if pc.count_distinct(latents["image_id"]).as_py() < latents.num_rows:
+        # An image encoded again: its latest row (write order: of two rows created at once, the later)
+        latents = latents.sort_by([("image_id", "ascending"), ("created_at", "ascending"),
+                                   ("write_order", "ascending")])
+        ids = latents["image_id"]
+        last = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1)).to_numpy(zero_copy_only=False)
+        latents = latents.filter(pa.array(np.append(last, True)))
+    else:
+        latents = latents.sort_by("image_id")
+    # Each column becomes Python values once, in the text's order, then is put in the rows' order
+    at = pc.index_in(latents["image_id"], value_set=text["image_id"]).to_numpy().tolist()
+
+    def text_column(values: list) -> list:
+        return list(map(values.__getitem__, at))
+
     c = {name: latents[name].to_pylist() for name in ["image_id", "row_group", "row", "scaling_factor",
                                                       "resized_height", "resized_width", "flip_crop_left"]}
     parts = latents["part"].combine_chunks().dictionary_encode()
     names = [intern(p) for p in parts.dictionary.to_pylist()]  # a part's name once, not once per row
-    shapes: dict[tuple, tuple] = {}  # each shape once, shared by its bucket's rows
-    shape = [shapes.setdefault(t, t) for t in map(tuple, latents["shape"].to_pylist())]
+    # each shape once, shared by its bucket's rows: [C, H, W] as one number, to find them fast
+    dims = pc.list_flatten(latents["shape"]).to_numpy().reshape(-1, 3).astype(np.int64)
+    keys, inverse = np.unique((dims[:, 0] << 42) | (dims[:, 1] << 21) | dims[:, 2], return_inverse=True)
+    shapes = [(int(k >> 42), int(k >> 21 & (1 << 21) - 1), int(k & (1 << 21) - 1)) for k in keys]
     time_ids = zip(*(latents[name].to_pylist() for name in CONDITIONING))  # diffusers' order: sdxl_time_ids
-    boxes = [b or [] for b in text["watermark_boxes"].to_pylist()]
-    return list(map(Row, c["image_id"], shape, [names[i] for i in parts.indices.to_pylist()], c["row_group"],
-                    c["row"], c["scaling_factor"], pc.fill_null(latents["shift_factor"], 0.0).to_pylist(), time_ids,
-                    zip(c["resized_height"], c["resized_width"]), tag_lists(text["tags"]), text["caption"].to_pylist(),
-                    text["rank"].to_pylist(), text["has_watermark"].to_pylist(), boxes,
+    return list(map(Row, c["image_id"], map(shapes.__getitem__, inverse.ravel().tolist()),
+                    [names[i] for i in parts.indices.to_pylist()], c["row_group"], c["row"], c["scaling_factor"],
+                    pc.fill_null(latents["shift_factor"], 0.0).to_pylist(), time_ids,
+                    zip(c["resized_height"], c["resized_width"]), text_column(tag_lists(text["tags"])),
+                    text_column(text["caption"].to_pylist()), text_column(text["rank"].to_pylist()),
+                    text_column(text["has_watermark"].to_pylist()), text_column(box_lists(text["watermark_boxes"])),
                     c["flip_crop_left"]))
+
+
+NO_BOXES: tuple = ()  # shared by every row without watermark boxes (most of them)
+
+
+def box_lists(boxes: pa.ChunkedArray) -> list:
+    """Each row's watermark boxes; only rows that have some are converted to Python values."""
+    out = [NO_BOXES] * len(boxes)
+    some = np.flatnonzero(pc.fill_null(pc.list_value_length(boxes), 0).to_numpy(zero_copy_only=False) > 0)
+    for i, value in zip(some.tolist(), boxes.take(some).to_pylist()):
+        out[i] = value
+    return out
 
 
 def tag_lists(tags: pa.ChunkedArray, rows_at_once: int = 100_000) -> list[list[str]]:
@@ -129,8 +164,9 @@ def tag_lists(tags: pa.ChunkedArray, rows_at_once: int = 100_000) -> list[list[s
         encoded = pc.list_flatten(lists).dictionary_encode()
         names = np.array([intern(t) for t in encoded.dictionary.to_pylist()] + [""], dtype=object)
         values = names[encoded.indices.fill_null(len(names) - 1).to_numpy()]
-        offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py()
-        out += [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        offsets = (lists.offsets.to_numpy() - lists.offsets[0].as_py()).tolist()
+        values = values.tolist()  # sliced as a list: a numpy slice and its tolist() per row cost 4x
+        out += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     return out
 
 
