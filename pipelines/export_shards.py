@@ -40,7 +40,7 @@ class Sharded(Writer):
         numbers = [int(p.name.split(".")[0].split("-")[-1]) for p in self.shards()]
         self.number = max(numbers, default=-1) + 1
         self.written = 0
-        self.tmp: Path | None = None  # the shard being written
+        self.tmp: str | None = None  # the shard being written
         self.size = 0
         # Shards are written in order on a thread of their own, while the next batch is read.
         self.serial = ThreadPoolExecutor(1)
@@ -90,13 +90,13 @@ class Sharded(Writer):
             self.serial.shutdown()
         return {"shards written": self.written}
 
-    def open(self, tmp: Path) -> None:
+    def open(self, tmp: str) -> None:
         raise NotImplementedError
 
     def write(self, samples: list) -> None:
         raise NotImplementedError
 
-    def complete(self, tmp: Path, path: Path) -> None:
+    def complete(self, tmp: str, path: Path) -> None:
         raise NotImplementedError
 
 
@@ -112,7 +112,7 @@ class WebDataset(Sharded):
                     there.update(m.name.split(".", 1)[0] for m in tar)
         return there
 
-    def open(self, tmp: Path) -> None:
+    def open(self, tmp: str) -> None:
         self.tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
         self.index: list[dict] = []
 
@@ -130,7 +130,7 @@ class WebDataset(Sharded):
                 self.tar.addfile(info, io.BytesIO(data))
             self.index.append({**meta, "status": "success", "sha256": key})
 
-    def complete(self, tmp: Path, path: Path) -> None:
+    def complete(self, tmp: str, path: Path) -> None:
         """img2dataset's parquet of the shard's rows, then the tar is renamed into place."""
         self.tar.close()
         write_parquet(path.with_suffix(".parquet"), pa.Table.from_pylist(self.index))
@@ -144,7 +144,7 @@ class ParquetParts(Sharded):
     def exported(self) -> set[str]:
         return {i for part in self.shards() for i in pq.read_table(part, columns=["image_id"]).column(0).to_pylist()}
 
-    def open(self, tmp: Path) -> None:
+    def open(self, tmp: str) -> None:
         self.writer = None  # made with the first rows' schema
 
     def write(self, samples: list) -> None:
@@ -171,7 +171,7 @@ class ParquetParts(Sharded):
                                            use_dictionary=[c for c in table.column_names if c != "image"])
         self.writer.write_table(table.cast(self.schema))
 
-    def complete(self, tmp: Path, path: Path) -> None:
+    def complete(self, tmp: str, path: Path) -> None:
         self.writer.close()
         os.replace(tmp, path)
 
@@ -191,4 +191,4 @@ def write_parquet(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
