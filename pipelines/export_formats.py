@@ -61,8 +61,8 @@ _numbers = itertools.count()  # temporary names: the pid and a number are unique
 
 
 def temporary(path: Path | str) -> str:
-    head, _, name = str(path).rpartition("/")
-    return f"{head}/{TMP_PREFIX}{os.getpid()}-{next(_numbers)}-{name}"
+    head, name = os.path.split(path)
+    return os.path.join(head, f"{TMP_PREFIX}{os.getpid()}-{next(_numbers)}-{name}")
 
 
 def write_atomic(path: Path | str, data) -> None:
