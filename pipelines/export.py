@@ -79,7 +79,7 @@ def export(ds: Dataset, dest: str | os.PathLike, fmt: str = "kohya", where: str 
     todo = [i for i in manifest.column("image_id").to_pylist() if i not in there]
     with progress_bar(f"export {fmt} -> {dest}", len(todo), enabled=show_progress) as advance, \
             ThreadPoolExecutor(WRITERS) as pool:
-        counts, unavailable = transfer(ds, writer, rows_of, todo, link, pool, advance)
+        counts, unavailable = transfer(ds, writer, rows_of, todo, link, pool, advance, prune=bool(where or there))
     written = writer.finish()
     record_run(dest, marker, where, len(todo) - len(unavailable))
     return {"format": fmt, "selected": manifest.num_rows, "exported": len(todo) - len(unavailable),
@@ -88,10 +88,11 @@ def export(ds: Dataset, dest: str | os.PathLike, fmt: str = "kohya", where: str 
 
 
 def transfer(ds: Dataset, writer: Writer, rows: RowIndex, todo: list[str], link: str, pool,
-             advance) -> tuple[Counter, list[tuple[str, str]]]:
+             advance, prune: bool = True) -> tuple[Counter, list[tuple[str, str]]]:
     """Put each image into DEST: linked to a source file that still holds it (--link hard|sym),
     else its bytes from the dataset, else from such a source file (the dataset lost them).
-    Returns the counts, and the (image_id, source) of images found in neither place."""
+    Returns the counts, and the (image_id, source) of images found in neither place. `prune`:
+    read only the row groups that hold an image of `todo` (a --where, or a re-export)."""
     counts: Counter = Counter()
     rest = todo
     if link != "copy":
@@ -105,7 +106,7 @@ def transfer(ds: Dataset, writer: Writer, rows: RowIndex, todo: list[str], link:
             advance(len(linked))
             rest += [item["image_id"] for item, src in zip(items, sources) if not src]
     found = set()
-    for ids, blobs in stored_bytes(ds, rest):
+    for ids, blobs in stored_bytes(ds, rest, prune):
         found.update(ids)
         writer.add(rows.take(ids), blobs, pool)
         counts["copied"] += len(ids)
@@ -165,16 +166,18 @@ def selected(ds: Dataset, where: str | None, full: bool) -> pa.Table:
                                                "bucket_height"])
 
 
-def stored_bytes(ds: Dataset, ids: list[str]) -> Iterator[tuple[list[str], list[memoryview]]]:
+def stored_bytes(ds: Dataset, ids: list[str], prune: bool = True) -> Iterator[tuple[list[str], list[memoryview]]]:
     """(image ids, their bytes) from the images table in storage order, each image once; only
-    the row groups holding a wanted image are read, and the bytes are views of Arrow's memory
+    the row groups holding a wanted image are read (unless not `prune`: when nearly every
+    group holds one, finding them costs more than it saves), and the bytes are views of Arrow's memory
     (a filter or take would copy every image), or a referenced image's, read at its source."""
     if not ids:
         return
     wanted = set(ids)
-    keep = pc.field("image_id").isin(pa.array(ids, pa.string())) & holds_image()
-    projection = {c: pc.field(c) for c in ("image_id", "bytes", "size_bytes", *LOCATOR_COLUMNS)} | {"_keep": keep}
-    for batch in ds.scan("images", projection, batch_size=BATCH, use_threads=False, ids=wanted):
+    # The wanted ids are checked below, with the set: an `isin` here would hash them all again.
+    projection = {c: pc.field(c) for c in ("image_id", "bytes", "size_bytes", *LOCATOR_COLUMNS)} | {
+        "_keep": holds_image()}
+    for batch in ds.scan("images", projection, batch_size=BATCH, use_threads=False, ids=wanted if prune else None):
         batch_ids, out = [], []
         located = batch.select(["image_id", "size_bytes", *LOCATOR_COLUMNS]).to_pylist()
         for row, k, blob in zip(located, batch.column("_keep").to_pylist(), binary_views(batch.column("bytes"))):
