@@ -484,8 +484,10 @@ def guarded_connection(paths: list[Path] = (), directories: list[Path] = (), rem
     pyarrow's filesystem (httpfs cannot be installed offline)."""
     import duckdb
 
-    con = duckdb.connect(str(database or ":memory:"), read_only=database is not None,
-                         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    if database is not None:  # a query that spills goes where an in-memory connection's does, not into the dataset
+        config["temp_directory"] = ".tmp"
+    con = duckdb.connect(str(database or ":memory:"), read_only=database is not None, config=config)
     try:
         con.execute(QUIET)
         if remote:
