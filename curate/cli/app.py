@@ -183,11 +183,17 @@ def dups(
 def info(dataset: DatasetArg, format: FormatOpt = "table", output: OutputOpt = None):
     """Every table: rows, ok rows, errors by code, the models present, parts and size."""
     from curate.pipelines.dups import dataset_info, image_summary
+    from curate.schema import TABLES
 
     ds = open_dataset(dataset)
-    write_or_fail(dataset_info(ds), format, output)
+    con = ds.connect(set(TABLES))  # one DuckDB instance for both: each takes tens of ms to start
+    try:
+        tables, summary = dataset_info(ds, con), image_summary(ds, con)
+    finally:
+        con.close()
+    write_or_fail(tables, format, output)
     aside = format != "table" and output is None
-    print_summary(f"dataset {ds.root}", image_summary(ds), aside=aside)
+    print_summary(f"dataset {ds.root}", summary, aside=aside)
     unread = ds.unread_parts()
     if unread:
         print_summary("parts not read (damaged, or not their table's schema)",
