@@ -35,18 +35,3 @@ def test_score_reads_the_onnx_input_size_without_importing_onnx(dataset, tmp_pat
     loaded = modules_after("score", str(dataset.root), "--tagger", f"wd14:{zoo['wd14']}", "--device", "cpu", "-q")
     assert dataset.query("SELECT count(*) AS n FROM tags WHERE status = 'ok'").to_pylist() == [{"n": 12}]
     assert "onnx" not in loaded and "onnxruntime" in loaded
-
-
-def test_score_imports_open_clip_without_timm_or_transformers_when_its_model_needs_neither(dataset, tmp_path):
-    zoo = write_zoo(tmp_path / "zoo", ["open_clip"])
-    loaded = modules_after("score", str(dataset.root), "--clip", str(zoo["open_clip"]), "--device", "cpu", "-q")
-    assert dataset.query("SELECT count(*) AS n FROM embeddings WHERE status = 'ok'").to_pylist() == [{"n": 12}]
-    assert "open_clip" in loaded and not {"timm", "transformers"} & loaded
-    # a model that needs them, later in the same process: open_clip gets its timm and HF towers back
-    code = ("import sys\nfrom curate.models.clip import import_open_clip\n"
-            "open_clip = import_open_clip({'vision_cfg': {}, 'text_cfg': {}})\nassert 'timm' not in sys.modules\n"
-            "import_open_clip({'vision_cfg': {'timm_model_name': 'vit_tiny_patch16_224'}})\n"
-            "assert open_clip.timm_model.timm is not None and open_clip.hf_model.transformers is not None")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr
