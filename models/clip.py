@@ -12,10 +12,7 @@ centre crop). The normalising runs batched on the model's device.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,40 +22,6 @@ from curate.images import resize
 from curate.models.common import HUB_ID, Adapter, ModelError, device_or_error, embedding_columns, normalised_nchw
 
 CONFIG = "open_clip_config.json"
-# What open_clip imports for the models built on them, and treats as optional (seconds of imports).
-OPTIONAL = {"timm": "timm_model", "transformers": "hf_model"}
-
-
-def import_open_clip(model_cfg: dict | None = None):
-    """open_clip, imported without timm and transformers when `model_cfg` (an open_clip model
-    config) names neither a timm image tower nor a Hugging Face text tower: open_clip imports
-    both when it is imported (timm for its timm towers, transformers for its HF text towers and
-    CoCa's generation), about two seconds, and runs without them as without any optional
-    package. model_cfg None: a model that may need them; if open_clip was imported without
-    them, their open_clip modules are imported again, now with them."""
-    if "open_clip" not in sys.modules and model_cfg is not None and not needs_optional(model_cfg):
-        left_out = [name for name in OPTIONAL if name not in sys.modules]
-        sys.modules.update(dict.fromkeys(left_out))  # None in sys.modules: its import fails as if it were absent
-        try:
-            import open_clip
-        finally:
-            for name in left_out:
-                if sys.modules.get(name, False) is None:
-                    del sys.modules[name]
-        return open_clip
-    import open_clip
-
-    if model_cfg is None or needs_optional(model_cfg):
-        for name, module in OPTIONAL.items():
-            module = importlib.import_module(f"open_clip.{module}")
-            if getattr(module, name, None) is None and importlib.util.find_spec(name) is not None:
-                importlib.reload(module)  # in place: the classes open_clip holds see the import
-    return open_clip
-
-
-def needs_optional(model_cfg: dict) -> bool:
-    return bool(model_cfg.get("vision_cfg", {}).get("timm_model_name") or model_cfg.get("text_cfg", {}).get(
-        "hf_model_name"))
 
 
 class Clip(Adapter):
@@ -79,7 +42,7 @@ class Clip(Adapter):
         """(name, pretrained tag) when spec names a model in open_clip's own registry."""
         if Path(self.spec).expanduser().is_dir() or HUB_ID.match(self.spec):
             return None  # open_clip (seconds of imports: torchvision, timm, transformers) is needed to load only
-        open_clip = import_open_clip()
+        import open_clip
 
         name, _, tag = self.spec.partition(":")
         if name not in open_clip.list_models():
@@ -92,24 +55,22 @@ class Clip(Adapter):
     def _config(self) -> dict:
         """The image size and the preprocess config, merged as open_clip's factory merges them
         (open_clip.factory.create_model: defaults, then the tag's or the directory's config)."""
+        import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
         builtin = self._builtin()
         if builtin:
-            open_clip = import_open_clip()
             cfg, pre = open_clip.get_model_config(builtin[0]), open_clip.get_pretrained_cfg(*builtin)
         else:
             raw = json.loads((self.model_dir((CONFIG,)) / CONFIG).read_text())
             cfg, pre = raw.get("model_cfg", raw), raw.get("preprocess_cfg", {})
-            import_open_clip(cfg)
-        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-        self.model_cfg = cfg  # which optional packages open_clip needs for it (import_open_clip)
         size = cfg["vision_cfg"]["image_size"]
         return {"image_size": size if isinstance(size, int) else max(size),
                 "preprocess": merge_preprocess_dict(PreprocessCfg(), pre)}
 
     def _create(self, device=None, dtype=None):
         """(model, preprocess) exactly as open_clip builds them for this spec."""
-        open_clip = import_open_clip(self.model_cfg)
+        import open_clip
 
         builtin = self._builtin()
         try:
@@ -135,7 +96,7 @@ class Clip(Adapter):
         Normalize run batched in process(), on the model's device (4x fewer bytes to move).
         A bicubic Resize runs as `curate.images.resize` (the same filter, several times faster)."""
         if getattr(self, "_transform", None) is None:  # CPU workers never load the model
-            open_clip = import_open_clip(self.model_cfg)
+            import open_clip
 
             pre = self._config()["preprocess"]
             steps = open_clip.image_transform(
