@@ -268,12 +268,13 @@ def image_seed(image_id: str) -> int:
 
 class TrainData:
     def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None,
-                 latents: LatentCache | None = None):
+                 latents: LatentCache | None = None, tokenize: PromptTokenizer | None = None):
         self.rows, self.config, self.tokenizer = rows, config, tokenizer
         self.latents = latents or latent_cache(config)  # may be shared by TrainData of the same rows
         self.seed = config.seed if seed is None else seed
         self.prompts = PromptBuilder(config.prompts, seed=self.seed)
-        self.tokenize = PromptTokenizer(tokenizer.backend_tokenizer)
+        # may be shared too: making one reads the whole tokenizer (seconds with a busy GIL)
+        self.tokenize = tokenize or PromptTokenizer(tokenizer.backend_tokenizer)
         self.long_clip = tokenizer.model_max_length > 77
         self.max_chunks = 1 if self.long_clip else config.max_chunks
         self.epochs: dict[int, EpochPrompts] = {}  # epoch -> its prompts, being built (see prefetch); the two newest

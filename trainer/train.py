@@ -42,6 +42,7 @@ from curate.trainer.lora import load_lora_ema, write_lora
 from curate.trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
 from curate.trainer.model import AUTOCAST, Models, check_latent_scaling, pipeline_tokenizer
 from curate.trainer.optimizers import make_optimizer, scaled
+from curate.trainer.tokens import PromptTokenizer
 
 # Micro-batches ahead whose latent row groups are read (LatentCache.read_ahead) while this one trains
 READ_AHEAD_BATCHES = 4
@@ -102,15 +103,17 @@ class Trainer:
         # small columns, which release the GIL: about a minute at 1.5M images).
         loading = in_background(partial(load_rows, Dataset(dataset), config))
         self.models = Models(base, config, self.device, checkpoint)
+        tokenize = PromptTokenizer(tokenizer.backend_tokenizer)  # shared by the three data sets
         train_rows, val_rows = split_rows(loading.result(), config)
         check_latent_scaling(train_rows + val_rows, base)
         latents = latent_cache(config)  # one bound on latent memory for all three sets
-        self.data = TrainData(train_rows, config, tokenizer, latents=latents)
+        shared = {"latents": latents, "tokenize": tokenize}
+        self.data = TrainData(train_rows, config, tokenizer, **shared)
         self.data.require_batches()
         self.data.prefetch(self.epoch_at(checkpoint_step(checkpoint) if checkpoint else 0))
         self.last_epoch = (config.max_steps * config.gradient_accumulation - 1) // self.data.batches_per_epoch
-        self.val_data = TrainData(val_rows, config, tokenizer, latents=latents) if val_rows else None
-        self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer, latents=latents)
+        self.val_data = TrainData(val_rows, config, tokenizer, **shared) if val_rows else None
+        self.stable_data = TrainData(train_rows[: config.stable_train_samples], config, tokenizer, **shared)
         # The next micro-batch is built on a thread while this one trains (see batch_for). The
         # three data sets share the latent cache and the tokenizer: one of them at a time.
         self.batch_thread = ThreadPoolExecutor(1, thread_name_prefix="next-batch")
