@@ -458,7 +458,8 @@ def test_threshold_flags_set_what_is_kept_and_name_the_model(dataset, zoo):
         with pytest.raises(ModelError, match=message):
             score(dataset, **kwargs, show_progress=False)
     proc = run_cli("score", ds, "--tagger", "wd14", "--general-threshold", "35", check=False)
-    assert proc.returncode == 2 and "--general-threshold" in said(proc) and "should be less than or equal" in said(proc)
+    assert proc.returncode == 2 and "--general-threshold" in said(proc)
+    assert "35.0 is not in the range 0<=x<=1" in said(proc)  # what is wrong and what would be right
 
 
 def test_ray_engine_writes_the_same_rows(dataset, zoo, ray_cluster):
