@@ -11,8 +11,8 @@ lengths the model sees (75/150/225 tokens) follow the prompts' own length distri
 instead of collapsing to the longest prompt of every batch. An epoch's prompts and plan are
 built a span of rows at a time (see EpochPlan), so the first step does not wait for a whole
 epoch's prompts, and the plan is a pure function of (seed, epoch): a resumed run sees the
-same batches. A table larger than
-the latent cache is shuffled within windows of row groups that fit it (TrainData.windows).
+same batches. A table larger than the latent cache is shuffled within windows of row groups
+that fit it (TrainData.windows).
 
 Latents are not held in memory: a Row keeps only its metadata and where its latent lives
 (part file, row group, row), and a batch reads the latent bytes when it is built, whole
