@@ -531,11 +531,12 @@ def watermark_mask(row: Row, flipped: bool = False) -> torch.Tensor:
     return mask
 
 
-def dry_run_report(data: TrainData, epochs: int = 1) -> dict:
-    """Padded prompt lengths per batch and tag counts over `epochs` epochs, and one example per rule."""
+def dry_run_report(data: TrainData, epochs: int = 1, advance: Callable[[int], None] | None = None) -> dict:
+    """Padded prompt lengths per batch and tag counts over `epochs` epochs, and one example per
+    rule; advance(rows) follows the prompts' build (minutes at 1.5M rows an epoch)."""
     lengths, tag_counts = Counter(), Counter()
     for epoch in range(epochs):
-        prompts = data.epoch_prompts(epoch)
+        prompts = data.epoch_prompts(epoch, advance)
         for batch in data.plan(epoch):
             n = int(prompts.chunks[batch].max())
             lengths[data.tokenizer.model_max_length if data.long_clip else n * CHUNK] += 1

@@ -1,19 +1,20 @@
 """`curate train --dry-run`: what the batches and prompts will look like, without a model."""
 from __future__ import annotations
 
-from curate.progress import print_summary, report
+from curate.progress import print_summary, progress_bar, report
 from curate.store import Dataset
 from curate.trainer.config import TrainConfig
 from curate.trainer.data import TrainData, dry_run_report, load_rows, split_rows
 from curate.trainer.model import pipeline_tokenizer
 
 
-def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1) -> dict:
+def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1, show_progress: bool = True) -> dict:
     tokenizer = pipeline_tokenizer(base)
     train_rows, val_rows = split_rows(load_rows(ds, config), config)
     data = TrainData(train_rows, config, tokenizer)
     data.require_batches()
-    result = dry_run_report(data, epochs)
+    with progress_bar("prompts", epochs * len(train_rows), enabled=show_progress) as advance:
+        result = dry_run_report(data, epochs, advance)
     total = result["batches"]
     section(f"dry run: {len(train_rows)} training rows, {len(val_rows)} held out, {data.batches_per_epoch} batches of "
             f"{config.batch_size} per epoch", {"buckets (C, H, W)": sorted({r.bucket for r in train_rows})})

@@ -572,7 +572,7 @@ def train(
         if dry_run:
             from curate.trainer.dry_run import dry_run as run_dry
 
-            run_dry(ds, base, settings)
+            run_dry(ds, base, settings, show_progress=not quiet)
             return
         if settings.workers > 1:
             from curate.trainer.distributed import train_on_ray
