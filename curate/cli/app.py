@@ -182,15 +182,10 @@ def dups(
 @app.command()
 def info(dataset: DatasetArg, format: FormatOpt = "table", output: OutputOpt = None):
     """Every table: rows, ok rows, errors by code, the models present, parts and size."""
-    from curate.pipelines.dups import dataset_info, image_summary
-    from curate.schema import TABLES
+    from curate.pipelines.dups import dataset_info
 
     ds = open_dataset(dataset)
-    con = ds.connect(set(TABLES))  # one DuckDB instance for both: each takes tens of ms to start
-    try:
-        tables, summary = dataset_info(ds, con), image_summary(ds, con)
-    finally:
-        con.close()
+    tables, summary = dataset_info(ds)
     write_or_fail(tables, format, output)
     aside = format != "table" and output is None
     print_summary(f"dataset {ds.root}", summary, aside=aside)

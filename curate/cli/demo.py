@@ -133,11 +133,12 @@ def step_dups(demo: Demo) -> None:
 
 def step_info(demo: Demo) -> None:
     from curate.cli.output import write_result
-    from curate.pipelines.dups import dataset_info, image_summary
+    from curate.pipelines.dups import dataset_info
 
     report.print(f"[dim]$ curate info {demo.root / 'dataset'}[/dim]")
-    write_result(dataset_info(demo.ds), "table", None)
-    print_summary("dataset", image_summary(demo.ds))
+    info, summary = dataset_info(demo.ds)
+    write_result(info, "table", None)
+    print_summary("dataset", summary)
 
 
 # The tiny LLaVA captions about a quarter of the images (a hash prefix is a stable random

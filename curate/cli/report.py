@@ -18,7 +18,7 @@ import duckdb
 
 from curate.cli import report_plots as rp
 from curate.cli.view_data import manifest_views, stage_manifest
-from curate.pipelines.dups import dataset_info, duplicate_groups, has_stats, image_summary
+from curate.pipelines.dups import dataset_info, duplicate_groups, has_stats
 from curate.store import Dataset
 from curate.trainer.config import TrainConfig
 from curate.trainer.data import TrainData, dry_run_report, load_rows, split_rows
@@ -85,9 +85,9 @@ def rows(con, sql: str) -> list[dict]:
 
 
 def tables(ds: Dataset) -> str:
-    summary = image_summary(ds)
+    info, summary = dataset_info(ds)
     return table_html([summary]) + "<h3>rows, ok rows and error codes per table and model</h3>" + \
-        table_html(dataset_info(ds).to_pylist())
+        table_html(info.to_pylist())
 
 
 def ranks(ds: Dataset, con) -> str:
