@@ -107,6 +107,7 @@ def test_read_only_dataset_answers_sql_info_and_dups(photos, tmp_path):
         {CURATE} sql {ds} "SELECT count(*) AS n FROM manifest" --format csv > {out}/sql 2> {out}/sql.err
         {CURATE} info {ds} --format json > {out}/info
         {CURATE} dups {ds} --format csv > {out}/dups
+        {CURATE} report {ds} -o {out}/report.html 2> {out}/report.err > /dev/null  # joins in memory: no DS/cache
         set +e
         {CURATE} hash {ds} -q 2> {out}/hash.err
         echo $? > {out}/hash.rc
@@ -117,6 +118,7 @@ def test_read_only_dataset_answers_sql_info_and_dups(photos, tmp_path):
     info = [json.loads(line) for line in (out / "info").read_text().splitlines()]
     assert info[0]["table"] == "images" and info[0]["rows"] == 40
     assert (out / "dups").read_text().startswith('"group"')
+    assert "40 images" in (out / "report.html").read_text() and not (ds / "cache").exists()
     hash_err = (out / "hash.err").read_text()
     assert (out / "hash.rc").read_text().strip() == "2" and "Read-only file system" in hash_err
     assert "Traceback" not in hash_err

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import curate.trainer.epoch_prompts
+from curate import edits
+from curate.store import now
 from curate.trainer.config import config_dict, load_config
 from curate.trainer.data import TrainData, load_rows, split_rows, watermark_mask
 from curate.trainer.losses import loss_weights
 from tests.conftest import REPO, run_cli
 from tests.trainer_helpers import WORDS, make_latent_dataset
+from tests.trainer_helpers import image_id as id_of
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +121,28 @@ def test_rank_0_and_where_are_left_out(tmp_path):
     assert split_rows(rows, load_config(None))[1] == []  # 2% of 8 rows
     train, val = split_rows(rows, load_config(None, validation_fraction=0.25))
     assert len(val) == 2 and not {r.image_id for r in val} & {r.image_id for r in train}
+
+
+def test_the_trainer_reads_the_stage_join_kept_in_the_cache_until_parts_change(tmp_path):
+    """The join of the stage tables is made once per set of parts (the trainer's start at 1.5M
+    rows: ~20 s joined, ~3 s read back): a restart reads it, a new part makes a new one, edits
+    apply over it (a read-only dataset joins in memory: test_disk's report)."""
+    ds = make_latent_dataset(tmp_path / "ds", 6, ranks=[1, 2, 3, 4, 5, 6])
+    config = load_config(None, where="rank >= 2")
+    first = load_rows(ds, config)
+    (cached,) = (tmp_path / "ds" / "cache").glob("manifest-*.parquet")
+    made = cached.stat().st_mtime_ns
+    assert [r.rank for r in load_rows(ds, config)] == [r.rank for r in first] and cached.stat().st_mtime_ns == made
+
+    ds.write_part("quality", {"image_id": [id_of(0)], "model": ["head"], "rank": [9], "probs": [[0.1] * 10],
+                              "status": ["ok"], "error": [None], "message": [None], "created_at": [now()]})
+    assert {r.image_id: r.rank for r in load_rows(ds, config)}[id_of(0)] == 9  # the newer rank, from a new join
+    (newer,) = (tmp_path / "ds" / "cache").glob("manifest-*.parquet")
+    assert newer != cached  # and the stale join is gone
+
+    edits.record(ds, "exclude", [id_of(0)])
+    assert id_of(0) not in {r.image_id for r in load_rows(ds, config)}
+    assert newer.exists() and len(list(newer.parent.glob("manifest-*.parquet"))) == 1  # an edit needs no new join
 
 
 def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):

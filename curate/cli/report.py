@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 
 from curate.cli import report_plots as rp
-from curate.cli.view_data import manifest_views, stage_manifest
+from curate.cli.view_data import manifest_views
 from curate.pipelines.dups import dataset_info, duplicate_groups, has_stats
 from curate.store import Dataset
 from curate.trainer.config import TrainConfig
@@ -43,7 +43,7 @@ def write_report(ds: Dataset, output: Path, config: TrainConfig, base: str | Non
     where = config.where
     started = time.perf_counter()
     con = ds.connect()
-    manifest_views(con, stage_manifest(ds, con))  # the join, cached in DS/cache as for curate view
+    manifest_views(con, ds.stage_manifest(con))  # the join, cached in DS/cache as for curate view
     try:
         try:
             chosen = con.table("manifest")

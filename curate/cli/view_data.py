@@ -1,7 +1,7 @@
 """What `curate view` shows and changes: a grid over any filter, everything known about one
 image, and hand edits.
 
-The stage results are joined once per set of parts and kept in DS/cache (stage_manifest),
+The stage results are joined once per set of parts and kept in DS/cache (Dataset.stage_manifest),
 and the edits are applied over that by the same SQL as the dataset's own `manifest` view
 (curate.store.edited_manifest_sql): a grid costs one filtered, sorted query over one
 Parquet file, and an edit only refreshes the edits table's view.
@@ -13,17 +13,14 @@ from __future__ import annotations
 import os
 import re
 import threading
-import uuid
 from contextlib import contextmanager
-from hashlib import sha256
 
 import duckdb
 
 from curate import edits
 from curate.buckets import Crop
 from curate.pipelines.dups import DEFAULT_THRESHOLD
-from curate.schema import MANIFEST_COLUMNS
-from curate.store import PART_GLOB, Dataset, edited_manifest_sql, guarded_connection, stage_manifest_sql
+from curate.store import Dataset, edited_manifest_sql, guarded_connection
 from curate.trainer.prompts import PromptBuilder, PromptConfig
 from curate.web import IMAGE_ID
 
@@ -57,7 +54,7 @@ class ViewData:
         # The page's filter is a user's expression: it reads the dataset and nothing else.
         self.con = guarded_connection(directories=[ds.tables_dir, ds.root / "cache"])
         self.con.execute(ds.table_view_sql("edits"))
-        self.base = stage_manifest(ds, self.con)
+        self.base = ds.stage_manifest(self.con)
         manifest_views(self.con, self.base)
         self.columns = {name: kind for name, kind, *_ in self.con.execute("DESCRIBE manifest_all").fetchall()}
         self.details_ready = False  # the panel's views of every table, made when first needed
@@ -69,7 +66,7 @@ class ViewData:
         report` that saw new parts replaced it, so join again (picking up the new results)."""
         with self.lock:
             if not cache_exists(self.base):
-                self.base = stage_manifest(self.ds, self.con)
+                self.base = self.ds.stage_manifest(self.con)
                 manifest_views(self.con, self.base)
             yield
 
@@ -187,32 +184,6 @@ class ViewData:
             return relation.to_arrow_table().to_pylist()
         except duckdb.Error as e:
             raise ValueError(f"bad filter: {str(e).splitlines()[0]}") from None
-
-
-def stage_manifest(ds: Dataset, con: duckdb.DuckDBPyConnection) -> str:
-    """The manifest without edits (curate.store.stage_manifest_sql) as a relation for `con`: a
-    Parquet file in DS/cache, made once per set of parts. Parts are never rewritten, so their
-    names say whether the join is still current; joining every stage table costs seconds at
-    100,000 images, reading the file back a tenth of that. A dataset that cannot be written
-    to gets the join in memory instead."""
-    sql = stage_manifest_sql()
-    names = [f"{t}/{p.name}" for t in ["images", *MANIFEST_COLUMNS] for p in sorted(ds.table_dir(t).glob(PART_GLOB))]
-    path = ds.root / "cache" / f"manifest-{sha256(chr(10).join([sql, *names]).encode()).hexdigest()[:16]}.parquet"
-    if not path.exists():
-        for table in ["images", *MANIFEST_COLUMNS]:
-            con.execute(ds.table_view_sql(table))
-        tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}.parquet")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            con.execute(f"COPY ({sql}) TO {quoted(tmp)} (FORMAT parquet, COMPRESSION zstd)")
-            os.replace(tmp, path)
-        except (OSError, duckdb.IOException, duckdb.PermissionException):
-            tmp.unlink(missing_ok=True)
-            return f"({sql})"
-        for old in path.parent.glob("manifest-*.parquet"):
-            if old != path:
-                old.unlink(missing_ok=True)
-    return f"read_parquet({quoted(path)})"
 
 
 def manifest_views(con: duckdb.DuckDBPyConnection, base: str) -> None:
