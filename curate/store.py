@@ -439,8 +439,9 @@ class Dataset:
         second read costs seconds at 1.5M images where the join costs tens (the trainer's start)."""
         import duckdb
 
-        if cached:
-            con = self.connect()
+        if cached:  # a connection that reads the kept join and the edits, or every table to make it
+            kept = self.stage_manifest_file()
+            con = self.connect(tables | {"edits"} if kept and kept.exists() else None)
             base = self.stage_manifest(con)
         else:
             joined = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
@@ -455,35 +456,40 @@ class Dataset:
         finally:
             con.close()
 
+    def stage_manifest_file(self) -> Path | None:
+        """Where the join of the stage tables as they are now is kept (stage_manifest): named by a
+        hash of the join's SQL and its parts' names. None for a dataset in object storage."""
+        if self.remote:
+            return None
+        names = [f"{name}/{part_name(p)}" for name in ["images", *MANIFEST_COLUMNS] for p in self.parts(name)]
+        key = hashlib.sha256(chr(10).join([stage_manifest_sql(), *names]).encode()).hexdigest()[:16]
+        return self.root / "cache" / f"manifest-{key}.parquet"
+
     def stage_manifest(self, con: duckdb.DuckDBPyConnection) -> str:
         """The manifest without edits (stage_manifest_sql) as a relation for `con`: a Parquet file
         in DS/cache, made once per set of parts. Parts are never rewritten, so their names say
         whether the join is still current (edits are applied over it, so they never make it
         stale). Joining every stage table costs ~20 s at 1.5M images on 2 cores, reading the file
-        back ~2 s. A dataset that cannot be written to, or in object storage, gets the join in
+        back ~3 s. A dataset that cannot be written to, or in object storage, gets the join in
         memory instead."""
         import duckdb
 
-        sql = stage_manifest_sql()
-        if self.remote:
+        sql, path = stage_manifest_sql(), self.stage_manifest_file()
+        if path is None:
             return f"({sql})"
-        tables = {name: self.parts(name) for name in ["images", *MANIFEST_COLUMNS]}
-        names = [f"{name}/{part_name(p)}" for name, parts in tables.items() for p in parts]
-        folder = self.root / "cache"
-        path = folder / f"manifest-{hashlib.sha256(chr(10).join([sql, *names]).encode()).hexdigest()[:16]}.parquet"
         if not path.exists():
-            tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet"
+            tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet")
             try:
-                folder.mkdir(exist_ok=True)
-                remove_stale_temporaries(folder)  # left by a killed join
-                for name, parts in tables.items():
-                    con.execute(self.table_view_sql(name, parts))
+                path.parent.mkdir(exist_ok=True)
+                remove_stale_temporaries(path.parent)  # left by a killed join
+                for name in ["images", *MANIFEST_COLUMNS]:
+                    con.execute(self.table_view_sql(name))
                 con.execute(f"COPY ({sql}) TO {_quote(str(tmp))} (FORMAT parquet, COMPRESSION zstd)")
                 os.replace(tmp, path)
             except (OSError, duckdb.IOException, duckdb.PermissionException):
                 tmp.unlink(missing_ok=True)  # a full disk, a read-only dataset
                 return f"({sql})"
-            for old in folder.glob("manifest-*.parquet"):
+            for old in path.parent.glob("manifest-*.parquet"):
                 if old != path:
                     old.unlink(missing_ok=True)
         return f"read_parquet({_quote(str(path))})"

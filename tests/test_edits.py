@@ -5,7 +5,7 @@ import pytest
 
 from curate import edits
 from curate.trainer.config import load_config
-from curate.trainer.data import load_rows
+from curate.trainer.rows import load_rows
 from tests.trainer_helpers import image_id, make_latent_dataset
 
 

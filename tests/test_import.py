@@ -276,7 +276,7 @@ def test_ray_engine_imports_the_same_rows(tmp_path, ray_cluster):
 
 def test_the_trainer_reads_imported_text(tmp_path):
     from curate.trainer.config import load_config
-    from curate.trainer.data import load_rows
+    from curate.trainer.rows import load_rows
 
     root = tmp_path / "imgs"
     root.mkdir()

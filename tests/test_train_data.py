@@ -12,10 +12,11 @@ import curate.trainer.epoch_prompts
 from curate import edits
 from curate.store import now
 from curate.trainer.config import config_dict, load_config
-from curate.trainer.data import TrainData, load_rows, split_rows, watermark_mask
+from curate.trainer.data import TrainData, watermark_mask
 from curate.trainer.losses import loss_weights
+from curate.trainer.rows import load_rows, split_rows
 from tests.conftest import REPO, run_cli
-from tests.trainer_helpers import WORDS, make_latent_dataset
+from tests.trainer_helpers import WORDS, make_latent_dataset, retag
 from tests.trainer_helpers import image_id as id_of
 
 
@@ -118,7 +119,7 @@ def test_rank_0_and_where_are_left_out(tmp_path):
     assert len(load_rows(ds, load_config(None, keep_rank_0=True))) == 10
     with pytest.raises(ValueError, match="bad where"):
         load_rows(ds, load_config(None, where="no_such_column > 1"))
-    assert split_rows(rows, load_config(None))[1] == []  # 2% of 8 rows
+    assert len(split_rows(rows, load_config(None))[1]) == 0  # 2% of 8 rows
     train, val = split_rows(rows, load_config(None, validation_fraction=0.25))
     assert len(val) == 2 and not {r.image_id for r in val} & {r.image_id for r in train}
 
@@ -147,10 +148,12 @@ def test_the_trainer_reads_the_stage_join_kept_in_the_cache_until_parts_change(t
 
 def test_batches_hold_one_bucket_and_keep_prompt_lengths_varied(tmp_path, zoo):
     ds = make_latent_dataset(tmp_path / "ds", 96, buckets=[(8, 8), (8, 12), (12, 8)])
-    # long, varied tag lists so prompts need 1, 2 or 3 chunks
+    # long, varied tag lists (a newer tagger's rows) so prompts need 1, 2 or 3 chunks
+    ids = [r.image_id for r in load_rows(ds, load_config(None))]
+    tags = [[f"{WORDS[0]}_{j}" for j in range(i % 40 * 2 + 1)] for i in range(len(ids))]
+    retag(ds, ids, tags)
     con_rows = load_rows(ds, load_config(None))
-    for i, row in enumerate(con_rows):
-        row.tags = [f"{w}_{j}" for j in range(i % 40 * 2 + 1) for w in WORDS[:1]]
+    assert [len(r.tags) - r.has_watermark for r in con_rows] == [len(t) for t in tags]  # + OWLv2's `watermark`
     config = load_config(None, batch_size=4, prompts={"tag_count_mean": 40.0})
     data = TrainData(con_rows, config, tokenizer(zoo))
     built = []
@@ -180,8 +183,11 @@ def test_prompt_worker_processes_build_the_same_prompts(tmp_path, zoo, monkeypat
         assert np.array_equal(getattr(prompts, name), getattr(serial, name)), name
     assert all(np.array_equal(prompts.tokens_of(i), serial.tokens_of(i)) for i in range(len(rows)))
     assert parallel.tokenize.pieces == {}  # the workers did the work, each with its own piece cache
-    for row in rows:
-        row.tags = [3]  # not a tag: the workers fail, and the trainer says so
+    class Unloadable:  # the tokenizer the workers are sent, which they cannot load: they fail, and the trainer says so
+        def to_str(self) -> str:
+            return "{}"
+
+    parallel.tokenize.backend = Unloadable()
     with pytest.raises(RuntimeError, match=r"a prompt worker stopped \(exit code 1\)"):
         parallel.build_prompts(4)
     with pytest.raises(ValueError, match="prompt_workers must be 0"):
@@ -272,9 +278,9 @@ def test_long_prompts_go_in_chunks_and_long_clip_reads_248(tmp_path, zoo):
     from curate.trainer.model import Models
 
     ds = make_latent_dataset(tmp_path / "ds", 4)
+    ids = [r.image_id for r in load_rows(ds, load_config(None))]
+    retag(ds, ids, [[f"tag{j}" for j in range(30)]] * len(ids))  # about 115 tokens
     rows = load_rows(ds, load_config(None))
-    for row in rows:
-        row.tags = [f"tag{j}" for j in range(30)]  # about 115 tokens
     config = load_config(None, batch_size=4, prompts={"ucg": 0.0, "tag_count": False, "score_tags": False,
                                                       "source_weights": {"tags": 1.0, "caption": 0.0, "both": 0.0}})
     sdxl = Models(zoo["sdxl"], config, torch.device("cpu"))

@@ -146,9 +146,9 @@ def test_flip_p_trains_on_the_mirrored_latent_with_its_crop(tmp_path, zoo):
         config = load_config(None, **settings(tmp_path, flip_p=flip_p, resample_latents=False, mask_watermarks=True))
         trainer = Trainer(ds.root, zoo["sdxl"], config)
         epoch, indices = trainer.data.batch_at(0)
-        rows = [trainer.data.rows[i] for i in indices]
-        for row in rows:  # a crop whose mirror starts elsewhere (the helper's crops span the whole width)
-            row.flip_crop_left = 5
+        # a crop whose mirror starts elsewhere (the helper's crops span the whole width)
+        trainer.data.rows.flip_crop_left[indices] = 5
+        rows = trainer.data.rows.make(indices)
         batch = trainer.data.collate(indices, epoch, trainer.models.tokenizers)
         stored = trainer.data.latents.arrays(rows)["latent"]
         expected = [lat[:, :, ::-1] if flip_p else lat for lat in stored]

@@ -7,7 +7,7 @@ from conftest import run_cli
 
 from curate.store import DatasetError
 from curate.trainer.config import TrainConfig
-from curate.trainer.data import load_rows
+from curate.trainer.rows import load_rows
 
 
 def injections(target: Path) -> list[str]:

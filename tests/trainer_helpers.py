@@ -83,6 +83,15 @@ def make_latent_dataset(root: Path, n: int = 8, buckets: list[tuple[int, int]] =
     return ds
 
 
+def retag(ds: Dataset, ids: list[str], tags: list[list[str]]) -> None:
+    """Give these images new tags, as a newer tagger's rows (the manifest takes the latest)."""
+    n = len(ids)
+    ds.write_part("tags", {"image_id": ids, "model": ["wd14-retagged"] * n, "tags": tags,
+                           "tag_scores": [[0.9] * len(t) for t in tags], "rating": ["general"] * n,
+                           "rating_score": [0.9] * n, "status": ["ok"] * n, "error": [None] * n, "message": [None] * n,
+                           "created_at": [now()] * n})
+
+
 def probe_gradients(settings: dict) -> None:
     """A Ray Train worker loop: one micro-step, gradients averaged over workers, saved by rank 0;
     then the ordinary training run."""

@@ -14,24 +14,21 @@ epoch's prompts, and the plan is a pure function of (seed, epoch): a resumed run
 same batches. A table larger than the latent cache is shuffled within windows of row groups
 that fit it (TrainData.windows).
 
-Latents are not held in memory: a Row keeps only its metadata and where its latent lives
-(part file, row group, row), and a batch reads the latent bytes when it is built, whole
-row groups at a time through an LRU cache (LatentCache). Memory is then a few hundred
-bytes of metadata per row plus at most `latent_cache_mib` of latents, instead of 128 KiB
-per 1024x1024 SDXL latent for the whole table.
+Latents are not held in memory: the rows (TrainRows, as columns) keep only their metadata and
+where each latent lives (part file, row group, row), and a batch reads the latent bytes when
+it is built, whole row groups at a time through an LRU cache (LatentCache). Memory is then a
+few hundred bytes of metadata per row plus at most `latent_cache_mib` of latents, instead of
+128 KiB per 1024x1024 SDXL latent for the whole table.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import re
 import threading
 from collections import Counter, OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from sys import intern
 from typing import Callable
 
 import numpy as np
@@ -39,146 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from curate.latents import CONDITIONING, latent_array, latent_row_groups, read_row_group
-from curate.store import Dataset, DatasetError, where_clause
+from curate.latents import latent_array, read_row_group
 from curate.trainer.config import TrainConfig
 from curate.trainer.epoch_prompts import CHUNK, EpochPrompts, build_epoch, default_workers
 from curate.trainer.prompts import PromptBuilder
+from curate.trainer.rows import Row, TrainRows
 from curate.trainer.tokens import PromptTokenizer
-
-# Everything but the latent: what a Row keeps in memory
-ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",
-               *CONDITIONING, "flip_crop_left"]
-
-
-@dataclass(slots=True)  # no per-instance __dict__: millions of rows
-class Row:
-    image_id: str
-    shape: tuple[int, int, int]  # of the float16 [C, H, W] latent
-    part: str  # where the latent lives: a latents part file, its row group and the row in that group
-    row_group: int
-    row: int
-    scaling_factor: float
-    shift_factor: float  # 0 for SD/SDXL VAEs; the UNet sees (latent - shift) * scale
-    time_ids: tuple[int, int, int, int, int, int]  # original h, w; crop top, left; target h, w
-    resized: tuple[int, int]
-    tags: list[str]
-    caption: str | None
-    rank: int | None
-    has_watermark: bool
-    boxes: list[dict] | tuple  # NO_BOXES without
-    flip_crop_left: int | None  # the mirrored crop's left in the flipped image (encode --flip), else None
-
-    @property
-    def bucket(self) -> tuple[int, ...]:
-        return self.shape
-
-
-def load_rows(ds: Dataset, config: TrainConfig) -> list[Row]:
-    """load_rows_now with Python's cycle collector paused: it would scan the millions of lists
-    and Rows being made again and again (a third of the time at 1.5M rows); they hold no cycles.
-    They live as long as the run, so they are then frozen out of its reach (gc.freeze): any
-    collection would walk them all (a full one took 8 s at 1.35M rows, holding the GIL)."""
-    gc.disable()
-    try:
-        return load_rows_now(ds, config)
-    finally:
-        gc.freeze()
-        gc.enable()
-
-
-def load_rows_now(ds: Dataset, config: TrainConfig) -> list[Row]:
-    """The ok latent rows (latest per image) of images chosen by rank and `where`, with their text.
-
-    Only the small columns are read; a Row points at its latent for LatentCache to read later.
-    The choice and the latest row of each image are made in Arrow, and Rows are made from whole
-    columns (a dict or a Python step per row costs minutes at 1.5M).
-    """
-    conditions = ["has_latent"]
-    if not config.keep_rank_0:
-        conditions.append("(rank IS NULL OR rank > 0)")
-    try:
-        if config.where:
-            conditions.append(where_clause(config.where))
-        # from the stage tables' join kept in DS/cache: a resumed run starts in seconds, not minutes
-        text = ds.query_manifest("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS "
-                                 "has_watermark, watermark_boxes FROM manifest WHERE " + " AND ".join(conditions),
-                                 cached=True)
-    except DatasetError as e:
-        raise ValueError(f"bad where {config.where!r}: {e}") from None
-    groups = list(latent_row_groups(ds, config.latents_model, ROW_COLUMNS, positions=True))
-    if groups:
-        latents = pa.concat_tables(groups)
-        latents = latents.append_column("write_order", pa.array(np.arange(latents.num_rows)))
-        latents = latents.filter(pc.is_in(latents["image_id"], value_set=text["image_id"]))
-    if not groups or not latents.num_rows:
-        raise ValueError("no rows to train on: no ok latents among the chosen images "
-                         "(run `curate encode`, check --where)")
-    if pc.count_distinct(latents["image_id"]).as_py() < latents.num_rows:
-        # An image encoded again: its latest row (write order: of two rows created at once, the later)
-        latents = latents.sort_by([("image_id", "ascending"), ("created_at", "ascending"),
-                                   ("write_order", "ascending")])
-        ids = latents["image_id"]
-        last = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1)).to_numpy(zero_copy_only=False)
-        latents = latents.filter(pa.array(np.append(last, True)))
-    else:
-        latents = latents.sort_by("image_id")
-    # Each column becomes Python values once, in the text's order, then is put in the rows' order
-    at = pc.index_in(latents["image_id"], value_set=text["image_id"]).to_numpy().tolist()
-
-    def text_column(values: list) -> list:
-        return list(map(values.__getitem__, at))
-
-    c = {name: latents[name].to_pylist() for name in ["image_id", "row_group", "row", "scaling_factor",
-                                                      "resized_height", "resized_width", "flip_crop_left"]}
-    parts = latents["part"].combine_chunks().dictionary_encode()
-    names = [intern(p) for p in parts.dictionary.to_pylist()]  # a part's name once, not once per row
-    # each shape once, shared by its bucket's rows: [C, H, W] as one number, to find them fast
-    dims = pc.list_flatten(latents["shape"]).to_numpy().reshape(-1, 3).astype(np.int64)
-    keys, inverse = np.unique((dims[:, 0] << 42) | (dims[:, 1] << 21) | dims[:, 2], return_inverse=True)
-    shapes = [(int(k >> 42), int(k >> 21 & (1 << 21) - 1), int(k & (1 << 21) - 1)) for k in keys]
-    time_ids = zip(*(latents[name].to_pylist() for name in CONDITIONING))  # diffusers' order: sdxl_time_ids
-    return list(map(Row, c["image_id"], map(shapes.__getitem__, inverse.ravel().tolist()),
-                    [names[i] for i in parts.indices.to_pylist()], c["row_group"], c["row"], c["scaling_factor"],
-                    pc.fill_null(latents["shift_factor"], 0.0).to_pylist(), time_ids,
-                    zip(c["resized_height"], c["resized_width"]), text_column(tag_lists(text["tags"])),
-                    text_column(text["caption"].to_pylist()), text_column(text["rank"].to_pylist()),
-                    text_column(text["has_watermark"].to_pylist()), text_column(box_lists(text["watermark_boxes"])),
-                    c["flip_crop_left"]))
-
-
-NO_BOXES: tuple = ()  # shared by every row without watermark boxes (most of them)
-
-
-def box_lists(boxes: pa.ChunkedArray) -> list:
-    """Each row's watermark boxes; only rows that have some are converted to Python values."""
-    out = [NO_BOXES] * len(boxes)
-    some = np.flatnonzero(pc.fill_null(pc.list_value_length(boxes), 0).to_numpy(zero_copy_only=False) > 0)
-    for i, value in zip(some.tolist(), boxes.take(some).to_pylist()):
-        out[i] = value
-    return out
-
-
-def tag_lists(tags: pa.ChunkedArray, rows_at_once: int = 100_000) -> list[list[str]]:
-    """Each row's tags as a list of strings, one string object per tag name: a tagger names
-    ~10,000 tags, so a million rows share them instead of holding 40 copies each (3.3 KB a row,
-    GBs in every training process). Read through the column's dictionary of names."""
-    out: list[list[str]] = []
-    for start in range(0, len(tags), rows_at_once):
-        lists = tags.slice(start, rows_at_once).combine_chunks()
-        encoded = pc.list_flatten(lists).dictionary_encode()
-        names = np.array([intern(t) for t in encoded.dictionary.to_pylist()] + [""], dtype=object)
-        values = names[encoded.indices.fill_null(len(names) - 1).to_numpy()]
-        offsets = (lists.offsets.to_numpy() - lists.offsets[0].as_py()).tolist()
-        values = values.tolist()  # sliced as a list: a numpy slice and its tolist() per row cost 4x
-        out += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    return out
-
-
-def split_rows(rows: list[Row], config: TrainConfig) -> tuple[list[Row], list[Row]]:
-    """(train, validation): the lowest image_ids are held out."""
-    n_val = min(config.validation_max, int(len(rows) * config.validation_fraction))
-    return rows[n_val:], rows[:n_val]
 
 
 class LatentCache:
@@ -272,7 +135,7 @@ def image_seed(image_id: str) -> int:
 
 
 class TrainData:
-    def __init__(self, rows: list[Row], config: TrainConfig, tokenizer, seed: int | None = None,
+    def __init__(self, rows: TrainRows, config: TrainConfig, tokenizer, seed: int | None = None,
                  latents: LatentCache | None = None, tokenize: PromptTokenizer | None = None):
         self.rows, self.config, self.tokenizer = rows, config, tokenizer
         self.latents = latents or latent_cache(config)  # may be shared by TrainData of the same rows
@@ -284,13 +147,13 @@ class TrainData:
         self.max_chunks = 1 if self.long_clip else config.max_chunks
         self.epochs: dict[int, EpochPrompts] = {}  # epoch -> its prompts, being built (see prefetch); the two newest
         self.plans: dict[int, EpochPlan] = {}  # epoch -> its batches planned so far; the two newest
-        self.batches_per_epoch = sum(n // config.batch_size for n in Counter(r.bucket for r in rows).values())
+        self.batches_per_epoch = int(sum(np.bincount(rows.bucket) // config.batch_size))
 
     def require_batches(self) -> None:
         if self.batches_per_epoch == 0:
             raise ValueError(f"no bucket holds batch_size={self.config.batch_size} rows ({len(self.rows)} rows in "
-                             f"{len(set(r.bucket for r in self.rows))} buckets); lower batch_size")
-        unflipped = sum(r.flip_crop_left is None for r in self.rows)
+                             f"{len(np.unique(self.rows.bucket))} buckets); lower batch_size")
+        unflipped = int((self.rows.flip_crop_left < 0).sum())
         if self.config.flip_p and unflipped:
             raise ValueError(f"flip_p needs the mirrored crops' latents, which {unflipped} of {len(self.rows)} rows "
                              "lack: encode with `curate encode --flip`")
@@ -366,37 +229,39 @@ class TrainData:
                                  np.random.default_rng([self.seed, epoch, 4]))}
         return self.plans[epoch].first(self.batches_per_epoch if batches is None else batches)
 
-    def windows(self, rng: np.random.Generator) -> list[list[int]]:
+    def windows(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Row indices in windows of whole row groups. A table that fits the latent cache is one
         window. A larger one is cut into windows of row groups in random order, each filling at
         most half the cache: an epoch then reads each group about once, where drawing batches
         from the whole table reads about one group (up to ~32 MiB) per sample. The price is
         a shuffle within windows of tens of thousands of images (32,000 SDXL latents at
         1024x1024 with the default 8 GiB cache, from about 125 groups), not the whole table."""
-        by_group: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for i, row in enumerate(self.rows):
-            by_group[(row.part, row.row_group)].append(i)
-        value_bytes = 2 * len(self.latents.columns)  # float16, per cached column
-        nbytes = {g: value_bytes * sum(math.prod(self.rows[i].shape) for i in members)
-                  for g, members in by_group.items()}
-        if sum(nbytes.values()) <= self.latents.budget:
-            return [list(range(len(self.rows)))]
-        keys, windows, used = list(by_group), [[]], 0
+        group, value_bytes = self.rows.group, 2 * len(self.latents.columns)  # float16, per cached column
+        numel = np.array([math.prod(shape) for shape in self.rows.shapes], np.int64)[self.rows.bucket]
+        if value_bytes * int(numel.sum()) <= self.latents.budget:
+            return [np.arange(len(self.rows))]
+        # row groups in the order the rows first name them, each with its rows (in order) and bytes
+        keys, first = np.unique(group, return_index=True)
+        keys = keys[np.argsort(first)]
+        count = len(self.rows.groups)  # of the table: some may hold none of these rows
+        members = np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group, minlength=count))[:-1])
+        nbytes = value_bytes * np.bincount(group, weights=numel, minlength=count)
+        windows, used = [[]], 0
         for j in rng.permutation(len(keys)):
-            if windows[-1] and used + nbytes[keys[j]] > self.latents.budget / 2:
+            key = int(keys[j])
+            if windows[-1] and used + nbytes[key] > self.latents.budget / 2:
                 windows.append([])
                 used = 0
-            windows[-1] += by_group[keys[j]]
-            used += nbytes[keys[j]]
-        return windows
+            windows[-1].append(members[key])
+            used += nbytes[key]
+        return [np.concatenate(w) for w in windows]
 
     def fixed_batches(self) -> list[list[int]]:
         """Every row once, in batches of one bucket, in a fixed order (validation; epoch 0 prompts)."""
-        by_bucket: dict[tuple, list[int]] = defaultdict(list)
-        for i, row in enumerate(self.rows):
-            by_bucket[row.bucket].append(i)
+        order = np.argsort(self.rows.bucket, kind="stable")  # by shape, each bucket's rows in order
         size = self.config.batch_size
-        return [m[k : k + size] for _, m in sorted(by_bucket.items()) for k in range(0, len(m), size)]
+        return [m[k : k + size].tolist() for m in np.split(order, np.cumsum(np.bincount(self.rows.bucket))[:-1])
+                for k in range(0, len(m), size)]
 
     def batch_at(self, step: int) -> tuple[int, list[int]]:
         """(epoch, row indices) of the global micro-step `step`."""
@@ -410,8 +275,7 @@ class TrainData:
         lines = ["micro_step\twidth\theight\tchunks\timage_id\tflipped"]
         for index, batch in enumerate(self.plan(epoch)):
             micro = epoch * self.batches_per_epoch + index
-            for i in batch:
-                row = self.rows[i]
+            for i, row in zip(batch, self.rows.make(batch)):
                 lines.append(f"{micro}\t{row.time_ids[5]}\t{row.time_ids[4]}\t{chunks[i]}\t{row.image_id}\t"
                              f"{str(self.flipped(row, epoch)).lower()}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +285,7 @@ class TrainData:
 
     def collate(self, indices: list[int], epoch: int, tokenizers: list) -> dict:
         prompts = self.prompts_for(epoch, indices)
-        rows = [self.rows[i] for i in indices]
+        rows = self.rows.make(indices)
         flips = [self.flipped(r, epoch) for r in rows]
         n_chunks = int(prompts.chunks[indices].max())
         positions = self.tokenizer.model_max_length
@@ -473,7 +337,7 @@ class EpochPlan:
     batches; what is still short of a batch goes on to the next span, and the span's batches
     come in random order. Every bucket gives floor(rows / batch_size) batches an epoch."""
 
-    def __init__(self, prompts: EpochPrompts, rows: list[Row], size: int, rng: np.random.Generator):
+    def __init__(self, prompts: EpochPrompts, rows: TrainRows, size: int, rng: np.random.Generator):
         self.prompts, self.rows, self.size, self.rng = prompts, rows, size, rng
         self.batches: list[list[int]] = []
         self.carried: dict[tuple, list[int]] = {}
@@ -491,10 +355,10 @@ class EpochPlan:
         return self.batches
 
     def add_span(self, span: list[int]) -> None:
-        chunks, size, rng = self.prompts.chunks, self.size, self.rng
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i in span:
-            groups[(self.rows[i].bucket, int(chunks[i]))].append(i)
+        chunks, buckets, size, rng = self.prompts.chunks, self.rows.bucket, self.size, self.rng
+        groups: dict[tuple, list[int]] = defaultdict(list)  # (bucket, chunks): bucket numbers go as their shapes
+        for i, bucket, n in zip(span, buckets[span].tolist(), chunks[span].tolist()):
+            groups[(bucket, n)].append(i)
         batches, leftovers = [], defaultdict(list, self.carried)
         for (bucket, _), members in sorted(groups.items()):
             full = len(members) // size * size
@@ -555,7 +419,11 @@ def rule_examples(data: TrainData) -> dict[str, str]:
     """For the richest row: the prompt with every rule off, then with each rule alone."""
     import dataclasses
 
-    row = max(data.rows, key=lambda r: (len(r.tags) + (50 if r.caption else 0), r.image_id))
+    text = data.rows.text
+    tags = pc.fill_null(pc.list_value_length(text["tags"]), 0).to_numpy(zero_copy_only=False)
+    captioned = pc.fill_null(pc.greater(pc.utf8_length(text["caption"]), 0), False).to_numpy(zero_copy_only=False)
+    richness = tags + 50 * captioned
+    row = data.rows[int(np.flatnonzero(richness == richness.max())[-1])]  # the last: the highest image_id
     off = dataclasses.replace(data.config.prompts, ucg=0.0, tag_count=False, shuffle_tags=False, alias_rate=0.0,
                               formatting_noise=0.0, score_tags=False, sentence_shuffle=False,
                               source_weights={"tags": 1.0, "caption": 0.0, "both": 0.0})

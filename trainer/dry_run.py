@@ -1,11 +1,14 @@
 """`curate train --dry-run`: what the batches and prompts will look like, without a model."""
 from __future__ import annotations
 
+import numpy as np
+
 from curate.progress import print_summary, progress_bar, report
 from curate.store import Dataset
 from curate.trainer.config import TrainConfig
-from curate.trainer.data import TrainData, dry_run_report, load_rows, split_rows
+from curate.trainer.data import TrainData, dry_run_report
 from curate.trainer.model import pipeline_tokenizer
+from curate.trainer.rows import load_rows, split_rows
 
 
 def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1, show_progress: bool = True) -> dict:
@@ -16,8 +19,9 @@ def dry_run(ds: Dataset, base: str, config: TrainConfig, epochs: int = 1, show_p
     with progress_bar("prompts", epochs * len(train_rows), enabled=show_progress) as advance:
         result = dry_run_report(data, epochs, advance)
     total = result["batches"]
+    buckets = [train_rows.shapes[b] for b in np.unique(train_rows.bucket)]
     section(f"dry run: {len(train_rows)} training rows, {len(val_rows)} held out, {data.batches_per_epoch} batches of "
-            f"{config.batch_size} per epoch", {"buckets (C, H, W)": sorted({r.bucket for r in train_rows})})
+            f"{config.batch_size} per epoch", {"buckets (C, H, W)": buckets})
     section("padded prompt length per batch (tokens: batches, share)",
             {k: f"{v} ({v / total:.0%})" for k, v in result["padded_lengths"].items()})
     section("tags per tag prompt (count: prompts)", result["tag_counts"])

@@ -106,13 +106,12 @@ def build_span(builder: PromptBuilder, tokenize: PromptTokenizer, epoch: int, ro
     return ids, counts, np.array(tag_counts, np.int16)
 
 
-def build_epoch(prompts: EpochPrompts, rows: list, epoch: int, builder: PromptBuilder, tokenize: PromptTokenizer,
+def build_epoch(prompts: EpochPrompts, rows, epoch: int, builder: PromptBuilder, tokenize: PromptTokenizer,
                 workers: int = 1, advance: Callable[[int], None] | None = None) -> EpochPrompts:
-    """Fill `prompts` with the prompts of `rows` (with image_id, tags, caption, rank,
-    has_watermark) for `epoch`, a span at a time in prompts.order; advance(rows) after each."""
-    order = prompts.order.tolist()
-    spans = ([(r.image_id, r.tags, r.caption, r.rank, r.has_watermark) for r in map(rows.__getitem__, order[k : k + n])]
-             for n in [prompts.span] for k in range(0, len(order), n))
+    """Fill `prompts` with the prompts of `rows` (TrainRows: rows.texts(indices) gives their
+    RowTexts) for `epoch`, a span at a time in prompts.order; advance(rows) after each."""
+    order, n = prompts.order, prompts.span
+    spans = (rows.texts(order[k : k + n]) for k in range(0, len(order), n))
     workers = min(workers, -(-len(order) // prompts.span))
     if workers > 1 or len(order) > prompts.span:  # in worker processes: the trainer's threads keep the GIL
         setup = (builder.config, builder.seed, tokenize.backend.to_str())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from curate.trainer.config import TrainConfig
@@ -51,16 +52,18 @@ def text_states(encoder, out, layer: int, sdxl: bool) -> torch.Tensor:
     return states if sdxl else encoder.final_layer_norm(states)
 
 
-def check_latent_scaling(rows: list, base: str | Path) -> None:
-    """The latents must be scaled as the base's VAE scales them (its config's scaling_factor and
-    shift_factor; XLLsd's SD1.5 UNet with the SDXL VAE: 0.13025): a UNet trained on latents of
-    another scale makes images that the base's pipeline decodes wrongly."""
+def check_latent_scaling(scales: np.ndarray, base: str | Path) -> None:
+    """The latents (`scales`: their (scaling_factor, shift_factor) pairs) must be scaled as the
+    base's VAE scales them (its config's scaling_factor and shift_factor; XLLsd's SD1.5 UNet with
+    the SDXL VAE: 0.13025): a UNet trained on latents of another scale makes images that the
+    base's pipeline decodes wrongly."""
     path = Path(base) / "vae" / "config.json"
     if not path.is_file():
         return
     vae = json.loads(path.read_text())
     expected = (round(vae.get("scaling_factor", 0.18215), 5), round(vae.get("shift_factor") or 0.0, 5))
-    found = sorted({(round(r.scaling_factor, 5), round(r.shift_factor, 5)) for r in rows})
+    found = sorted({(round(scale, 5), round(shift, 5)) for scale in np.unique(scales[:, 0]).tolist()
+                    for shift in np.unique(scales[scales[:, 0] == scale, 1]).tolist()})
     if found != [expected]:
         raise ValueError(f"the latents are scaled by (scaling_factor, shift_factor) {found}, the base's VAE by "
                          f"{expected} ({path}): encode them with the base's VAE (curate encode --vae {base})")

@@ -37,11 +37,12 @@ from curate.trainer.checkpoint import (
     write_pipeline,
 )
 from curate.trainer.config import TrainConfig, config_dict
-from curate.trainer.data import TrainData, latent_cache, load_rows, split_rows
+from curate.trainer.data import TrainData, latent_cache
 from curate.trainer.lora import load_lora_ema, write_lora
 from curate.trainer.losses import loss_weights, make_noise, snr, target_for, weighted_mse
 from curate.trainer.model import AUTOCAST, Models, check_latent_scaling, pipeline_tokenizer
 from curate.trainer.optimizers import make_optimizer, scaled
+from curate.trainer.rows import load_rows, split_rows
 from curate.trainer.tokens import PromptTokenizer
 
 # Micro-batches ahead whose latent row groups are read (LatentCache.read_ahead) while this one trains
@@ -104,8 +105,9 @@ class Trainer:
         loading = in_background(partial(load_rows, Dataset(dataset), config))
         self.models = Models(base, config, self.device, checkpoint)
         tokenize = PromptTokenizer(tokenizer.backend_tokenizer)  # shared by the three data sets
-        train_rows, val_rows = split_rows(loading.result(), config)
-        check_latent_scaling(train_rows + val_rows, base)
+        rows = loading.result()
+        check_latent_scaling(rows.scale, base)
+        train_rows, val_rows = split_rows(rows, config)
         latents = latent_cache(config)  # one bound on latent memory for all three sets
         shared = {"latents": latents, "tokenize": tokenize}
         self.data = TrainData(train_rows, config, tokenizer, **shared)
@@ -233,7 +235,7 @@ class Trainer:
         last = min((epoch + 1) * self.data.batches_per_epoch, self.config.max_steps * self.config.gradient_accumulation)
         for ahead in range(micro, min(micro + 1 + READ_AHEAD_BATCHES, last)):
             rows = self.data.batch_at(ahead)[1][self.rank :: self.world]
-            self.data.latents.read_ahead([self.data.rows[i] for i in rows])
+            self.data.latents.read_ahead(self.data.rows.make(rows))
 
     def sync_gradients(self) -> None:
         """Average gradients over workers (what DDP does), once per optimizer step."""

@@ -21,8 +21,9 @@ from curate.cli.view_data import manifest_views
 from curate.pipelines.dups import dataset_info, duplicate_groups, has_stats
 from curate.store import Dataset
 from curate.trainer.config import TrainConfig
-from curate.trainer.data import TrainData, dry_run_report, load_rows, split_rows
+from curate.trainer.data import TrainData, dry_run_report
 from curate.trainer.model import pipeline_tokenizer
+from curate.trainer.rows import load_rows, split_rows
 
 SAMPLES = 8  # thumbnails per rank, watermark and duplicate row
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
