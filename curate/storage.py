@@ -9,9 +9,11 @@ httpfs extension would have to be downloaded at run time, which a machine withou
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
@@ -60,6 +62,31 @@ def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
         options = {"endpoint_override": url.netloc, "scheme": url.scheme}
     # Delayed open: a part smaller than a multipart chunk is one PutObject, written whole or not at all
     return pafs.S3FileSystem(region=region, allow_delayed_open=True, **options)
+
+
+def upload(local: Path, fs: pafs.FileSystem, path: str) -> None:
+    """Put a local file as one object that appears whole or not at all; OSError if it did not.
+
+    Arrow puts an object under its part size (10 MiB, fixed in its C++ code) with one PutObject at
+    close, a larger one as a multipart upload that close completes. Not pyarrow.fs.copy_files: it
+    waits for the upload but drops how it ended, so a failed PutObject or completion passed as
+    done. A stream that is dropped is closed, not aborted (it would complete an upload of what it
+    was given so far): so the file goes in one write, which a Ctrl-C cannot split, and a write
+    that failed (the multipart upload could not begin) is closed here, which puts what the stream
+    holds (nothing) under the name, and that empty object is removed. (Left to be dropped, that
+    close stalled for ~10 s.)"""
+    import pyarrow as pa
+
+    with pa.memory_map(str(local)) as source:
+        stream = fs.open_output_stream(path)
+        try:
+            stream.write(source.read_buffer())
+        except OSError:
+            with contextlib.suppress(OSError):
+                stream.close()
+                fs.delete_file(path)
+            raise
+        stream.close()  # the PutObject, or the completion of the multipart upload
 
 
 def uri(fs: pafs.FileSystem, path: str) -> str:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 from curate.claims import ClaimError, Claims, Owner, pid_running
 from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
-from curate.storage import S3, duckdb_filesystem, filesystem, is_remote, uri
+from curate.storage import S3, duckdb_filesystem, filesystem, is_remote, upload, uri
 
 if TYPE_CHECKING:
     import duckdb
@@ -811,10 +811,8 @@ class PartFile:
         with self._failing():
             self.writer.close()
             if self.ds.remote:
-                import pyarrow.fs as pafs
-
                 final = f"{self.folder}/{name}"
-                pafs.copy_files(str(self.tmp), filesystem(final)[1], destination_filesystem=self.ds.fs)
+                upload(self.tmp, self.ds.fs, filesystem(final)[1])
                 self.tmp.unlink()
                 return final
             with open(self.tmp, "rb") as f:

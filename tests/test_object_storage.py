@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
-from conftest import REPO, encode_image, make_image, run_cli
+from conftest import REPO, encode_image, image_rows, make_image, run_cli
 from s3_server import S3Server
 
 from curate.models.tiny import write_zoo
@@ -183,3 +184,113 @@ def test_ray_train_workers_read_latents_from_s3(s3, zoo, tmp_path):
            "-q")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == "0 -> 2"
+
+
+# Arrow uploads an object over 10 MiB as a multipart upload in parts of 10 MiB (kPartUploadSize in its
+# C++ code; pyarrow has no setting for it), a smaller one as one PutObject.
+MULTIPART = 12 << 20
+
+
+def test_a_part_over_the_multipart_size_uploads_in_parts_and_reads_back_equal(s3):
+    ds = Dataset("s3://data/multipart", create=True)
+    rows = image_rows([MULTIPART])
+    part = ds.write_part("images", rows)
+    etag = s3.client.head_object(Bucket="data", Key=part[len("s3://data/"):])["ETag"]
+    assert etag.endswith('-2"')  # a multipart upload's ETag says its number of parts
+    assert ds.read("images", ["bytes"]).column("bytes").to_pylist() == rows["bytes"]
+
+
+def test_a_killed_multipart_upload_leaves_no_part(s3):
+    """Killed after its multipart upload began (five parts to go), a writer leaves nothing a reader
+    lists: only the upload's pieces, which S3 never shows as an object."""
+    child = ("from conftest import image_rows; from curate.store import Dataset; "
+             f"Dataset('s3://data/killed-upload', create=True).write_part('images', image_rows([{4 * MULTIPART}]))")
+    proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, **s3.env, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "tests")])}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not s3.client.list_multipart_uploads(Bucket="data", Prefix="killed-upload/").get("Uploads"):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no upload began"
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    assert not [key for key in s3.keys("data", "killed-upload/") if "part-" in key]
+    assert s3.client.list_multipart_uploads(Bucket="data", Prefix="killed-upload/")["Uploads"]  # its pieces
+    assert Dataset("s3://data/killed-upload").read("images").num_rows == 0
+
+
+class RefusingProxy:
+    """A loopback HTTP proxy before the S3 server that refuses the requests `refuse(method, path)`
+    picks (403 AccessDenied, which the client does not retry) and passes every other one on."""
+
+    def __init__(self, upstream: str, refuse):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream).netloc
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if refuse(self.command, self.path):
+                    status, headers, data = 403, [], b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+                else:
+                    conn = http.client.HTTPConnection(target, timeout=30)
+                    conn.request(self.command, self.path, body, dict(self.headers))
+                    reply = conn.getresponse()
+                    status, headers, data = reply.status, reply.getheaders(), reply.read()
+                    conn.close()
+                self.send_response(status)
+                length = len(data)
+                for name, value in headers:
+                    if name.lower() == "content-length":
+                        length = int(value)  # a HEAD's: the object's size, with no body
+                    elif name.lower() not in ("connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_failed_upload_raises_and_leaves_no_part(s3, monkeypatch):
+    """A part whose upload fails is an error, never a part the writer takes for published and never
+    an object a reader lists."""
+    from curate.store import DatasetError
+
+    # pyarrow's copy_files, which uploaded parts before, dropped such a failure: it returned as if done
+    s3.client.create_bucket(Bucket="gone")
+    ds = Dataset("s3://gone/ds", create=True)
+    for key in s3.keys("gone"):
+        s3.client.delete_object(Bucket="gone", Key=key)
+    s3.client.delete_bucket(Bucket="gone")
+    with pytest.raises(DatasetError, match="cannot write a part of images"):
+        ds.write_part("images", image_rows([1000]))
+
+    # The multipart upload cannot begin: Arrow's stream, closed after the failed write, puts what it
+    # holds (nothing) under the part's name; an empty "part" would make the table unreadable.
+    with RefusingProxy(s3.url, lambda method, path: method == "POST" and path.endswith("?uploads")) as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        with pytest.raises(DatasetError, match="CreateMultipartUpload"):
+            Dataset("s3://data/refused", create=True).write_part("images", image_rows([MULTIPART]))
+    assert not [key for key in s3.keys("data", "refused/") if "part-" in key]
+    assert Dataset("s3://data/refused").read("images").num_rows == 0
