@@ -46,10 +46,17 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
     location = str(location)
     if is_remote(location):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(endpoint, region), location[len(S3):].rstrip("/")
+        return _s3(storage_endpoint(), _region()), location[len(S3):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def storage_endpoint() -> str | None:
+    """The S3 endpoint this process reaches (None: AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, encode_image, image_rows, make_image, run_cli
+from conftest import CHROMIUM_ARGS, REPO, encode_image, image_rows, make_image, port_of, request, run_cli
 from s3_server import S3Server
 
 from curate.models.tiny import write_zoo
@@ -184,6 +184,69 @@ def test_ray_train_workers_read_latents_from_s3(s3, zoo, tmp_path):
            "-q")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == "0 -> 2"
+
+
+def test_report_and_view_of_an_s3_dataset(s3, chromium, tmp_path):
+    """Copied and referenced images, every stage table, all in the bucket: the report renders
+    offline, the view serves grid, thumbnails and images, and an edit becomes a row of the
+    remote `edits` table that `curate sql`'s manifest applies. Caches stay on this machine."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.view_helpers import add_stage_rows, write_images
+
+    ds = Dataset("s3://data/pages", create=True)
+    write_images(tmp_path / "src", n=6)
+    ingest([str(tmp_path / "src")], ds, show_progress=False)  # copied: the bytes are in the bucket's parts
+    ingest(["s3://photos/set/1/"], ds, show_progress=False, reference=True)  # read from the bucket where they are
+    written = add_stage_rows(ds)
+    referenced = written["ids"][written["sources"].index("s3://photos/set/1/img01.jpg")]
+    env = {**s3.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    out = tmp_path / "report.html"
+    said = run_cli("report", "s3://data/pages", "-o", str(out), env=env).stdout
+    assert "│ images     │ 13 " in said  # 6 copied + 7 referenced
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(out.as_uri())
+            page.wait_for_load_state("networkidle")
+            assert [u for u in requests if not u.startswith("data:")] == [out.as_uri()]  # nothing else, ever
+            assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator(".pic svg rect").count() == sum(written["marked"])
+            assert "unidentified: 1" in page.inner_text("body")  # the broken file's error row
+
+            view = subprocess.Popen([sys.executable, "-m", "curate", "view", "s3://data/pages", "--port", "0"],
+                                    env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                line = view.stdout.readline()
+                assert line.startswith("view: http://127.0.0.1:"), view.stderr.read() if view.poll() else line
+                port = port_of(line)
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_function("() => document.querySelectorAll('.tile img').length === 13 && [...document"
+                                       ".querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth > 0)")
+                status, body = request(port, "GET", f"/image/{referenced}")
+                assert status == 200 and body == s3.client.get_object(Bucket="photos", Key="set/1/img01.jpg")[
+                    "Body"].read()
+                status, body = request(port, "POST", "/api/edit", {"action": "exclude", "ids": [referenced]})
+                assert status == 200, body
+            finally:
+                view.kill()
+                view.communicate()
+        finally:
+            browser.close()
+
+    edits = Dataset("s3://data/pages").read("edits").to_pylist()
+    assert [(e["image_id"], e["action"]) for e in edits] == [(referenced, "exclude")]
+    manifest = Dataset("s3://data/pages").sql("SELECT image_id FROM manifest", rows=True).rows  # as `curate sql`
+    assert len(manifest) == 12 and (referenced,) not in manifest
+    # the bucket holds the dataset's tables only: the join and the thumbnails are in the local cache
+    assert [key for key in s3.keys("data", "pages/") if not key.startswith("pages/tables/")] == ["pages/"]
+    assert len(list((tmp_path / "cache" / "curate").rglob("thumbs/*/*.jpg"))) == 13
 
 
 # Arrow uploads an object over 10 MiB as a multipart upload in parts of 10 MiB (kPartUploadSize in its
