@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    import fsspec
     import pyarrow.fs as pafs
 
 S3 = "s3://"
@@ -104,14 +105,34 @@ def uri(fs: pafs.FileSystem, path: str) -> str:
     return path if isinstance(fs, pafs.LocalFileSystem) else S3 + path
 
 
-def duckdb_filesystem(fs: pafs.FileSystem):
-    """The filesystem as fsspec, for DuckDB's register_filesystem: it then reads s3:// paths through it."""
+def duckdb_filesystem() -> fsspec.AbstractFileSystem:
+    """This process's S3 filesystem as fsspec, for DuckDB's register_filesystem: it then reads
+    s3:// paths through it.
+
+    DuckDB asks for a file's size twice and its time once per file and query (a HEAD request
+    each), and reads only the dataset's parts through it, which never change once they have their
+    name: the answers are kept for the life of the process."""
+    return _duckdb_filesystem(storage_endpoint(), _region())
+
+
+@functools.lru_cache(maxsize=4)
+def _duckdb_filesystem(endpoint: str | None, region: str | None) -> fsspec.AbstractFileSystem:
     from fsspec.implementations.arrow import ArrowFSWrapper
 
     class S3Paths(ArrowFSWrapper):
         protocol = ("s3",)
+        known: dict[str, dict] = {}
 
-    return S3Paths(fs)
+        def info(self, path, **kwargs):
+            path = self._strip_protocol(path)
+            if path not in self.known:  # a missing one raises, and is asked again next time
+                self.known[path] = super().info(path, **kwargs)
+            return self.known[path]
+
+        def modified(self, path):
+            return self.info(path)["mtime"]
+
+    return S3Paths(_s3(endpoint, region))
 
 
 def list_files(location: str) -> Iterator[str]:

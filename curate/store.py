@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 from curate.claims import ClaimError, Claims, Owner, pid_running
 from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
-from curate.storage import S3, duckdb_filesystem, filesystem, is_remote, storage_endpoint, upload, uri
+from curate.storage import duckdb_filesystem, filesystem, is_remote, storage_endpoint, upload, uri
 
 if TYPE_CHECKING:
     import duckdb
@@ -567,7 +567,7 @@ def guarded_connection(paths: list[Path] = (), directories: list[Path] = (), rem
     try:
         con.execute(QUIET)
         if remote:
-            con.register_filesystem(duckdb_filesystem(filesystem(S3)[0]))
+            con.register_filesystem(duckdb_filesystem())
         con.execute(f"SET allowed_paths = [{', '.join(_quote(str(p)) for p in paths)}]")
         con.execute(f"SET allowed_directories = [{', '.join(_quote(str(d) + os.sep) for d in directories)}]")
         con.execute("SET enable_external_access = false")
