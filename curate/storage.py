@@ -9,13 +9,16 @@ httpfs extension would have to be downloaded at run time, which a machine withou
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    import fsspec
     import pyarrow.fs as pafs
 
 S3 = "s3://"
@@ -44,10 +47,17 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
     location = str(location)
     if is_remote(location):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(endpoint, region), location[len(S3):].rstrip("/")
+        return _s3(storage_endpoint(), _region()), location[len(S3):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def storage_endpoint() -> str | None:
+    """The S3 endpoint this process reaches (None: AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,6 +72,31 @@ def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(region=region, allow_delayed_open=True, **options)
 
 
+def upload(local: Path, fs: pafs.FileSystem, path: str) -> None:
+    """Put a local file as one object that appears whole or not at all; OSError if it did not.
+
+    Arrow puts an object under its part size (10 MiB, fixed in its C++ code) with one PutObject at
+    close, a larger one as a multipart upload that close completes. Not pyarrow.fs.copy_files: it
+    waits for the upload but drops how it ended, so a failed PutObject or completion passed as
+    done. A stream that is dropped is closed, not aborted (it would complete an upload of what it
+    was given so far): so the file goes in one write, which a Ctrl-C cannot split, and a write
+    that failed (the multipart upload could not begin) is closed here, which puts what the stream
+    holds (nothing) under the name, and that empty object is removed. (Left to be dropped, that
+    close stalled for ~10 s.)"""
+    import pyarrow as pa
+
+    with pa.memory_map(str(local)) as source:
+        stream = fs.open_output_stream(path)
+        try:
+            stream.write(source.read_buffer())
+        except OSError:
+            with contextlib.suppress(OSError):
+                stream.close()
+                fs.delete_file(path)
+            raise
+        stream.close()  # the PutObject, or the completion of the multipart upload
+
+
 def uri(fs: pafs.FileSystem, path: str) -> str:
     """The location of a path on a filesystem from `filesystem` (what DuckDB and pyarrow's URI
     resolution read)."""
@@ -70,14 +105,34 @@ def uri(fs: pafs.FileSystem, path: str) -> str:
     return path if isinstance(fs, pafs.LocalFileSystem) else S3 + path
 
 
-def duckdb_filesystem(fs: pafs.FileSystem):
-    """The filesystem as fsspec, for DuckDB's register_filesystem: it then reads s3:// paths through it."""
+def duckdb_filesystem() -> fsspec.AbstractFileSystem:
+    """This process's S3 filesystem as fsspec, for DuckDB's register_filesystem: it then reads
+    s3:// paths through it.
+
+    DuckDB asks for a file's size twice and its time once per file and query (a HEAD request
+    each), and reads only the dataset's parts through it, which never change once they have their
+    name: the answers are kept for the life of the process."""
+    return _duckdb_filesystem(storage_endpoint(), _region())
+
+
+@functools.lru_cache(maxsize=4)
+def _duckdb_filesystem(endpoint: str | None, region: str | None) -> fsspec.AbstractFileSystem:
     from fsspec.implementations.arrow import ArrowFSWrapper
 
     class S3Paths(ArrowFSWrapper):
         protocol = ("s3",)
+        known: dict[str, dict] = {}
 
-    return S3Paths(fs)
+        def info(self, path, **kwargs):
+            path = self._strip_protocol(path)
+            if path not in self.known:  # a missing one raises, and is asked again next time
+                self.known[path] = super().info(path, **kwargs)
+            return self.known[path]
+
+        def modified(self, path):
+            return self.info(path)["mtime"]
+
+    return S3Paths(_s3(endpoint, region))
 
 
 def list_files(location: str) -> Iterator[str]:

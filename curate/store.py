@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 from curate.claims import ClaimError, Claims, Owner, pid_running
 from curate.progress import warn
 from curate.schema import MANIFEST_COLUMNS, MANIFEST_SOURCES, TABLES, arrow_schemas, duckdb_type
-from curate.storage import S3, duckdb_filesystem, filesystem, is_remote, uri
+from curate.storage import duckdb_filesystem, filesystem, is_remote, storage_endpoint, upload, uri
 
 if TYPE_CHECKING:
     import duckdb
@@ -191,13 +191,25 @@ class Dataset:
         return [(name, path, problem) for name in TABLES for path in self._part_files(name)
                 if (problem := checked_part(path, name)) is not None]
 
+    def part_bytes(self, name: str) -> int:
+        """The size of a table's parts, in bytes (for a dataset in object storage, from one listing)."""
+        if self.remote:
+            sizes = self._part_sizes(name)
+            return sum(sizes[part] for part in self.parts(name))
+        return sum(os.stat(part).st_size for part in self.parts(name))
+
+    def _part_sizes(self, name: str) -> dict[str, int]:
+        """Every object named as a part in a remote table's folder, with its size."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(filesystem(self.table_dir(name))[1], allow_not_found=True)
+        listed = self.fs.get_file_info(selector)
+        return {uri(self.fs, i.path): i.size for i in listed if fnmatch(i.base_name, PART_GLOB)}
+
     def _part_files(self, name: str) -> list[Path] | list[str]:
         folder = self.table_dir(name)
         if self.remote:
-            import pyarrow.fs as pafs
-
-            listed = self.fs.get_file_info(pafs.FileSelector(filesystem(folder)[1], allow_not_found=True))
-            return sorted(uri(self.fs, i.path) for i in listed if fnmatch(i.base_name, PART_GLOB))
+            return sorted(self._part_sizes(name))
         return sorted(folder.glob(PART_GLOB)) if folder.is_dir() else []
 
     def write_part(self, name: str, table: pa.Table | dict) -> Path | None:
@@ -251,7 +263,27 @@ class Dataset:
         there) in a local folder, so they hold between the runs of one machine only."""
         if not self.remote:
             return self.root
-        return Path(tempfile.gettempdir()) / "curate-claims" / hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "curate-claims" / self._local_key()
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where curate keeps what it derives from the tables (the stage join that the view, the
+        report and the trainer read; thumbnails): DS/cache; for a dataset in object storage a
+        local folder, `$XDG_CACHE_HOME/curate/<hash of endpoint and location>` (~/.cache by
+        default), so they are read from disk, not with a request each. Safe to delete."""
+        if not self.remote:
+            return self.root / "cache"
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curate" / self._local_key(
+            storage_endpoint())
+
+    @property
+    def name(self) -> str:
+        """The dataset's folder name (the last part of its s3:// prefix)."""
+        return part_name(self.root)
+
+    def _local_key(self, *more: str | None) -> str:
+        """A local folder name for this remote dataset."""
+        return hashlib.sha256("\n".join([str(self.root), *map(str, more)]).encode()).hexdigest()[:16]
 
     # ---- reading -----------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -311,12 +343,10 @@ class Dataset:
         of the given tables only: listing every table's parts takes a while at 1.5M images),
         that reads the dataset's parts and nothing else: no other file (read_text, read_csv,
         glob), no writes (COPY), no ATTACH, no extensions installed or loaded, and its settings
-        locked (DS/cache, curate's own derived files, may be read and written). A user's
+        locked (cache_dir, curate's own derived files, may be read and written). A user's
         `--where` and `curate sql` run on it."""
         parts = {name: self.parts(name) for name in TABLES if tables is None or name in tables}
-        # DS/cache holds what curate itself derives from the tables (the report's and the view's join).
-        con = guarded_connection([p for table in parts.values() for p in table], [] if self.remote else
-                                 [self.root / "cache"], self.remote)
+        con = guarded_connection([p for table in parts.values() for p in table], [self.cache_dir], self.remote)
         try:
             for sql in self.view_sql(tables, parts):
                 con.execute(sql)
@@ -371,7 +401,7 @@ class Dataset:
             finally:
                 con.close()
             # DuckDB may not say that its writes failed: the file must read back
-            check = guarded_connection([p for table in parts.values() for p in table], [self.root / "cache"],
+            check = guarded_connection([p for table in parts.values() for p in table], [self.cache_dir],
                                        database=tmp)
             try:
                 check.execute("SELECT * FROM manifest LIMIT 0")
@@ -435,13 +465,13 @@ class Dataset:
         """A query over `manifest` (and these tables), the manifest joined here with only the stage
         tables whose columns the query names (all of them for a `*`): each join reads every part
         of its table, tens of thousands at 1.5M images. With `cached`, the stage tables are read
-        from their join kept in DS/cache (stage_manifest), made now if parts came since: a
+        from their join kept in cache_dir (stage_manifest), made now if parts came since: a
         second read costs seconds at 1.5M images where the join costs tens (the trainer's start)."""
         import duckdb
 
         if cached:  # a connection that reads the kept join and the edits, or every table to make it
             kept = self.stage_manifest_file()
-            con = self.connect(tables | {"edits"} if kept and kept.exists() else None)
+            con = self.connect(tables | {"edits"} if kept.exists() else None)
             base = self.stage_manifest(con)
         else:
             joined = set(MANIFEST_COLUMNS) if "*" in sql else tables_for(sql)
@@ -456,31 +486,27 @@ class Dataset:
         finally:
             con.close()
 
-    def stage_manifest_file(self) -> Path | None:
+    def stage_manifest_file(self) -> Path:
         """Where the join of the stage tables as they are now is kept (stage_manifest): named by a
-        hash of the join's SQL and its parts' names. None for a dataset in object storage."""
-        if self.remote:
-            return None
+        hash of the join's SQL and its parts' names."""
         names = [f"{name}/{part_name(p)}" for name in ["images", *MANIFEST_COLUMNS] for p in self.parts(name)]
         key = hashlib.sha256(chr(10).join([stage_manifest_sql(), *names]).encode()).hexdigest()[:16]
-        return self.root / "cache" / f"manifest-{key}.parquet"
+        return self.cache_dir / f"manifest-{key}.parquet"
 
     def stage_manifest(self, con: duckdb.DuckDBPyConnection) -> str:
         """The manifest without edits (stage_manifest_sql) as a relation for `con`: a Parquet file
-        in DS/cache, made once per set of parts. Parts are never rewritten, so their names say
-        whether the join is still current (edits are applied over it, so they never make it
-        stale). Joining every stage table costs ~20 s at 1.5M images on 2 cores, reading the file
-        back ~3 s. A dataset that cannot be written to, or in object storage, gets the join in
-        memory instead."""
+        in cache_dir (local also for a dataset in object storage), made once per set of parts.
+        Parts are never rewritten, so their names say whether the join is still current (edits
+        are applied over it, so they never make it stale). Joining every stage table costs ~20 s
+        at 1.5M images on 2 cores, reading the file back ~3 s. A dataset that cannot be written
+        to gets the join in memory instead."""
         import duckdb
 
         sql, path = stage_manifest_sql(), self.stage_manifest_file()
-        if path is None:
-            return f"({sql})"
         if not path.exists():
             tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.parquet")
             try:
-                path.parent.mkdir(exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(path.parent)  # left by a killed join
                 for name in ["images", *MANIFEST_COLUMNS]:
                     con.execute(self.table_view_sql(name))
@@ -545,7 +571,7 @@ def guarded_connection(paths: list[Path] = (), directories: list[Path] = (), rem
     try:
         con.execute(QUIET)
         if remote:
-            con.register_filesystem(duckdb_filesystem(filesystem(S3)[0]))
+            con.register_filesystem(duckdb_filesystem())
         con.execute(f"SET allowed_paths = [{', '.join(_quote(str(p)) for p in paths)}]")
         con.execute(f"SET allowed_directories = [{', '.join(_quote(str(d) + os.sep) for d in directories)}]")
         con.execute("SET enable_external_access = false")
@@ -817,10 +843,8 @@ class PartFile:
         with self._failing():
             self.writer.close()
             if self.ds.remote:
-                import pyarrow.fs as pafs
-
                 final = f"{self.folder}/{name}"
-                pafs.copy_files(str(self.tmp), filesystem(final)[1], destination_filesystem=self.ds.fs)
+                upload(self.tmp, self.ds.fs, filesystem(final)[1])
                 self.tmp.unlink()
                 return final
             with open(self.tmp, "rb") as f:

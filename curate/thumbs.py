@@ -1,4 +1,5 @@
-"""Thumbnails, made once and kept in the dataset (`DS/cache/thumbs/ab/<image_id>.jpg`).
+"""Thumbnails, made once and kept in the dataset's cache folder (`DS/cache/thumbs/ab/<image_id>.jpg`;
+a local folder for a dataset in object storage, curate.store.Dataset.cache_dir).
 
 An image id is the hash of its bytes, so a thumbnail never goes stale. They are made on
 first need, a batch at a time: one pass over the images table finds the bytes of every
@@ -27,7 +28,7 @@ QUALITY = 85
 
 
 def thumb_path(ds: Dataset, image_id: str) -> Path:
-    return ds.root / "cache" / "thumbs" / image_id[:2] / f"{image_id}.jpg"
+    return ds.cache_dir / "thumbs" / image_id[:2] / f"{image_id}.jpg"
 
 
 def make_thumbs(ds: Dataset, image_ids: list[str]) -> dict[str, Path | None]:

@@ -108,7 +108,7 @@ def dataset_info(ds: Dataset) -> tuple[Rows, dict]:
             parts = ds.parts(name)
             if not parts:
                 continue
-            size = round(sum(p.stat().st_size for p in parts) / 2**20, 2)
+            size = round(ds.part_bytes(name) / 2**20, 2)
             names = [c.name for c in columns]
             if "status" not in names:
                 n = con.sql(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]

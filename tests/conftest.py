@@ -68,6 +68,19 @@ def encode_image(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def image_rows(sizes: list[int], seed: int = 0) -> dict:
+    """Rows of the images table holding random bytes of these sizes (incompressible, stored as they are)."""
+    import hashlib
+
+    from curate.store import now, schema_of
+
+    blobs = [np.random.default_rng(seed + i).bytes(n) for i, n in enumerate(sizes)]
+    rows = {name: [None] * len(blobs) for name in schema_of("images").names}
+    return {**rows, "image_id": [hashlib.sha256(b).hexdigest() for b in blobs], "bytes": blobs,
+            "source": [f"blob{i}" for i in range(len(blobs))], "status": ["ok"] * len(blobs),
+            "created_at": [now()] * len(blobs)}
+
+
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     """Twelve ordinary images of varied sizes and formats, one exact duplicate, one broken file."""

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
-from conftest import REPO, encode_image, make_image, run_cli
+from conftest import CHROMIUM_ARGS, REPO, encode_image, image_rows, make_image, port_of, request, run_cli
 from s3_server import S3Server
 
 from curate.models.tiny import write_zoo
@@ -183,3 +184,176 @@ def test_ray_train_workers_read_latents_from_s3(s3, zoo, tmp_path):
            "-q")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == "0 -> 2"
+
+
+def test_report_and_view_of_an_s3_dataset(s3, chromium, tmp_path):
+    """Copied and referenced images, every stage table, all in the bucket: the report renders
+    offline, the view serves grid, thumbnails and images, and an edit becomes a row of the
+    remote `edits` table that `curate sql`'s manifest applies. Caches stay on this machine."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.view_helpers import add_stage_rows, write_images
+
+    ds = Dataset("s3://data/pages", create=True)
+    write_images(tmp_path / "src", n=6)
+    ingest([str(tmp_path / "src")], ds, show_progress=False)  # copied: the bytes are in the bucket's parts
+    ingest(["s3://photos/set/1/"], ds, show_progress=False, reference=True)  # read from the bucket where they are
+    written = add_stage_rows(ds)
+    referenced = written["ids"][written["sources"].index("s3://photos/set/1/img01.jpg")]
+    env = {**s3.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    out = tmp_path / "report.html"
+    said = run_cli("report", "s3://data/pages", "-o", str(out), env=env).stdout
+    assert "│ images     │ 13 " in said  # 6 copied + 7 referenced
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(out.as_uri())
+            page.wait_for_load_state("networkidle")
+            assert [u for u in requests if not u.startswith("data:")] == [out.as_uri()]  # nothing else, ever
+            assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator(".pic svg rect").count() == sum(written["marked"])
+            assert "unidentified: 1" in page.inner_text("body")  # the broken file's error row
+
+            view = subprocess.Popen([sys.executable, "-m", "curate", "view", "s3://data/pages", "--port", "0"],
+                                    env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                line = view.stdout.readline()
+                assert line.startswith("view: http://127.0.0.1:"), view.stderr.read() if view.poll() else line
+                port = port_of(line)
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_function("() => document.querySelectorAll('.tile img').length === 13 && [...document"
+                                       ".querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth > 0)")
+                status, body = request(port, "GET", f"/image/{referenced}")
+                assert status == 200 and body == s3.client.get_object(Bucket="photos", Key="set/1/img01.jpg")[
+                    "Body"].read()
+                status, body = request(port, "POST", "/api/edit", {"action": "exclude", "ids": [referenced]})
+                assert status == 200, body
+            finally:
+                view.kill()
+                view.communicate()
+        finally:
+            browser.close()
+
+    edits = Dataset("s3://data/pages").read("edits").to_pylist()
+    assert [(e["image_id"], e["action"]) for e in edits] == [(referenced, "exclude")]
+    manifest = Dataset("s3://data/pages").sql("SELECT image_id FROM manifest", rows=True).rows  # as `curate sql`
+    assert len(manifest) == 12 and (referenced,) not in manifest
+    # the bucket holds the dataset's tables only: the join and the thumbnails are in the local cache
+    assert [key for key in s3.keys("data", "pages/") if not key.startswith("pages/tables/")] == ["pages/"]
+    assert len(list((tmp_path / "cache" / "curate").rglob("thumbs/*/*.jpg"))) == 13
+
+
+# Arrow uploads an object over 10 MiB as a multipart upload in parts of 10 MiB (kPartUploadSize in its
+# C++ code; pyarrow has no setting for it), a smaller one as one PutObject.
+MULTIPART = 12 << 20
+
+
+def test_a_part_over_the_multipart_size_uploads_in_parts_and_reads_back_equal(s3):
+    ds = Dataset("s3://data/multipart", create=True)
+    rows = image_rows([MULTIPART])
+    part = ds.write_part("images", rows)
+    etag = s3.client.head_object(Bucket="data", Key=part[len("s3://data/"):])["ETag"]
+    assert etag.endswith('-2"')  # a multipart upload's ETag says its number of parts
+    assert ds.read("images", ["bytes"]).column("bytes").to_pylist() == rows["bytes"]
+
+
+def test_a_killed_multipart_upload_leaves_no_part(s3):
+    """Killed after its multipart upload began (five parts to go), a writer leaves nothing a reader
+    lists: only the upload's pieces, which S3 never shows as an object."""
+    child = ("from conftest import image_rows; from curate.store import Dataset; "
+             f"Dataset('s3://data/killed-upload', create=True).write_part('images', image_rows([{4 * MULTIPART}]))")
+    proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, **s3.env, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "tests")])}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not s3.client.list_multipart_uploads(Bucket="data", Prefix="killed-upload/").get("Uploads"):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no upload began"
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    assert not [key for key in s3.keys("data", "killed-upload/") if "part-" in key]
+    assert s3.client.list_multipart_uploads(Bucket="data", Prefix="killed-upload/")["Uploads"]  # its pieces
+    assert Dataset("s3://data/killed-upload").read("images").num_rows == 0
+
+
+class RefusingProxy:
+    """A loopback HTTP proxy before the S3 server that refuses the requests `refuse(method, path)`
+    picks (403 AccessDenied, which the client does not retry) and passes every other one on."""
+
+    def __init__(self, upstream: str, refuse):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream).netloc
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if refuse(self.command, self.path):
+                    status, headers, data = 403, [], b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+                else:
+                    conn = http.client.HTTPConnection(target, timeout=30)
+                    conn.request(self.command, self.path, body, dict(self.headers))
+                    reply = conn.getresponse()
+                    status, headers, data = reply.status, reply.getheaders(), reply.read()
+                    conn.close()
+                self.send_response(status)
+                length = len(data)
+                for name, value in headers:
+                    if name.lower() == "content-length":
+                        length = int(value)  # a HEAD's: the object's size, with no body
+                    elif name.lower() not in ("connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_failed_upload_raises_and_leaves_no_part(s3, monkeypatch):
+    """A part whose upload fails is an error, never a part the writer takes for published and never
+    an object a reader lists."""
+    from curate.store import DatasetError
+
+    # pyarrow's copy_files, which uploaded parts before, dropped such a failure: it returned as if done
+    s3.client.create_bucket(Bucket="gone")
+    ds = Dataset("s3://gone/ds", create=True)
+    for key in s3.keys("gone"):
+        s3.client.delete_object(Bucket="gone", Key=key)
+    s3.client.delete_bucket(Bucket="gone")
+    with pytest.raises(DatasetError, match="cannot write a part of images"):
+        ds.write_part("images", image_rows([1000]))
+
+    # The multipart upload cannot begin: Arrow's stream, closed after the failed write, puts what it
+    # holds (nothing) under the part's name; an empty "part" would make the table unreadable.
+    with RefusingProxy(s3.url, lambda method, path: method == "POST" and path.endswith("?uploads")) as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        with pytest.raises(DatasetError, match="CreateMultipartUpload"):
+            Dataset("s3://data/refused", create=True).write_part("images", image_rows([MULTIPART]))
+    assert not [key for key in s3.keys("data", "refused/") if "part-" in key]
+    assert Dataset("s3://data/refused").read("images").num_rows == 0

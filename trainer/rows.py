@@ -118,7 +118,7 @@ def load_rows(ds: Dataset, config: TrainConfig) -> TrainRows:
     try:
         if config.where:
             conditions.append(where_clause(config.where))
-        # from the stage tables' join kept in DS/cache: a resumed run starts in seconds, not minutes
+        # from the stage tables' join kept in the cache folder: a resumed run starts in seconds
         text = ds.query_manifest("SELECT image_id, tags, caption, rank, coalesce(has_watermark, false) AS "
                                  "has_watermark, watermark_boxes FROM manifest WHERE " + " AND ".join(conditions)
                                  + " ORDER BY image_id", cached=True)

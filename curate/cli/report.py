@@ -44,7 +44,7 @@ def write_report(ds: Dataset, output: Path, config: TrainConfig, base: str | Non
     where = config.where
     started = time.perf_counter()
     con = ds.connect()
-    manifest_views(con, ds.stage_manifest(con))  # the join, cached in DS/cache as for curate view
+    manifest_views(con, ds.stage_manifest(con))  # the join, cached as for curate view
     try:
         try:
             chosen = con.table("manifest")
@@ -60,7 +60,7 @@ def write_report(ds: Dataset, output: Path, config: TrainConfig, base: str | Non
         images = con.sql("SELECT count(*) FROM chosen").fetchall()[0][0]
     finally:
         con.close()
-    title = f"curate report: {ds.root.name}"
+    title = f"curate report: {ds.name}"
     body = "".join(f'<section id="s{i}"><h2>{html.escape(name)}</h2>{content}</section>'
                    for i, (name, content) in enumerate(sections))
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
@@ -188,7 +188,8 @@ def duplicates(ds: Dataset, con) -> str:
 
 def quality_fit(ds: Dataset, con) -> str:
     models = [r[0] for r in con.sql("SELECT DISTINCT model FROM quality ORDER BY model").fetchall()]
-    heads = [Path(m.removeprefix("quality:").rsplit("#", 1)[0]) for m in models] + [ds.root / "heads" / "quality"]
+    heads = [Path(m.removeprefix("quality:").rsplit("#", 1)[0]) for m in models]
+    heads += [] if ds.remote else [ds.root / "heads" / "quality"]  # `curate quality fit` writes it beside a local one
     head = next((h for h in heads if (h / "ranks.png").is_file()), None)
     if head is None:
         return "<p class=note>no quality fit found: <code>curate quality fit DS</code> writes heads/quality</p>"

@@ -1,7 +1,8 @@
 """What `curate view` shows and changes: a grid over any filter, everything known about one
 image, and hand edits.
 
-The stage results are joined once per set of parts and kept in DS/cache (Dataset.stage_manifest),
+The stage results are joined once per set of parts and kept in the dataset's cache folder
+(Dataset.stage_manifest; DS/cache, or a local folder for a dataset in object storage),
 and the edits are applied over that by the same SQL as the dataset's own `manifest` view
 (curate.store.edited_manifest_sql): a grid costs one filtered, sorted query over one
 Parquet file, and an edit only refreshes the edits table's view.
@@ -52,7 +53,7 @@ class ViewData:
         self.lock = threading.Lock()  # one connection, one query at a time
         self.made = 0  # edits and undos through this page
         # The page's filter is a user's expression: it reads the dataset and nothing else.
-        self.con = guarded_connection(directories=[ds.tables_dir, ds.root / "cache"])
+        self.con = guarded_connection(directories=[ds.tables_dir, ds.cache_dir], remote=ds.remote)
         self.con.execute(ds.table_view_sql("edits"))
         self.base = ds.stage_manifest(self.con)
         manifest_views(self.con, self.base)
