@@ -9,7 +9,8 @@ What is measured, on each size:
 - where: the ids a `--where` over the manifest selects (`Dataset.select_ids`);
 - todo: a stage's to-do computation when 99% is done (`curate hash`'s: the images without
   stats rows) and reading the first batch of its input;
-- train: `curate train` with the tiny SD1.5 from start to the end of its first step.
+- train: `curate train` with the tiny SD1.5 from start to the end of its first step; train_again:
+  the same once more, as a resumed run starts (the stage tables' join is kept in DS/cache).
 With `--compare DIR` each also runs from that checkout (old main, its own module names),
 alternating the two, and the ratio new/old is given.
 
@@ -194,6 +195,8 @@ def command(op: str, version: str, ds: Path, zoo: Path, work: Path) -> list[str]
         return ["-m", "curate", "sql", str(ds), "SELECT rank, count(*) AS images, avg(sharpness) AS sharpness, "
                 "count(caption) AS captioned FROM manifest GROUP BY rank ORDER BY rank"]
     shutil.rmtree(work / "run", ignore_errors=True)
+    if op == "train":  # a first start: the stage tables' join is made (train_again reads it)
+        shutil.rmtree(ds / "cache", ignore_errors=True)
     (work / "train.toml").write_text(TRAIN_TOML)
     return ["-m", "curate", "train", str(ds), "--base", str(zoo / "sd15"), "--config", str(work / "train.toml"),
             "--output", str(work / "run"), "-q"]
@@ -218,7 +221,7 @@ def measure(args: list[str], checkout: Path | None, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="150000,1500000")
-    parser.add_argument("--ops", default="info,sql,where,todo,train")
+    parser.add_argument("--ops", default="info,sql,where,todo,train,train_again")
     parser.add_argument("--compare", type=Path, help="another checkout (old main) to run the same reads from")
     parser.add_argument("--keep", type=Path, help="build the datasets here and keep them (reused when present)")
     args = parser.parse_args()

@@ -12,6 +12,8 @@ import tarfile
 import threading
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import CHROMIUM_ARGS, REPO, encode_image, image_rows, make_image, port_of, request, run_cli
 from s3_server import S3Server
@@ -20,7 +22,8 @@ from curate.models.tiny import write_zoo
 from curate.pipelines.executor import run
 from curate.pipelines.ingest import ingest
 from curate.pipelines.stats import StatsStage
-from curate.store import Dataset
+from curate.storage import LOCATOR_COLUMNS, filesystem
+from curate.store import Dataset, now
 
 SMALL = "rule:step=64,max_area=65536,min_area=40000"  # ~256x256 buckets: fast on CPU
 TRAIN = {"max_steps": 2, "batch_size": 2, "precision": "fp32", "learning_rate": 1e-4, "validate_every": 2,
@@ -113,6 +116,20 @@ def test_ingest_score_sql_encode_and_train_on_s3(s3, zoo, tmp_path):
 def test_a_missing_bucket_or_dataset_is_one_line(s3):
     proc = curate(s3, "sql", "s3://data/nothing-here", "SELECT 1", check=False)
     assert proc.returncode == 2 and "not a curate dataset" in proc.stdout + proc.stderr
+
+
+def test_info_names_a_foreign_part_and_quality_fit_asks_where_to_put_the_head(s3):
+    ds = Dataset("s3://data/odd", create=True)
+    ds.write_part("images", {"image_id": ["a" * 64], "source": ["a.jpg"], "bytes": [b""], "size_bytes": [0],
+                             "width": [8], "height": [8], "format": ["JPEG"], "mode": ["RGB"], "animated": [False],
+                             "status": ["ok"], "error": [None], "message": [None], "created_at": [now()],
+                             **{c: [None] for c in LOCATOR_COLUMNS}})
+    fs, path = filesystem("s3://data/odd/tables/tags/part-dropped-here.parquet")
+    pq.write_table(pa.table({"x": [1]}), path, filesystem=fs)
+    said = curate(s3, "info", "s3://data/odd").stdout
+    assert "tables/tags/part-dropped-here.parquet" in said and "Traceback" not in said
+    proc = curate(s3, "quality", "fit", "s3://data/odd", check=False)
+    assert proc.returncode == 2 and "give -o" in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr
 
 
 def test_two_ray_nodes_read_an_s3_dataset_and_the_driver_commits(s3):

@@ -192,7 +192,7 @@ def info(dataset: DatasetArg, format: FormatOpt = "table", output: OutputOpt = N
     unread = ds.unread_parts()
     if unread:
         print_summary("parts not read (damaged, or not their table's schema)",
-                      {str(path.relative_to(ds.root)): why for _, path, why in unread}, aside=aside)
+                      {str(path).removeprefix(f"{ds.root}/"): why for _, path, why in unread}, aside=aside)
 
 
 @app.command("hash")

@@ -84,6 +84,8 @@ def fit(
     from curate.pipelines.quality.fit import fit_quality, recipe_settings
 
     ds = open_dataset(dataset)
+    if ds.remote and not output:
+        fail(f"{dataset} is in object storage, where the head is not written: give -o, a local folder for it")
     out = Path(output) if output else ds.root / "heads" / "quality"
     try:
         settings = recipe_settings(recipe, embedder=embedder, k=k, rounds=rounds, sample=sample, binning=binning,
