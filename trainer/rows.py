@@ -24,7 +24,6 @@ from curate.trainer.config import TrainConfig
 # Everything but the latent: what a run keeps of the latents table
 ROW_COLUMNS = ["image_id", "created_at", "shape", "scaling_factor", "shift_factor", "resized_height", "resized_width",
                *CONDITIONING, "flip_crop_left"]
-TEXT_COLUMNS = ["tags", "caption", "rank", "has_watermark", "watermark_boxes"]
 NO_BOXES: tuple = ()  # shared by every row without watermark boxes (most of them)
 
 
@@ -57,7 +56,8 @@ class TrainRows:
     Per row: `bucket` (an index into `shapes`, the distinct latent shapes), `group` (an index
     into `groups`, the distinct (part, row group) pairs holding latents), `row` in its group,
     the scale and shift, the six SDXL time ids, the resized size, the mirrored crop's left (-1
-    without one), and `text` (an Arrow table: image_id and TEXT_COLUMNS)."""
+    without one), and `text` (an Arrow table: image_id, tags, caption, rank, has_watermark and
+    watermark_boxes)."""
 
     def __init__(self, text: pa.Table, shapes: list[tuple[int, int, int]], bucket: np.ndarray,
                  groups: list[tuple[str, int]], group: np.ndarray, row: np.ndarray, scale: np.ndarray,
