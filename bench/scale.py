@@ -195,7 +195,7 @@ def command(op: str, version: str, ds: Path, zoo: Path, work: Path) -> list[str]
         return ["-m", "curate", "sql", str(ds), "SELECT rank, count(*) AS images, avg(sharpness) AS sharpness, "
                 "count(caption) AS captioned FROM manifest GROUP BY rank ORDER BY rank"]
     shutil.rmtree(work / "run", ignore_errors=True)
-    if op == "train":  # a first start: the stage tables' join is made (train_again reads it)
+    if op == "train" and version == "new":  # a first start: the stage tables' join is made (train_again reads it)
         shutil.rmtree(ds / "cache", ignore_errors=True)
     (work / "train.toml").write_text(TRAIN_TOML)
     return ["-m", "curate", "train", str(ds), "--base", str(zoo / "sd15"), "--config", str(work / "train.toml"),
