@@ -8,12 +8,14 @@ a quarter of them exact copies of others (scraped folders hold many). For ingest
 loop reads, hashes and verifies each file the way ingest does (a copy of a file seen before
 is not decoded; JPEGs at 1/8 scale, PNG chunk CRCs, nothing converted to RGB).
 
-With `--compare DIR` (a checkout of another version, e.g. old main) both versions ingest
-the same files in fresh processes, alternating, and the ratio of their times (imports not
-counted) and of their peak memory is given; `memory` is this version's peak at N and 4N
-files, which must not grow with the corpus.
+With `--compare DIR [DIR...]` (checkouts of other versions, old main first) every version
+ingests the same files and hashes them, on each engine, in a fresh process a run, alternating
+(bench/versions.py): each step's wall and CPU seconds (of the process and every process under
+it, a Ray cluster's included; imports not counted), peak memory, and the ratios to old main
+with their quartiles. `memory` is this version's peak at N and 4N files, which must not grow
+with the corpus.
 
-    python bench/ingest.py [--images 200] [--side 1024] [--engines local,ray] [--compare DIR]
+    python bench/ingest.py [--images 200] [--side 1024] [--engines local,ray] [--compare DIR...] [--runs 9]
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from bench.versions import alternate, run_snippet, summarize  # noqa: E402
 from curate.images import decode  # noqa: E402
 from curate.pipelines.executor import run  # noqa: E402
 from curate.pipelines.ingest import ingest  # noqa: E402
@@ -142,43 +146,71 @@ def draft_speedup(folder: Path, min_side: int = 512, n: int = 4) -> dict:
             "draft_ms": round(draft * 1000, 1), "speedup": round(full / draft, 2)}
 
 
-# Ingest in a fresh process of one version; prints its seconds (imports not counted)
-INGEST = """import sys, time
-from {dataset} import Dataset
-from {ingest} import ingest
-ds = Dataset(sys.argv[2], create=True)
-started = time.perf_counter()
-ingest([sys.argv[1]], ds, show_progress=False)
-print(time.perf_counter() - started)
+# Ingest, then hash, in a fresh process of one version, on one engine (Ray: a local cluster,
+# started and warmed up first); prints each step's seconds and the CPU seconds of the process
+# tree (Ray's processes are under it)
+PASSES = """import json, sys, time
+from pathlib import Path
+import psutil
+from curate.pipelines.executor import run
+from curate.pipelines.ingest import ingest
+from curate.pipelines.ray_executor import init_ray
+from curate.pipelines.stats import StatsStage
+from curate.store import Dataset
+def cpu():
+    used = 0.0
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            used += sum(p.cpu_times()[:4])  # its own and its reaped children's
+        except psutil.NoSuchProcess:
+            pass
+    return used
+folder, root, engine = sys.argv[1:]
+if engine == "ray":
+    init_ray()
+    warm = Dataset(root + "-warm", create=True)
+    ingest([str(p) for p in sorted(Path(folder).iterdir())[:4]], warm, show_progress=False, engine=engine)
+    run(warm, StatsStage(), engine=engine, show_progress=False)
+ds = Dataset(root, create=True)
+out = {}
+for step, work in (("ingest", lambda: ingest([folder], ds, show_progress=False, engine=engine)),
+                   ("hash", lambda: run(ds, StatsStage(), engine=engine, show_progress=False))):
+    used, started = cpu(), time.perf_counter()
+    work()
+    out |= {f"{step}_s": time.perf_counter() - started, f"{step}_cpu_s": cpu() - used}
+print(json.dumps(out))
 """
-MODULES = {"new": {"dataset": "curate.store", "ingest": "curate.pipelines.ingest"},
-           "old": {"dataset": "curate.manifest", "ingest": "pipelines.ingest"}}
 
 
-def ingest_process(version: str, checkout: Path | None, folder: Path, ds: Path) -> dict:
-    """Seconds of ingest (from `checkout`, else this one) and the process's peak MiB (GNU time's:
-    a child's own counter starts at its parent's)."""
-    env = dict(os.environ, PYTHONPATH=str(checkout or Path(__file__).resolve().parents[1]))
-    shutil.rmtree(ds, ignore_errors=True)
-    peak = ds.with_suffix(".peak")
-    out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(peak), sys.executable, "-c",
-                          INGEST.format(**MODULES[version]), str(folder), str(ds)],
-                         env=env, cwd=checkout or ds.parent, check=True, capture_output=True, text=True).stdout
-    return {"s": float(out.split()[-1]), "peak_mib": round(int(peak.read_text().split()[-1]) / 1024)}
+def passes(checkout: Path, folder: Path, ds: Path, engine: str = "local") -> dict:
+    """Ingest then hash of `folder` by `checkout` in a fresh process; its figures (bench/versions.py)."""
+    for old in (ds, ds.with_name(ds.name + "-warm")):
+        shutil.rmtree(old, ignore_errors=True)
+    return run_snippet(checkout, PASSES, str(folder), str(ds), engine)
 
 
-def compare(folder: Path, tmp: Path, old: Path, runs: int = 3) -> dict:
-    """New against old ingest of the same files, alternating; medians."""
-    times: dict[str, list[dict]] = {"new": [], "old": []}
-    for _ in range(runs):
-        for version, checkout in (("new", None), ("old", old)):
-            times[version].append(ingest_process(version, checkout, folder, tmp / f"cmp-{version}"))
-    med = {v: {k: float(np.median([r[k] for r in rs])) for k in ("s", "peak_mib")} for v, rs in times.items()}
-    n = len(list(folder.iterdir()))
-    return {"images": n, "new_images_per_s": round(n / med["new"]["s"], 1),
-            "old_images_per_s": round(n / med["old"]["s"], 1), "new_vs_old_speed": round(med["old"]["s"] /
-                                                                                          med["new"]["s"], 2),
-            "new_peak_mib": med["new"]["peak_mib"], "old_peak_mib": med["old"]["peak_mib"]}
+def compare(folder: Path, tmp: Path, others: list[Path], engines: list[str], runs: int) -> dict:
+    """This version's ingest and hash against the other checkouts', alternating, per engine. Each
+    run also does a quarter of the files: the difference per file is the cost without the fixed
+    part (starting the pass, claiming the work), which is what a run of a million files pays."""
+    files = sorted(folder.iterdir())
+    quarter = tmp / "quarter"
+    quarter.mkdir()
+    for f in files[:len(files) // 4]:
+        os.link(f, quarter / f.name)
+    versions = {"new": REPO, **{p.name: p.resolve() for p in others}}
+
+    def one_run(version: str, path: Path, engine: str) -> dict:
+        whole, part = (passes(path, f, tmp / f"cmp-{version}", engine) for f in (folder, quarter))
+        extra = len(files) - len(files) // 4
+        return whole | {f"per_image_ms_{f}": (whole[f] - part[f]) * 1e3 / extra
+                        for f in ("ingest_s", "ingest_cpu_s", "hash_s", "hash_cpu_s")}
+
+    out = {}
+    for engine in engines:
+        results = alternate(versions, lambda v, path: one_run(v, path, engine), runs)
+        out[engine] = summarize(results, baseline=others[0].name)
+    return {"images": len(files), "runs": runs, "versions": {v: str(p) for v, p in versions.items()}, **out}
 
 
 # A Ray cluster another process started, as a user's would be: it runs until its stdin closes
@@ -218,7 +250,7 @@ print(json.dumps({"images": n, "imports_s": round(imported - started, 2), "join_
 
 def join_cluster(ds: Path, runs: int = 2) -> list[dict]:
     """A command joining a running cluster: when its first batch comes back (from its start)."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
     try:
@@ -232,13 +264,15 @@ def join_cluster(ds: Path, runs: int = 2) -> list[dict]:
 
 
 def memory(tmp: Path, n: int, side: int) -> dict:
-    """This version's peak MiB ingesting n and 4n different files: it must not grow with the corpus."""
+    """This version's peak MiB ingesting and hashing n and 4n different files: it must not grow with the corpus."""
     out = {}
     for k in (n, 4 * n):
         folder = tmp / f"mem-{k}"
         write_images(folder, k, side, duplicates=False)
         mib = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
-        out[f"{k}_files"] = {"corpus_mib": round(mib), **ingest_process("new", None, folder, tmp / f"mem-ds-{k}")}
+        figures = passes(REPO, folder, tmp / f"mem-ds-{k}")
+        out[f"{k}_files"] = {"corpus_mib": round(mib), "ingest_s": round(figures["ingest_s"], 2),
+                             "peak_mib": round(figures["peak_mib"])}
         shutil.rmtree(folder)
     return out
 
@@ -248,7 +282,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--side", type=int, default=1024, help="width of the generated photos")
     parser.add_argument("--engines", default="local,ray")
-    parser.add_argument("--compare", type=Path, help="another checkout (old main) to ingest the same files with")
+    parser.add_argument("--compare", type=Path, nargs="+", help="other checkouts (old main first) to run the same "
+                        "ingest and hash from")
+    parser.add_argument("--runs", type=int, default=9, help="runs of each version with --compare")
     parser.add_argument("--memory", type=int, default=0, help="peak memory ingesting this many files and 4x as many")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
@@ -308,7 +344,7 @@ def main() -> None:
             ingest([str(tmp / "images")], joining, show_progress=False)
             result["ray_join_running_cluster"] = join_cluster(joining.root)
         if args.compare:
-            result["old_vs_new_local_ingest"] = compare(tmp / "images", tmp, args.compare.resolve())
+            result["compare"] = compare(tmp / "images", tmp, args.compare, engines, args.runs)
         if args.memory:
             result["memory"] = memory(tmp, args.memory, args.side)
         result["draft_decoding"] = draft_speedup(tmp)

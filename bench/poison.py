@@ -5,8 +5,9 @@ curate.images' test hook, CURATE_TEST_CRASH=segv). The local engine's pass proce
 started again and goes on; the file gets a `worker_died` row. This times `curate ingest`
 and then `curate hash` over N synthetic JPEGs, in fresh processes as a user runs them,
 alternating the clean and the poisoned corpus (the hook is on for both, so they differ only
-in the one file), and gives each median and the ratio poisoned / clean: what one crash
-costs a run.
+in the one file), and gives each median and the ratio poisoned / clean with its quartiles
+over adjacent runs (bench/versions.py): what one crash costs a run, in wall seconds and in
+CPU seconds of the command and the processes it started (what a busy machine changes least).
 
     python bench/poison.py [--images 1000] [--side 512] [--repeats 3]
 """
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,20 +26,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import write_images  # noqa: E402
+from bench.versions import alternate, children_cpu, summarize  # noqa: E402
 from curate.images import CRASH_MARKER  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(*args: str) -> float:
-    """Seconds `curate ARGS` takes in a fresh process (it must exit 0)."""
+def timed(*args: str) -> tuple[float, float]:
+    """Wall and CPU seconds `curate ARGS` takes in a fresh process (it must exit 0)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "CURATE_TEST_CRASH": "segv"}
-    started = time.perf_counter()
+    cpu, started = children_cpu(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "curate", *args, "-q"], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, children_cpu() - cpu
     if proc.returncode != 0:
         raise SystemExit(f"curate {' '.join(args)} failed: {proc.stderr[-2000:]}")
-    return seconds
+    return seconds, cpu
 
 
 def main() -> None:
@@ -56,20 +57,18 @@ def main() -> None:
         shutil.copytree(clean, poisoned)
         victim = poisoned / paths[len(paths) // 2].relative_to(clean)
         victim.write_bytes(victim.read_bytes() + CRASH_MARKER)  # a valid JPEG that crashes its decoder
-        seconds: dict[str, dict[str, list[float]]] = {"ingest": {"clean": [], "poisoned": []},
-                                                      "hash": {"clean": [], "poisoned": []}}
-        for r in range(args.repeats):
-            for name, src in (("clean", clean), ("poisoned", poisoned)):
-                ds = work / f"ds-{name}-{r}"
-                seconds["ingest"][name].append(timed("ingest", str(src), str(ds)))
-                seconds["hash"][name].append(timed("hash", str(ds)))
-                shutil.rmtree(ds)
-        result = {"images": args.images, "side": args.side, "repeats": args.repeats, "engine": "local"}
-        for command, runs in seconds.items():
-            clean_s, poisoned_s = statistics.median(runs["clean"]), statistics.median(runs["poisoned"])
-            result[command] = {"clean_s": round(clean_s, 2), "poisoned_s": round(poisoned_s, 2),
-                               "poisoned_vs_clean": round(poisoned_s / clean_s, 3)}
-        print(json.dumps(result))
+
+        def one_run(name: str, src: Path) -> dict:
+            ds = work / f"ds-{name}"
+            figures = {}
+            for command, args_ in (("ingest", (str(src), str(ds))), ("hash", (str(ds),))):
+                figures[f"{command}_s"], figures[f"{command}_cpu_s"] = timed(command, *args_)
+            shutil.rmtree(ds)
+            return figures
+
+        runs = alternate({"clean": clean, "poisoned": poisoned}, one_run, args.repeats)
+        print(json.dumps({"images": args.images, "side": args.side, "repeats": args.repeats, "engine": "local",
+                          **summarize(runs, baseline="clean")}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -10,6 +10,10 @@ ratio says how much of the decode-bound throughput the pass keeps.
 resize and the three models' preparation. On a GPU machine this bounds how fast the workers
 can feed the models.
 
+--compare DIR [DIR...]: the same CPU pass from this checkout and from each other checkout (old
+main first: the others' ratios are to it), in fresh processes, alternating (bench/versions.py):
+the pass's wall and CPU seconds per version and the ratios with their quartiles.
+
 --real-size: real-size architectures with random weights (ViT-B-32 at 224, a WD ViT-B at
 448, OWLv2 base at 960) on --device (cuda: bf16), model-only images/s per model, FLOPs per
 image (torch's FlopCounterMode) and the fraction of the bf16 peak (--peak-tflops, by
@@ -17,6 +21,7 @@ default from the GPU's name) that this reaches; then --workers on this machine, 
 pass's bound: the slower of the models and the decode threads' feed.
 
     python bench/score.py [--images 96] [--size 1536x1024]
+    python bench/score.py --compare DIR [DIR...] [--runs 9]
     python bench/score.py --workers [--images 8] [--size 4000x3000]
     python bench/score.py --real-size --device cuda [--batch 64]
 """
@@ -111,6 +116,67 @@ def cpu_bench(args) -> dict:
                     "(model setup included); overhead_ratio = pass images/s over bare decode images/s; marginal = "
                     "per-image rate from the full run minus a quarter-size run (null when load noise inverts them)",
         }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# One version's dataset and tiny zoo, written by its own code; prints the models' values
+COMPARE_SETUP = """import json, sys
+from pathlib import Path
+from curate.models.tiny import write_zoo
+from curate.pipelines.ingest import ingest
+from curate.store import Dataset
+ds = Dataset(sys.argv[2], create=True)
+ingest([sys.argv[1]], ds, show_progress=False)
+zoo = write_zoo(sys.argv[3], ["open_clip", "quality_head", "wd14", "owlv2"])
+print(json.dumps({"models": dict(clip=str(zoo["open_clip"]), tagger=f"wd14:{zoo['wd14']}",
+                                 watermark=f"owlv2:{zoo['owlv2']}", quality=str(zoo["quality_head"]))}))
+"""
+# The scoring pass of one version on its dataset (its tables removed first), over the rows
+# `where` selects (all: '')
+COMPARE_PASS = """import json, resource, shutil, sys, time
+from curate.pipelines.score import score
+from curate.store import Dataset
+def cpu():
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
+ds = Dataset(sys.argv[1])
+for table in ("embeddings", "tags", "watermarks", "quality"):
+    shutil.rmtree(ds.table_dir(table), ignore_errors=True)
+used, started = cpu(), time.perf_counter()
+summaries = score(ds, **json.loads(sys.argv[2]), where=sys.argv[3] or None, show_progress=False)
+print(json.dumps({"s": time.perf_counter() - started, "cpu_s": cpu() - used, "images": summaries[0].todo}))
+"""
+
+
+def compare_bench(args) -> dict:
+    """The CPU pass of this checkout against other checkouts', alternating (see bench/versions.py)."""
+    from bench.versions import alternate, run_snippet, summarize
+
+    width, height = map(int, args.size.split("x"))
+    root = Path(tempfile.mkdtemp(prefix="bench-score-compare-"))
+    try:
+        write_images(root / "images", args.images, width, height)
+        versions = {"new": Path(__file__).resolve().parents[1], **{p.name: p.resolve() for p in args.compare}}
+        models = {v: run_snippet(path, COMPARE_SETUP, str(root / "images"), str(root / f"ds-{v}"),
+                                 str(root / f"zoo-{v}"))["models"] for v, path in versions.items()}
+
+        def one_run(version: str, path: Path) -> dict:
+            """The whole pass and a quarter of it; the difference per image is the pass's cost without
+            its fixed part (imports, model loads), which is what a run of a million images pays."""
+            full, quarter = (run_snippet(path, COMPARE_PASS, str(root / f"ds-{version}"), json.dumps(models[version]),
+                                         where) for where in ("", "image_id < '4'"))
+            extra = full.pop("images") - quarter.pop("images")
+            return full | {f"per_image_ms_{f}": (full[f] - quarter[f]) * 1e3 / extra for f in ("s", "cpu_s")}
+
+        results = alternate(versions, one_run, args.runs)
+        return {"images": args.images, "image_size": args.size, "cpu_cores": os.cpu_count(), "runs": args.runs,
+                "versions": {v: str(p) for v, p in versions.items()},
+                **summarize(results, baseline=args.compare[0].name),
+                "note": "the scoring pass (CLIP + WD14 + OWLv2, then the quality head, tiny zoo, model loads "
+                        "included) in a fresh process per run; s, cpu_s: the pass's; process_s, tree_cpu_s: the "
+                        "whole process's, imports included; per_image_ms: the whole pass minus a quarter-size pass "
+                        "(image_id < '4'), per image more; ratios: median and quartiles over adjacent runs"}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -286,6 +352,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", default="1536x1024", help="WIDTHxHEIGHT of the synthetic JPEGs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare", type=Path, nargs="+", help="other checkouts (old main first) to run the pass from")
+    parser.add_argument("--runs", type=int, default=9, help="runs of each version with --compare")
     parser.add_argument("--workers", action="store_true", help="CPU worker cost per image at real sizes")
     parser.add_argument("--real-size", action="store_true")
     parser.add_argument("--device", default=None)
@@ -297,7 +365,8 @@ def main() -> None:
     if args.workers or args.real_size:  # 12 MP photos for the workers: fewer of them
         args.size = "4000x3000" if args.size == parser.get_default("size") else args.size
         args.images = 8 if args.images == parser.get_default("images") else args.images
-    bench = worker_bench if args.workers else real_size_bench if args.real_size else cpu_bench
+    bench = (compare_bench if args.compare else worker_bench if args.workers else real_size_bench if args.real_size
+             else cpu_bench)
     print(json.dumps(bench(args), indent=2))
 
 

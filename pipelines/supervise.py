@@ -15,6 +15,7 @@ The rest of the run goes on at full speed.
 from __future__ import annotations
 
 import ctypes
+import gc
 import itertools
 import mmap
 import multiprocessing
@@ -230,6 +231,11 @@ def supervise(run_pass: Callable[[Relay, Suspects], None], tally, journal: Journ
         journal.clear()
         receive, send = multiprocessing.Pipe(duplex=False)
         written = tally.rows_written
+        # What the command has imported (torch and the models' libraries: hundreds of thousands of
+        # objects) is frozen, as the pass freezes what it loads (rows.setup_stages): this process's
+        # collector would rescan it all while it waits for the pass and again at exit (about a
+        # second of CPU in `curate score`), and the child's would write to the pages they share.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # the child: run the pass; never return into the caller's code, whatever happens
             code = 1

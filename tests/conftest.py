@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import http.client
 import io
 import json
@@ -130,7 +131,7 @@ def sdxl_base(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(pytestconfig):
     """A real local Ray cluster with two CPUs, shared by the whole test session."""
     import ray
 
@@ -139,18 +140,24 @@ def ray_cluster():
              runtime_env={"env_vars": {"CURATE_TEST_CRASH": "segv"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
-    # After the whole suite, ray.shutdown() has hung closing its GCS error subscription (seen in
-    # full runs only, since the local engine's passes run in forked processes; cause not found).
-    # Give it a minute, then stop the cluster's processes directly so the session can end.
+    # After the whole suite, ray.shutdown() has hung closing its GCS error subscription (seen in a
+    # full run). Not reproduced since: not after passes forked from this process that exit, segfault
+    # or abort, nor after the test files that use Ray run together, nor after a second cluster
+    # started and stopped in this process (test_object_storage). So it gets a minute; then where
+    # each thread stands is printed past pytest's capture (output of a passing teardown is
+    # dropped), and the cluster's processes are killed so that the session ends.
     stopping = threading.Thread(target=ray.shutdown, daemon=True)
     stopping.start()
     stopping.join(60)
     if stopping.is_alive():
+        with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            print("\nray.shutdown() hung for a minute; the threads of this process:", file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(all_threads=True)
+            print("the test cluster's processes are killed", file=sys.stderr, flush=True)
         atexit.unregister(ray.shutdown)  # it would wait for the stuck call at exit
         node = ray._private.worker._global_node
         if node is not None:
             node.kill_all_processes(check_alive=False, allow_graceful=False)
-        print("\nray.shutdown() hung after a minute: the test cluster's processes were killed", file=sys.stderr)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
