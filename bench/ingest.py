@@ -69,7 +69,9 @@ def write_images(folder: Path, n: int, side: int, duplicates: bool = True) -> li
             shutil.copyfile(original, path)
         else:
             path = folder / f"{i:05d}.{ext}"
-            img = base[i % 8].rotate(i * 7 % 360) if i >= 8 else base[i]  # all different bytes
+            img = base[i % 8].rotate(i * 7 % 360) if i >= 8 else base[i].copy()
+            # Base and angle repeat every 360 files: a pixel of its own makes every file different.
+            img.putpixel((0, 0), (i & 255, i >> 8 & 255, i >> 16 & 255))
             img.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         paths.append(path)
     return paths
